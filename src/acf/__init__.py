@@ -1,0 +1,3 @@
+"""acf: the agentic compression framework."""
+
+__version__ = "0.1.0"

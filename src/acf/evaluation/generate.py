@@ -1,0 +1,88 @@
+"""Batched greedy generation that stops as soon as every sequence has finished its answer."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+class AnswerDone:
+    """Per-sequence stopping: a sequence is done when its new text matches `done_pattern` or a stop string.
+
+    transformers accepts a BoolTensor of shape (batch,) from a stopping criterion and finishes those rows only,
+    so a batch ends when its slowest row has answered rather than at max_new_tokens.
+    """
+
+    def __init__(self, tokenizer, prompt_len: int, done_pattern: Optional[str], stop_strings: Sequence[str] = (),
+                 every: int = 4):
+        self.tok = tokenizer
+        self.prompt_len = prompt_len
+        self.pattern = re.compile(done_pattern) if done_pattern else None
+        self.stops = list(stop_strings)
+        self.every = every
+        self.done: Optional[torch.Tensor] = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        n_new = input_ids.shape[1] - self.prompt_len
+        if n_new % self.every == 0 and n_new > 0:
+            texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+            for i, t in enumerate(texts):
+                if not self.done[i] and ((self.pattern and self.pattern.search(t)) or any(s in t for s in self.stops)):
+                    self.done[i] = True
+        return self.done.clone()
+
+
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 256,
+                   done_pattern: Optional[str] = None, stop_strings: Sequence[str] = ()) -> list[tuple[str, int]]:
+    """Greedy completions for a batch of already-templated prompts: [(text, n_new_tokens)]."""
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side = old_side
+    plen = enc["input_ids"].shape[1]
+    crit = AnswerDone(tokenizer, plen, done_pattern, stop_strings)
+    eos = _eos_ids(model, tokenizer)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, stopping_criteria=StoppingCriteriaList([crit]),
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+    new = out[:, plen:]
+    results = []
+    for row in new:
+        ids = row.tolist()
+        n = len(ids)
+        while n and ids[n - 1] == tokenizer.pad_token_id:
+            n -= 1
+        results.append((tokenizer.decode(ids[:n], skip_special_tokens=True), n))
+    return results
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(src)
+    for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(t) if t in tokenizer.get_vocab() else None
+        if isinstance(tid, int):
+            ids.add(tid)
+    return sorted(ids)
+
+
+def batched(seq: list, n: int):
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+ProgressFn = Callable[[int], None]

@@ -1,0 +1,48 @@
+"""The contract every compression method follows: input model dir -> output model dir, plus a step record."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, Field
+
+from ..atomic import atomic_dir
+from ..errors import MethodFailed
+
+
+class StepRecord(BaseModel):
+    """What one step did, measured: persisted in each episode's result and in frontier.json."""
+
+    method: str
+    params: dict[str, Any]
+    status: str = "ok"                 # ok | failed
+    reason: Optional[str] = None       # failure reason (typed kind + message)
+    wall_seconds: float = 0.0
+    device: str = ""
+    peak_memory_bytes: Optional[int] = None
+    peak_memory_how: str = ""
+    output_dir: Optional[str] = None
+    output_size_bytes: Optional[int] = None
+    log_path: Optional[str] = None
+    extra: dict[str, Any] = Field(default_factory=dict)   # e.g. loss curve, dropped layers, library versions
+
+
+@dataclass
+class StepContext:
+    """What a method may use besides its params. Kept explicit so methods stay testable with tiny models."""
+
+    device: str = "cpu"
+    task: Any = None                       # acf.tasks.Task: calibration / training text from its train split
+    teacher_dir: Optional[Path] = None     # uncompressed model, for distillation
+    seed: int = 0
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("acf.methods"))
+    progress: Optional[Callable[[str, int, int], None]] = None   # (label, done, total)
+    trust_remote_code: bool = False
+
+
+MethodFn = Callable[[dict, Path, Path, StepContext], dict]

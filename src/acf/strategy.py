@@ -1,0 +1,324 @@
+"""Strategies: an ordered list of compression steps, validated against the model spec before anything runs.
+
+Validation is a pure function of (strategy, spec, device): it needs no model weights, so the search, the
+LLM planner and the CLI all reject bad strategies the same way and early.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import StrategyError
+
+
+class _P(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Calib(_P):
+    calib_samples: int = Field(64, ge=1, le=4096, description="calibration samples from the task's train split")
+    seq_len: int = Field(512, ge=16, le=8192, description="tokens per calibration sample")
+
+
+class GPTQParams(Calib):
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: Optional[int] = Field(64, description="None = per output channel")
+    symmetric: bool = True
+    act_order: bool = False
+    dampening_frac: float = Field(0.01, gt=0, lt=1)
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+
+class AWQParams(Calib):
+    bits: Literal[4, 8] = 4
+    group_size: Optional[int] = 64
+    symmetric: bool = False
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+
+class RTNParams(_P):
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: Optional[int] = 64
+    symmetric: bool = True
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+
+class AutoRoundParams(Calib):
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: Optional[int] = 64
+    symmetric: bool = True
+    iters: int = Field(200, ge=1, le=10000)
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+
+class W8A8Params(Calib):
+    smoothing_strength: float = Field(0.8, gt=0, lt=1)
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+
+class BnbInt8Params(_P):
+    threshold: float = Field(6.0, ge=0)
+
+
+class BnbNF4Params(_P):
+    double_quant: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+
+
+class SparsityParams(Calib):
+    sparsity: float = Field(0.5, gt=0, lt=1)
+    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' such as '2:4'")
+
+
+class MagnitudeParams(_P):
+    sparsity: float = Field(0.5, gt=0, lt=1)
+    pattern: str = "unstructured"
+
+
+class DropLayersParams(Calib):
+    count: Optional[int] = Field(None, ge=1, description="number of decoder blocks to remove")
+    ratio: Optional[float] = Field(None, gt=0, lt=1, description="share of blocks to remove (if count is not set)")
+    by: Literal["importance", "first", "last", "weight_range", "explicit"] = "importance"
+    layers: Optional[list[int]] = Field(None, description="explicit block indices to remove (by=explicit)")
+    weight_range: Optional[tuple[float, float]] = Field(None, description="drop blocks whose mean |W| lies in [lo, hi]")
+
+
+class DistillParams(_P):
+    steps: int = Field(50, ge=1, le=100000)
+    lr: float = Field(1e-4, gt=0, lt=1)
+    temperature: float = Field(2.0, gt=0, le=20)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term; 1-alpha weights cross-entropy")
+    batch_size: int = Field(4, ge=1, le=512)
+    seq_len: int = Field(256, ge=16, le=8192)
+    samples: int = Field(512, ge=1)
+
+
+class LoraParams(_P):
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: int = Field(16, ge=1, le=4096)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+    steps: int = Field(50, ge=1, le=100000)
+    lr: float = Field(2e-4, gt=0, lt=1)
+    batch_size: int = Field(4, ge=1, le=512)
+    seq_len: int = Field(256, ge=16, le=8192)
+    samples: int = Field(512, ge=1)
+    qlora: bool = Field(False, description="train on a bnb 4-bit base (the previous step must be bnb_nf4)")
+
+
+class MethodInfo(BaseModel):
+    name: str
+    kind: Literal["quantize", "prune", "distill", "lora"]
+    params: Any
+    description: str
+    library: str
+    needs_cuda: bool = False
+    group_sized: bool = False
+
+
+METHODS: dict[str, MethodInfo] = {m.name: m for m in [
+    MethodInfo(name="gptq", kind="quantize", params=GPTQParams, library="llmcompressor GPTQModifier", group_sized=True,
+               description="GPTQ weight quantization (second-order, calibrated)"),
+    MethodInfo(name="awq", kind="quantize", params=AWQParams, library="llmcompressor AWQModifier", group_sized=True,
+               description="activation-aware weight quantization"),
+    MethodInfo(name="rtn", kind="quantize", params=RTNParams, library="llmcompressor QuantizationModifier",
+               group_sized=True, description="round-to-nearest weight quantization (no calibration)"),
+    MethodInfo(name="autoround", kind="quantize", params=AutoRoundParams, library="llmcompressor AutoRoundModifier",
+               group_sized=True, description="AutoRound: signed-gradient rounding optimisation"),
+    MethodInfo(name="w8a8", kind="quantize", params=W8A8Params, library="llmcompressor SmoothQuant + GPTQ W8A8",
+               description="int8 weights and activations with SmoothQuant"),
+    MethodInfo(name="bnb_int8", kind="quantize", params=BnbInt8Params, library="bitsandbytes LLM.int8()",
+               description="bitsandbytes int8 (CPU and CUDA)"),
+    MethodInfo(name="bnb_nf4", kind="quantize", params=BnbNF4Params, library="bitsandbytes 4-bit",
+               description="bitsandbytes NF4/FP4 (CPU and CUDA; QLoRA base)"),
+    MethodInfo(name="magnitude", kind="prune", params=MagnitudeParams, library="llmcompressor MagnitudePruningModifier",
+               description="prune the smallest-magnitude weights"),
+    MethodInfo(name="wanda", kind="prune", params=SparsityParams, library="llmcompressor WandaPruningModifier",
+               description="Wanda: |W| x input-activation norm"),
+    MethodInfo(name="sparsegpt", kind="prune", params=SparsityParams, library="llmcompressor SparseGPTModifier",
+               description="SparseGPT: second-order one-shot pruning"),
+    MethodInfo(name="drop_layers", kind="prune", params=DropLayersParams, library="acf (hand-written: no library "
+               "removes decoder blocks by measured importance)", description="depth pruning: remove whole decoder blocks"),
+    MethodInfo(name="distill", kind="distill", params=DistillParams, library="acf + torch (KL at temperature T + CE)",
+               description="knowledge distillation from the uncompressed teacher"),
+    MethodInfo(name="lora", kind="lora", params=LoraParams, library="peft LoRA, merged with merge_and_unload",
+               description="LoRA recovery fine-tune (QLoRA on a bnb 4-bit base)"),
+]}
+
+_KIND_ORDER = {"prune": 0, "distill": 1, "lora": 1, "quantize": 2}
+
+
+class Step(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Strategy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: list[Step] = Field(default_factory=list)
+
+    def key(self) -> str:
+        """Canonical JSON: equal strategies have equal keys (used to skip duplicate proposals)."""
+        return json.dumps(self.model_dump(), sort_keys=True)
+
+    def describe(self) -> str:
+        if not self.steps:
+            return "baseline (no compression)"
+        parts = []
+        for s in self.steps:
+            ps = ",".join(f"{k}={v}" for k, v in s.params.items() if k not in ("ignore", "targets"))
+            parts.append(f"{s.method}({ps})")
+        return " -> ".join(parts)
+
+
+def parse_strategy(obj: Union[str, dict, Strategy, Path]) -> Strategy:
+    """Accept a Strategy, a dict, inline JSON, or a path to a JSON file."""
+    if isinstance(obj, Strategy):
+        return obj
+    src = "strategy"
+    if isinstance(obj, Path) or (isinstance(obj, str) and not obj.lstrip().startswith(("{", "["))):
+        p = Path(obj)
+        if not p.is_file():
+            raise StrategyError([f"{obj}: not a JSON object and not an existing file"])
+        src, obj = str(p), p.read_text()
+    if isinstance(obj, str):
+        try:
+            obj = json.loads(obj)
+        except json.JSONDecodeError as e:
+            raise StrategyError([f"{src} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"]) from None
+    if isinstance(obj, list):
+        obj = {"steps": obj}
+    if not isinstance(obj, dict):
+        raise StrategyError([f"{src} must be a JSON object with a 'steps' list"])
+    try:
+        return Strategy.model_validate(obj)
+    except ValidationError as e:
+        raise StrategyError([_fmt_err(er) for er in e.errors()]) from None
+
+
+def _fmt_err(er: dict) -> str:
+    loc = ".".join(str(x) for x in er.get("loc", ()))
+    return f"{loc}: {er.get('msg')}" if loc else er.get("msg", "invalid")
+
+
+def validate_strategy(obj: Union[str, dict, Strategy], spec=None, device: str = "cpu") -> Strategy:
+    """Return the strategy with every parameter filled with its default, or raise StrategyError listing all problems.
+
+    Checks: known method; parameter names, types and ranges; group sizes dividing every targeted layer width;
+    N:M patterns; layer counts; order (prune -> distill/lora -> quantize, one quantization step, QLoRA only
+    right after bnb_nf4); methods that need CUDA.
+    """
+    strat = parse_strategy(obj)
+    problems: list[str] = []
+    filled: list[Step] = []
+    kinds: list[str] = []
+    for i, step in enumerate(strat.steps):
+        where = f"step {i + 1} ({step.method})"
+        info = METHODS.get(step.method)
+        if info is None:
+            problems.append(f"{where}: unknown method {step.method!r}; known: {', '.join(METHODS)}")
+            kinds.append("?")
+            continue
+        try:
+            params = info.params.model_validate(step.params)
+        except ValidationError as e:
+            problems += [f"{where}: {_fmt_err(er)}" for er in e.errors()]
+            kinds.append(info.kind)
+            gs = step.params.get("group_size")  # still report a bad group size alongside the other problems
+            if info.group_sized and isinstance(gs, int) and spec is not None and spec.group_size_problem(gs):
+                problems.append(f"{where}: group_size {gs} does not divide every targeted layer width; "
+                                f"valid for this model: {spec.valid_group_sizes}")
+            continue
+        problems += _check_params(where, step.method, params, spec)
+        if info.needs_cuda and not device.startswith("cuda"):
+            problems.append(f"{where}: needs CUDA, but the device is {device}")
+        kinds.append(info.kind)
+        filled.append(Step(method=step.method, params=params.model_dump()))
+    problems += _check_order(strat.steps, kinds)
+    if problems:
+        raise StrategyError(problems)
+    return Strategy(steps=filled)
+
+
+def _check_params(where: str, method: str, p: BaseModel, spec) -> list[str]:
+    out = []
+    gs = getattr(p, "group_size", None)
+    if METHODS[method].group_sized and gs is not None:
+        if gs <= 0 or gs & (gs - 1):
+            out.append(f"{where}: group_size {gs} must be a positive power of two (or null for per-channel)")
+        elif spec is not None:
+            bad = spec.group_size_problem(gs, tuple(getattr(p, "ignore", ["lm_head"])))
+            if bad:
+                out.append(f"{where}: group_size {gs} does not divide the input width of {len(bad)} layer(s), "
+                           f"e.g. {', '.join(bad[:3])}; valid for this model: {spec.valid_group_sizes}")
+    pat = getattr(p, "pattern", None)
+    if pat is not None and pat != "unstructured":
+        try:
+            n, m = (int(x) for x in pat.split(":"))
+            if not (0 < n < m):
+                raise ValueError
+            sp = getattr(p, "sparsity", None)
+            if sp is not None and abs(sp - (1 - n / m)) > 1e-6:
+                out.append(f"{where}: pattern {pat} implies sparsity {1 - n / m:g}, but sparsity is {sp:g}")
+        except ValueError:
+            out.append(f"{where}: pattern {pat!r} must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4')")
+    if method == "drop_layers":
+        n_layers = spec.num_layers if spec is not None else None
+        if p.by == "explicit":
+            if not p.layers:
+                out.append(f"{where}: by=explicit needs 'layers'")
+            elif n_layers is not None and any(l < 0 or l >= n_layers for l in p.layers):
+                out.append(f"{where}: layer indices must lie in 0..{n_layers - 1}")
+            elif n_layers is not None and len(set(p.layers)) >= n_layers:
+                out.append(f"{where}: cannot drop every one of the {n_layers} layers")
+        elif p.by == "weight_range":
+            if p.weight_range is None:
+                out.append(f"{where}: by=weight_range needs 'weight_range': [lo, hi]")
+        elif p.count is None and p.ratio is None:
+            out.append(f"{where}: give 'count' or 'ratio' of blocks to drop")
+        if p.count is not None and n_layers is not None and p.count >= n_layers:
+            out.append(f"{where}: count {p.count} must be below the model's {n_layers} layers")
+    return out
+
+
+def _check_order(steps: list[Step], kinds: list[str]) -> list[str]:
+    out = []
+    n_quant = sum(k == "quantize" for k in kinds)
+    q_methods = [s.method for s, k in zip(steps, kinds) if k == "quantize"]
+    if n_quant > 1:
+        out.append(f"only one quantization step is allowed (got {', '.join(q_methods)})")
+    last = -1
+    for i, (s, k) in enumerate(zip(steps, kinds)):
+        if k == "?":
+            continue
+        is_qlora = s.method == "lora" and bool(s.params.get("qlora"))
+        if is_qlora:
+            prev = steps[i - 1].method if i > 0 else None
+            if prev != "bnb_nf4":
+                out.append(f"step {i + 1} (lora): qlora needs a bnb 4-bit base, so the step before must be bnb_nf4"
+                           f" (got {prev or 'nothing'})")
+            continue
+        rank = _KIND_ORDER[k]
+        if rank < last:
+            out.append(f"step {i + 1} ({s.method}): order must be prune -> distill/lora -> quantize; a {k} step "
+                       f"cannot follow a later stage")
+        last = max(last, rank)
+    return out
+
+
+def method_table() -> list[dict]:
+    """The methods with their parameters and defaults (for `acf methods`, agent cards and the planner)."""
+    rows = []
+    for m in METHODS.values():
+        schema = m.params.model_json_schema()
+        rows.append({"method": m.name, "kind": m.kind, "library": m.library, "description": m.description,
+                     "params": {k: {kk: vv for kk, vv in v.items() if kk in ("default", "type", "enum", "minimum",
+                                                                               "maximum", "description", "anyOf")}
+                                for k, v in schema.get("properties", {}).items()}})
+    return rows
