@@ -1,0 +1,306 @@
+"""Read a run's frontier.json into pandas and write a human report (markdown + PNG plots) next to it.
+
+The report is rebuilt from frontier.json alone, so it can be regenerated at any time (and by anyone with the
+file) without the run's other state. Plots use matplotlib's object API (`Figure`, no pyplot), so they render
+headless and never change the backend of a notebook that imports this module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pandas as pd
+
+from .objectives import DIRECTIONS
+from .state import Candidate, FrontierFile, load_frontier_file
+
+NON_OK = ("failed", "pruned", "rejected", "skipped")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _flatten_strategy(c: Candidate) -> dict[str, Any]:
+    out: dict[str, Any] = {"strategy": c.strategy.describe(), "n_steps": len(c.strategy.steps)}
+    for i, step in enumerate(c.strategy.steps, 1):
+        out[f"step{i}.method"] = step.method
+        for k, v in step.params.items():
+            # lists/tuples (ignored layers, targets) become text so the column stays a plain scalar
+            out[f"step{i}.{k}"] = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def _row(c: Candidate, ff: FrontierFile, is_baseline: bool, base_size: Optional[float]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": c.id, "episode": c.episode, "is_baseline": is_baseline, "status": c.status, "reason": c.reason,
+        "description": c.description, "proposed_by": c.proposed_by,
+        "on_frontier": c.id in ff.frontier, "recommended": bool(ff.recommended and ff.recommended.id == c.id),
+        "retention": 1.0 if is_baseline and c.retention is None else c.retention,
+        "reward": c.reward, "artifact": c.artifact,
+    }
+    row.update(_flatten_strategy(c))
+    for name, m in c.metrics.items():
+        row[name] = m.value
+    for name, v in c.objectives.items():       # objectives are metric values; fill any the metrics lack
+        if row.get(name) is None:
+            row[name] = v
+    size = row.get("size")
+    row["compression_ratio"] = (base_size / size) if (base_size and size) else None
+    for k, v in c.timings.items():
+        row[f"time.{k}"] = v
+    row["time.total"] = sum(c.timings.values()) if c.timings else None
+    return row
+
+
+def frontier_to_frame(ff: FrontierFile) -> pd.DataFrame:
+    """One row per candidate (baseline first). `attrs` carries objectives, directions, hypervolume, run meta."""
+    base_size = None
+    if ff.baseline is not None and "size" in ff.baseline.metrics:
+        base_size = ff.baseline.metrics["size"].value
+    rows = []
+    if ff.baseline is not None:
+        rows.append(_row(ff.baseline, ff, True, base_size))
+    rows += [_row(c, ff, False, base_size) for c in ff.candidates]
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df = df.set_index("id", drop=False)
+    df.attrs["objectives"] = list(ff.run.objectives)
+    df.attrs["directions"] = {o: ff.run.directions.get(o, DIRECTIONS.get(o, "minimize")) for o in ff.run.objectives}
+    df.attrs["hypervolume"] = [h.model_dump() for h in ff.hypervolume]
+    df.attrs["run"] = ff.run.model_dump()
+    df.attrs["frontier"] = list(ff.frontier)
+    df.attrs["recommended"] = ff.recommended.model_dump() if ff.recommended else None
+    return df
+
+
+def load_frontier(path: str | Path) -> pd.DataFrame:
+    """Load a run dir or frontier.json as a DataFrame (refuses corrupt or other-schema-version files by name).
+
+    Columns: id, episode, is_baseline, status, reason, on_frontier, recommended, retention, reward, artifact,
+    compression_ratio, one column per metric value, strategy / n_steps / stepN.method / stepN.<param>,
+    time.<stage> and time.total.
+    """
+    return frontier_to_frame(load_frontier_file(path))
+
+
+def hypervolume_frame(df_or_path: pd.DataFrame | str | Path) -> pd.DataFrame:
+    df = df_or_path if isinstance(df_or_path, pd.DataFrame) else load_frontier(df_or_path)
+    return pd.DataFrame(df.attrs.get("hypervolume") or [], columns=["episode", "hypervolume"])
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+def plot_projection(df: pd.DataFrame, x: str, y: str, ax) -> None:
+    """One 2-D projection: dominated candidates grey, frontier members highlighted, baseline and pick marked."""
+    ok = df[(df["status"] == "ok") & df[x].notna() & df[y].notna()] if x in df and y in df else df.iloc[0:0]
+    dom = ok[~ok["on_frontier"] & ~ok["is_baseline"]]
+    front = ok[ok["on_frontier"]]
+    base = ok[ok["is_baseline"]]
+    ax.scatter(dom[x], dom[y], c="lightgrey", edgecolors="grey", s=30, label="dominated", zorder=2)
+    if len(front):
+        f = front.sort_values(x)
+        ax.plot(f[x], f[y], color="tab:blue", alpha=0.4, zorder=1)
+        ax.scatter(f[x], f[y], c="tab:blue", s=55, label="frontier", zorder=3)
+        for cid, r in f.iterrows():
+            ax.annotate(str(cid), (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if len(base):
+        ax.scatter(base[x], base[y], marker="s", c="black", s=60, label="baseline", zorder=4)
+    rec = ok[ok["recommended"]]
+    if len(rec):
+        ax.scatter(rec[x], rec[y], marker="*", c="gold", edgecolors="black", s=220, label="recommended", zorder=5)
+    dirs = df.attrs.get("directions", {})
+    ax.set_xlabel(f"{x} ({'higher' if dirs.get(x, DIRECTIONS.get(x)) == 'maximize' else 'lower'} is better)")
+    ax.set_ylabel(f"{y} ({'higher' if dirs.get(y, DIRECTIONS.get(y)) == 'maximize' else 'lower'} is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_hypervolume(df: pd.DataFrame, ax) -> None:
+    hv = hypervolume_frame(df)
+    if len(hv):
+        ax.plot(hv["episode"], hv["hypervolume"], marker="o")
+    ax.set_xlabel("episode")
+    ax.set_ylabel("hypervolume (baseline-normalised)")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: Path) -> None:
+    """Atomic PNG write: a killed process leaves the old plot or none."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    from matplotlib.figure import Figure
+
+    out: list[Path] = []
+    objs = [o for o in df.attrs.get("objectives", []) if o in df.columns]
+    for x, y in itertools.combinations(objs, 2):
+        fig = Figure(figsize=(5.5, 4.2))
+        plot_projection(df, x, y, fig.add_subplot(111))
+        p = out_dir / f"frontier_{x}_vs_{y}.png"
+        _save(fig, p)
+        out.append(p)
+    fig = Figure(figsize=(5.5, 3.5))
+    plot_hypervolume(df, fig.add_subplot(111))
+    p = out_dir / "hypervolume.png"
+    _save(fig, p)
+    out.append(p)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- markdown
+
+def fmt(value: Any, metric: str = "", unit: str = "") -> str:
+    """Human formatting: bytes as MiB, ratios with 3 decimals, everything else 4 significant digits."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        if unit == "bytes" or metric in ("size", "memory"):
+            return f"{value / 2**20:.1f} MiB"
+        if metric == "params":
+            return f"{value / 1e6:.2f} M"
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def time_per_stage(ff: FrontierFile) -> pd.DataFrame:
+    """Seconds per stage summed over every candidate (baseline included), from each candidate's `timings`."""
+    acc: dict[str, list[float]] = {}
+    for c in ([ff.baseline] if ff.baseline else []) + ff.candidates:
+        for k, v in c.timings.items():
+            acc.setdefault(k, []).append(float(v))
+    rows = [{"stage": k, "seconds": sum(v), "candidates": len(v), "mean_seconds": sum(v) / len(v)}
+            for k, v in acc.items()]
+    return pd.DataFrame(rows, columns=["stage", "seconds", "candidates", "mean_seconds"])
+
+
+def build_report(ff: FrontierFile, plots: Sequence[Path] = (), plot_dir_name: str = "report_plots") -> str:
+    from .reward import reward as reward_fn
+
+    df = frontier_to_frame(ff)
+    r = ff.run
+    objs = list(r.objectives)
+    units = {k: m.unit for k, m in (ff.baseline.metrics.items() if ff.baseline else [])}
+    md: list[str] = [f"# acf report: run `{r.run_id}`", ""]
+    md += [_table(["field", "value"], [
+        ["model", f"`{r.model}` ({r.model_path})"], ["dataset", r.dataset],
+        ["objectives", ", ".join(f"{o} ({r.directions.get(o, DIRECTIONS.get(o, '?'))})" for o in objs)],
+        ["reward preset", r.preset], ["min retention", fmt(r.min_retention)], ["sampler", f"{r.sampler} (seed {r.seed})"],
+        ["eval limit / proxy limit", f"{r.limit} / {r.proxy_limit}"], ["episodes", str(r.episodes)],
+        ["device", f"{r.device} {r.device_name}".strip()], ["acf version / git commit", f"{r.acf_version} / {r.git_commit}"],
+        ["created / updated", f"{r.created_at} / {r.updated_at}"], ["wall time", f"{r.wall_seconds:.1f} s"],
+        ["stopped because", str(r.stopped_because)], ["candidates", f"{len(ff.candidates)} "
+         f"({sum(c.status == 'ok' for c in ff.candidates)} ok)"], ["on the frontier", str(len(ff.frontier))],
+    ]), ""]
+
+    md += ["## Baseline", ""]
+    if ff.baseline is None:
+        md += ["No baseline was recorded; retention and compression ratios cannot be computed.", ""]
+    else:
+        rows = []
+        for k, m in ff.baseline.metrics.items():
+            ci = f"[{fmt(m.ci95[0], k, m.unit)}, {fmt(m.ci95[1], k, m.unit)}]" if m.ci95 else "–"
+            rows.append([k, fmt(m.value, k, m.unit), m.unit or "–", ci, str(m.n) if m.n is not None else "–",
+                         m.how, fmt(m.device)])
+        md += [_table(["metric", "value", "unit", "95% CI", "n", "how", "device"], rows), ""]
+
+    md += ["## Frontier", "",
+           "Non-dominated candidates over the objectives. Retention is quality relative to the baseline; "
+           "compression ratio = baseline size / size.", ""]
+    front = df[df["on_frontier"]] if len(df) else df
+    rows = []
+    for cid, row in front.iterrows():
+        rows.append([f"`{cid}`" + (" ★" if row["recommended"] else ""), fmt(row["strategy"])]
+                    + [fmt(row.get(o), o, units.get(o, "")) for o in objs]
+                    + [fmt(row["retention"]), fmt(row["compression_ratio"]), fmt(row["reward"])])
+    md += [_table(["id", "strategy"] + objs + ["retention", "compression ratio", "reward"], rows) if rows
+           else "The frontier is empty.", ""]
+
+    md += ["## Recommended pick", ""]
+    rec = ff.recommended
+    if rec is None:
+        md += ["No recommendation (no feasible candidate on the frontier).", ""]
+    else:
+        c = ff.candidate(rec.id)
+        md += [f"**`{rec.id}`**: {c.strategy.describe()} — reward {rec.reward:.4f} under preset `{rec.preset}`.", "",
+               f"Why: {rec.why}", ""]
+        base_vals = ff.baseline.objectives if ff.baseline else {}
+        if base_vals and all(o in c.objectives and o in base_vals for o in objs):
+            rr = reward_fn(c.objectives, base_vals, objs, rec.preset, r.min_retention)
+            rows = [[o, fmt(c.objectives[o], o, units.get(o, "")), fmt(base_vals[o], o, units.get(o, "")),
+                     f"{rr.normalised[o]:.4f}", f"{rr.weights[o]:.3f}", f"{rec.terms.get(o, rr.terms[o]):.4f}"]
+                    for o in objs]
+            rows.append(["constraint penalty", "", "", "", "", f"-{rr.penalty:.4f}"])
+            md += [_table(["objective", "value", "baseline", "normalised (retention/saving)", "weight",
+                           "term"], rows), ""]
+        else:
+            md += [_table(["objective", "term"], [[k, f"{v:.4f}"] for k, v in rec.terms.items()]), ""]
+
+    md += ["## All candidates", ""]
+    rows = []
+    for cid, row in df.iterrows():
+        rows.append([f"`{cid}`", str(row["episode"]), row["status"], fmt(row["strategy"])]
+                    + [fmt(row.get(o), o, units.get(o, "")) for o in objs]
+                    + [fmt(row["retention"]), fmt(row["compression_ratio"]), fmt(row["on_frontier"])])
+    md += [_table(["id", "episode", "status", "strategy"] + objs + ["retention", "compression ratio", "frontier"],
+                  rows), ""]
+
+    bad = [c for c in ff.candidates if c.status in NON_OK]
+    md += ["## Failed, pruned, rejected and skipped candidates", ""]
+    md += [_table(["id", "status", "strategy", "reason"],
+                  [[f"`{c.id}`", c.status, fmt(c.strategy.describe()), fmt(c.reason or "(no reason recorded)")]
+                   for c in bad]) if bad else "None.", ""]
+
+    tps = time_per_stage(ff)
+    md += ["## Time per stage", "", "Seconds summed over all candidates (baseline included).", ""]
+    md += [_table(["stage", "total s", "candidates", "mean s"],
+                  [[s.stage, f"{s.seconds:.2f}", str(s.candidates), f"{s.mean_seconds:.2f}"]
+                   for s in tps.itertuples()]) if len(tps) else "No timings recorded.", ""]
+
+    md += ["## Hypervolume per episode", ""]
+    md += [_table(["episode", "hypervolume"], [[str(h.episode), f"{h.hypervolume:.6f}"] for h in ff.hypervolume])
+           if ff.hypervolume else "No hypervolume recorded.", ""]
+    if ff.reference_point:
+        md += ["Reference point: " + ", ".join(f"{k}={fmt(v, k, units.get(k, ''))}"
+                                                for k, v in ff.reference_point.items()), ""]
+
+    if plots:
+        md += ["## Plots", "", "Grey: dominated; blue: frontier; black square: baseline; star: recommended.", ""]
+        md += [f"![{p.stem}]({plot_dir_name}/{p.name})" for p in plots]
+        md += [""]
+    return "\n".join(md)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write run_dir/report.md and run_dir/report_plots/*.png from run_dir/frontier.json; return report.md."""
+    from .atomic import write_text
+
+    run_dir = Path(run_dir)
+    if run_dir.name == "frontier.json":
+        run_dir = run_dir.parent
+    ff = load_frontier_file(run_dir)
+    plots = write_plots(frontier_to_frame(ff), run_dir / "report_plots")
+    out = run_dir / "report.md"
+    write_text(out, build_report(ff, plots))
+    return out
