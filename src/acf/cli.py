@@ -1,0 +1,327 @@
+"""The `acf` command line. Thin: parse options, call the library, print results; errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import AcfError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="acf: find the best compressed version of a language model for a task.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "llmcompressor", "optuna", "httpx", "urllib3", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        try:
+            from transformers.utils import logging as tlog
+
+            tlog.set_verbosity_error()
+            tlog.disable_progress_bar()
+        except Exception:
+            pass
+        try:
+            from loguru import logger  # llmcompressor logs through loguru
+
+            logger.remove()
+            logger.add(sys.stderr, level="WARNING")
+        except Exception:
+            pass
+
+
+@app.command()
+def run(
+    model: str = typer.Option("smollm2-135m", help="alias (smollm2-135m), local HF directory, or hub id"),
+    dataset: str = typer.Option("gsm8k", help="task name (gsm8k, ...)"),
+    episodes: int = typer.Option(4, help="compression episodes to run"),
+    run_dir: Optional[Path] = typer.Option(None, help="default runs/<model>-<dataset>-<time>"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run in this directory"),
+    interactive: bool = typer.Option(False, help="approve / edit / skip / stop each strategy before it runs"),
+    sampler: str = typer.Option("tpe", help="tpe | nsga2 | random | grid"),
+    preset: str = typer.Option("balanced", help="accuracy_focused | latency_focused | balanced | memory_constrained"),
+    objectives: Optional[str] = typer.Option(None, help="comma list, >= 2 (default for gsm8k: answer_nll,size,latency)"),
+    min_retention: Optional[float] = typer.Option(0.9, help="hard constraint on quality retention"),
+    limit: Optional[int] = typer.Option(100, help="evaluation items per candidate"),
+    proxy_limit: Optional[int] = typer.Option(24, help="items for the cheap proxy evaluation that prunes candidates"),
+    accuracy_limit: Optional[int] = typer.Option(None, help="cap on items for generation accuracy (slow on CPU)"),
+    budget_minutes: Optional[float] = typer.Option(None, help="stop starting episodes after this much wall time"),
+    patience: Optional[int] = typer.Option(None, help="stop after K episodes without frontier change"),
+    seed: int = typer.Option(0),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default SQLite in the run dir)"),
+    study: Optional[str] = typer.Option(None, help="study name (default from the run dir)"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda if present)"),
+    keep_all: bool = typer.Option(False, help="keep every candidate's model, not only frontier members"),
+    calib_samples: int = typer.Option(64, help="calibration samples for calibrated methods"),
+    seq_len: int = typer.Option(512, help="tokens per calibration sample"),
+    data_dir: Optional[Path] = typer.Option(None, help="local folder of the task's data"),
+    eval_batch_size: Optional[int] = typer.Option(None),
+    planner: Optional[str] = typer.Option(None, help="optional LLM planner provider:model"),
+    planner_share: float = typer.Option(0.5, help="share of episodes proposed by the planner"),
+    planner_max_calls: int = typer.Option(50),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Search compressed versions of MODEL for DATASET: propose, compress, evaluate, keep the Pareto frontier."""
+    from .pipeline import DEFAULT_OBJECTIVES, RunConfig
+    from .runner import load_run_config, run_in_terminal
+
+    _setup_logging(verbose)
+    if resume is not None:
+        cfg = load_run_config(resume)
+        if model != "smollm2-135m" and model != cfg.model:
+            raise AcfError(f"--resume {resume}: that run is for model {cfg.model!r}, not {model!r}")
+        if dataset != "gsm8k" and dataset != cfg.dataset:
+            raise AcfError(f"--resume {resume}: that run is for dataset {cfg.dataset!r}, not {dataset!r}")
+        if episodes > cfg.episodes:
+            cfg.episodes = episodes  # resuming with more episodes extends the run
+        cfg.interactive = interactive or cfg.interactive
+        if device:
+            cfg.device = device
+        ctx = run_in_terminal(cfg, console, resume=True)
+    else:
+        from .tasks import get_task
+
+        task = get_task(dataset, str(data_dir) if data_dir else None)
+        objs = objectives or DEFAULT_OBJECTIVES.get(task.name, f"{task.metrics[0]},size,latency")
+        rd = run_dir or Path("runs") / f"{Path(model).name}-{dataset.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = RunConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, episodes=episodes,
+                        run_dir=str(rd), interactive=interactive, sampler=sampler, preset=preset,
+                        objectives=objs.split(","), min_retention=min_retention, limit=limit, proxy_limit=proxy_limit,
+                        accuracy_limit=accuracy_limit, budget_minutes=budget_minutes, patience=patience, seed=seed,
+                        storage=storage, study_name=study, device=device or "auto", keep_all=keep_all,
+                        calib_samples=calib_samples, seq_len=seq_len, eval_batch_size=eval_batch_size, planner=planner,
+                        planner_share=planner_share, planner_max_calls=planner_max_calls,
+                        trust_remote_code=trust_remote_code, command=[Path(sys.argv[0]).name] + sys.argv[1:])
+        ctx = run_in_terminal(cfg, console)
+    console.print(f"\nfrontier JSON: {ctx.frontier_path}")
+    try:
+        from .report import write_report
+
+        rep = write_report(ctx.dir)
+        console.print(f"report:        {rep}")
+    except ImportError:
+        pass
+    console.print(f"notebook:      examples/inspect_frontier.ipynb (ACF_RUN_DIR={ctx.dir})")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option("smollm2-135m"),
+    dataset: str = typer.Option("gsm8k"),
+    limit: Optional[int] = typer.Option(100),
+    seed: int = typer.Option(0),
+    metrics: str = typer.Option("answer_nll,accuracy,latency,memory,size,params,sparsity,bits_per_weight"),
+    fewshot: int = typer.Option(0, help="K-shot plain prompts instead of the zero-shot chat template"),
+    batch_size: Optional[int] = typer.Option(None),
+    max_new_tokens: int = typer.Option(256),
+    device: Optional[str] = typer.Option(None),
+    data_dir: Optional[Path] = typer.Option(None),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result (with per-item predictions) here"),
+    backend: str = typer.Option("acf", help="acf | lm-eval"),
+    allow_code_execution: bool = typer.Option(False, help="needed by tasks that execute model-written code"),
+    trust_remote_code: bool = typer.Option(False),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Measure a model on a task: quality (accuracy, answer NLL) and cost (latency, memory, size), with provenance."""
+    from .evaluation import evaluate
+    from .models import resolve_device, resolve_model
+    from .tasks import get_task
+
+    _setup_logging(verbose)
+    if limit is not None and limit <= 0:
+        raise AcfError(f"--limit must be a positive number of items (got {limit})")
+    dev = resolve_device(device)
+    task = get_task(dataset, str(data_dir) if data_dir else None)
+    if hasattr(task, "allow_code_execution"):
+        task.allow_code_execution = allow_code_execution
+    path = resolve_model(model)
+    if backend == "lm-eval":
+        from .evaluation.lm_eval_bridge import run_lm_eval
+
+        result = run_lm_eval(path, task, limit=limit, device=dev)
+    elif backend == "acf":
+        from .evaluation import check_metrics
+
+        mets = check_metrics(metrics.split(","), task)
+        # Load data before the model so a data error costs nothing.
+        task.load("test", limit=1)
+        result = evaluate(path, task, mets, limit=limit, seed=seed, device=dev, batch_size=batch_size,
+                          fewshot=fewshot, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
+    else:
+        raise AcfError(f"unknown backend {backend!r}: acf or lm-eval")
+    _print_metrics(result.metrics, f"{model} on {task.name}")
+    if json_out:
+        from .atomic import write_text
+
+        write_text(json_out, result.model_dump_json(indent=2))
+        console.print(f"wrote {json_out}")
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    t = Table(title=title)
+    for c in ("metric", "value", "unit", "95% CI", "n", "how / device"):
+        t.add_column(c)
+    for k, m in metrics.items():
+        v = m.value
+        vs = "-" if v is None else (f"{v:.4f}" if isinstance(v, float) and abs(v) < 1000 else f"{v:,.0f}")
+        ci = f"[{m.ci95[0]:.3f}, {m.ci95[1]:.3f}]" if m.ci95 else ""
+        t.add_row(k, vs, m.unit, ci, "" if m.n is None else str(m.n), f"{m.how}, {m.device}")
+    console.print(t)
+
+
+@app.command()
+def spec(model: str = typer.Option("smollm2-135m"), as_json: bool = typer.Option(False, "--json"),
+         trust_remote_code: bool = typer.Option(False)):
+    """Model spec: sizes, layers, valid quantization group sizes, memory estimates."""
+    from .models import resolve_model
+    from .spec import infer_spec, spec_summary
+
+    _setup_logging(False)
+    s = infer_spec(resolve_model(model), trust_remote_code)
+    d = spec_summary(s)
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    t = Table(title=f"spec of {model}")
+    t.add_column("field")
+    t.add_column("value", overflow="fold")
+    for k, v in d.items():
+        t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    console.print(t)
+
+
+@app.command()
+def methods():
+    """The compression methods, their libraries and parameters."""
+    from .strategy import method_table
+
+    t = Table(title="methods")
+    for c in ("method", "kind", "library", "parameters (default)"):
+        t.add_column(c, overflow="fold")
+    for row in method_table():
+        ps = ", ".join(f"{k}={v.get('default')}" for k, v in row["params"].items())
+        t.add_row(row["method"], row["kind"], row["library"], ps)
+    console.print(t)
+
+
+@app.command()
+def compress(
+    strategy: str = typer.Option(..., help="strategy JSON (inline) or a path to a JSON file"),
+    model: str = typer.Option("smollm2-135m"),
+    out: Path = typer.Option(..., help="output model directory"),
+    dataset: str = typer.Option("gsm8k", help="task whose train split gives calibration/training text"),
+    data_dir: Optional[Path] = typer.Option(None),
+    calib_samples: Optional[int] = typer.Option(None, help="override calib_samples of every calibrated step"),
+    device: Optional[str] = typer.Option(None),
+    seed: int = typer.Option(0),
+    trust_remote_code: bool = typer.Option(False),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Run one strategy directly and print each step's record."""
+    from .methods import StepContext
+    from .methods.runner import run_strategy
+    from .models import resolve_device, resolve_model
+    from .spec import infer_spec
+    from .strategy import parse_strategy, validate_strategy
+    from .tasks import get_task
+
+    _setup_logging(verbose)
+    dev = resolve_device(device)
+    strat = parse_strategy(strategy)
+    if calib_samples:
+        for s in strat.steps:
+            if s.method not in ("rtn", "magnitude", "bnb_int8", "bnb_nf4", "distill", "lora"):
+                s.params["calib_samples"] = calib_samples
+    path = resolve_model(model)
+    strat = validate_strategy(strat, infer_spec(path, trust_remote_code), dev)
+    if out.exists() and any(out.iterdir()):
+        raise AcfError(f"--out {out} exists and is not empty: choose a new directory")
+    task = get_task(dataset, str(data_dir) if data_dir else None)
+    console.print(f"[bold]strategy[/]: {strat.describe()}")
+    records = run_strategy(strat, path, out, StepContext(device=dev, task=task, teacher_dir=path, seed=seed,
+                                                           trust_remote_code=trust_remote_code))
+    t = Table(title="steps")
+    for c in ("method", "status", "wall s", "peak memory MiB", "output MiB", "notes"):
+        t.add_column(c, overflow="fold")
+    for r in records:
+        t.add_row(r.method, r.status, f"{r.wall_seconds:.1f}",
+                  "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
+                  "-" if r.output_size_bytes is None else f"{r.output_size_bytes / 2**20:.1f}", r.reason or "")
+    console.print(t)
+    if any(r.status != "ok" for r in records):
+        raise AcfError(next(r.reason for r in records if r.status != "ok") or "a step failed")
+    console.print(f"model written to {out}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run directory")):
+    """Write report.md and plots for a run."""
+    from .report import write_report
+
+    p = write_report(run_dir)
+    console.print(f"wrote {p}")
+
+
+def _mount_optional() -> None:
+    """Sub-apps from modules that own them; absent modules simply add no command."""
+    import importlib
+
+    for mod, attr, name in (("acf.registry_cli", "registry_app", "registry"),
+                            ("acf.lifecycle_cli", "distill_app", "distill")):
+        try:
+            app.add_typer(getattr(importlib.import_module(mod), attr), name=name)
+        except (ImportError, AttributeError):
+            pass
+    try:
+        from .extract import extract_cmd
+
+        app.command("extract")(extract_cmd)
+    except (ImportError, AttributeError):
+        pass
+
+
+_mount_optional()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except AcfError as e:
+        err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("\n[yellow]interrupted[/]: what was recorded is kept; continue with `acf run --resume RUN_DIR`")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors come here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

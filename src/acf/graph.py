@@ -1,0 +1,219 @@
+"""The coordinator graph: nodes and routing only. What each node does lives in `acf.pipeline`.
+
+spec -> baseline -> propose -> approve -> preflight -> compress -> evaluate -> update -> propose | END
+
+The state is small (ids, the proposal, the outcome); everything heavy is on disk. A SQLite checkpointer in the
+run dir records the state after every node, so a killed run resumes at the node that was running.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional, TypedDict
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import interrupt
+
+from . import pipeline as P
+from .errors import StrategyError
+from .state import Candidate, now
+from .strategy import Strategy, validate_strategy
+
+
+class EpisodeState(TypedDict, total=False):
+    model_path: str
+    proposal: Optional[dict]     # {episode, trial, strategy, proposed_by, rationale?, rejected?, t_propose}
+    decision: Optional[str]      # approve | skip | stop | rejected | reask
+    note: Optional[str]          # last approval error shown to the user
+    outcome: Optional[dict]      # {status, reason, steps, metrics, proxy_metrics, timings, predictions}
+    stop: Optional[str]
+
+
+def build_graph(ctx: P.RunContext, checkpointer=None):
+    def spec_node(state: EpisodeState) -> dict:
+        return P.init_run(ctx)
+
+    def baseline_node(state: EpisodeState) -> dict:
+        P.evaluate_baseline(ctx, state["model_path"])
+        return {}
+
+    def propose_node(state: EpisodeState) -> dict:
+        reason = P.stop_reason(ctx)
+        if reason:
+            return {"stop": reason, "proposal": None}
+        prop = P.propose(ctx)
+        ctx.say(f"\n[bold cyan]── episode {prop['episode']}/{ctx.cfg.episodes}[/] · frontier "
+                f"{len(ctx.ff.frontier)} · hypervolume {ctx.ff.hypervolume[-1].hypervolume if ctx.ff.hypervolume else 0:.4f}")
+        ctx.say(f"  proposed by {prop['proposed_by']}: {Strategy(**prop['strategy']).describe()}")
+        return {"proposal": prop, "outcome": None, "decision": None, "note": None, "stop": None}
+
+    def approve_node(state: EpisodeState) -> dict:
+        prop = dict(state["proposal"])
+        if prop.get("rejected"):
+            return {"decision": "rejected"}
+        if not ctx.cfg.interactive:
+            return {"decision": "approve"}
+        strategy = Strategy(**prop["strategy"])
+        answer = interrupt({
+            "episode": prop["episode"], "strategy": strategy.model_dump(), "describe": strategy.describe(),
+            "proposed_by": prop["proposed_by"], "rationale": prop.get("rationale"),
+            "estimate": P.estimate_cost(ctx, strategy), "frontier": _frontier_summary(ctx), "note": state.get("note"),
+            "choices": ["approve", "edit", "skip", "stop"],
+        })
+        action, edited = _parse_answer(answer)
+        if action == "edit":
+            try:
+                new = validate_strategy(edited, ctx.spec, ctx.cfg.device)
+            except StrategyError as e:
+                return {"decision": "reask", "note": str(e)}
+            prop.update(strategy=new.model_dump(), proposed_by="user edit of " + prop["proposed_by"],
+                        edited_from_trial=prop.get("trial"))
+            return {"decision": "approve", "proposal": prop, "note": None}
+        if action not in ("approve", "skip", "stop"):
+            return {"decision": "reask", "note": f"unknown choice {action!r}: approve, edit, skip or stop"}
+        return {"decision": action}
+
+    def preflight_node(state: EpisodeState) -> dict:
+        reason = P.preflight(ctx, Strategy(**state["proposal"]["strategy"]))
+        if reason:
+            ctx.say(f"  [yellow]preflight refused[/]: {reason}")
+            return {"outcome": {"status": "rejected", "reason": "preflight: " + reason}}
+        return {}
+
+    def compress_node(state: EpisodeState) -> dict:
+        prop = state["proposal"]
+        t0 = time.time()
+        records, err = P.compress(ctx, _cid(prop), Strategy(**prop["strategy"]), state["model_path"])
+        dt = round(time.time() - t0, 2)
+        steps = [r.model_dump() for r in records]
+        if err:
+            ctx.say(f"  [red]compress failed[/] after {dt:.1f} s: {err}")
+            return {"outcome": {"status": "failed", "reason": err, "steps": steps, "timings": {"compress": dt}}}
+        ctx.say(f"  compressed in {dt:.1f} s")
+        return {"outcome": {"status": "ok", "steps": steps, "timings": {"compress": dt}}}
+
+    def evaluate_node(state: EpisodeState) -> dict:
+        prop, out = state["proposal"], dict(state["outcome"])
+        cid = _cid(prop)
+        t0 = time.time()
+        proxy, prune = P.proxy_decision(ctx, cid)
+        timings = dict(out.get("timings", {}))
+        timings["proxy_evaluate"] = round(time.time() - t0, 2)
+        out["proxy_metrics"] = {k: v.model_dump() for k, v in proxy.items()}
+        if prune:
+            ctx.say(f"  [yellow]pruned[/] after proxy evaluation: {prune}")
+            out.update(status="pruned", reason=prune, timings=timings)
+            return {"outcome": out}
+        t1 = time.time()
+        res = P.full_evaluation(ctx, cid)
+        timings["evaluate"] = round(time.time() - t1, 2)
+        out.update(metrics={k: v.model_dump() for k, v in res.metrics.items()}, timings=timings,
+                   predictions=res.predictions)
+        ctx.say(P._metrics_line(cid, res.metrics, ctx.cfg.objectives))
+        return {"outcome": out}
+
+    def update_node(state: EpisodeState) -> dict:
+        prop, out = state["proposal"], dict(state.get("outcome") or {})
+        decision = state.get("decision")
+        if decision == "rejected":
+            out = {"status": "rejected", "reason": prop["rejected"]}
+        elif decision == "skip":
+            out = {"status": "skipped", "reason": "skipped by the user at approval"}
+        cid = _cid(prop)
+        timings = dict(out.get("timings", {}))
+        timings["propose"] = prop.get("t_propose", 0.0)
+        art = ctx.artifact_dir(cid)
+        cand = Candidate(
+            id=cid, episode=prop["episode"], trial_number=prop.get("trial"), strategy=Strategy(**prop["strategy"]),
+            description=Strategy(**prop["strategy"]).describe(), status=out.get("status", "failed"),
+            reason=out.get("reason"), proposed_by=prop["proposed_by"], rationale=prop.get("rationale"),
+            metrics=out.get("metrics", {}), proxy_metrics=out.get("proxy_metrics", {}), steps=out.get("steps", []),
+            artifact=str(art) if out.get("status") == "ok" and art.exists() else None,
+            artifact_kept=out.get("status") == "ok" and art.exists(), timings=timings, started_at=prop.get("t0"),
+            finished_at=now())
+        if cand.status != "ok" and art.exists():
+            import shutil
+
+            shutil.rmtree(art, ignore_errors=True)
+        trial = prop.get("trial")
+        if prop.get("edited_from_trial") is not None:
+            P.release_trial(ctx, prop["edited_from_trial"], "replaced by a user edit")
+            trial = None
+        t0 = time.time()
+        P.record(ctx, cand, trial, out.get("predictions"))
+        c = ctx.ff.candidate(cid)
+        c.timings["update"] = round(time.time() - t0, 3)
+        ctx.save()
+        status = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "pruned": "[yellow]pruned[/]"}.get(c.status,
+                                                                                                    c.status)
+        on = " · [bold green]on the frontier[/]" if cid in ctx.ff.frontier else ""
+        ctx.say(f"  {cid}: {status}{on}" + (f" · retention {c.retention:.3f}" if c.retention is not None else "")
+                + (f" · {c.reason}" if c.reason and c.status != "ok" else ""))
+        return {"proposal": None, "outcome": None, "decision": None}
+
+    def stop_node(state: EpisodeState) -> dict:
+        prop = state.get("proposal")
+        if prop and prop.get("trial") is not None:
+            P.release_trial(ctx, prop["trial"], "stopped by the user at approval")
+        return {"stop": "stopped by the user", "proposal": None}
+
+    g = StateGraph(EpisodeState)
+    for name, fn in [("spec", spec_node), ("baseline", baseline_node), ("propose", propose_node),
+                     ("approve", approve_node), ("preflight", preflight_node), ("compress", compress_node),
+                     ("evaluate", evaluate_node), ("update", update_node), ("user_stop", stop_node)]:
+        g.add_node(name, fn)
+    g.add_edge(START, "spec")
+    g.add_edge("spec", "baseline")
+    g.add_edge("baseline", "propose")
+    g.add_conditional_edges("propose", lambda s: END if s.get("stop") else "approve", ["approve", END])
+    g.add_conditional_edges("approve", _after_approve, ["preflight", "update", "approve", "user_stop"])
+    g.add_conditional_edges("preflight", lambda s: "update" if s.get("outcome") else "compress", ["compress", "update"])
+    g.add_conditional_edges("compress", lambda s: "evaluate" if s["outcome"]["status"] == "ok" else "update",
+                            ["evaluate", "update"])
+    g.add_edge("evaluate", "update")
+    g.add_edge("update", "propose")
+    g.add_edge("user_stop", END)
+    return g.compile(checkpointer=checkpointer)
+
+
+def _after_approve(s: EpisodeState) -> str:
+    d = s.get("decision")
+    if d == "approve":
+        return "preflight"
+    if d in ("skip", "rejected"):
+        return "update"
+    if d == "stop":
+        return "user_stop"
+    return "approve"
+
+
+def _cid(prop: dict) -> str:
+    return f"c{prop['episode']:03d}"
+
+
+def _parse_answer(answer: Any) -> tuple[str, Any]:
+    """Approval answers: 'approve' | 'skip' | 'stop' | {'action': 'edit', 'strategy': {...}} (or a JSON string)."""
+    if isinstance(answer, str):
+        a = answer.strip()
+        if a.startswith("{"):
+            import json
+
+            try:
+                answer = json.loads(a)
+            except ValueError:
+                return "reask", None
+        else:
+            return a.lower(), None
+    if isinstance(answer, dict):
+        return str(answer.get("action", "")).lower(), answer.get("strategy")
+    return "reask", None
+
+
+def _frontier_summary(ctx: P.RunContext) -> list[dict]:
+    ff = ctx.ff
+    out = []
+    for cid in ff.frontier:
+        c = ff.candidate(cid)
+        out.append({"id": cid, "strategy": c.description, "objectives": c.objectives, "retention": c.retention})
+    return out

@@ -1,0 +1,595 @@
+"""What each episode step does: the logic behind the coordinator graph's nodes.
+
+The graph (`acf.graph`) only routes between these functions. Each function reads and writes the run
+directory through `RunContext`, so a process killed at any point resumes from disk (frontier.json, the
+Optuna study) plus the LangGraph checkpoint, losing at most the episode in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from pydantic import BaseModel, Field
+
+from . import __version__
+from .atomic import clean_partial_dirs, write_json, write_text
+from .errors import AcfError, MethodFailed, RunDirError, StrategyError
+from .objectives import DIRECTIONS, QUALITY, parse_objectives
+from .pareto import hypervolume, pareto_front, reference_point
+from .provenance import Measurement, device_string, git_commit, runtime_string
+from .reward import PRESETS, recommend, retention, reward
+from .search import SAMPLERS, SearchSpace, fail_stale_trials, open_study, trial_for
+from .state import (Candidate, FrontierFile, HVPoint, Recommendation, RunMeta, load_frontier_file, now,
+                    save_frontier_file)
+from .strategy import Strategy, validate_strategy
+
+log = logging.getLogger(__name__)
+
+CHEAP_METRICS = ("size", "params", "bits_per_weight", "sparsity")
+DEFAULT_OBJECTIVES = {"gsm8k": "answer_nll,size,latency"}
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a run; saved as run_config.json so `--resume` needs only the directory."""
+
+    model: str = "smollm2-135m"
+    dataset: str = "gsm8k"
+    data_dir: Optional[str] = None
+    episodes: int = 4
+    run_dir: str
+    interactive: bool = False
+    sampler: str = "tpe"
+    preset: str = "balanced"
+    objectives: list[str] = Field(default_factory=lambda: ["answer_nll", "size", "latency"])
+    min_retention: Optional[float] = 0.9
+    limit: Optional[int] = 100
+    proxy_limit: Optional[int] = 24
+    accuracy_limit: Optional[int] = None
+    budget_minutes: Optional[float] = None
+    patience: Optional[int] = None
+    seed: int = 0
+    storage: Optional[str] = None
+    study_name: Optional[str] = None
+    device: str = "cpu"
+    keep_all: bool = False
+    calib_samples: int = 64
+    seq_len: int = 512
+    recover_steps: list[int] = Field(default_factory=lambda: [25, 50, 100])
+    eval_batch_size: Optional[int] = None
+    latency_tokens: int = 32
+    trust_remote_code: bool = False
+    min_free_disk_bytes: Optional[int] = None
+    quant_methods: Optional[list[str]] = None
+    prune_methods: Optional[list[str]] = None
+    planner: Optional[str] = None
+    planner_share: float = 0.5
+    planner_max_calls: int = 50
+    command: list[str] = Field(default_factory=list)
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{Path(self.run_dir).resolve() / 'study.db'}"
+
+    def study(self) -> str:
+        return self.study_name or f"acf-{Path(self.run_dir).name}"
+
+
+def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
+    if cfg.episodes < 1:
+        raise AcfError(f"--episodes must be at least 1 (got {cfg.episodes})")
+    if cfg.sampler not in SAMPLERS:
+        raise AcfError(f"unknown sampler {cfg.sampler!r}: choose from {', '.join(SAMPLERS)}")
+    if cfg.preset not in PRESETS:
+        raise AcfError(f"unknown preset {cfg.preset!r}: choose from {', '.join(PRESETS)}")
+    cfg.objectives = parse_objectives(cfg.objectives, task_metrics)
+    for name in ("limit", "proxy_limit", "accuracy_limit"):
+        v = getattr(cfg, name)
+        if v is not None and v <= 0:
+            raise AcfError(f"--{name.replace('_', '-')} must be positive (got {v})")
+    if cfg.proxy_limit and cfg.limit and cfg.proxy_limit >= cfg.limit:
+        cfg.proxy_limit = None  # a proxy as large as the full evaluation saves nothing
+    if cfg.min_retention is not None and not (0 < cfg.min_retention <= 1.5):
+        raise AcfError(f"--min-retention must lie in (0, 1.5] (got {cfg.min_retention})")
+    return cfg
+
+
+class RunContext:
+    """The run's live objects (task, spec, study, frontier) rebuilt from the run directory on demand."""
+
+    def __init__(self, cfg: RunConfig, console=None):
+        from rich.console import Console
+
+        from .tasks import get_task
+
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir)
+        self.console = console or Console(stderr=False)
+        self.task = get_task(cfg.dataset, cfg.data_dir)
+        self._study: Optional[optuna.Study] = None
+        self._space: Optional[SearchSpace] = None
+        self._spec = None
+        self.ff: Optional[FrontierFile] = None
+        self.t_start = time.time()
+        self.planner = None
+        if (self.dir / "frontier.json").exists():
+            self.ff = load_frontier_file(self.dir / "frontier.json")
+
+    # ---- paths -------------------------------------------------------------------------------------------
+    @property
+    def frontier_path(self) -> Path:
+        return self.dir / "frontier.json"
+
+    def episode_dir(self, episode: int) -> Path:
+        return self.dir / "episodes" / f"{episode:03d}"
+
+    def artifact_dir(self, cid: str) -> Path:
+        return self.dir / "artifacts" / cid
+
+    # ---- lazily rebuilt objects --------------------------------------------------------------------------
+    @property
+    def spec(self):
+        if self._spec is None:
+            from .spec import load_spec
+
+            self._spec = load_spec(self.dir / "model_spec.json")
+        return self._spec
+
+    @property
+    def space(self) -> SearchSpace:
+        if self._space is None:
+            kw = {}
+            if self.cfg.quant_methods:
+                kw["quant_methods"] = self.cfg.quant_methods
+            if self.cfg.prune_methods:
+                kw["prune_methods"] = self.cfg.prune_methods
+            self._space = SearchSpace(self.spec, self.cfg.device, self.cfg.calib_samples, self.cfg.seq_len,
+                                      self.cfg.recover_steps, **kw)
+        return self._space
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            meta = {"model": self.cfg.model, "dataset": self.cfg.dataset, "objectives": self.cfg.objectives}
+            self._study = open_study(self.cfg.storage_url(), self.cfg.study(), self.cfg.objectives, self.cfg.sampler,
+                                     self.cfg.seed, meta)
+        return self._study
+
+    def save(self) -> None:
+        assert self.ff is not None
+        self.ff.run.wall_seconds = round(self.ff.run.wall_seconds + (time.time() - self.t_start), 1)
+        self.t_start = time.time()
+        save_frontier_file(self.ff, self.frontier_path)
+
+    def say(self, msg: str) -> None:
+        self.console.print(msg)
+
+
+# ---- nodes' logic ----------------------------------------------------------------------------------------
+
+def init_run(ctx: RunContext) -> dict:
+    """Resolve the model, infer its spec, create frontier.json and the study; seed known-good recipes."""
+    from .models import resolve_model
+    from .spec import infer_spec, save_spec
+
+    cfg = ctx.cfg
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    model_path = resolve_model(cfg.model)
+    spec = infer_spec(model_path, cfg.trust_remote_code)
+    save_spec(spec, ctx.dir / "model_spec.json")
+    ctx._spec = spec
+    if ctx.ff is None:
+        meta = RunMeta(run_id=ctx.dir.name, model=cfg.model, model_path=str(model_path), dataset=cfg.dataset,
+                       objectives=cfg.objectives, directions={o: DIRECTIONS[o] for o in cfg.objectives},
+                       preset=cfg.preset, min_retention=cfg.min_retention, sampler=cfg.sampler, seed=cfg.seed,
+                       limit=cfg.limit, proxy_limit=cfg.proxy_limit, episodes=cfg.episodes, device=cfg.device,
+                       device_name=device_string(cfg.device), acf_version=__version__, git_commit=git_commit(),
+                       runtime=runtime_string(), created_at=now(), updated_at=now(), command=cfg.command,
+                       study_name=cfg.study(), storage=_redact(cfg.storage_url()))
+        from .spec import spec_summary
+
+        ctx.ff = FrontierFile(run=meta, spec=spec_summary(spec))
+        ctx.save()
+    study = ctx.study
+    if not study.trials:
+        for p in ctx.space.seeds() if cfg.sampler != "grid" else ctx.space.grid():
+            study.enqueue_trial(p, skip_if_exists=True)
+    ctx.say(f"[bold]model[/] {cfg.model} ({spec.params / 1e6:.1f}M params, {spec.num_layers} layers, valid group "
+            f"sizes {spec.valid_group_sizes}) · [bold]task[/] {cfg.dataset} · [bold]objectives[/] "
+            f"{', '.join(cfg.objectives)} · [bold]device[/] {device_string(cfg.device)}")
+    return {"model_path": str(model_path)}
+
+
+def _redact(url: str) -> str:
+    """Storage URLs may carry a password; it never reaches frontier.json or logs."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def metrics_to_measure(ctx: RunContext) -> list[str]:
+    want = list(ctx.cfg.objectives) + list(CHEAP_METRICS)
+    if "answer_nll" in ctx.task.metrics:
+        want.append("answer_nll")
+    if "latency" in want or "memory" in want:
+        want += ["ttft", "throughput"]
+    return list(dict.fromkeys(want))
+
+
+def _evaluate(ctx: RunContext, model_dir: Path, metrics: list[str], limit: Optional[int]):
+    from .evaluation import evaluate
+
+    return evaluate(model_dir, ctx.task, metrics, limit=limit, seed=ctx.cfg.seed, device=ctx.cfg.device,
+                    batch_size=ctx.cfg.eval_batch_size, accuracy_limit=ctx.cfg.accuracy_limit,
+                    latency_tokens=ctx.cfg.latency_tokens, show_progress=ctx.console.is_terminal,
+                    trust_remote_code=ctx.cfg.trust_remote_code)
+
+
+def evaluate_baseline(ctx: RunContext, model_path: str) -> None:
+    assert ctx.ff is not None
+    if ctx.ff.baseline is not None:
+        return
+    ctx.say("[bold]baseline[/]: evaluating the uncompressed model with the same evaluator")
+    t0 = time.time()
+    res = _evaluate(ctx, Path(model_path), metrics_to_measure(ctx), ctx.cfg.limit)
+    proxy = {}
+    if ctx.cfg.proxy_limit:
+        q = [m for m in ctx.cfg.objectives if m in QUALITY]
+        if q:
+            proxy = _evaluate(ctx, Path(model_path), q, ctx.cfg.proxy_limit).metrics
+    cand = Candidate(id="baseline", episode=0, strategy=Strategy(), description="baseline (no compression)",
+                     proposed_by="baseline", metrics=res.metrics, proxy_metrics=proxy,
+                     objectives=_objective_values(ctx, res.metrics), retention=1.0, artifact=model_path,
+                     artifact_kept=True, timings={"evaluate": round(time.time() - t0, 2)}, started_at=now(),
+                     finished_at=now())
+    ctx.ff.baseline = cand
+    write_json(ctx.dir / "baseline_predictions.json", res.predictions)
+    _refresh(ctx)
+    ctx.save()
+    ctx.say(_metrics_line("baseline", res.metrics, ctx.cfg.objectives))
+
+
+def _objective_values(ctx: RunContext, metrics: dict[str, Measurement]) -> dict[str, float]:
+    return {o: metrics[o].value for o in ctx.cfg.objectives if o in metrics and metrics[o].value is not None}
+
+
+def _metrics_line(label: str, metrics: dict[str, Measurement], objectives: list[str]) -> str:
+    parts = []
+    for o in list(dict.fromkeys(objectives + ["answer_nll", "accuracy", "size"])):
+        m = metrics.get(o)
+        if m is None or m.value is None:
+            continue
+        parts.append(f"{o}={_fmt(o, m.value)}")
+    return f"  [dim]{label}:[/] " + " · ".join(parts)
+
+
+def _fmt(name: str, v: float) -> str:
+    if name in ("size", "memory"):
+        return f"{v / 2**20:.1f} MiB"
+    if name in ("latency", "ttft"):
+        return f"{v:.1f} ms"
+    if name in ("accuracy", "sparsity", "mc1", "mc2", "accuracy_norm", "pass@1"):
+        return f"{v:.3f}"
+    if name == "params":
+        return f"{v / 1e6:.1f}M"
+    return f"{v:.4f}"
+
+
+def episodes_done(ctx: RunContext) -> int:
+    return 0 if ctx.ff is None else len(ctx.ff.candidates)
+
+
+def stop_reason(ctx: RunContext) -> Optional[str]:
+    cfg, ff = ctx.cfg, ctx.ff
+    assert ff is not None
+    if episodes_done(ctx) >= cfg.episodes:
+        return f"episodes: {cfg.episodes} done"
+    if cfg.budget_minutes is not None and ff.run.wall_seconds + (time.time() - ctx.t_start) >= cfg.budget_minutes * 60:
+        return f"time budget of {cfg.budget_minutes:g} min used"
+    if cfg.patience is not None and len(ff.hypervolume) > cfg.patience:
+        last = [h.hypervolume for h in ff.hypervolume[-(cfg.patience + 1):]]
+        if max(last) - last[0] <= 1e-12:
+            return f"patience: frontier unchanged for {cfg.patience} episodes"
+    return None
+
+
+def propose(ctx: RunContext) -> dict:
+    """Ask Optuna (or the planner) for the next strategy. Duplicates of evaluated strategies are told the earlier
+    result at once (the sampler learns, no compute is spent) and asked again."""
+    assert ctx.ff is not None
+    episode = episodes_done(ctx) + 1
+    t0 = time.time()
+    if ctx.planner is not None and ctx.planner.wants_turn(episode):
+        prop = ctx.planner.propose(ctx)
+        if prop is not None:
+            return {**prop, "episode": episode, "t_propose": round(time.time() - t0, 3)}
+    seen = {c.strategy.key(): c for c in ctx.ff.candidates if c.status in ("ok", "pruned", "failed")}
+    study = ctx.study
+    for _ in range(50):
+        trial = study.ask()
+        strategy = ctx.space.suggest(trial)
+        try:
+            strategy = validate_strategy(strategy, ctx.spec, ctx.cfg.device)
+        except StrategyError as e:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return {"episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
+                    "proposed_by": _proposer(ctx, trial), "rejected": str(e), "t_propose": round(time.time() - t0, 3)}
+        prev = seen.get(strategy.key())
+        if prev is None:
+            return {"episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
+                    "proposed_by": _proposer(ctx, trial), "t_propose": round(time.time() - t0, 3)}
+        _tell_like(ctx, trial, prev)
+    raise AcfError("the search space is exhausted: 50 proposals in a row repeated evaluated strategies")
+
+
+def _proposer(ctx: RunContext, trial: optuna.Trial) -> str:
+    fixed = trial.system_attrs.get("fixed_params") if hasattr(trial, "system_attrs") else None
+    if fixed:
+        return "seed recipe" if ctx.cfg.sampler != "grid" else "preset grid"
+    return f"optuna:{ctx.cfg.sampler}"
+
+
+def _tell_like(ctx: RunContext, trial: optuna.Trial, prev: Candidate) -> None:
+    if prev.status == "ok" and len(prev.objectives) == len(ctx.cfg.objectives):
+        _set_constraint(ctx, trial, prev)
+        ctx.study.tell(trial, [prev.objectives[o] for o in ctx.cfg.objectives])
+    elif prev.status == "pruned":
+        ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def _set_constraint(ctx: RunContext, trial: optuna.Trial, cand: Candidate) -> None:
+    if ctx.cfg.min_retention is not None and cand.retention is not None:
+        trial.set_constraint("retention", ctx.cfg.min_retention - cand.retention)
+
+
+def estimate_cost(ctx: RunContext, strategy: Strategy) -> dict:
+    """A rough estimate (not a measurement) of an episode's cost, shown before approval."""
+    spec = ctx.spec
+    secs = 0.0
+    per_sample = 0.02 * spec.params / 1e8 * (1 if ctx.cfg.device.startswith("cuda") else 15)
+    for s in strategy.steps:
+        n = s.params.get("calib_samples", 0) or 0
+        if s.method in ("gptq", "w8a8", "sparsegpt"):
+            secs += 5 + per_sample * n * 3
+        elif s.method == "awq":
+            secs += 10 + per_sample * n * 10
+        elif s.method in ("wanda", "drop_layers", "autoround"):
+            secs += 3 + per_sample * n * (20 if s.method == "autoround" else 1)
+        elif s.method in ("distill", "lora"):
+            secs += per_sample * s.params.get("steps", 50) * s.params.get("batch_size", 4) * 3
+        else:
+            secs += 3
+    base_size = (ctx.ff.baseline.metrics["size"].value if ctx.ff and ctx.ff.baseline and "size" in ctx.ff.baseline.metrics
+                 else spec.params * 2)
+    return {"estimated_compress_seconds": round(secs, 1), "estimated_peak_disk_bytes": int(base_size * 2.2),
+            "how": "estimated from parameter count and step settings (not measured)"}
+
+
+def preflight(ctx: RunContext, strategy: Strategy) -> Optional[str]:
+    """Will the episode fit? Returns a refusal reason, or None."""
+    import psutil
+
+    est = estimate_cost(ctx, strategy)
+    need_disk = ctx.cfg.min_free_disk_bytes or est["estimated_peak_disk_bytes"] + 200 * 2**20
+    free = shutil.disk_usage(ctx.dir).free
+    if free < need_disk:
+        return (f"disk: {free / 2**30:.2f} GiB free under {ctx.dir}, the episode needs about "
+                f"{need_disk / 2**30:.2f} GiB (estimate)")
+    spec = ctx.spec
+    teacher = any(s.method == "distill" for s in strategy.steps)
+    if ctx.cfg.device.startswith("cuda"):
+        import torch
+
+        free_gpu, _ = torch.cuda.mem_get_info()
+        need = spec.params * 2 * (2 if teacher else 1) * 1.5
+        if free_gpu < need:
+            return f"GPU memory: {free_gpu / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed (estimate)"
+    else:
+        need = spec.params * 4 * (2 if teacher else 1) * 3
+        avail = psutil.virtual_memory().available
+        if avail < need:
+            return f"RAM: {avail / 2**30:.1f} GiB available, about {need / 2**30:.1f} GiB needed (estimate)"
+    return None
+
+
+def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str) -> tuple[list, Optional[str]]:
+    """Run the strategy's steps into artifacts/<cid>. Returns (step records, failure reason or None)."""
+    from .methods import StepContext
+    from .methods.runner import run_strategy
+
+    out = ctx.artifact_dir(cid)
+    clean_partial_dirs(out.parent)
+    if out.exists():
+        shutil.rmtree(out)  # an earlier attempt of this episode died half-way: redo it
+    sctx = StepContext(device=ctx.cfg.device, task=ctx.task, teacher_dir=Path(model_path), seed=ctx.cfg.seed,
+                       trust_remote_code=ctx.cfg.trust_remote_code)
+    try:
+        records = run_strategy(strategy, Path(model_path), out, sctx)
+    except MethodFailed as e:
+        return getattr(e, "records", []), str(e)
+    failed = [r for r in records if r.status != "ok"]
+    if failed:
+        return records, failed[0].reason or "a step failed"
+    return records, None
+
+
+def proxy_decision(ctx: RunContext, cid: str) -> tuple[dict[str, Measurement], Optional[str]]:
+    """Cheap evaluation on --proxy-limit items; returns (proxy metrics, prune reason or None)."""
+    cfg, ff = ctx.cfg, ctx.ff
+    assert ff is not None and ff.baseline is not None
+    q = [m for m in cfg.objectives if m in QUALITY]
+    if not cfg.proxy_limit or not q or not ff.baseline.proxy_metrics:
+        return {}, None
+    art = ctx.artifact_dir(cid)
+    res = _evaluate(ctx, art, q + ["size"], cfg.proxy_limit)
+    base = {o: ff.baseline.proxy_metrics[o].value for o in q if o in ff.baseline.proxy_metrics}
+    vals = {o: res.metrics[o].value for o in q}
+    ret = retention(vals, base, cfg.objectives)
+    if ret is not None and cfg.min_retention is not None and ret < cfg.min_retention - 0.1:
+        return res.metrics, (f"proxy retention {ret:.3f} on {cfg.proxy_limit} items is far below the "
+                             f"--min-retention {cfg.min_retention} (margin 0.1)")
+    # Optimistic full-evaluation estimate: quality 5% better than the proxy, costs not yet measured as ideal.
+    est: dict[str, float] = {}
+    for o in cfg.objectives:
+        if o in q:
+            v = vals[o]
+            est[o] = v * 0.95 if DIRECTIONS[o] == "minimize" else v * 1.05 + 0.02
+        elif o == "size":
+            est[o] = res.metrics["size"].value
+        else:
+            est[o] = 0.0 if DIRECTIONS[o] == "minimize" else math.inf
+    # Proxy quality of frontier members is compared on the same proxy items.
+    from .pareto import dominates
+
+    for c in _ok_candidates(ctx):
+        if c.id not in ff.frontier or not c.proxy_metrics:
+            continue
+        other = dict(c.objectives)
+        for o in q:
+            if o in c.proxy_metrics and c.proxy_metrics[o].value is not None:
+                other[o] = c.proxy_metrics[o].value
+        if all(o in other for o in cfg.objectives) and dominates(other, est, cfg.objectives):
+            return res.metrics, f"dominated by {c.id} even with an optimistic estimate from the proxy evaluation"
+    return res.metrics, None
+
+
+def full_evaluation(ctx: RunContext, cid: str):
+    return _evaluate(ctx, ctx.artifact_dir(cid), metrics_to_measure(ctx), ctx.cfg.limit)
+
+
+def _ok_candidates(ctx: RunContext) -> list[Candidate]:
+    assert ctx.ff is not None
+    out = [c for c in ctx.ff.candidates if c.status == "ok"]
+    if ctx.ff.baseline is not None:
+        out = [ctx.ff.baseline] + out
+    return out
+
+
+def record(ctx: RunContext, cand: Candidate, trial_number: Optional[int], predictions: Optional[list] = None) -> None:
+    """Record an episode's outcome: frontier.json, episode folder, Optuna tell, artifacts of non-frontier members.
+
+    Idempotent: a candidate already recorded (the process died after writing but before the checkpoint) is not
+    recorded twice, and a trial already told is not told again.
+    """
+    ff = ctx.ff
+    assert ff is not None and ff.baseline is not None
+    if any(c.id == cand.id for c in ff.candidates):
+        return
+    base = ff.baseline.objectives
+    if cand.status == "ok":
+        cand.objectives = _objective_values(ctx, cand.metrics)
+        if len(cand.objectives) == len(ctx.cfg.objectives):
+            cand.retention = retention(cand.objectives, base, ctx.cfg.objectives)
+            cand.reward = reward(cand.objectives, base, ctx.cfg.objectives, ctx.cfg.preset, ctx.cfg.min_retention).reward
+        else:
+            cand.status, cand.reason = "failed", "evaluation produced no value for " + ", ".join(
+                o for o in ctx.cfg.objectives if o not in cand.objectives)
+    cand.finished_at = now()
+    ff.candidates.append(cand)
+    _refresh(ctx)
+    # Optuna
+    if trial_number is not None:
+        _tell(ctx, trial_number, cand)
+    # artifacts: keep frontier members (and all with --keep-all)
+    if not ctx.cfg.keep_all:
+        for c in ff.candidates:
+            if c.artifact and c.artifact_kept and c.id not in ff.frontier:
+                shutil.rmtree(c.artifact, ignore_errors=True)
+                c.artifact_kept = False
+    ctx.save()
+    ed = ctx.episode_dir(cand.episode)
+    write_json(ed / "strategy.json", cand.strategy.model_dump())
+    write_text(ed / "result.json", cand.model_dump_json(indent=2))
+    if predictions:
+        write_json(ed / "predictions.json", predictions)
+
+
+def _tell(ctx: RunContext, number: int, cand: Candidate) -> None:
+    study = ctx.study
+    t = study.get_trials(deepcopy=False)[number]
+    if t.state != optuna.trial.TrialState.RUNNING:
+        return
+    trial = trial_for(study, number)
+    trial.set_user_attr("candidate", cand.id)
+    if cand.reason:
+        trial.set_user_attr("reason", cand.reason[:500])
+    if cand.status == "ok":
+        _set_constraint(ctx, trial, cand)
+        study.tell(trial, [cand.objectives[o] for o in ctx.cfg.objectives])
+    elif cand.status == "pruned":
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def _refresh(ctx: RunContext) -> None:
+    """Recompute frontier ids, hypervolume history and the recommended pick from the recorded candidates."""
+    ff = ctx.ff
+    assert ff is not None and ff.baseline is not None
+    objs = ctx.cfg.objectives
+    points = {c.id: c.objectives for c in _ok_candidates(ctx) if len(c.objectives) == len(objs)}
+    ff.frontier = pareto_front(points, objs)
+    base = ff.baseline.objectives
+    if len(base) == len(objs):
+        ref = reference_point(base, objs)
+        ff.reference_point = ref
+        hv = hypervolume([points[k] for k in ff.frontier], objs, ref, normalise=base)
+        ep = episodes_done(ctx)
+        ff.hypervolume = [h for h in ff.hypervolume if h.episode != ep] + [HVPoint(episode=ep, hypervolume=hv)]
+        rec = recommend(points, [k for k in ff.frontier], base, objs, ctx.cfg.preset, ctx.cfg.min_retention)
+        if rec is not None:
+            cid, r = rec
+            ff.recommended = Recommendation(id=cid, reward=r.reward, terms=r.terms, preset=ctx.cfg.preset,
+                                            why=_why(cid, r, ctx.cfg.min_retention))
+    for c in ff.candidates:
+        if c.status == "ok" and len(c.objectives) == len(objs):
+            c.reward = reward(c.objectives, base, objs, ctx.cfg.preset, ctx.cfg.min_retention).reward
+
+
+def _why(cid: str, r, min_ret: Optional[float]) -> str:
+    parts = [f"{k}: {v:+.3f}" for k, v in sorted(r.terms.items(), key=lambda kv: -abs(kv[1]))]
+    s = f"highest {('feasible ' if r.feasible else '')}reward on the frontier ({r.reward:.3f} = " + ", ".join(parts)
+    if r.penalty:
+        s += f", minus penalty {r.penalty:.3f} for retention {r.retention:.3f} < {min_ret}"
+    return s + ")"
+
+
+def frontier_table(ctx: RunContext):
+    from rich.table import Table
+
+    ff = ctx.ff
+    assert ff is not None
+    t = Table(title=f"Frontier after {episodes_done(ctx)} episodes ({len(ff.frontier)} members)")
+    t.add_column("id")
+    t.add_column("strategy", overflow="fold")
+    cols = list(dict.fromkeys(ctx.cfg.objectives + ["answer_nll", "size"]))
+    for o in cols:
+        t.add_column(o, justify="right")
+    t.add_column("retention", justify="right")
+    t.add_column("reward", justify="right")
+    for cid in ff.frontier:
+        c = ff.candidate(cid)
+        mark = " ★" if ff.recommended and ff.recommended.id == cid else ""
+        t.add_row(cid + mark, c.description or c.strategy.describe(),
+                  *[_fmt(o, c.metrics[o].value) if o in c.metrics and c.metrics[o].value is not None else "-"
+                    for o in cols],
+                  f"{c.retention:.3f}" if c.retention is not None else "-",
+                  f"{c.reward:.3f}" if c.reward is not None else "-")
+    return t
+
+
+def release_trial(ctx: RunContext, number: int, reason: str) -> None:
+    """Close a trial that will not be evaluated as proposed (user edit or stop), so it never stays RUNNING."""
+    study = ctx.study
+    t = study.get_trials(deepcopy=False)[number]
+    if t.state == optuna.trial.TrialState.RUNNING:
+        trial_for(study, number).set_user_attr("reason", reason)
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
