@@ -129,3 +129,99 @@ def test_notebook_executes(tmp_path):
         os.environ.pop("ACF_RUN_DIR", None)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "e3" in text and "compression_ratio" in text
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+
+def _variant(src: Path, out: Path, change_layers: tuple[int, ...] = (), zero_out: tuple[int, ...] = ()) -> Path:
+    """Copy a tiny model, perturbing some decoder blocks or zeroing their output projections (near-identity)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(str(src))
+    with torch.no_grad():
+        for i in change_layers:
+            m.model.layers[i].mlp.up_proj.weight.mul_(1.5)
+        for i in zero_out:
+            m.model.layers[i].self_attn.o_proj.weight.zero_()
+            m.model.layers[i].mlp.down_proj.weight.zero_()
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(src)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def run_with_artifacts(tmp_path, smol_dir):
+    from conftest import make_tiny_model
+
+    run = tmp_path / "run"
+    base = make_tiny_model(run / "base", smol_dir, layers=3)
+    make_frontier(run)
+    _variant(base, run / "episodes" / "e1" / "model", change_layers=(1,))
+    _variant(base, run / "episodes" / "e2" / "model", change_layers=(0, 2))
+    _variant(base, run / "episodes" / "e3" / "model", change_layers=(2,))
+    return run
+
+
+def test_registry_roundtrip_promote_rollback(run_with_artifacts, tmp_path):
+    from typer.testing import CliRunner
+
+    from acf.registry import PromotionRefused, RegistryError, open_registry
+    from acf.registry_cli import registry_app
+
+    reg_path = tmp_path / "home" / "registry.json"
+    cli = CliRunner()
+    r = cli.invoke(registry_app, ["--registry", str(reg_path), "list"])
+    assert r.exit_code == 2 and "no registry file" in r.output and not reg_path.exists()
+
+    run = run_with_artifacts
+    for cid in ("e1", "e2", "e3"):
+        r = cli.invoke(registry_app, ["--registry", str(reg_path), "add", str(run), cid])
+        assert r.exit_code == 0, r.output
+    with open_registry(reg_path, write=False) as reg:
+        ids = {e.source.get("candidate_id"): e for e in reg.entries}
+        assert [e.kind for e in reg.entries].count("base") == 1          # base registered once, as parent
+        base = next(e for e in reg.entries if e.kind == "base")
+        e1, e2, e3 = ids["e1"].id, ids["e2"].id, ids["e3"].id
+        assert ids["e1"].parent == base.id and ids["e1"].metrics["accuracy"].value == 0.28
+        assert [e.id for e in reg.list(method="rtn")] == [e1] and [e.id for e in reg.list(bits=8)] == [e3]
+        cmp = reg.compare(base.id, e1)
+        assert cmp["shared_layers_by_index"] == [0, 2] and cmp["layers_a"] == 3
+        assert cmp["metric_deltas"]["accuracy"]["delta"] == pytest.approx(-0.02)
+        assert "embed_tokens.weight" in cmp["shared_other_tensors"]
+
+    R = ["--registry", str(reg_path)]
+    assert cli.invoke(registry_app, R + ["promote", e1, "--metric", "accuracy"]).exit_code == 0   # first active
+    r = cli.invoke(registry_app, R + ["promote", e2, "--metric", "accuracy", "--margin", "0.01"])
+    assert r.exit_code == 2 and "promotion refused" in r.output                                # worse model
+    r = cli.invoke(registry_app, R + ["promote", e3, "--metric", "accuracy", "--margin", "0.05"])
+    assert r.exit_code == 2 and "margin" in r.output                                         # +0.03 < 0.05
+    with open_registry(reg_path) as reg:
+        with pytest.raises(PromotionRefused, match="guard size regresses"):
+            reg.promote(e3, "accuracy", 0.01, ("size",))                                     # 60 MB vs 40 MB
+    r = cli.invoke(registry_app, R + ["promote", e3, "--metric", "accuracy", "--margin", "0.01", "--guard", "answer_nll"])
+    assert r.exit_code == 0, r.output
+    with open_registry(reg_path, write=False) as reg:
+        assert reg.active().id == e3 and not reg.get(e1).active
+    r = cli.invoke(registry_app, R + ["rollback"])
+    assert r.exit_code == 0, r.output
+    with open_registry(reg_path, write=False) as reg:
+        assert reg.active().id == e1 and reg.get(e3).rolled_back
+    r = cli.invoke(registry_app, R + ["rollback"])
+    assert r.exit_code == 2 and "nothing to roll back to" in r.output
+    r = cli.invoke(registry_app, R + ["prune", "--keep", "1"])
+    assert r.exit_code == 0, r.output
+    with open_registry(reg_path, write=False) as reg:
+        assert {e.id for e in reg.entries} == {base.id, e1, e3}                             # e2 oldest non-active
+    log = [json.loads(l) for l in (reg_path.parent / "registry.log.jsonl").read_text().splitlines()]
+    assert [l["op"] for l in log].count("add") == 4 and {"promote", "rollback", "prune"} <= {l["op"] for l in log}
+
+    before = reg_path.read_text()[:-10] + "garbage"
+    reg_path.write_text(before)
+    r = cli.invoke(registry_app, R + ["promote", e1, "--metric", "accuracy", "--force", "--reason", "x"])
+    assert r.exit_code == 2 and "corrupt registry" in r.output and str(reg_path) in r.output
+    assert reg_path.read_text() == before
+    with pytest.raises(RegistryError, match="corrupt"):
+        with open_registry(reg_path, create=True):
+            pass
