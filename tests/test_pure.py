@@ -1,0 +1,87 @@
+"""Pareto, hypervolume, reward and objectives on hand-made points with known answers (no model needed)."""
+
+import math
+
+import pytest
+
+from acf.errors import AcfError
+from acf.objectives import parse_objectives
+from acf.pareto import crowding_distance, dominates, hypervolume, pareto_front, reference_point
+from acf.reward import recommend, reward, weights_for
+
+OBJ = ["answer_nll", "size"]
+
+
+def test_dominance_respects_directions():
+    assert dominates({"answer_nll": 1.0, "size": 5}, {"answer_nll": 1.2, "size": 5}, OBJ)
+    assert not dominates({"answer_nll": 1.0, "size": 5}, {"answer_nll": 1.0, "size": 5}, OBJ)
+    # accuracy is maximised
+    assert dominates({"accuracy": 0.6, "size": 5}, {"accuracy": 0.5, "size": 5}, ["accuracy", "size"])
+    assert not dominates({"accuracy": 0.5, "size": 5}, {"accuracy": 0.6, "size": 5}, ["accuracy", "size"])
+
+
+def test_front_excludes_dominated_duplicates_and_missing():
+    pts = {"a": {"answer_nll": 1.0, "size": 10}, "b": {"answer_nll": 2.0, "size": 5},
+           "c": {"answer_nll": 2.0, "size": 10}, "d": {"answer_nll": 1.0, "size": 10},
+           "e": {"answer_nll": float("nan"), "size": 1}, "f": {"size": 1}}
+    assert pareto_front(pts, OBJ) == ["a", "b"]
+
+
+def test_hypervolume_known_value():
+    pts = [{"answer_nll": 1.0, "size": 10}, {"answer_nll": 2.0, "size": 5}]
+    ref = {"answer_nll": 3.0, "size": 20}
+    assert hypervolume(pts, OBJ, ref) == pytest.approx(25.0)
+    # a point outside the reference box adds nothing
+    assert hypervolume(pts + [{"answer_nll": 4.0, "size": 1}], OBJ, ref) == pytest.approx(25.0)
+    # normalisation divides each axis
+    assert hypervolume(pts, OBJ, ref, normalise={"answer_nll": 1.0, "size": 10.0}) == pytest.approx(2.5)
+    # maximised axis: accuracy 0.5 vs ref 0.3 -> width 0.2, size 10 vs ref 20 -> 10
+    assert hypervolume([{"accuracy": 0.5, "size": 10}], ["accuracy", "size"], {"accuracy": 0.3, "size": 20}) == \
+        pytest.approx(2.0)
+
+
+def test_reference_point_is_worse_than_baseline():
+    ref = reference_point({"accuracy": 0.5, "answer_nll": 1.0, "size": 100}, ["accuracy", "answer_nll", "size"])
+    assert ref == pytest.approx({"accuracy": 0.45, "answer_nll": 1.1, "size": 110})
+
+
+def test_crowding_distance_boundaries_infinite():
+    d = crowding_distance({"a": {"x": 0, "y": 2}, "b": {"x": 1, "y": 1}, "c": {"x": 2, "y": 0}}, ["x", "y"])
+    assert math.isinf(d["a"]) and math.isinf(d["c"]) and d["b"] == pytest.approx(2.0)
+
+
+def test_reward_terms_and_penalty():
+    base = {"answer_nll": 1.4, "size": 100.0}
+    same = reward(base, base, OBJ, "balanced")
+    assert same.reward == pytest.approx(0.5) and same.feasible  # retention 1 * 0.5 + saving 0 * 0.5
+    half = reward({"answer_nll": 1.4, "size": 50.0}, base, OBJ, "balanced")
+    assert half.reward == pytest.approx(0.75)
+    worse = reward({"answer_nll": 1.5, "size": 40.0}, base, OBJ, "balanced", min_retention=0.95)
+    assert not worse.feasible
+    assert worse.retention == pytest.approx(math.exp(-0.1))
+    assert worse.penalty == pytest.approx(10 * (0.95 - math.exp(-0.1)))
+
+
+def test_presets_weight_what_they_say():
+    w = weights_for(["answer_nll", "size", "latency"], "latency_focused")
+    assert w["latency"] > w["size"] and sum(w.values()) == pytest.approx(1.0)
+    w = weights_for(["answer_nll", "size", "latency"], "memory_constrained")
+    assert w["size"] > w["latency"]
+    with pytest.raises(AcfError):
+        weights_for(OBJ, "nope")
+
+
+def test_recommend_prefers_feasible():
+    base = {"answer_nll": 1.0, "size": 100.0}
+    cands = {"small_bad": {"answer_nll": 1.5, "size": 10.0}, "ok": {"answer_nll": 1.02, "size": 50.0}}
+    cid, r = recommend(cands, list(cands), base, OBJ, "memory_constrained", 0.95)
+    assert cid == "ok" and r.feasible
+
+
+def test_objectives_parsing():
+    assert parse_objectives("answer_nll,size") == ["answer_nll", "size"]
+    for bad in ("answer_nll", "size,latency", "answer_nll,foo"):
+        with pytest.raises(AcfError):
+            parse_objectives(bad)
+    with pytest.raises(AcfError):
+        parse_objectives("mc1,size", task_metrics=("accuracy", "answer_nll"))
