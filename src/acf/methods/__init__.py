@@ -6,7 +6,11 @@ from __future__ import annotations
 from .base import MethodFn, StepContext, StepRecord
 
 _IMPL: dict[str, str] = {
-    # filled by the method modules: name -> "module:function"
+    # name -> "module:function"; modules are imported only when a step runs (they pull in heavy libraries)
+    **{m: f"acf.methods.quantize:{m}" for m in ("gptq", "awq", "rtn", "autoround", "w8a8", "bnb_int8", "bnb_nf4")},
+    **{m: f"acf.methods.prune:{m}" for m in ("magnitude", "wanda", "sparsegpt", "drop_layers")},
+    "distill": "acf.methods.distill:distill",
+    "lora": "acf.methods.lora:lora",
 }
 
 
@@ -25,4 +29,11 @@ def get_impl(name: str) -> MethodFn:
     return getattr(importlib.import_module(mod), fn)
 
 
-__all__ = ["StepContext", "StepRecord", "register", "get_impl"]
+def run_strategy(*args, **kwargs):
+    """See `acf.methods.runner.run_strategy` (imported lazily: it pulls in torch)."""
+    from .runner import run_strategy as _run
+
+    return _run(*args, **kwargs)
+
+
+__all__ = ["StepContext", "StepRecord", "register", "get_impl", "run_strategy"]

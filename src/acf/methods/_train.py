@@ -1,0 +1,89 @@
+"""The small training loop shared by distillation and LoRA (AdamW, grad clipping, optional sparsity masks).
+
+Hand-written rather than transformers.Trainer: a few dozen steps with a custom KD loss do not need its
+machinery (accelerate state, output dirs, callbacks), and a plain loop reports losses step by step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import MethodFailed
+from .base import StepContext
+from ._common import apply_masks, report
+from .calibration import TrainExample, batch_stream, collate
+
+
+def autocast(device: str):
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_loop(method: str, model, examples: list[TrainExample], *, steps: int, lr: float, batch_size: int,
+               pad_id: int, ctx: StepContext, loss_fn: Callable[[dict, dict], tuple[torch.Tensor, dict]],
+               masks: Optional[dict] = None, params=None) -> dict:
+    """Run `steps` AdamW steps; `loss_fn(batch, outputs) -> (loss, parts)`; returns loss curves (floats)."""
+    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    if not trainable:
+        raise MethodFailed(method, "config", "no trainable parameters")
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    model.train()
+    curve: list[float] = []
+    parts_curves: dict[str, list[float]] = {}
+    dev = ctx.device
+    for step, batch in enumerate(batch_stream(examples, batch_size, steps, ctx.seed), start=1):
+        b = collate(batch, pad_id, dev)
+        with autocast(dev):
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+        loss, parts = loss_fn(b, out)
+        if not torch.isfinite(loss):
+            raise MethodFailed(method, "diverged", f"loss became {loss.item()} at step {step} (lr {lr} too high?)")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        apply_masks(model, masks or {})
+        curve.append(round(float(loss.item()), 5))
+        for k, v in parts.items():
+            parts_curves.setdefault(k, []).append(round(float(v), 5))
+        report(ctx, method, step, steps)
+        if step == 1 or step % 10 == 0 or step == steps:
+            ctx.log.info("%s step %d/%d loss %.4f %s", method, step, steps, curve[-1],
+                         " ".join(f"{k} {v[-1]:.4f}" for k, v in parts_curves.items()))
+    model.eval()
+    return {"loss_curve": curve, **{f"{k}_curve": v for k, v in parts_curves.items()},
+            "loss_first": curve[0], "loss_last": curve[-1],
+            "loss_first5_mean": _mean(curve[:5]), "loss_last5_mean": _mean(curve[-5:])}
+
+
+def _mean(xs: list[float]) -> float:
+    return round(sum(xs) / len(xs), 5) if xs else math.nan
+
+
+def causal_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over positions whose label is not -100."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[TrainExample], pad_id: int, device: str, batch_size: int = 8) -> float:
+    """Token-weighted CE on `examples` (labels != -100), eval mode: a before/after check that does not depend on
+    dropout or on the training batches' order."""
+    was = model.training
+    model.eval()
+    tot = n = 0.0
+    for i in range(0, len(examples), batch_size):
+        b = collate(examples[i:i + batch_size], pad_id, device)
+        with autocast(device):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        k = int((b["labels"][:, 1:] != -100).sum())
+        tot += causal_ce(logits, b["labels"]).item() * k
+        n += k
+    model.train(was)
+    return round(tot / max(n, 1), 5)

@@ -1,0 +1,193 @@
+"""Weight quantization: llm-compressor recipes (gptq, awq, rtn, autoround, w8a8) and bitsandbytes (int8, nf4).
+
+llm-compressor outputs are saved compressed (compressed-tensors, `save_compressed=True`): 4-bit weights are
+packed into int32 with per-group scales, so the size on disk really shrinks, and transformers reloads them with
+`from_pretrained` (compressed-tensors kernels, or dequantized with `CompressedTensorsConfig(run_compressed=False)`).
+
+bitsandbytes outputs are saved with `save_pretrained` after loading with a `BitsAndBytesConfig`; checked here
+(bitsandbytes 0.50, transformers 5.17) that both int8 and nf4 checkpoints written on CPU reload on CPU with
+plain `from_pretrained(dir, device_map={"": "cpu"})` and give identical logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from ..errors import MethodFailed
+from ..models import free, torch_dtype_for
+from .base import StepContext
+from ._common import load_dense, save_model, stored_dtype, versions
+from .calibration import calibration_dataset
+
+_LIBS = ("llmcompressor", "compressed-tensors", "transformers", "torch")
+
+
+def _weight_args(bits: int, group_size: Optional[int], symmetric: bool, actorder: Any = "unset") -> dict:
+    w: dict[str, Any] = {"num_bits": bits, "type": "int", "symmetric": symmetric}
+    if group_size:
+        w.update(strategy="group", group_size=group_size)
+    else:
+        w.update(strategy="channel")
+    if actorder != "unset":
+        w["actorder"] = actorder
+    return w
+
+
+def _config_groups(bits: int, group_size: Optional[int], symmetric: bool, actorder: Any = "unset") -> dict:
+    # config_groups rather than a preset scheme name: presets fix the group size at 128, which is invalid for
+    # hidden sizes such as SmolLM2's 576 (see shared/device/README.md).
+    return {"group_0": {"targets": ["Linear"], "weights": _weight_args(bits, group_size, symmetric, actorder)}}
+
+
+def _recipe(method: str, p: dict) -> list:
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    ignore = list(p.get("ignore") or [])
+    if method == "rtn":
+        return [QuantizationModifier(config_groups=_config_groups(p["bits"], p["group_size"], p["symmetric"]),
+                                     ignore=ignore)]
+    if method == "gptq":
+        if p["act_order"]:
+            actorder = "static" if p["group_size"] else "weight"
+        else:
+            actorder = None
+        return [GPTQModifier(config_groups=_config_groups(p["bits"], p["group_size"], p["symmetric"]),
+                             ignore=ignore, actorder=actorder, dampening_frac=p["dampening_frac"])]
+    if method == "awq":
+        # llm-compressor 0.14: AWQ is a transform (smoothing scales) that must be followed by a quantization
+        # modifier; mappings for Llama-family models are resolved from the architecture automatically.
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        return [AWQModifier(), QuantizationModifier(
+            config_groups=_config_groups(p["bits"], p["group_size"], p["symmetric"]), ignore=ignore)]
+    if method == "w8a8":
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        return [SmoothQuantModifier(smoothing_strength=p["smoothing_strength"]),
+                GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)]
+    if method == "autoround":
+        try:
+            from llmcompressor.modifiers.autoround import AutoRoundModifier
+        except ImportError as e:  # auto-round is an optional dependency of llm-compressor
+            raise MethodFailed("autoround", "unavailable",
+                               f"llmcompressor's AutoRoundModifier needs the 'auto-round' package "
+                               f"(pip install 'auto-round>=0.14.1,<=0.15.1'): {e}") from None
+        return [AutoRoundModifier(config_groups=_config_groups(p["bits"], p["group_size"], p["symmetric"]),
+                                  ignore=ignore, iters=p["iters"],
+                                  # torch.compile costs minutes of compile time per block on CPU for no gain here
+                                  enable_torch_compile=False)]
+    raise MethodFailed(method, "unavailable", f"not an llm-compressor quantization method: {method}")
+
+
+@contextlib.contextmanager
+def _cpu_pin_memory_guard(device: str) -> Iterator[None]:
+    """llm-compressor 0.14's AWQ pins its cached activations before the grid search (`IntermediatesCache.pin_memory`)
+    to speed up host->GPU copies; with no accelerator, `Tensor.pin_memory()` raises "Cannot access accelerator device
+    when none is available" and AWQ cannot run on CPU at all. Pinning has no purpose without a GPU, so on CPU the
+    call is made a no-op for the duration of the step only."""
+    if device.startswith("cuda") or torch.cuda.is_available():
+        yield
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    orig = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = orig  # type: ignore[method-assign]
+
+
+def llmcompressor_quantize(method: str, params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    """Run one llm-compressor `oneshot` recipe on the input model and save it compressed with its tokenizer."""
+    from llmcompressor import oneshot
+
+    model, tok = load_dense(in_dir, ctx.device, method, trust_remote_code=ctx.trust_remote_code)
+    recipe = _recipe(method, params)
+    kw: dict[str, Any] = {}
+    extra: dict[str, Any] = {"libraries": versions(*_LIBS)}
+    if method != "rtn":
+        n, L = params["calib_samples"], params["seq_len"]
+        kw.update(dataset=calibration_dataset(tok, ctx.task, n, L, ctx.seed, method), num_calibration_samples=n,
+                  max_seq_length=L, shuffle_calibration_samples=False)
+        extra["calibration"] = {"samples": n, "seq_len": L, "source": f"{getattr(ctx.task, 'name', 'task')} train split",
+                                "seed": ctx.seed}
+    # On CUDA the model stays on the CPU: llm-compressor's sequential pipeline onloads one decoder block at a time.
+    t = time.perf_counter()
+    with _cpu_pin_memory_guard(ctx.device):
+        oneshot(model=model, recipe=recipe, tokenizer=tok, **kw)
+    extra["oneshot_seconds"] = round(time.perf_counter() - t, 3)
+    save_model(model, tok, out_dir, dtype=stored_dtype(in_dir), save_compressed=True)
+    free(model)
+    return extra
+
+
+def gptq(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    return llmcompressor_quantize("gptq", params, in_dir, out_dir, ctx)
+
+
+def awq(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    return llmcompressor_quantize("awq", params, in_dir, out_dir, ctx)
+
+
+def rtn(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    return llmcompressor_quantize("rtn", params, in_dir, out_dir, ctx)
+
+
+def autoround(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    return llmcompressor_quantize("autoround", params, in_dir, out_dir, ctx)
+
+
+def w8a8(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    return llmcompressor_quantize("w8a8", params, in_dir, out_dir, ctx)
+
+
+# --- bitsandbytes --------------------------------------------------------------------------------------------------
+
+def _bnb(method: str, cfg, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from ..models import load_tokenizer
+    from ._common import quant_method
+
+    qm = quant_method(in_dir)
+    if qm is not None:
+        raise MethodFailed(method, "config", f"input {in_dir} is already quantized ({qm})")
+    tok = load_tokenizer(in_dir, ctx.trust_remote_code)
+    # Non-quantized parts (embeddings, norms, lm_head) keep the input's stored dtype: a bnb model cannot be cast
+    # after loading, and upcasting would inflate its size on disk.
+    model = AutoModelForCausalLM.from_pretrained(str(in_dir), quantization_config=cfg, device_map={"": ctx.device},
+                                                 dtype=_bnb_dtype(in_dir, ctx.device),
+                                                 trust_remote_code=ctx.trust_remote_code)
+    save_model(model, tok, out_dir)
+    n_q = sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
+    free(model)
+    if n_q == 0:
+        raise MethodFailed(method, "library", "bitsandbytes replaced no Linear layer")
+    return {"quantized_linear_layers": n_q, "libraries": versions("bitsandbytes", "transformers", "torch")}
+
+
+def _bnb_dtype(in_dir: Path, device: str) -> torch.dtype:
+    return stored_dtype(in_dir) or torch_dtype_for(device)
+
+
+def bnb_int8(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    from transformers import BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=params["threshold"],
+                             llm_int8_skip_modules=["lm_head"])
+    return _bnb("bnb_int8", cfg, in_dir, out_dir, ctx)
+
+
+def bnb_nf4(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    from transformers import BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=params["quant_type"],
+                             bnb_4bit_use_double_quant=params["double_quant"],
+                             bnb_4bit_compute_dtype=_bnb_dtype(in_dir, ctx.device), llm_int8_skip_modules=["lm_head"])
+    return _bnb("bnb_nf4", cfg, in_dir, out_dir, ctx)
