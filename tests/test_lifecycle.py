@@ -225,3 +225,145 @@ def test_registry_roundtrip_promote_rollback(run_with_artifacts, tmp_path):
     with pytest.raises(RegistryError, match="corrupt"):
         with open_registry(reg_path, create=True):
             pass
+
+
+# ------------------------------------------------------------------------------------------- adapter loop
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_collect_filters_dedups_grows_and_refuses_secrets(tmp_path):
+    from typer.testing import CliRunner
+
+    from acf.lifecycle import collect, stats_path
+    from acf.lifecycle_cli import distill_app
+
+    runs = _jsonl(tmp_path / "runs.jsonl", [
+        {"id": 1, "prompt": "2+2?", "answer": "4", "score": 0.9, "approved": True},
+        {"id": 2, "prompt": "3+3?", "answer": "6", "score": 0.5, "approved": True},        # low score
+        {"id": 3, "prompt": "4+4?", "answer": "8", "score": 0.95, "approved": False},      # not approved
+        {"id": 4, "prompt": "2+2?", "answer": " 4 ", "score": 0.8, "approved": "yes"},     # duplicate of 1
+        {"id": 5, "prompt": "my key is sk-abcdefghijklmnopqrstuvwx", "answer": "ok", "score": 1, "approved": True},
+        {"id": 6, "prompt": "call it", "answer": "Authorization: Bearer abcdefghijklmnop1234", "score": 1,
+         "approved": True},
+        {"id": 7, "prompt": "config", "answer": "api_key=0123456789abcdef0123456789abcdef", "score": 1,
+         "approved": True},
+    ])
+    out = tmp_path / "data" / "distill_dataset.jsonl"
+    st = collect(runs, out)
+    assert (st.kept, st.below_min_score, st.not_approved, st.duplicates_in_batch, st.secrets_refused) == (1, 1, 1, 1, 3)
+    assert "sk-abc" not in stats_path(out).read_text()              # stats name the pattern, never the secret
+    # an eval file can approve row 3; row 1 is already present; a new row grows the dataset
+    ev = tmp_path / "eval.csv"
+    ev.write_text("id,score,approved\n3,0.95,true\n")
+    runs2 = _jsonl(tmp_path / "runs2.jsonl", [
+        {"id": 1, "prompt": "2+2?", "answer": "4", "score": 0.9, "approved": True},
+        {"id": 3, "prompt": "4+4?", "answer": "8", "score": 0.95, "approved": False},
+        {"id": 8, "prompt": "5+5?", "answer": "10", "score": 0.75, "approved": "true"}])
+    st2 = collect(runs2, out, eval_file=ev)
+    assert (st2.kept, st2.already_in_dataset, st2.dataset_rows_before, st2.dataset_rows_after) == (2, 1, 1, 3)
+    assert [json.loads(l)["answer"] for l in out.read_text().splitlines()] == ["4", "8", "10"]
+    assert len(json.loads(stats_path(out).read_text())["collections"]) == 2
+    # nothing passes -> clear message, no file (and an existing dataset untouched)
+    r = CliRunner().invoke(distill_app, ["collect", "--runs", str(runs2), "--out", str(tmp_path / "new.jsonl"),
+                                         "--min-score", "0.99"])
+    assert r.exit_code == 2 and "no rows passed" in r.output and not (tmp_path / "new.jsonl").exists()
+    before = out.read_text()
+    with pytest.raises(AcfError, match="no rows passed"):
+        collect(runs2, out)
+    assert out.read_text() == before
+    st3 = collect(runs, tmp_path / "with_secrets.jsonl", allow_secrets=True)
+    assert st3.kept == 4 and st3.secrets_refused == 0
+
+
+@pytest.fixture(scope="module")
+def learnable_tiny(tmp_path_factory, smol_dir):
+    """A tiny random-init Llama whose embeddings are scaled up, so a few LoRA steps can make outputs confident
+    (at the default init scale the tied head cannot leave the near-uniform distribution)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_model
+
+    p = make_tiny_model(tmp_path_factory.mktemp("learnable") / "model", smol_dir, layers=2)
+    m = AutoModelForCausalLM.from_pretrained(str(p))
+    with torch.no_grad():
+        m.model.embed_tokens.weight.mul_(25)
+    m.save_pretrained(p)
+    return p
+
+
+def test_train_eval_promote_rollback(tmp_path, learnable_tiny):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from acf.lifecycle_cli import distill_app
+    from acf.registry import open_registry
+
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "car", "boat", "fish", "bird"]
+    ds = _jsonl(tmp_path / "ds.jsonl", [{"prompt": f"What is the code for {w}?", "answer": "42"} for w in words])
+    guard = tmp_path / "guard.csv"
+    guard.write_text("prompt,expected,category\nSay the code.,42,format\nWhat is the code for the sky?,42,safety\n")
+    reg = tmp_path / "registry.json"
+    R = ["--registry", str(reg)]
+
+    def cfg(name: str, **kw) -> Path:
+        c = {"base_model": str(learnable_tiny), "adapter_type": "lora", "train_steps": 15, "lr": 2e-2, "batch_size": 4,
+             "eval_steps": 5, "output_dir": str(tmp_path / "adapters"), "dataset": str(ds), "seq_len": 64, **kw}
+        return _write(tmp_path / name, c)
+
+    cli = CliRunner()
+    r = cli.invoke(distill_app, ["train", "--config", str(cfg("bad.json", epochs=3))] + R)
+    assert r.exit_code == 2 and "unknown key 'epochs'" in r.output
+    r = cli.invoke(distill_app, ["train", "--config", str(cfg("bad2.json", train_steps=0))] + R)
+    assert r.exit_code == 2 and "train_steps" in r.output and not reg.exists()
+
+    r = cli.invoke(distill_app, ["train", "--config", str(cfg("good.json"))] + R)
+    assert r.exit_code == 0, r.output
+    a1 = Path(r.output.split("adapter: ")[-1].split()[0])
+    m = json.loads((a1 / "metrics.json").read_text())
+    assert m["steps_done"] == 15 and m["heldout_loss_after"] < m["heldout_loss_before"]
+    assert (a1 / "adapter_model.safetensors").is_file() and (a1 / "loss_curve.png").stat().st_size > 1000
+    assert a1.parent == tmp_path / "adapters" and a1.name[:8].isdigit()
+
+    # answers are 2 tokens long ("4", "2"): generate 2 so the comparison is about the answer, not the stop
+    r = cli.invoke(distill_app, ["eval", "--adapter", str(a1), "--eval-csv", str(guard), "--max-new-tokens", "2"] + R)
+    assert r.exit_code == 0, r.output
+    ev = json.loads((a1 / "eval.json").read_text())
+    g = {x["group"]: x for x in ev["groups"]}
+    assert g["heldout"]["base"] == 0.0 and g["heldout"]["adapted"] == 1.0
+    assert set(g) == {"heldout", "guard:format", "guard:safety"}
+    r = cli.invoke(distill_app, ["promote", "--adapter", str(a1)] + R)
+    assert r.exit_code == 0, r.output
+
+    # a barely trained adapter does not beat the base: refused
+    r = cli.invoke(distill_app, ["train", "--config", str(cfg("weak.json", train_steps=1, lr=1e-7))] + R)
+    a2 = Path(r.output.split("adapter: ")[-1].split()[0])
+    assert cli.invoke(distill_app, ["eval", "--adapter", str(a2), "--max-new-tokens", "2"] + R).exit_code == 0
+    r = cli.invoke(distill_app, ["promote", "--adapter", str(a2)] + R)
+    assert r.exit_code == 2 and "promotion refused" in r.output and "< +0.050" in r.output
+    r = cli.invoke(distill_app, ["promote", "--adapter", str(a2), "--force", "--reason", "test"] + R)
+    assert r.exit_code == 0, r.output
+    # two more adapters (copies: registry bookkeeping only), then roll back to a1: only the last 3 remain
+    for k in (3, 4):
+        shutil.copytree(a2, tmp_path / "adapters" / f"copy{k}")
+        with open_registry(reg) as rg:
+            rg.add_entry(kind="adapter", path=tmp_path / "adapters" / f"copy{k}",
+                         parent=rg.find_path(learnable_tiny).id)
+    with open_registry(reg, write=False) as rg:
+        id1 = rg.find_path(a1).id
+    r = cli.invoke(distill_app, ["rollback", id1] + R)
+    assert r.exit_code == 0, r.output
+    with open_registry(reg, write=False) as rg:
+        assert rg.active("adapter").path == str(a1)
+        assert sorted(Path(e.path).name for e in rg.list(kind="adapter")) == sorted([a1.name, "copy3", "copy4"])
+    assert not a2.exists() and a1.exists()
+
+
+def _write(path: Path, obj: dict) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
