@@ -367,3 +367,42 @@ def test_train_eval_promote_rollback(tmp_path, learnable_tiny):
 def _write(path: Path, obj: dict) -> Path:
     path.write_text(json.dumps(obj))
     return path
+
+
+# ------------------------------------------------------------------------------------------- student extraction
+
+
+def test_extract_by_importance_differs_from_first_n(tmp_path, smol_dir, data_root):
+    from typer.testing import CliRunner
+
+    from acf.extract import extract, extract_cmd
+    from acf.registry import open_registry
+    from conftest import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "src", smol_dir, layers=4)
+    parent = _variant(base, tmp_path / "parent", zero_out=(0, 1))     # blocks 0 and 1 add nothing: identity
+    reg = tmp_path / "registry.json"
+    imp = extract(str(parent), tmp_path / "imp", by="importance", layers=2, calib_samples=4, seq_len=32,
+                  registry_path=reg)
+    assert imp.kept_layers == [2, 3] and imp.dropped_layers == [0, 1]
+    import typer
+
+    app = typer.Typer()
+    app.command()(extract_cmd)
+    r = CliRunner().invoke(app, ["--model", str(parent), "--by", "layers", "--ratio", "0.5", "--out",
+                                 str(tmp_path / "first"), "--registry", str(reg)])
+    assert r.exit_code == 0, r.output
+    with open_registry(reg, write=False) as rg:
+        first = rg.find_path(tmp_path / "first")
+        assert first.kind == "student" and first.parent == imp.parent_id
+        c_imp, c_first = rg.compare(imp.parent_id, imp.registry_id), rg.compare(imp.parent_id, first.id)
+    assert c_imp["shared_layers_by_hash"] == {0: 2, 1: 3}            # the student's blocks are the parent's 2, 3
+    assert c_first["shared_layers_by_hash"] == {0: 0, 1: 1}
+    assert c_imp["layers_b"] == 2 and c_imp["compression_ratio"] > 1
+    r = CliRunner().invoke(app, ["--model", str(parent), "--layers", "4", "--out", str(tmp_path / "x"),
+                                 "--registry", str(reg)])
+    assert r.exit_code == 2 and "fewer than 4" in r.output
+    rec = extract(str(parent), tmp_path / "rec", by="importance", ratio=0.5, recover="distill", steps=2,
+                  calib_samples=4, seq_len=32, register=False,
+                  recover_params={"samples": 8, "seq_len": 32, "batch_size": 2})
+    assert [s["method"] for s in rec.steps] == ["drop_layers", "distill"] and rec.kept_layers == [2, 3]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,7 +22,10 @@ _META = "acf.registry_path"
 
 
 def cli_errors(fn: Callable) -> Callable:
-    """Show an AcfError as one line on stderr with exit code 2 (no traceback): the user can fix it."""
+    """Show an AcfError as one line on stderr with exit code 2 (no traceback): the user can fix it.
+
+    SystemExit rather than typer.Exit: `acf` runs click with standalone_mode=False, where Exit only returns.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -29,7 +33,7 @@ def cli_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except AcfError as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            sys.exit(2)
 
     return wrapper
 
