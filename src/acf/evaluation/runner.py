@@ -35,7 +35,14 @@ class EvalResult(BaseModel):
         return None if m is None else m.value
 
 
+def default_metrics(task: Task) -> list[str]:
+    """DEFAULT_METRICS with the task's own quality metrics (e.g. truthfulqa: mc1, mc2; humaneval: pass@1)."""
+    quality = [m for m in task.metrics]
+    return quality + [m for m in DEFAULT_METRICS if m not in QUALITY_METRICS]
+
+
 def check_metrics(metrics: Sequence[str], task: Task) -> list[str]:
+    """Validate metric names: model metrics, or quality metrics the task offers (task metrics included)."""
     out = []
     for m in metrics:
         m = m.strip()
@@ -127,27 +134,30 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
 
     items = None
     quality = [m for m in metrics if m in task.metrics]
+    # Metrics the task computes itself (multiple choice, BBH, HumanEval) go to task.evaluate_metrics in one
+    # call (MC metrics share one scoring pass); the rest (GSM8K) keep the generic generation/NLL paths.
+    own = [m for m in quality if m in getattr(task, "task_metrics", ())]
+    generic = [m for m in quality if m not in own]
     if quality:
         items = task.load("test", limit=limit, seed=seed)
     prog_ctx = _progress(show_progress)
     with prog_ctx as prog:
-        if "answer_nll" in quality:
+        if own:
+            tid = prog.add_task(", ".join(own), total=task.progress_units(own, len(items))) if prog else None
+            res, p = task.evaluate_metrics(own, model, tok, items, batch_size=bs,
+                                           progress=(lambda k: prog.advance(tid, k)) if prog else None)
+            out.update(res)
+            preds = p
+        if "answer_nll" in generic:
             tid = prog.add_task("answer NLL", total=len(items)) if prog else None
             out["answer_nll"] = answer_nll(model, tok, task, items, batch_size=bs, fewshot=fewshot,
                                            progress=(lambda k: prog.advance(tid, k)) if prog else None)
-        if "accuracy" in quality:
+        if "accuracy" in generic:
             acc_items = items[:accuracy_limit] if accuracy_limit else items
             tid = prog.add_task("accuracy (generation)", total=len(acc_items)) if prog else None
             out["accuracy"], preds = accuracy(model, tok, task, acc_items, batch_size=bs, fewshot=fewshot,
                                               max_new_tokens=max_new_tokens,
                                               progress=(lambda k: prog.advance(tid, k)) if prog else None)
-        for m in quality:
-            if m not in out and hasattr(task, "evaluate_metric"):
-                tid = prog.add_task(m, total=len(items)) if prog else None
-                res, p = task.evaluate_metric(m, model, tok, items, batch_size=bs,
-                                              progress=(lambda k: prog.advance(tid, k)) if prog else None)
-                out[m] = res
-                preds = preds or p
     if loaded is None:
         free(model)
     return EvalResult(model_path=str(model_dir), task=task.name, metrics=out, predictions=preds,

@@ -24,6 +24,9 @@ class Task(ABC):
     metrics: tuple[str, ...] = ("answer_nll",)
     #: how the headline quality metric is named in reports
     quality_metric: str = "accuracy"
+    #: metrics this task computes itself through `evaluate_metric(s)`; the others (GSM8K's generation accuracy
+    #: and teacher-forced answer NLL) go through the generic paths in `acf.evaluation.quality`
+    task_metrics: tuple[str, ...] = ()
 
     def __init__(self, data_dir: Optional[str] = None, subtask: Optional[str] = None):
         self.data_dir = data_dir
@@ -56,3 +59,23 @@ class Task(ABC):
 
     def stop_strings(self) -> list[str]:
         return []
+
+    def evaluate_metric(self, name: str, model, tokenizer, items: list[Item], batch_size: int = 8,
+                        progress=None) -> tuple[Any, list[dict]]:
+        """(Measurement, per-item predictions) for one of `task_metrics`."""
+        raise NotImplementedError(f"task {self.name} does not compute metric {name!r} itself")
+
+    def progress_units(self, names: list[str], n_items: int) -> int:
+        """How many progress steps `evaluate_metrics(names)` reports (one per item per separate pass)."""
+        return n_items * len(names)
+
+    def evaluate_metrics(self, names: list[str], model, tokenizer, items: list[Item], batch_size: int = 8,
+                         progress=None) -> tuple[dict[str, Any], list[dict]]:
+        """Several task metrics at once. Tasks whose metrics share one scoring pass (multiple choice) override
+        this so that accuracy, accuracy_norm and answer NLL cost one pass, not three."""
+        out: dict[str, Any] = {}
+        preds: list[dict] = []
+        for n in names:
+            out[n], p = self.evaluate_metric(n, model, tokenizer, items, batch_size=batch_size, progress=progress)
+            preds = preds or p
+        return out, preds
