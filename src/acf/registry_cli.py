@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from .errors import AcfError
 from .registry import Entry, open_registry
@@ -115,7 +115,7 @@ def list_cmd(ctx: typer.Context,
     if as_json:
         typer.echo(json.dumps([e.model_dump() for e in rows], indent=2, default=str))
         return
-    t = Table("id", "active", "kind", "name", "parent", "strategy", "metrics", "created")
+    t = Table(Column("id", no_wrap=True), "active", "kind", "name", "parent", "strategy", "metrics", "created")
     for e in rows:
         t.add_row(e.id, "*" if e.active else ("rolled back" if e.rolled_back else ""), e.kind, e.name,
                   e.parent or "–", e.strategy.describe() if e.strategy else "–", _metric_str(e), e.created_at)
