@@ -164,13 +164,15 @@ def promote(ctx: typer.Context, entry_id: str = typer.Argument(...),
             metric: str = typer.Option(..., "--metric", help="metric that must improve (direction from acf objectives)"),
             margin: float = typer.Option(0.0, "--margin", help="minimum improvement over the active entry (absolute)"),
             guard: Optional[str] = typer.Option(None, "--guard", help="comma-separated metrics that must not regress"),
+            guard_tolerance: float = typer.Option(0.0, "--guard-tolerance",
+                                                  help="allowed relative guard regression (0.01 = 1%); default none"),
             force: bool = typer.Option(False, "--force", help="promote regardless (needs --reason)"),
             reason: str = typer.Option("", "--reason")) -> None:
     """Make an entry active if it beats the active one on --metric by --margin without guard regressions."""
     guards = tuple(g.strip() for g in (guard or "").split(",") if g.strip())
     with open_registry(_path(ctx)) as reg:
         prev = reg.active(reg.get(entry_id).channel)
-        e = reg.promote(entry_id, metric, margin, guards, force=force, reason=reason)
+        e = reg.promote(entry_id, metric, margin, guards, force=force, reason=reason, guard_tolerance=guard_tolerance)
     console.print(f"active: [bold]{e.id}[/] ({e.name}); previous: {prev.id if prev else 'none'}")
 
 
