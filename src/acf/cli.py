@@ -51,7 +51,8 @@ def _setup_logging(verbose: bool) -> None:
 def run(
     model: str = typer.Option("smollm2-135m", help="alias (smollm2-135m), local HF directory, or hub id"),
     dataset: str = typer.Option("gsm8k", help="task name (gsm8k, ...)"),
-    episodes: int = typer.Option(4, help="compression episodes to run"),
+    episodes: Optional[int] = typer.Option(None, help="compression episodes to run (default 4; with --resume: "
+                                           "a larger number extends the run)"),
     run_dir: Optional[Path] = typer.Option(None, help="default runs/<model>-<dataset>-<time>"),
     resume: Optional[Path] = typer.Option(None, help="continue the run in this directory"),
     interactive: bool = typer.Option(False, help="approve / edit / skip / stop each strategy before it runs"),
@@ -90,7 +91,7 @@ def run(
             raise AcfError(f"--resume {resume}: that run is for model {cfg.model!r}, not {model!r}")
         if dataset != "gsm8k" and dataset != cfg.dataset:
             raise AcfError(f"--resume {resume}: that run is for dataset {cfg.dataset!r}, not {dataset!r}")
-        if episodes > cfg.episodes:
+        if episodes is not None and episodes > cfg.episodes:
             cfg.episodes = episodes  # resuming with more episodes extends the run
         cfg.interactive = interactive or cfg.interactive
         if device:
@@ -102,7 +103,7 @@ def run(
         task = get_task(dataset, str(data_dir) if data_dir else None)
         objs = objectives or DEFAULT_OBJECTIVES.get(task.name, f"{task.metrics[0]},size,latency")
         rd = run_dir or Path("runs") / f"{Path(model).name}-{dataset.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-        cfg = RunConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, episodes=episodes,
+        cfg = RunConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, episodes=4 if episodes is None else episodes,
                         run_dir=str(rd), interactive=interactive, sampler=sampler, preset=preset,
                         objectives=objs.split(","), min_retention=min_retention, limit=limit, proxy_limit=proxy_limit,
                         accuracy_limit=accuracy_limit, budget_minutes=budget_minutes, patience=patience, seed=seed,
@@ -112,13 +113,13 @@ def run(
                         trust_remote_code=trust_remote_code, command=[Path(sys.argv[0]).name] + sys.argv[1:])
         ctx = run_in_terminal(cfg, console)
     console.print(f"\nfrontier JSON: {ctx.frontier_path}")
-    try:
-        from .report import write_report
+    from .report import write_report
 
+    try:
         rep = write_report(ctx.dir)
         console.print(f"report:        {rep}")
-    except ImportError:
-        pass
+    except Exception as e:  # the run's results are safe on disk; the report can be redone with `acf report`
+        err_console.print(f"[yellow]report not written[/] ({type(e).__name__}: {e}); retry with `acf report {ctx.dir}`")
     console.print(f"notebook:      examples/inspect_frontier.ipynb (ACF_RUN_DIR={ctx.dir})")
 
 
@@ -303,7 +304,12 @@ _mount_optional()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)
+        # typer turns Ctrl-C into a returned 130 when not in standalone mode
+        if rv == 130:
+            raise KeyboardInterrupt
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
     except AcfError as e:
         err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)

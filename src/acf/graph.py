@@ -84,7 +84,8 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
     def compress_node(state: EpisodeState) -> dict:
         prop = state["proposal"]
         t0 = time.time()
-        records, err = P.compress(ctx, _cid(prop), Strategy(**prop["strategy"]), state["model_path"])
+        records, err = P.compress(ctx, _cid(prop), Strategy(**prop["strategy"]), state["model_path"],
+                                  prop["episode"])
         dt = round(time.time() - t0, 2)
         steps = [r.model_dump() for r in records]
         if err:

@@ -400,7 +400,7 @@ def preflight(ctx: RunContext, strategy: Strategy) -> Optional[str]:
     return None
 
 
-def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str) -> tuple[list, Optional[str]]:
+def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str, episode: int) -> tuple[list, Optional[str]]:
     """Run the strategy's steps into artifacts/<cid>. Returns (step records, failure reason or None)."""
     from .methods import StepContext
     from .methods.runner import run_strategy
@@ -412,7 +412,7 @@ def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str) -> 
     sctx = StepContext(device=ctx.cfg.device, task=ctx.task, teacher_dir=Path(model_path), seed=ctx.cfg.seed,
                        trust_remote_code=ctx.cfg.trust_remote_code)
     try:
-        records = run_strategy(strategy, Path(model_path), out, sctx)
+        records = run_strategy(strategy, Path(model_path), out, sctx, log_dir=ctx.episode_dir(episode) / "logs")
     except MethodFailed as e:
         return getattr(e, "records", []), str(e)
     failed = [r for r in records if r.status != "ok"]

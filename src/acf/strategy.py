@@ -172,7 +172,11 @@ class Strategy(BaseModel):
             return "baseline (no compression)"
         parts = []
         for s in self.steps:
-            ps = ",".join(f"{k}={v}" for k, v in s.params.items() if k not in ("ignore", "targets"))
+            info = METHODS.get(s.method)
+            defaults = info.params().model_dump() if info is not None else {}
+            keep = ("bits", "group_size", "sparsity", "pattern", "count", "by", "steps", "rank")
+            ps = ",".join(f"{k}={v}" for k, v in s.params.items()
+                          if k in keep or (k in defaults and v != defaults[k] and k not in ("ignore", "targets")))
             parts.append(f"{s.method}({ps})")
         return " -> ".join(parts)
 

@@ -1,0 +1,226 @@
+"""The coordinator end to end on a tiny random-init Llama: episodes, approvals, resume after kill -9, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from rich.console import Console
+
+from acf.errors import AcfError, RunDirError
+from acf.pareto import pareto_front
+from acf.pipeline import RunConfig
+from acf.runner import Pipeline, run_in_terminal
+from acf.state import load_frontier_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(objectives=["answer_nll", "size"], limit=4, proxy_limit=None, calib_samples=4, seq_len=64,
+            recover_steps=[2], latency_tokens=4, min_retention=None,
+            quant_methods=["none", "rtn", "bnb_int8"], prune_methods=["none", "magnitude", "drop_layers"])
+
+
+def cfg_for(model_dir: Path, run_dir: Path, **kw) -> RunConfig:
+    args = dict(FAST)
+    args.update(kw)
+    return RunConfig(model=str(model_dir), run_dir=str(run_dir), **args)
+
+
+def quiet() -> Console:
+    return Console(file=open(os.devnull, "w"), width=120)
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tiny_model_dir, data_root, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    run_in_terminal(cfg_for(tiny_model_dir, run_dir, episodes=3), quiet())
+    return run_dir
+
+
+def test_three_episodes_give_a_valid_frontier(e2e_run):
+    ff = load_frontier_file(e2e_run / "frontier.json")
+    assert ff.schema_version == 1 and ff.baseline is not None
+    assert [c.id for c in ff.candidates] == ["c001", "c002", "c003"]
+    assert ff.run.acf_version and ff.run.objectives == ["answer_nll", "size"]
+    ok = {c.id: c.objectives for c in [ff.baseline] + ff.candidates if c.status == "ok"}
+    assert ff.frontier == pareto_front(ok, ["answer_nll", "size"])
+    assert len(ff.hypervolume) >= 3 and ff.recommended is not None and ff.recommended.id in ff.frontier
+    for c in ff.candidates:
+        ed = e2e_run / "episodes" / f"{c.episode:03d}"
+        assert (ed / "strategy.json").is_file() and (ed / "result.json").is_file()
+        if c.status == "ok":
+            assert c.metrics["size"].how == "measured" and c.metrics["answer_nll"].n == 4
+            assert all(s.wall_seconds > 0 and s.log_path for s in c.steps)
+            # only frontier members keep their model
+            assert (c.artifact is not None and Path(c.artifact).is_dir()) == (c.id in ff.frontier)
+        else:
+            assert c.reason
+    st = optuna.load_study(study_name=ff.run.study_name, storage=f"sqlite:///{e2e_run / 'study.db'}")
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in st.trials)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials) >= \
+        sum(c.status == "ok" for c in ff.candidates)
+
+
+def test_resume_refusals(e2e_run, tmp_path, tiny_model_dir):
+    from acf.runner import load_run_config
+
+    with pytest.raises(RunDirError, match="not an acf run"):
+        load_run_config(tmp_path)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        Pipeline(cfg_for(tiny_model_dir, e2e_run, episodes=1), quiet())
+    # corrupt frontier.json: refused, file untouched
+    bad = tmp_path / "bad"
+    shutil.copytree(e2e_run, bad, ignore=shutil.ignore_patterns("artifacts"))
+    (bad / "frontier.json").write_text("{ not json")
+    cfg = load_run_config(bad)
+    cfg.run_dir = str(bad)
+    with pytest.raises(RunDirError, match="frontier.json: corrupt"):
+        Pipeline(cfg, quiet(), resume=True)
+    assert (bad / "frontier.json").read_text() == "{ not json"
+    # corrupt study.db
+    bad2 = tmp_path / "bad2"
+    shutil.copytree(e2e_run, bad2, ignore=shutil.ignore_patterns("artifacts"))
+    (bad2 / "study.db").write_bytes(b"this is not a database" * 100)
+    cfg = load_run_config(bad2)
+    cfg.run_dir = str(bad2)
+    with pytest.raises(RunDirError, match="study.db: corrupt"):
+        Pipeline(cfg, quiet(), resume=True)
+
+
+def test_resume_other_model_refused(e2e_run, capsys):
+    from test_evaluation import acf_inproc
+
+    code, err = acf_inproc(capsys, "run", "--resume", str(e2e_run), "--model", "smollm2-135m-other")
+    # the alias default is allowed (no --model given); another model is refused
+    assert code == 2 and "that run is for model" in err
+
+
+def test_interactive_approval_via_api(tiny_model_dir, data_root, tmp_path):
+    cfg = cfg_for(tiny_model_dir, tmp_path / "run", episodes=4, interactive=True)
+    pipe = Pipeline(cfg, quiet())
+    req = pipe.start()
+    assert req["episode"] == 1 and set(req["choices"]) == {"approve", "edit", "skip", "stop"}
+    assert "estimated_compress_seconds" in req["estimate"] and "strategy" in req
+    req = pipe.resume("approve")                          # episode 1 runs
+    assert req["episode"] == 2
+    req = pipe.resume({"action": "edit", "strategy": {"steps": [{"method": "rtn", "params": {"group_size": 128}}]}})
+    assert req["episode"] == 2 and "group_size 128" in req["note"]   # invalid edit: asked again with the reason
+    req = pipe.resume({"action": "edit", "strategy": '{"steps": [{"method": "rtn", "params": {"bits": 8}}]}'})
+    assert req["episode"] == 3                             # the edited strategy ran as episode 2
+    req = pipe.resume("skip")
+    assert req["episode"] == 4
+    assert pipe.resume("stop") is None
+    pipe.close()
+    ff = load_frontier_file(tmp_path / "run" / "frontier.json")
+    assert [c.status for c in ff.candidates][1:] == ["ok", "skipped"]
+    assert ff.candidates[1].strategy.steps[0].method == "rtn" and ff.candidates[1].strategy.steps[0].params["bits"] == 8
+    assert ff.candidates[1].proposed_by.startswith("user edit")
+    assert ff.run.stopped_because == "stopped by the user"
+    st = optuna.load_study(study_name=ff.run.study_name, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in st.trials)
+
+
+def test_preflight_refuses_when_disk_is_short(tiny_model_dir, data_root, tmp_path):
+    cfg = cfg_for(tiny_model_dir, tmp_path / "run", episodes=1, min_free_disk_bytes=2**60)
+    ctx = run_in_terminal(cfg, quiet())
+    c = ctx.ff.candidates[0]
+    assert c.status == "rejected" and "disk" in c.reason and "GiB free" in c.reason
+
+
+def test_every_method_failing_is_recorded(tiny_model_dir, tmp_path):
+    """A GSM8K folder whose train split is empty: every calibrated method fails, the run still completes."""
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    src = Path(os.environ["ACF_DATA_DIR"]) / "gsm8k" / "test.jsonl"
+    data.joinpath("test.jsonl").write_text("".join(src.read_text().splitlines(True)[:8]))
+    data.joinpath("train.jsonl").write_text("")
+    cfg = cfg_for(tiny_model_dir, tmp_path / "run", episodes=2, data_dir=str(data), quant_methods=["gptq"],
+                  prune_methods=["none"])
+    ctx = run_in_terminal(cfg, quiet())
+    assert [c.status for c in ctx.ff.candidates] == ["failed", "failed"]
+    assert all(c.reason for c in ctx.ff.candidates)
+    assert ctx.ff.frontier == ["baseline"]
+
+
+def _wait_for(pred, timeout: float, proc) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def _run_cmd(model_dir: Path, run_dir: Path, episodes: int) -> list[str]:
+    return [sys.executable, str(ROOT / "run_pipeline.py"), "--model", str(model_dir), "--episodes", str(episodes),
+            "--run-dir", str(run_dir), "--objectives", "answer_nll,size", "--limit", "4", "--proxy-limit", "2",
+            "--calib-samples", "4", "--seq-len", "64", "--min-retention", "0.01", "--seed", "3"]
+
+
+def test_kill_9_mid_episode_then_resume(tiny_model_dir, data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(_run_cmd(tiny_model_dir, run_dir, 3), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=env)
+    # kill while episode 2 is being compressed or evaluated (episode 1 already recorded)
+    _wait_for(lambda: (run_dir / "episodes" / "001" / "result.json").exists() and
+              any((run_dir / "artifacts").glob("*c002*")), 240, p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    ff = load_frontier_file(run_dir / "frontier.json")
+    assert [c.id for c in ff.candidates] == ["c001"]
+    r = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--resume", str(run_dir)], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ff = load_frontier_file(run_dir / "frontier.json")
+    assert [c.id for c in ff.candidates] == ["c001", "c002", "c003"]      # exactly N, nothing duplicated
+    ok = {c.id: c.objectives for c in [ff.baseline] + ff.candidates if c.status == "ok"}
+    assert ff.frontier == pareto_front(ok, ff.run.objectives)
+    assert not list((run_dir / "artifacts").glob(".tmp-*"))
+    kept = {d.name for d in (run_dir / "artifacts").iterdir()}
+    assert kept == {c for c in ff.frontier if c != "baseline"}
+    st = optuna.load_study(study_name=ff.run.study_name, storage=f"sqlite:///{run_dir / 'study.db'}")
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in st.trials)
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tiny_model_dir, data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(_run_cmd(tiny_model_dir, run_dir, 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=env)
+    _wait_for(lambda: (run_dir / "frontier.json").exists() and
+              load_frontier_file(run_dir / "frontier.json").baseline is not None, 240, p)
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, out[-2000:]
+    assert "--resume" in out
+    r = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--resume", str(run_dir)], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [c.id for c in load_frontier_file(run_dir / "frontier.json").candidates] == ["c001", "c002"]
+
+
+def test_interactive_in_a_pseudo_terminal(tiny_model_dir, data_root, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    cmd = _run_cmd(tiny_model_dir, tmp_path / "run", 2) + ["--interactive"]
+    child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", timeout=300, env={**os.environ, "COLUMNS": "160"})
+    child.expect("approve / edit / skip / stop")
+    child.sendline("edit")
+    child.expect("new strategy JSON")
+    child.sendline('{"steps": [{"method": "rtn", "params": {"bits": 8, "group_size": 32}}]}')
+    child.expect("approve / edit / skip / stop")    # episode 2
+    child.sendline("stop")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    ff = load_frontier_file(tmp_path / "run" / "frontier.json")
+    assert len(ff.candidates) == 1 and ff.candidates[0].strategy.steps[0].params["group_size"] == 32
