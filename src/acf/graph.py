@@ -1,6 +1,6 @@
 """The coordinator graph: nodes and routing only. What each node does lives in `acf.pipeline`.
 
-spec -> baseline -> propose -> approve -> preflight -> compress -> evaluate -> update -> propose | END
+spec -> baseline -> propose -> approve -> preflight -> compress -> evaluate -> update -> propose | finalize -> END
 
 The state is small (ids, the proposal, the outcome); everything heavy is on disk. A SQLite checkpointer in the
 run dir records the state after every node, so a killed run resumes at the node that was running.
@@ -159,15 +159,20 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
             P.release_trial(ctx, prop["trial"], "stopped by the user at approval")
         return {"stop": "stopped by the user", "proposal": None}
 
+    def finalize_node(state: EpisodeState) -> dict:
+        P.final_evaluation(ctx)
+        return {}
+
     g = StateGraph(EpisodeState)
     for name, fn in [("spec", spec_node), ("baseline", baseline_node), ("propose", propose_node),
                      ("approve", approve_node), ("preflight", preflight_node), ("compress", compress_node),
-                     ("evaluate", evaluate_node), ("update", update_node), ("user_stop", stop_node)]:
+                     ("evaluate", evaluate_node), ("update", update_node), ("user_stop", stop_node),
+                     ("finalize", finalize_node)]:
         g.add_node(name, fn)
     g.add_edge(START, "spec")
     g.add_edge("spec", "baseline")
     g.add_edge("baseline", "propose")
-    g.add_conditional_edges("propose", lambda s: END if s.get("stop") else "approve", ["approve", END])
+    g.add_conditional_edges("propose", lambda s: "finalize" if s.get("stop") else "approve", ["approve", "finalize"])
     g.add_conditional_edges("approve", _after_approve, ["preflight", "update", "approve", "user_stop"])
     g.add_conditional_edges("preflight", lambda s: "update" if s.get("outcome") else "compress", ["compress", "update"])
     g.add_conditional_edges("compress", lambda s: "evaluate" if s["outcome"]["status"] == "ok" else "update",
@@ -175,6 +180,7 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
     g.add_edge("evaluate", "update")
     g.add_edge("update", "propose")
     g.add_edge("user_stop", END)
+    g.add_edge("finalize", END)
     return g.compile(checkpointer=checkpointer)
 
 

@@ -53,6 +53,8 @@ class RunConfig(BaseModel):
     limit: Optional[int] = 100
     proxy_limit: Optional[int] = 24
     accuracy_limit: Optional[int] = None
+    final_limit: Optional[int] = None
+    final_metrics: Optional[list[str]] = None
     budget_minutes: Optional[float] = None
     patience: Optional[int] = None
     seed: int = 0
@@ -459,6 +461,30 @@ def proxy_decision(ctx: RunContext, cid: str) -> tuple[dict[str, Measurement], O
         if all(o in other for o in cfg.objectives) and dominates(other, est, cfg.objectives):
             return res.metrics, f"dominated by {c.id} even with an optimistic estimate from the proxy evaluation"
     return res.metrics, None
+
+
+def final_evaluation(ctx: RunContext) -> None:
+    """Re-measure the baseline and every frontier member on --final-limit items (e.g. the whole test split).
+
+    The search compares candidates on --limit items; the numbers a user quotes come from this larger evaluation.
+    Already-done members are skipped, so a resumed run does not redo them.
+    """
+    cfg, ff = ctx.cfg, ctx.ff
+    assert ff is not None
+    if not cfg.final_limit:
+        return
+    metrics = cfg.final_metrics or [m for m in ctx.task.metrics]
+    for cid in ff.frontier:
+        c = ff.candidate(cid)
+        if c.final_metrics or not c.artifact or not Path(c.artifact).exists():
+            continue
+        ctx.say(f"[bold]final evaluation[/] of {cid} on {cfg.final_limit} items: {', '.join(metrics)}")
+        t0 = time.time()
+        res = _evaluate(ctx, Path(c.artifact), metrics, cfg.final_limit)
+        c.final_metrics = res.metrics
+        c.timings["final_evaluate"] = round(time.time() - t0, 2)
+        ctx.say(_metrics_line(cid, res.metrics, metrics))
+        ctx.save()
 
 
 def full_evaluation(ctx: RunContext, cid: str):

@@ -39,6 +39,7 @@ class Candidate(BaseModel):
     rationale: Optional[str] = None
     metrics: dict[str, Measurement] = Field(default_factory=dict)
     proxy_metrics: dict[str, Measurement] = Field(default_factory=dict)
+    final_metrics: dict[str, Measurement] = Field(default_factory=dict)   # frontier members, --final-limit items
     objectives: dict[str, float] = Field(default_factory=dict)
     retention: Optional[float] = None
     reward: Optional[float] = None
