@@ -110,7 +110,7 @@ def llmcompressor_quantize(method: str, params: dict, in_dir: Path, out_dir: Pat
     model, tok = load_dense(in_dir, ctx.device, method, trust_remote_code=ctx.trust_remote_code)
     recipe = _recipe(method, params)
     kw: dict[str, Any] = {}
-    extra: dict[str, Any] = {"libraries": versions(*_LIBS)}
+    extra: dict[str, Any] = {"libraries": versions(*_LIBS, *(("auto-round",) if method == "autoround" else ()))}
     if method != "rtn":
         n, L = params["calib_samples"], params["seq_len"]
         kw.update(dataset=calibration_dataset(tok, ctx.task, n, L, ctx.seed, method), num_calibration_samples=n,
