@@ -83,7 +83,9 @@ def _step_log(path: Path, ctx_log: logging.Logger) -> Iterator[None]:
     out_s, err_s = _StepStream(fh, sys.stdout), _StepStream(fh, sys.stderr)
     handler = logging.StreamHandler(out_s)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(n) for n in ("acf", "transformers", "peft")] + [ctx_log]
+    loggers = [logging.getLogger(n) for n in ("acf", "transformers", "peft")]
+    if not (ctx_log.name == "acf" or ctx_log.name.startswith("acf.")):   # acf.* already reaches the acf handler
+        loggers.append(ctx_log)
     old_levels = []
     for lg in dict.fromkeys(loggers):
         lg.addHandler(handler)
