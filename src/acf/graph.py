@@ -145,6 +145,9 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
         P.record(ctx, cand, trial, out.get("predictions"))
         c = ctx.ff.candidate(cid)
         c.timings["update"] = round(time.time() - t0, 3)
+        if prop.get("t0_epoch") and not ctx.cfg.interactive:
+            # wall time of the whole episode, graph and checkpoint writes included (approval waits excluded)
+            c.timings["episode_wall"] = round(time.time() - prop["t0_epoch"], 3)
         ctx.save()
         status = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "pruned": "[yellow]pruned[/]"}.get(c.status,
                                                                                                     c.status)

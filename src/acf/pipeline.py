@@ -307,10 +307,11 @@ def propose(ctx: RunContext) -> dict:
     assert ctx.ff is not None
     episode = episodes_done(ctx) + 1
     t0 = time.time()
-    if ctx.planner is not None and ctx.planner.wants_turn(episode):
+    started = {"t0_epoch": t0, "t0": now()}
+    if ctx.planner is not None and ctx.planner.wants_turn(episode, ctx):
         prop = ctx.planner.propose(ctx)
         if prop is not None:
-            return {**prop, "episode": episode, "t_propose": round(time.time() - t0, 3)}
+            return {**prop, **started, "episode": episode, "t_propose": round(time.time() - t0, 3)}
     seen = {c.strategy.key(): c for c in ctx.ff.candidates if c.status in ("ok", "pruned", "failed")}
     study = ctx.study
     for _ in range(50):
@@ -320,11 +321,11 @@ def propose(ctx: RunContext) -> dict:
             strategy = validate_strategy(strategy, ctx.spec, ctx.cfg.device)
         except StrategyError as e:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return {"episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
+            return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
                     "proposed_by": _proposer(ctx, trial), "rejected": str(e), "t_propose": round(time.time() - t0, 3)}
         prev = seen.get(strategy.key())
         if prev is None:
-            return {"episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
+            return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
                     "proposed_by": _proposer(ctx, trial), "t_propose": round(time.time() - t0, 3)}
         _tell_like(ctx, trial, prev)
     raise AcfError("the search space is exhausted: 50 proposals in a row repeated evaluated strategies")

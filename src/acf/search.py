@@ -31,24 +31,36 @@ class SearchSpace:
 
     def __init__(self, spec: ModelSpec, device: str = "cpu", calib_samples: int = 64, seq_len: int = 512,
                  recover_steps: Sequence[int] = (25, 50, 100), quant_methods: Sequence[str] = QUANT_CHOICES,
-                 prune_methods: Sequence[str] = PRUNE_CHOICES):
+                 prune_methods: Sequence[str] = PRUNE_CHOICES, *, recover_methods: Sequence[str] = RECOVER_CHOICES,
+                 bits: Sequence[int] = (4, 8), group_sizes: Optional[Sequence[str]] = None,
+                 sparsities: Optional[Sequence[float]] = None, patterns: Sequence[str] = ("unstructured", "2:4"),
+                 drops: Optional[Sequence[int]] = None, act_order: Sequence[bool] = (False, True)):
+        """Defaults are acf's full space; the keyword arguments narrow it (benchmarks replay a finite space)."""
         self.spec = spec
         self.device = device
         self.calib = {"calib_samples": calib_samples, "seq_len": seq_len}
         self.recover_steps = list(recover_steps)
         gs = [g for g in spec.valid_group_sizes if g >= 32] or spec.valid_group_sizes
-        self.group_sizes = [str(g) for g in sorted(gs)[-2:]] + ["channel"]
+        self.group_sizes = list(group_sizes) if group_sizes else [str(g) for g in sorted(gs)[-2:]] + ["channel"]
         self.max_drop = max(1, spec.num_layers // 4)
         self.quant_methods = list(quant_methods)
         self.prune_methods = list(prune_methods)
+        self.recover_methods = list(recover_methods)
+        self.bits = list(bits)
+        self.sparsities = list(sparsities) if sparsities else None
+        self.patterns = list(patterns)
+        self.drops = list(drops) if drops else None
+        self.act_order = list(act_order)
 
     def suggest(self, trial: optuna.Trial) -> Strategy:
         steps: list[Step] = []
         prune = trial.suggest_categorical("prune", self.prune_methods)
         if prune in ("magnitude", "wanda", "sparsegpt"):
-            pattern = trial.suggest_categorical("pattern", ["unstructured", "2:4"])
+            pattern = trial.suggest_categorical("pattern", self.patterns)
             if pattern == "2:4":
                 sp = 0.5
+            elif self.sparsities:
+                sp = trial.suggest_categorical("sparsity", self.sparsities)
             else:
                 sp = trial.suggest_float("sparsity", 0.2, 0.6, step=0.1)
             params: dict[str, Any] = {"sparsity": round(sp, 2), "pattern": pattern}
@@ -56,10 +68,11 @@ class SearchSpace:
                 params.update(self.calib)
             steps.append(Step(method=prune, params=params))
         elif prune == "drop_layers":
-            n = trial.suggest_int("drop", 1, self.max_drop)
+            n = (int(trial.suggest_categorical("drop", self.drops)) if self.drops
+                 else trial.suggest_int("drop", 1, self.max_drop))
             steps.append(Step(method="drop_layers", params={"count": n, "by": "importance", **self.calib}))
         if prune != "none":
-            rec = trial.suggest_categorical("recover", RECOVER_CHOICES)
+            rec = trial.suggest_categorical("recover", self.recover_methods)
             if rec != "none":
                 st = trial.suggest_categorical("recover_steps", self.recover_steps)
                 steps.append(Step(method=rec, params={"steps": int(st)}))
@@ -67,11 +80,11 @@ class SearchSpace:
         else:
             quant = trial.suggest_categorical("quant_only", [q for q in self.quant_methods if q != "none"])
         if quant in ("gptq", "rtn", "awq"):
-            bits = 4 if quant == "awq" else int(trial.suggest_categorical("bits", [4, 8]))
+            bits = 4 if quant == "awq" else int(trial.suggest_categorical("bits", self.bits))
             g = trial.suggest_categorical("group_size", self.group_sizes)
             params = {"bits": bits, "group_size": None if g == "channel" else int(g)}
             if quant == "gptq":
-                params["act_order"] = bool(trial.suggest_categorical("act_order", [False, True]))
+                params["act_order"] = bool(trial.suggest_categorical("act_order", self.act_order))
             if quant != "rtn":
                 params.update(self.calib)
             steps.append(Step(method=quant, params=params))
@@ -83,23 +96,29 @@ class SearchSpace:
 
     def seeds(self) -> list[dict[str, Any]]:
         """Known-good recipes tried first (as Optuna enqueued trials, so the sampler learns from them)."""
-        g = self.group_sizes[-2] if len(self.group_sizes) > 1 else self.group_sizes[0]
+        g = self._largest_group()
         seeds = []
         if "gptq" in self.quant_methods:
             seeds.append({"prune": "none", "quant_only": "gptq", "bits": 4, "group_size": g, "act_order": False})
-        if "sparsegpt" in self.prune_methods:
+        if "sparsegpt" in self.prune_methods and "unstructured" in self.patterns:
             seeds.append({"prune": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5, "recover": "none",
                           "quant": "none"})
         if "w8a8" in self.quant_methods:
             seeds.append({"prune": "none", "quant_only": "w8a8"})
-        if "drop_layers" in self.prune_methods and "lora" in RECOVER_CHOICES and "gptq" in self.quant_methods:
-            seeds.append({"prune": "drop_layers", "drop": 1, "recover": "lora", "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
-                          "quant": "gptq", "bits": 4, "group_size": g, "act_order": True})
-        return seeds
+        if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "gptq" in self.quant_methods:
+            seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
+                          "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
+                          "quant": "gptq", "bits": 4, "group_size": g, "act_order": self.act_order[-1]})
+        # keep only values inside the (possibly narrowed) space
+        return [s for s in seeds if s.get("sparsity", 0.5) in (self.sparsities or [0.5])]
+
+    def _largest_group(self) -> str:
+        numeric = [x for x in self.group_sizes if x != "channel"]
+        return max(numeric, key=int) if numeric else self.group_sizes[0]
 
     def grid(self) -> list[dict[str, Any]]:
         """The preset grid (sampler=grid): one-method recipes at standard settings, in a fixed order."""
-        g = self.group_sizes[-2] if len(self.group_sizes) > 1 else self.group_sizes[0]
+        g = self._largest_group()
         out = []
         for q in ("gptq", "awq", "rtn"):
             if q in self.quant_methods:
