@@ -1,0 +1,87 @@
+"""CUDA code paths (marked `gpu`: skipped without CUDA, run on the lent GPU machine).
+
+bitsandbytes int8/NF4 on CUDA, QLoRA on an NF4 base, CUDA peak memory and synchronised latency, llm-compressor
+calibration with a CUDA execution device, and one pipeline episode on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from acf.methods.base import StepContext
+from acf.methods.runner import run_strategy
+from acf.strategy import validate_strategy
+from acf.tasks import get_task
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gctx(data_root, tiny_model_dir) -> StepContext:
+    return StepContext(device="cuda", task=get_task("gsm8k"), teacher_dir=tiny_model_dir)
+
+
+def _run_ok(steps, src, out, ctx):
+    recs = run_strategy(validate_strategy({"steps": steps}, device="cuda"), src, out, ctx)
+    assert all(r.status == "ok" for r in recs), [r.reason for r in recs]
+    return recs
+
+
+@pytest.mark.parametrize("method,cls", [("bnb_int8", "Linear8bitLt"), ("bnb_nf4", "Linear4bit")])
+def test_bnb_on_cuda_reloads_and_generates(method, cls, tiny_model_dir, tmp_path, gctx):
+    from acf.models import load_model
+
+    recs = _run_ok([{"method": method}], tiny_model_dir, tmp_path / "m", gctx)
+    assert recs[0].device.startswith("cuda") and recs[0].peak_memory_bytes and recs[0].peak_memory_bytes > 0
+    model, tok = load_model(tmp_path / "m", "cuda")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert cls in kinds
+    enc = tok(["Question: 2+2?"], return_tensors="pt").to("cuda")
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+
+
+def test_qlora_on_cuda(tiny_model_dir, tmp_path, gctx):
+    recs = _run_ok([{"method": "bnb_nf4"},
+                    {"method": "lora", "params": {"qlora": True, "steps": 6, "batch_size": 2, "seq_len": 64,
+                                                  "samples": 16, "lr": 1e-3}}], tiny_model_dir, tmp_path / "q", gctx)
+    ex = recs[-1].extra
+    assert ex["qlora"] and ex["heldout_loss_adapter"] < ex["heldout_loss_before"]
+    assert (tmp_path / "q" / "config.json").is_file()
+
+
+def test_llmcompressor_gptq_calibrates_on_cuda(tiny_model_dir, tmp_path, gctx):
+    recs = _run_ok([{"method": "gptq", "params": {"bits": 4, "group_size": 32, "calib_samples": 4, "seq_len": 32}}],
+                   tiny_model_dir, tmp_path / "g", gctx)
+    assert recs[0].device.startswith("cuda")
+    assert recs[0].peak_memory_bytes is not None and recs[0].peak_memory_bytes > 0  # CUDA was really used
+
+
+def test_cuda_memory_and_synchronised_latency(tiny_model_dir, data_root):
+    from acf.evaluation import evaluate
+
+    r = evaluate(tiny_model_dir, get_task("gsm8k"), ["memory", "latency", "answer_nll"], limit=4, device="cuda",
+                 latency_tokens=8, show_progress=False)
+    weights = sum(p.stat().st_size for p in Path(tiny_model_dir).glob("*.safetensors"))
+    mem = r.metrics["memory"]
+    assert "max_memory_allocated" in mem.method and mem.value >= weights * 0.4   # bf16 on GPU: half the fp32 file
+    assert r.metrics["latency"].value > 0 and "cuda" in r.metrics["latency"].device
+    assert r.metrics["answer_nll"].value > 0
+
+
+def test_pipeline_episode_on_cuda(tiny_model_dir, data_root, tmp_path):
+    from rich.console import Console
+
+    from acf.pipeline import RunConfig
+    from acf.runner import run_in_terminal
+
+    cfg = RunConfig(model=str(tiny_model_dir), run_dir=str(tmp_path / "run"), episodes=2, device="cuda",
+                    objectives=["answer_nll", "size"], limit=4, proxy_limit=None, calib_samples=4, seq_len=64,
+                    min_retention=None, quant_methods=["bnb_nf4", "gptq"], prune_methods=["none"])
+    ctx = run_in_terminal(cfg, Console(file=open(os.devnull, "w")))
+    assert all(c.status == "ok" for c in ctx.ff.candidates), [c.reason for c in ctx.ff.candidates]
+    assert "cuda" in ctx.ff.run.device_name
