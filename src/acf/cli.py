@@ -80,6 +80,9 @@ def run(
     planner_share: float = typer.Option(0.5, help="share of episodes proposed by the planner"),
     planner_max_calls: int = typer.Option(50),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    workers: Optional[int] = typer.Option(None, help="K local worker processes share the study (one per GPU); 0: "
+                                          "only coordinate workers started with `acf worker`"),
+    artifacts: Optional[Path] = typer.Option(None, help="with --workers: shared folder for compressed models"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Search compressed versions of MODEL for DATASET: propose, compress, evaluate, keep the Pareto frontier."""
@@ -98,6 +101,8 @@ def run(
         cfg.interactive = interactive or cfg.interactive
         if device:
             cfg.device = device
+        if workers is not None:
+            return _run_workers(cfg, workers, artifacts, resume=True)
         ctx = run_in_terminal(cfg, console, resume=True)
     else:
         from .tasks import get_task
@@ -114,6 +119,8 @@ def run(
                         calib_samples=calib_samples, seq_len=seq_len, eval_batch_size=eval_batch_size, planner=planner,
                         planner_share=planner_share, planner_max_calls=planner_max_calls,
                         trust_remote_code=trust_remote_code, command=[Path(sys.argv[0]).name] + sys.argv[1:])
+        if workers is not None:
+            return _run_workers(cfg, workers, artifacts)
         ctx = run_in_terminal(cfg, console)
     console.print(f"\nfrontier JSON: {ctx.frontier_path}")
     from .report import write_report
@@ -124,6 +131,25 @@ def run(
     except Exception as e:  # the run's results are safe on disk; the report can be redone with `acf report`
         err_console.print(f"[yellow]report not written[/] ({type(e).__name__}: {e}); retry with `acf report {ctx.dir}`")
     console.print(f"notebook:      examples/inspect_frontier.ipynb (ACF_RUN_DIR={ctx.dir})")
+
+
+def _run_workers(cfg, workers: int, artifacts: Optional[Path], resume: bool = False) -> None:
+    """`--workers K`: the coordinator of a shared study (acf.distributed); the graph path is not used."""
+    from .distributed import run_coordinator
+    from .pipeline import frontier_table, RunContext
+
+    ff = run_coordinator(cfg, workers, artifacts, console, resume=resume)
+    ctx = RunContext(cfg, console)
+    console.print(frontier_table(ctx))
+    if ff.recommended:
+        console.print(f"[bold]recommended[/]: {ff.recommended.id} — {ff.recommended.why}")
+    console.print(f"\nfrontier JSON: {ctx.frontier_path}  (stopped: {ff.run.stopped_because})")
+    from .report import write_report
+
+    try:
+        console.print(f"report:        {write_report(ctx.dir)}")
+    except Exception as e:  # the results are safe in the study and frontier.json; `acf report` can redo this
+        err_console.print(f"[yellow]report not written[/] ({type(e).__name__}: {e}); retry with `acf report {ctx.dir}`")
 
 
 @app.command("eval")
@@ -298,6 +324,13 @@ def _mount_optional() -> None:
         from .extract import extract_cmd
 
         app.command("extract")(extract_cmd)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from .distributed import rebuild_cmd, worker_cmd
+
+        app.command("worker")(worker_cmd)
+        app.command("rebuild-frontier")(rebuild_cmd)
     except (ImportError, AttributeError):
         pass
 
