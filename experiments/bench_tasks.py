@@ -43,8 +43,8 @@ def unbatched_reference(model, tok, task, items) -> dict:
             lp = torch.log_softmax(logits[len(p) - 1:-1], -1).gather(-1, torch.tensor(cont)[:, None]).sum().item()
             if best is None or lp > best[0]:
                 best = (lp, j)
-            if best_n is None or lp / len(c) > best_n[0]:
-                best_n = (lp / len(c), j)
+            if best_n is None or lp / len(c.lstrip()) > best_n[0]:
+                best_n = (lp / len(c.lstrip()), j)
         k += best[1] == it.target
         kn += best_n[1] == it.target
     n = len(items)

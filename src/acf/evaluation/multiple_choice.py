@@ -36,7 +36,7 @@ class ChoiceScore:
 
     logprob: float      # sum of log p(token) over the choice tokens
     tokens: int         # number of choice tokens
-    chars: int          # characters of the choice string (lm-eval's acc_norm divisor)
+    chars: int          # characters of the answer, leading space excluded (lm-eval's acc_norm divisor)
     greedy: bool        # every choice token is the argmax (lm-eval's is_greedy)
 
     @property
@@ -112,7 +112,8 @@ def score_choices(model, tokenizer, requests: Sequence[tuple[str, Sequence[str]]
         if scores is None:
             scores = _score_flat(model, tokenizer, [enc[i] for i in chunk], device, batch_size)
         for i, sc in zip(chunk, scores):
-            out[i] = [ChoiceScore(lp, len(c), len(ch), g)
+            # characters of the answer itself, without the separating space (lm-eval's acc_norm divisor)
+            out[i] = [ChoiceScore(lp, len(c), len(ch.lstrip()) or len(ch), g)
                       for (lp, g), c, ch in zip(sc, enc[i][1], requests[i][1])]
         if progress:
             progress(len(chunk))
