@@ -87,6 +87,10 @@ def main() -> int:
         print(f"unknown config(s) {bad}; choose from {list(cfgs)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
+    import signal
+
+    # a `kill` should still remove the temporary model dirs (the finally block below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     model_dir = resolve_model(args.model)
     spec = infer_spec(model_dir)
     task = get_task("gsm8k")
@@ -98,12 +102,38 @@ def main() -> int:
         r = evaluate(path, task, ["answer_nll", "size"], limit=args.limit, device=device, show_progress=False)
         return {"answer_nll": r.value("answer_nll"), "size_bytes": int(r.value("size"))}
 
+    import importlib.metadata as md
+
+    vers = {p: _ver(md, p) for p in ("torch", "transformers", "llmcompressor", "compressed-tensors", "peft",
+                                     "bitsandbytes", "auto-round")}
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    stem = outdir / f"methods-{kind}{'' if args.methods == 'all' else '-subset'}"
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    def write(complete: bool) -> None:
+        result = {"device": device_string(device), "device_kind": kind, "host": platform.node(),
+                  "cpu_count": os.cpu_count(), "python": platform.python_version(), "versions": vers,
+                  "model": str(model_dir), "task": "gsm8k", "limit": args.limit, "calib_samples": args.calib_samples,
+                  "awq_calib_samples": awq_calib, "date": started, "complete": complete,
+                  "planned": names, "rows": rows,
+                  "notes": ["answer_nll: mean NLL per reference token on the first `limit` GSM8K test items",
+                            "wall_seconds: the whole strategy incl. model load/save, not just the algorithm",
+                            "weight-sparse models are saved dense (compressed-tensors 0.19 has no sparse format): "
+                            "their size does not shrink",
+                            f"AWQ used {awq_calib} calibration samples (its grid search is slow on CPU)"]
+                            + ([] if complete else ["INCOMPLETE: the run stopped before every planned config ran"])}
+        (stem.with_suffix(".json")).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (stem.with_suffix(".md")).write_text(_markdown(result, rows[0]))
+
     t = time.perf_counter()
     base = measure(model_dir)
     base_eval_s = time.perf_counter() - t
     print(f"baseline: answer_nll {base['answer_nll']:.4f}  size {base['size_bytes'] / 1e6:.1f} MB "
           f"(eval {base_eval_s:.0f}s)", flush=True)
     rows.append({"config": "baseline", "status": "ok", "wall_seconds": 0.0, **base, "steps": []})
+    write(complete=False)
     try:
         for name in names:
             strat = validate_strategy({"steps": cfgs[name]}, spec, device)
@@ -120,31 +150,11 @@ def main() -> int:
                 row.update(status="failed", reason=recs[-1].reason if recs else "no step ran")
             rows.append(row)
             _print_row(row, base)
+            write(complete=False)
+        write(complete=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    import importlib.metadata as md
-
-    vers = {p: _ver(md, p) for p in ("torch", "transformers", "llmcompressor", "compressed-tensors", "peft",
-                                     "bitsandbytes", "auto-round")}
-    dev_label = device_string(device)
-    result = {"device": dev_label, "device_kind": "cuda" if device.startswith("cuda") else "cpu",
-              "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-              "versions": vers, "model": str(model_dir), "task": "gsm8k", "limit": args.limit,
-              "calib_samples": args.calib_samples, "awq_calib_samples": awq_calib,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,
-              "notes": ["answer_nll: mean NLL per reference token on the first `limit` GSM8K test items",
-                        "wall_seconds: the whole strategy incl. model load/save, not just the algorithm",
-                        "weight-sparse models are saved dense (compressed-tensors 0.19 has no sparse format): "
-                        "their size does not shrink",
-                        f"AWQ used {awq_calib} calibration samples (its grid search is slow on CPU)"]}
-    outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    kind = result["device_kind"]
-    suffix = "" if args.methods == "all" else "-subset"
-    (outdir / f"methods-{kind}{suffix}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (outdir / f"methods-{kind}{suffix}.md").write_text(_markdown(result, base))
-    print(f"\nwrote {outdir / f'methods-{kind}{suffix}.json'} and .md")
+    print(f"\nwrote {stem}.json and .md")
     return 0
 
 
@@ -165,7 +175,8 @@ def _print_row(row: dict, base: dict) -> None:
 
 
 def _markdown(result: dict, base: dict) -> str:
-    lines = [f"# Compression methods on {Path(result['model']).name} ({result['device']})", "",
+    lines = [f"# Compression methods on {Path(result['model']).name} ({result['device']})"
+             + ("" if result.get("complete", True) else " — INCOMPLETE RUN"), "",
              f"Date {result['date']}; {result['cpu_count']} CPUs; answer NLL on {result['limit']} GSM8K test items; "
              f"{result['calib_samples']} calibration samples x 512 tokens (AWQ {result['awq_calib_samples']}).", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "",
