@@ -134,7 +134,7 @@ def test_preflight_refuses_when_disk_is_short(tiny_model_dir, data_root, tmp_pat
     assert c.status == "rejected" and "disk" in c.reason and "GiB free" in c.reason
 
 
-def test_every_method_failing_is_recorded(tiny_model_dir, tmp_path):
+def test_every_method_failing_is_recorded(tiny_model_dir, data_root, tmp_path):
     """A GSM8K folder whose train split is empty: every calibrated method fails, the run still completes."""
     data = tmp_path / "gsm8k"
     data.mkdir()

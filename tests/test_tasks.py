@@ -52,7 +52,7 @@ def test_bbh_answer_extraction():
     assert not answer_matches(None, "True")
 
 
-def test_humaneval_pass_and_fail_in_sandbox():
+def test_humaneval_pass_and_fail_in_sandbox(data_root):
     from acf.evaluation.sandbox import check_program
     from acf.tasks.humaneval import build_program, truncate_completion
 
