@@ -332,7 +332,8 @@ def propose(ctx: RunContext) -> dict:
 
 
 def _proposer(ctx: RunContext, trial: optuna.Trial) -> str:
-    fixed = trial.system_attrs.get("fixed_params") if hasattr(trial, "system_attrs") else None
+    # Optuna 5's Trial has no system_attrs; the stored trial does (enqueued trials carry fixed_params).
+    fixed = ctx.study.get_trials(deepcopy=False)[trial.number].system_attrs.get("fixed_params")
     if fixed:
         return "seed recipe" if ctx.cfg.sampler != "grid" else "preset grid"
     return f"optuna:{ctx.cfg.sampler}"
