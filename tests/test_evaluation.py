@@ -37,7 +37,7 @@ def test_metric_errors(tiny_model_dir, data_root):
 
 def _acf(*args, env=None):
     return subprocess.run([sys.executable, "-m", "acf.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=1200)
 
 
 def acf_inproc(capsys, *args) -> tuple[int, str]:

