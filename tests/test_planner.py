@@ -148,12 +148,80 @@ def test_timeout_and_exceptions_are_rejections_and_keys_are_scrubbed(planner_run
                    retries=0)
     t0 = time.time()
     assert slow.propose(ctx) is None and time.time() - t0 < 2.5
-    assert slow.rejections[-1]["kind"] == "timeout" and "0.3 s" in slow.rejections[-1]["reason"]
+    assert slow.rejections[-1]["kind"] == "timeout" and slow.rejections[-1]["reason"] == "timed out after 0.3 s"
     boom = Planner(RaisingChat(responses=["x"]), name="fake:boom", share=1.0, retries=1)
     assert boom.propose(ctx) is None
     r = boom.rejections[-1]
     assert r["kind"] == "error" and "Incorrect API key" in r["reason"] and SECRET not in r["reason"]
     assert SECRET not in (ctx.dir / "planner_log.jsonl").read_text()
+
+
+def test_planner_timeout_and_retries_flow_from_the_config_and_bound_a_hung_model(tiny_model_dir, data_root,
+                                                                                 tmp_path, monkeypatch):
+    """--planner-timeout/--planner-retries: RunConfig -> run_config.json -> Planner; a model that sleeps past the
+    timeout is abandoned after (retries + 1) * timeout, the turn is rejected with the reason, Optuna proposes."""
+    seen: dict = {}
+
+    def from_spec(cls, spec, **kw):   # the provider is a fake chat model that hangs for 3 s per call
+        seen.update(kw)
+        return cls(FakeListChatModel(responses=[prop(VALID)], sleep=3), name=spec, **kw)
+
+    monkeypatch.setattr(Planner, "from_spec", classmethod(from_spec))
+    cfg = cfg_for(tiny_model_dir, tmp_path / "run", episodes=1, planner="fake:hung", planner_share=1.0,
+                  planner_timeout=0.2, planner_retries=1)
+    pipe = Pipeline(cfg, quiet())
+    try:
+        assert pipe.ctx.planner.timeout == 0.2 and pipe.ctx.planner.retries == 1
+        t0 = time.time()
+        assert pipe.start() is None
+    finally:
+        pipe.close()
+    assert seen["timeout"] == 0.2 and seen["retries"] == 1
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert saved["planner_timeout"] == 0.2 and saved["planner_retries"] == 1
+    assert load_run_config(tmp_path / "run").planner_timeout == 0.2
+    log = read_planner_log(tmp_path / "run")
+    assert [(r["status"], r["kind"]) for r in log] == [("rejected", "timeout")]
+    assert log[0]["reason"] == "timed out after 0.2 s (each of 2 attempts)" and log[0]["seconds"] < 2.5
+    ff = load_frontier_file(tmp_path / "run" / "frontier.json")
+    assert len(ff.candidates) == 1 and not ff.candidates[0].proposed_by.startswith("planner")   # Optuna proposed
+    assert time.time() - t0 < 120   # generous: the point is that the 3 s model calls were not awaited
+
+
+def test_planner_timeout_and_retries_are_validated(tiny_model_dir, data_root, tmp_path, capsys):
+    from acf.pipeline import validate_config
+
+    chat = FakeListChatModel(responses=["x"])
+    for kw, needle in [({"timeout": 0}, "--planner-timeout must be a positive"),
+                       ({"timeout": -1.5}, "--planner-timeout"), ({"timeout": float("inf")}, "--planner-timeout"),
+                       ({"timeout": float("nan")}, "--planner-timeout"),
+                       ({"retries": -1}, "--planner-retries must be a whole number >= 0")]:
+        with pytest.raises(AcfError, match=needle):
+            Planner(chat, **kw)
+        with pytest.raises(AcfError, match=needle):
+            Planner.from_spec("openai:gpt-4o-mini", **kw)   # before any provider package is needed
+    assert Planner(chat, timeout=0.01, retries=0).retries == 0
+    with pytest.raises(AcfError, match="--planner-retries"):
+        validate_config(cfg_for(tiny_model_dir, tmp_path / "r", planner_retries=-2), ("answer_nll",))
+    # the CLI refuses a bad value with one line, before it writes a run dir
+    from test_evaluation import acf_inproc
+
+    code, err = acf_inproc(capsys, "run", "--model", str(tiny_model_dir), "--run-dir", str(tmp_path / "run"),
+                           "--episodes", "1", "--planner-timeout", "0")
+    assert code == 2 and "--planner-timeout must be a positive number of seconds (got 0.0)" in err
+    assert not (tmp_path / "run" / "run_config.json").exists()
+
+
+def test_cli_planner_defaults_match_the_run_config():
+    from typer.main import get_command
+
+    from acf import cli
+    from acf.pipeline import RunConfig
+
+    run = get_command(cli.app).commands["run"]
+    defaults = {p.name: p.default for p in run.params}
+    for name in ("planner_share", "planner_max_calls", "planner_timeout", "planner_retries"):
+        assert defaults[name] == RunConfig.model_fields[name].default, name
 
 
 def test_tool_calls_are_bounded_and_read_only(planner_run, tmp_path):

@@ -79,6 +79,9 @@ def run(
     planner: Optional[str] = typer.Option(None, help="optional LLM planner provider:model"),
     planner_share: float = typer.Option(0.5, help="share of episodes proposed by the planner"),
     planner_max_calls: int = typer.Option(50),
+    planner_timeout: float = typer.Option(120.0, help="seconds one planner call may take before it is abandoned "
+                                          "(the episode falls back to Optuna)"),
+    planner_retries: int = typer.Option(1, help="extra attempts after a planner call fails or times out"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
     workers: Optional[int] = typer.Option(None, help="K local worker processes share the study (one per GPU); 0: "
                                           "only coordinate workers started with `acf worker`"),
@@ -118,6 +121,7 @@ def run(
                         storage=storage, study_name=study, device=device or "auto", keep_all=keep_all,
                         calib_samples=calib_samples, seq_len=seq_len, eval_batch_size=eval_batch_size, planner=planner,
                         planner_share=planner_share, planner_max_calls=planner_max_calls,
+                        planner_timeout=planner_timeout, planner_retries=planner_retries,
                         trust_remote_code=trust_remote_code, command=[Path(sys.argv[0]).name] + sys.argv[1:])
         if workers is not None:
             return _run_workers(cfg, workers, artifacts)

@@ -24,6 +24,7 @@ from .atomic import clean_partial_dirs, write_json, write_text
 from .errors import AcfError, MethodFailed, RunDirError, StrategyError
 from .objectives import DIRECTIONS, QUALITY, parse_objectives
 from .pareto import hypervolume, pareto_front, reference_point
+from .planner import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, check_settings as check_planner_settings
 from .provenance import Measurement, device_string, git_commit, runtime_string
 from .reward import PRESETS, recommend, retention, reward
 from .search import SAMPLERS, SearchSpace, fail_stale_trials, open_study, trial_for
@@ -74,6 +75,8 @@ class RunConfig(BaseModel):
     planner: Optional[str] = None
     planner_share: float = 0.5
     planner_max_calls: int = 50
+    planner_timeout: float = DEFAULT_TIMEOUT_S
+    planner_retries: int = DEFAULT_RETRIES
     command: list[str] = Field(default_factory=list)
 
     def storage_url(self) -> str:
@@ -99,6 +102,8 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
         cfg.proxy_limit = None  # a proxy as large as the full evaluation saves nothing
     if cfg.min_retention is not None and not (0 < cfg.min_retention <= 1.5):
         raise AcfError(f"--min-retention must lie in (0, 1.5] (got {cfg.min_retention})")
+    # before the run dir is written: a bad value must not leave a half-made run behind
+    check_planner_settings(cfg.planner_share, cfg.planner_max_calls, cfg.planner_timeout, cfg.planner_retries)
     return cfg
 
 

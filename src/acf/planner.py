@@ -8,6 +8,9 @@ Why it is shaped this way:
   inside the run's search space; anything else (bad JSON, unknown method, invalid group size, prose, timeout,
   exception) is rejected with its reason, written to `run_dir/planner_log.jsonl`, and Optuna proposes that
   episode instead. Three rejections in a row, or `max_calls` turns, switch the planner off.
+- Every chat-model call is bounded by `--planner-timeout` seconds of wall clock (the call runs in a worker thread
+  that is abandoned when the time is up) and retried `--planner-retries` times, so a hung provider or local model
+  cannot stall the run.
 - API keys are read by the provider packages from the environment only. The planner object lives in
   `RunContext`, never in the LangGraph state, and every text acf writes from it (rationale, rejection reasons,
   raw output) is scrubbed of secret-looking environment values first.
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 LOG_NAME = "planner_log.jsonl"
 MAX_REJECTIONS_IN_A_ROW = 3
 MAX_TOOL_ROUNDS = 2
+DEFAULT_TIMEOUT_S = 120.0   # --planner-timeout: wall-clock seconds one chat-model call may take
+DEFAULT_RETRIES = 1         # --planner-retries: extra attempts after a failed or timed-out call
 READ_ONLY_TOOLS = ("validate_strategy", "estimate_cost")
 
 # provider (as init_chat_model names it) -> pip package that implements it
@@ -176,18 +181,15 @@ class Planner:
     """
 
     def __init__(self, chat_model, name: str = "custom", share: float = 0.5, max_calls: int = 50,
-                 timeout: float = 120.0, retries: int = 1, tools: Optional[bool] = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES, tools: Optional[bool] = None,
                  structured: Optional[bool] = None, max_history: int = 16):
-        if not 0 <= share <= 1:
-            raise AcfError(f"--planner-share must lie in [0, 1] (got {share})")
-        if max_calls < 0:
-            raise AcfError(f"--planner-max-calls must be >= 0 (got {max_calls})")
+        check_settings(share, max_calls, timeout, retries)
         self.model = chat_model
         self.name = name
         self.share = float(share)
         self.max_calls = int(max_calls)
         self.timeout = float(timeout)
-        self.retries = max(0, int(retries))
+        self.retries = int(retries)
         native = _implements_tools(chat_model)
         self.use_tools = native if tools is None else (tools and native)
         self.use_structured = native if structured is None else (structured and native)
@@ -209,9 +211,14 @@ class Planner:
 
     # ---- construction from a spec string ------------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec: str, share: float = 0.5, max_calls: int = 50, timeout: float = 120.0,
-                  retries: int = 1) -> "Planner":
-        """`provider:model` through langchain's init_chat_model, or `hf:<alias or dir>` for a local model."""
+    def from_spec(cls, spec: str, share: float = 0.5, max_calls: int = 50, timeout: float = DEFAULT_TIMEOUT_S,
+                  retries: int = DEFAULT_RETRIES) -> "Planner":
+        """`provider:model` through langchain's init_chat_model, or `hf:<alias or dir>` for a local model.
+
+        A provider that takes `timeout`/`max_retries` gets them too; acf's own wall-clock bound (`_invoke`) applies
+        to every call either way, since a provider's timeout is often per HTTP request and a local model has none.
+        """
+        check_settings(share, max_calls, timeout, retries)   # before loading a model or reaching a provider
         if not spec or ":" not in spec or not spec.split(":", 1)[0] or not spec.split(":", 1)[1]:
             raise AcfError(f"--planner {spec!r}: expected provider:model (e.g. openai:gpt-4o-mini, "
                            f"anthropic:claude-sonnet-4-5, ollama:llama3.1, or hf:smollm2-135m for a local model)")
@@ -327,13 +334,19 @@ class Planner:
 
     # ---- asking the model -----------------------------------------------------------------------------------
     def _invoke(self, runnable, messages):
-        """Invoke with the planner's wall-clock timeout; exceptions and timeouts are retried `retries` times."""
+        """Invoke with the planner's wall-clock timeout; exceptions and timeouts are retried `retries` times.
+
+        The call runs in a worker thread and is abandoned after `timeout` seconds, so a hung provider or local model
+        costs at most (retries + 1) * timeout per call, whatever the chat model does with its own timeout settings.
+        """
         last: Optional[Rejected] = None
-        for _ in range(self.retries + 1):
+        attempts = self.retries + 1
+        for _ in range(attempts):
             try:
                 return _call_with_timeout(lambda: runnable.invoke(messages), self.timeout)
             except TimeoutError:
-                last = Rejected("timeout", f"no answer within {self.timeout:g} s")
+                last = Rejected("timeout", f"timed out after {self.timeout:g} s"
+                                + (f" (each of {attempts} attempts)" if attempts > 1 else ""))
             except Exception as e:   # provider/network/parsing errors are the planner's failure, not the run's
                 last = Rejected("error", f"{type(e).__name__}: {str(e)[:500]}")
         assert last is not None
@@ -439,6 +452,18 @@ class Planner:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return None, None
         return number, params
+
+
+def check_settings(share: float, max_calls: int, timeout: float, retries: int) -> None:
+    """The planner settings' ranges, checked when a run is configured and when a Planner is built."""
+    if not 0 <= share <= 1:
+        raise AcfError(f"--planner-share must lie in [0, 1] (got {share})")
+    if max_calls < 0:
+        raise AcfError(f"--planner-max-calls must be >= 0 (got {max_calls})")
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise AcfError(f"--planner-timeout must be a positive number of seconds (got {timeout})")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise AcfError(f"--planner-retries must be a whole number >= 0 (got {retries})")
 
 
 def with_run_defaults(strategy: dict, cfg) -> dict:
@@ -723,7 +748,7 @@ def _call_with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
     t.start()
     t.join(timeout)
     if t.is_alive():
-        raise TimeoutError(f"no answer within {timeout:g} s")
+        raise TimeoutError(f"timed out after {timeout:g} s")
     if "error" in box:
         raise box["error"]
     return box["value"]

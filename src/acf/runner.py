@@ -68,7 +68,8 @@ class Pipeline:
         if cfg.planner:
             from .planner import Planner
 
-            self.ctx.planner = Planner.from_spec(cfg.planner, share=cfg.planner_share, max_calls=cfg.planner_max_calls)
+            self.ctx.planner = Planner.from_spec(cfg.planner, share=cfg.planner_share, max_calls=cfg.planner_max_calls,
+                                                 timeout=cfg.planner_timeout, retries=cfg.planner_retries)
         self.conn = sqlite3.connect(str(run_dir / "checkpoints.db"), check_same_thread=False)
         self.graph = build_graph(self.ctx, SqliteSaver(self.conn))
         self._started = False
