@@ -8,7 +8,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
+
+from .errors import AcfError
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -31,6 +33,24 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json_strict(path: str | os.PathLike, what: Optional[str], error: type[AcfError] = AcfError, *,
+                     missing: Optional[str] = None, unchanged: bool = True) -> Any:
+    """The parsed JSON in `path`; a file that cannot be read or parsed is refused with `error`, naming the file.
+
+    The message is `{path}: {what}, not valid JSON ({reason}); nothing was changed` (`what` is e.g. "corrupt
+    registry"; None leaves it out, `unchanged=False` the last clause), or `{path}: {missing}` for a file that does
+    not exist when `missing` is given. Shape checks (schema version, pydantic) stay with the caller.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        if missing is not None and isinstance(e, FileNotFoundError):
+            msg = missing
+        else:
+            msg = (f"{what}, " if what else "") + f"not valid JSON ({e})" + ("; nothing was changed" if unchanged else "")
+        raise error(f"{path}: {msg}") from None
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .atomic import atomic_dir, write_json, write_text
+from .atomic import atomic_dir, read_json_strict, write_json, write_text
 from .errors import AcfError, DataError
 from .provenance import Measurement, device_string, git_commit, runtime_string
 from .state import now
@@ -275,12 +275,7 @@ class TrainConfig(BaseModel):
 
 def load_train_config(path: str | Path) -> TrainConfig:
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AcfError(f"{path}: no such config file") from None
-    except (OSError, ValueError) as e:
-        raise AcfError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json_strict(path, None, missing="no such config file", unchanged=False)
     if not isinstance(raw, dict):
         raise AcfError(f"{path}: the config must be a JSON object")
     try:

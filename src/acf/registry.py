@@ -25,6 +25,7 @@ from typing import Any, Iterator, Literal, Optional
 from pydantic import BaseModel, Field, ValidationError
 
 from . import __version__
+from .atomic import read_json_strict
 from .errors import AcfError
 from .objectives import DIRECTIONS
 from .provenance import Measurement, git_commit
@@ -101,10 +102,7 @@ class RegistryFile(BaseModel):
 
 
 def _read(path: Path) -> RegistryFile:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RegistryError(f"{path}: corrupt registry, not valid JSON ({e}); nothing was changed") from None
+    raw = read_json_strict(path, "corrupt registry", RegistryError)
     if not isinstance(raw, dict) or raw.get("schema_version") != REGISTRY_SCHEMA:
         ver = raw.get("schema_version") if isinstance(raw, dict) else None
         raise RegistryError(f"{path}: registry schema_version {ver!r}, this acf reads {REGISTRY_SCHEMA}; nothing was changed")

@@ -6,13 +6,13 @@ read back exactly what was written, and a corrupt or foreign file is refused wit
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError
 
+from .atomic import read_json_strict
 from .errors import RunDirError
 from .methods.base import StepRecord
 from .provenance import Measurement
@@ -117,12 +117,7 @@ def load_frontier_file(path: str | Path) -> FrontierFile:
     path = Path(path)
     if path.is_dir():
         path = path / "frontier.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RunDirError(f"{path}: no such file (is this a run directory?)") from None
-    except (OSError, ValueError) as e:
-        raise RunDirError(f"{path}: corrupt frontier file, not valid JSON ({e}); nothing was changed") from None
+    raw = read_json_strict(path, "corrupt frontier file", RunDirError, missing="no such file (is this a run directory?)")
     ver = raw.get("schema_version") if isinstance(raw, dict) else None
     if ver != SCHEMA_VERSION:
         raise RunDirError(f"{path}: schema_version {ver!r}, this acf reads version {SCHEMA_VERSION}; "
