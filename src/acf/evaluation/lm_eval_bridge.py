@@ -76,16 +76,22 @@ def _q(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid YAML double-quoted scalar
 
 
+def _task_yaml(name: str, data: Path, output_type: str, body: str, metrics: tuple[str, ...] = ("acc",)) -> str:
+    """One lm-eval task YAML over a local data file (`json` for .jsonl, `csv` for .csv): what every acf task shares.
+
+    `body` holds the task's own keys (prompt, choices, hooks), one `key: value` line each; each metric in `metrics`
+    is averaged over items, higher is better.
+    """
+    fmt = "csv" if data.suffix == ".csv" else "json"
+    metric_list = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n" for m in metrics)
+    return (f"task: {name}\ndataset_path: {fmt}\ndataset_kwargs:\n  data_files:\n    test: {_q(str(data))}\n"
+            f"test_split: test\noutput_type: {output_type}\n{body}metric_list:\n{metric_list}metadata:\n  version: 1.0\n")
+
+
 def _yamls(task: str, d: Path, max_new_tokens: int) -> dict[str, str]:
     """{file name: YAML text} for the local-data version of `task`; the lm-eval task names are acf_<...>."""
     if task == "gsm8k":
-        return {"acf_gsm8k.yaml": f"""task: acf_gsm8k
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {_q(str(d / 'test.jsonl'))}
-test_split: test
-output_type: generate_until
+        return {"acf_gsm8k.yaml": _task_yaml("acf_gsm8k", d / "test.jsonl", "generate_until", f"""\
 doc_to_text: {_q('{{question.strip()}}' + chr(10) + GSM8K_INSTRUCTION)}
 doc_to_target: "{{{{answer}}}}"
 num_fewshot: 0
@@ -94,59 +100,29 @@ generation_kwargs:
   do_sample: false
   max_gen_toks: {max_new_tokens}
 process_results: !function utils.gsm8k_results
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""}
+""")}
     if task == "commonsenseqa":
-        return {"acf_commonsenseqa.yaml": f"""task: acf_commonsenseqa
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {_q(str(d / 'dev_rand_split.jsonl'))}
-test_split: test
-output_type: multiple_choice
+        return {"acf_commonsenseqa.yaml": _task_yaml("acf_commonsenseqa", d / "dev_rand_split.jsonl", "multiple_choice",
+                                                     f"""\
 doc_to_text: {_q('Question: {{question.strip()}}' + chr(10) + 'Answer:')}
 doc_to_choice: "{{{{choices.text}}}}"
 doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
 target_delimiter: " "
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""}
+""", metrics=("acc", "acc_norm"))}
     if task == "truthfulqa":
         from ..tasks.truthfulqa import QA_PRIMER
 
-        common = f"""dataset_path: csv
-dataset_kwargs:
-  data_files:
-    test: {_q(str(d / 'TruthfulQA.csv'))}
-test_split: test
-output_type: multiple_choice
+        common = f"""\
 process_docs: !function utils.truthfulqa_docs
 doc_to_text: {_q(QA_PRIMER + chr(10) + chr(10) + 'Q: {{question}}' + chr(10) + 'A:')}
 doc_to_target: 0
 target_delimiter: " "
-metadata:
-  version: 1.0
 """
-        return {
-            "acf_truthfulqa_mc1.yaml": "task: acf_truthfulqa_mc1\n" + common
-            + 'doc_to_choice: "{{mc1_targets.choices}}"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n'
-              "    higher_is_better: true\n",
-            "acf_truthfulqa_mc2.yaml": "task: acf_truthfulqa_mc2\n" + common
-            + 'doc_to_choice: "{{mc2_targets.choices}}"\nprocess_results: !function utils.truthfulqa_mc2\n'
-              "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
-        }
+        return {f"acf_truthfulqa_{mc}.yaml": _task_yaml(
+                    f"acf_truthfulqa_{mc}", d / "TruthfulQA.csv", "multiple_choice",
+                    common + f'doc_to_choice: "{{{{{mc}_targets.choices}}}}"\n'
+                    + ("process_results: !function utils.truthfulqa_mc2\n" if mc == "mc2" else ""))
+                for mc in ("mc1", "mc2")}
     return {}
 
 
