@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +50,17 @@ class ToolChat(GenericFakeChatModel):
     def bind_tools(self, tools, **kwargs):
         self.bound.append([getattr(t, "name", t) for t in tools])
         return self
+
+
+RELEASE_HUNG = threading.Event()
+
+
+class HungChat(FakeListChatModel):
+    """A chat model that never answers until the test sets RELEASE_HUNG (a hung local model or provider)."""
+
+    def _call(self, *args, **kwargs):
+        RELEASE_HUNG.wait(600)
+        return super()._call(*args, **kwargs)
 
 
 class RaisingChat(FakeListChatModel):
@@ -158,34 +170,35 @@ def test_timeout_and_exceptions_are_rejections_and_keys_are_scrubbed(planner_run
 
 def test_planner_timeout_and_retries_flow_from_the_config_and_bound_a_hung_model(tiny_model_dir, data_root,
                                                                                  tmp_path, monkeypatch):
-    """--planner-timeout/--planner-retries: RunConfig -> run_config.json -> Planner; a model that sleeps past the
-    timeout is abandoned after (retries + 1) * timeout, the turn is rejected with the reason, Optuna proposes."""
+    """--planner-timeout/--planner-retries: RunConfig -> run_config.json -> Planner; a model that never answers is
+    abandoned after each attempt's timeout (without the bound this test would hang), the turn is rejected with
+    the reason, and Optuna proposes the episode."""
     seen: dict = {}
 
-    def from_spec(cls, spec, **kw):   # the provider is a fake chat model that hangs for 3 s per call
+    def from_spec(cls, spec, **kw):   # the "provider" is a fake chat model that hangs
         seen.update(kw)
-        return cls(FakeListChatModel(responses=[prop(VALID)], sleep=3), name=spec, **kw)
+        return cls(HungChat(responses=[prop(VALID)]), name=spec, **kw)
 
     monkeypatch.setattr(Planner, "from_spec", classmethod(from_spec))
+    RELEASE_HUNG.clear()
     cfg = cfg_for(tiny_model_dir, tmp_path / "run", episodes=1, planner="fake:hung", planner_share=1.0,
                   planner_timeout=0.2, planner_retries=1)
     pipe = Pipeline(cfg, quiet())
     try:
         assert pipe.ctx.planner.timeout == 0.2 and pipe.ctx.planner.retries == 1
-        t0 = time.time()
         assert pipe.start() is None
     finally:
+        RELEASE_HUNG.set()   # let the abandoned calls end
         pipe.close()
     assert seen["timeout"] == 0.2 and seen["retries"] == 1
     saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert saved["planner_timeout"] == 0.2 and saved["planner_retries"] == 1
-    assert load_run_config(tmp_path / "run").planner_timeout == 0.2
+    assert load_run_config(tmp_path / "run").planner_retries == 1
     log = read_planner_log(tmp_path / "run")
     assert [(r["status"], r["kind"]) for r in log] == [("rejected", "timeout")]
-    assert log[0]["reason"] == "timed out after 0.2 s (each of 2 attempts)" and log[0]["seconds"] < 2.5
+    assert log[0]["reason"] == "timed out after 0.2 s (each of 2 attempts)"
     ff = load_frontier_file(tmp_path / "run" / "frontier.json")
     assert len(ff.candidates) == 1 and not ff.candidates[0].proposed_by.startswith("planner")   # Optuna proposed
-    assert time.time() - t0 < 120   # generous: the point is that the 3 s model calls were not awaited
 
 
 def test_planner_timeout_and_retries_are_validated(tiny_model_dir, data_root, tmp_path, capsys):
