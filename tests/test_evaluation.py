@@ -97,3 +97,60 @@ def test_default_model_integration(smol_dir, data_root, tmp_path):
     assert d["metrics"]["accuracy"]["n"] == 4 and len(d["predictions"]) == 4
     assert d["metrics"]["params"]["value"] == 134515008
     assert math.isclose(d["metrics"]["size"]["value"], 272e6, rel_tol=0.05)
+
+
+def test_gsm8k_answer_is_done_only_after_its_newline():
+    """Digits are single tokens: a check between '1' and '8' must not end '#### 18' as '#### 1'."""
+    import re
+
+    from acf.evaluation.quality import GSM8K_DONE
+
+    assert re.search(GSM8K_DONE, "so she pays 18.\n#### 1") is None
+    assert re.search(GSM8K_DONE, "so\n#### 1,842\nmore")
+    assert re.search(GSM8K_DONE, "#### $18.50 \n")
+
+
+def test_answer_done_checks_only_running_rows(tiny_model_dir):
+    import torch
+
+    from acf.evaluation.generate import AnswerDone
+    from acf.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    prompt = tok(["Q"], add_special_tokens=False)["input_ids"][0]
+    rows = [prompt + tok("#### 7\nok", add_special_tokens=False)["input_ids"],
+            prompt + tok("still thinking..", add_special_tokens=False)["input_ids"]]
+    L = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id or 0] * (L - len(r)) for r in rows])
+    crit = AnswerDone(tok, len(prompt), r"####\s*\d+[ \t]*\n", every=1)
+    done = crit(ids)
+    assert done.tolist() == [True, False]
+    crit.done[0] = True                     # a finished row stays finished and is not decoded again
+    assert crit(ids).tolist() == [True, False]
+
+
+def test_auto_batch_size_follows_memory_per_sequence(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from acf.evaluation.batching import CPU_BATCH, auto_batch_size, kv_bytes_per_token, per_sequence_bytes
+    from acf.models import load_model
+
+    cfg = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                          intermediate_size=128, vocab_size=1000)
+    assert kv_bytes_per_token(cfg, 2) == 2 * 2 * 2 * 16 * 2
+    assert per_sequence_bytes(cfg, "score", 100) > per_sequence_bytes(cfg, "generate", 100)
+    model, _ = load_model(tiny_model_dir, "cpu")
+    assert auto_batch_size(model, 1000, "generate", 512) == CPU_BATCH   # CPU keeps a fixed small batch
+    assert auto_batch_size(model, 3, "generate", 512) == 3
+
+
+def test_size_counts_the_loadable_model_not_its_extras(tmp_path):
+    from acf.evaluation.perf import size_metric
+
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"y" * 500)
+    m = size_metric(tmp_path)
+    assert m.value == 1002
+    assert m.extra["not_counted"] == {"adapter/": 500}

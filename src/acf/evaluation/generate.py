@@ -13,26 +13,35 @@ class AnswerDone:
 
     transformers accepts a BoolTensor of shape (batch,) from a stopping criterion and finishes those rows only,
     so a batch ends when its slowest row has answered rather than at max_new_tokens.
+
+    The check runs on the host while the GPU waits, so it decodes only rows still running and only their last
+    `window` new tokens (a match is at most a few dozen tokens long and earlier text was checked before):
+    decoding every row's whole continuation every few steps cost ~25% of generation time at batch 386.
     """
 
     def __init__(self, tokenizer, prompt_len: int, done_pattern: Optional[str], stop_strings: Sequence[str] = (),
-                 every: int = 4):
+                 every: int = 4, window: int = 96):
         self.tok = tokenizer
         self.prompt_len = prompt_len
         self.pattern = re.compile(done_pattern) if done_pattern else None
         self.stops = list(stop_strings)
         self.every = every
+        self.window = window
         self.done: Optional[torch.Tensor] = None
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
         if self.done is None:
             self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         n_new = input_ids.shape[1] - self.prompt_len
-        if n_new % self.every == 0 and n_new > 0:
-            texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-            for i, t in enumerate(texts):
-                if not self.done[i] and ((self.pattern and self.pattern.search(t)) or any(s in t for s in self.stops)):
-                    self.done[i] = True
+        if n_new % self.every == 0 and n_new > 0 and (self.pattern or self.stops):
+            todo = (~self.done).nonzero().flatten()
+            if len(todo):
+                start = max(self.prompt_len, input_ids.shape[1] - self.window)
+                texts = self.tok.batch_decode(input_ids[todo, start:], skip_special_tokens=True)
+                hit = [i for i, t in zip(todo.tolist(), texts)
+                       if (self.pattern and self.pattern.search(t)) or any(s in t for s in self.stops)]
+                if hit:
+                    self.done[hit] = True
         return self.done.clone()
 
 

@@ -10,24 +10,32 @@ import torch
 
 from ..provenance import Measurement, device_string, runtime_string
 from ..tasks import Item, Task
+from .batching import auto_batch_size
 from .generate import batched, generate_batch
 from .stats import wilson_interval
 
 Progress = Optional[Callable[[int], None]]
+#: a GSM8K answer is complete once a newline follows its number; end of text is not enough, because numbers are
+#: tokenized digit by digit and the check between two digits would cut "#### 1842" to "#### 1"
+GSM8K_DONE = r"####\s*\$?-?[\d,]+(?:\.\d+)?[ \t]*\n"
 
 
-def accuracy(model, tokenizer, task: Task, items: list[Item], *, batch_size: int = 8, max_new_tokens: int = 256,
-             fewshot: int = 0, progress: Progress = None) -> tuple[Measurement, list[dict]]:
+def accuracy(model, tokenizer, task: Task, items: list[Item], *, batch_size: Optional[int] = 8,
+             max_new_tokens: int = 256, fewshot: int = 0, progress: Progress = None) -> tuple[Measurement, list[dict]]:
+    """Greedy generation accuracy; `batch_size=None` sizes the batch from free GPU memory (acf.evaluation.batching)."""
     device = str(next(model.parameters()).device)
     t0 = time.perf_counter()
     prompts = [task.chat_prompt(it, tokenizer, fewshot) for it in items]
+    if batch_size is None:
+        longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=1)
+        batch_size = auto_batch_size(model, len(items), "generate", longest + max_new_tokens)
     # Longest prompts first: batches of similar length waste less padding.
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
     preds: dict[int, dict] = {}
     gen_tokens = 0
     for chunk in batched(order, batch_size):
         outs = generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens,
-                              done_pattern=getattr(task, "done_pattern", r"####\s*\$?-?[\d,]+(?:\.\d+)?\s*(\n|$)"),
+                              done_pattern=getattr(task, "done_pattern", GSM8K_DONE),
                               stop_strings=task.stop_strings())
         for i, (text, n) in zip(chunk, outs):
             ok, got = task.score(text, items[i])
@@ -48,7 +56,7 @@ def accuracy(model, tokenizer, task: Task, items: list[Item], *, batch_size: int
     return m, rows
 
 
-def answer_nll(model, tokenizer, task: Task, items: list[Item], *, batch_size: int = 8, fewshot: int = 0,
+def answer_nll(model, tokenizer, task: Task, items: list[Item], *, batch_size: Optional[int] = 8, fewshot: int = 0,
                progress: Progress = None) -> Measurement:
     """Mean NLL per reference token given the prompt (token-weighted over all items), one forward per batch."""
     device = next(model.parameters()).device
@@ -60,6 +68,9 @@ def answer_nll(model, tokenizer, task: Task, items: list[Item], *, batch_size: i
         r = tokenizer(it.reference + (eos if fewshot == 0 else ""), add_special_tokens=False)["input_ids"]
         seqs.append((p, r))
     order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
+    if batch_size is None:
+        longest = max((len(p) + len(r) for p, r in seqs), default=1)
+        batch_size = auto_batch_size(model, len(items), "score", longest)
     total_nll, total_tok = 0.0, 0
     per_item: list[float] = [0.0] * len(seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -14,10 +14,13 @@ from ..errors import AcfError
 from ..models import free, load_model
 from ..provenance import Measurement, device_string, runtime_string
 from ..tasks import Task
+from .batching import CPU_BATCH, auto_batch_size
 from .perf import PeakRSS, latency, model_stats, size_metric, stored_tensor_bits
 from .quality import accuracy, answer_nll
 
 QUALITY_METRICS = ("accuracy", "answer_nll")
+#: tokens per sequence assumed when sizing batches for task-computed metrics (BBH 3-shot CoT prompts are the longest)
+OWN_METRIC_SEQ_LEN = 2048
 MODEL_METRICS = ("latency", "ttft", "throughput", "memory", "size", "params", "sparsity", "bits_per_weight")
 ALL_METRICS = QUALITY_METRICS + MODEL_METRICS
 DEFAULT_METRICS = ("accuracy", "answer_nll", "latency", "memory", "size", "params", "sparsity", "bits_per_weight")
@@ -71,7 +74,9 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise AcfError(f"model directory {model_dir} has no config.json")
-    bs = batch_size or (64 if device.startswith("cuda") else 8)
+    # batch_size=None: sized per metric from free GPU memory (acf.evaluation.batching); CPU keeps 8.
+    bs = batch_size
+    fixed_bs = batch_size or (64 if device.startswith("cuda") else CPU_BATCH)
     t0 = time.perf_counter()
     out: dict[str, Measurement] = {}
     preds: list[dict] = []
@@ -100,7 +105,7 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
         items_for_latency = task.load("test", limit=1, seed=seed)
         if any(m in metrics for m in ("latency", "ttft", "throughput")):
             lat = latency(model, tok, task.chat_prompt(items_for_latency[0], tok, fewshot), new_tokens=latency_tokens,
-                          throughput_batch=bs)
+                          throughput_batch=fixed_bs)
             for k in ("latency", "ttft", "throughput"):
                 if k in metrics or k == "latency":
                     out[k] = lat[k]
@@ -144,7 +149,8 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
     with prog_ctx as prog:
         if own:
             tid = prog.add_task(", ".join(own), total=task.progress_units(own, len(items))) if prog else None
-            res, p = task.evaluate_metrics(own, model, tok, items, batch_size=bs,
+            own_bs = bs or auto_batch_size(model, len(items), "score", OWN_METRIC_SEQ_LEN)
+            res, p = task.evaluate_metrics(own, model, tok, items, batch_size=own_bs,
                                            progress=(lambda k: prog.advance(tid, k)) if prog else None)
             out.update(res)
             preds = p

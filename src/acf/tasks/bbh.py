@@ -168,7 +168,9 @@ class BBH(Task):
     def stop_strings(self) -> list[str]:
         return ["\n\nQ:", "\nQ:"]
 
-    done_pattern = r"the answer is [^\n]*?\.(\s|$)"
+    # whitespace after the final period, not end of text: "the answer is 3." may still become "3.5." (a row that
+    # ends with EOS stops anyway)
+    done_pattern = r"the answer is [^\n]*?\.\s"
 
     # --- metrics -------------------------------------------------------------------------------------------
     def evaluate_metric(self, name: str, model, tokenizer, items: list[Item], batch_size: int = 8,

@@ -1,0 +1,62 @@
+"""Evaluation batch sizes chosen from the GPU's free memory instead of a fixed number.
+
+Why: on a GPU a small model's generation is bound by per-step Python/kernel-launch overhead, not by compute, so
+the number of decode steps decides the wall time. With a fixed batch of 256, the 1319 GSM8K test items need 6
+batches of up to 256 steps each; one batch of 1319 needs 256 steps in all (measured before/after figures:
+experiments/bench_gpu_batch.py). The size is bounded by what each sequence needs in memory (KV cache for
+generation, full-sequence logits for teacher-forced scoring), so large models get small batches.
+On CPU a fixed small batch stays best (compute bound, and RSS is shared with everything else).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+CPU_BATCH = 8
+MAX_BATCH = 2048
+#: share of the currently free GPU memory an evaluation batch may plan to use (the rest covers activations,
+#: allocator fragmentation and the dequantisation buffers of compressed models)
+MEMORY_SHARE = 0.4
+
+
+def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes one token occupies across all layers (keys and values)."""
+    layers = getattr(config, "num_hidden_layers", None) or 1
+    heads = getattr(config, "num_attention_heads", None) or 1
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // max(heads, 1))
+    return int(layers * 2 * kv_heads * head_dim * dtype_bytes)
+
+
+def per_sequence_bytes(config, kind: Literal["generate", "score"], seq_len: int, dtype_bytes: int = 2) -> int:
+    """Memory one sequence of `seq_len` tokens needs beyond the weights.
+
+    generate: its KV cache plus one hidden-state row per layer; score: full-sequence logits (model dtype and
+    the float32 copy the loss is computed on) plus the KV/hidden states of the forward.
+    """
+    hidden = getattr(config, "hidden_size", 0) or 0
+    inter = getattr(config, "intermediate_size", 0) or 4 * hidden
+    kv = kv_bytes_per_token(config, dtype_bytes) * seq_len
+    act = (hidden * 4 + inter * 2) * dtype_bytes * seq_len   # largest transient activations of one layer
+    if kind == "generate":
+        return kv + act
+    vocab = getattr(config, "vocab_size", 0) or 0
+    return kv + act + seq_len * vocab * (dtype_bytes + 4 + 4)   # logits, float copy, per-token loss workspace
+
+
+def auto_batch_size(model, n_items: int, kind: Literal["generate", "score"], seq_len: int,
+                    free_bytes: Optional[int] = None) -> int:
+    """Largest batch (≤ n_items, ≤ MAX_BATCH) whose planned memory fits MEMORY_SHARE of the free GPU memory."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return max(1, min(CPU_BATCH, n_items))
+    if free_bytes is None:
+        # memory the caching allocator holds but no tensor uses is free for us too (mem_get_info does not count it)
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        free_bytes += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    dtype_bytes = torch.finfo(next(model.parameters()).dtype).bits // 8 if next(
+        model.parameters()).dtype.is_floating_point else 2
+    per = max(1, per_sequence_bytes(model.config, kind, max(seq_len, 1), dtype_bytes))
+    return int(max(1, min(n_items, MAX_BATCH, (free_bytes * MEMORY_SHARE) // per)))
