@@ -29,10 +29,10 @@ RESULTS = Path(__file__).parent / "results"
 OBJ = ["answer_nll", "size", "latency"]
 
 
-def bench_space(spec, calib: int, seq_len: int):
+def bench_space(spec, calib: int, seq_len: int, device: str = "cpu"):
     from acf.search import SearchSpace
 
-    return SearchSpace(spec, "cpu", calib, seq_len, recover_steps=[50], quant_methods=["none", "gptq", "rtn"],
+    return SearchSpace(spec, device, calib, seq_len, recover_steps=[50], quant_methods=["none", "gptq", "rtn"],
                        prune_methods=["none", "wanda", "drop_layers"], recover_methods=["none", "lora"], bits=[4],
                        group_sizes=["32", "64"], sparsities=[0.5], patterns=["unstructured"], drops=[2],
                        act_order=[False])
@@ -66,29 +66,29 @@ def measure(a) -> None:
     from acf.models import resolve_model
     from acf.provenance import device_string, runtime_string
     from acf.spec import infer_spec
-    from acf.strategy import Strategy
+    from acf.strategy import Strategy, validate_strategy
     from acf.tasks import get_task
 
     base = resolve_model("smollm2-135m")
     spec = infer_spec(base)
-    space = bench_space(spec, a.calib_samples, a.seq_len)
+    space = bench_space(spec, a.calib_samples, a.seq_len, a.device)
     strategies = enumerate_space(space)
     task = get_task("gsm8k")
-    table_path = RESULTS / "search-table-cpu.json"
+    table_path = table_file(a)
     table = json.loads(table_path.read_text()) if table_path.exists() else {
-        "device": device_string("cpu"), "runtime": runtime_string(), "limit": a.limit,
+        "device": device_string(a.device), "runtime": runtime_string(), "limit": a.limit,
         "calib": f"{a.calib_samples} x {a.seq_len}", "entries": {}}
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    ctx = StepContext(device="cpu", task=task, teacher_dir=base, seed=0)
+    ctx = StepContext(device=a.device, task=task, teacher_dir=base, seed=0)
 
     def ev(path: Path) -> dict:
-        r = evaluate(path, task, ["answer_nll", "size", "latency"], limit=a.limit, seed=0, device="cpu",
+        r = evaluate(path, task, ["answer_nll", "size", "latency"], limit=a.limit, seed=0, device=a.device,
                      latency_tokens=16, show_progress=False)
         return {k: v.value for k, v in r.metrics.items()}
 
     def save():
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        table_path.parent.mkdir(parents=True, exist_ok=True)
         table_path.write_text(json.dumps(table, indent=2))
 
     if "baseline" not in table:
@@ -101,19 +101,21 @@ def measure(a) -> None:
         if k in table["entries"]:
             continue
         t0 = time.time()
+        # run the validated form (defaults filled in, as the pipeline's preflight does); keys stay the space's
+        full = validate_strategy(s.model_dump(), spec, a.device).steps
         steps = s.steps
         # reuse the model of the longest already-built prefix
         pre = Strategy(steps=steps[:-1]).key() if len(steps) > 1 else ""
         if pre not in prefix_dirs:
             d = work / f"p{len(prefix_dirs)}"
-            recs = run_strategy(Strategy(steps=steps[:-1]), base, d, ctx)
+            recs = run_strategy(Strategy(steps=full[:-1]), base, d, ctx)
             if any(r.status != "ok" for r in recs):
                 table["entries"][k] = {"strategy": s.model_dump(), "status": "failed", "reason": recs[-1].reason}
                 save()
                 continue
             prefix_dirs[pre] = d
         out = work / "cur"
-        recs = run_strategy(Strategy(steps=steps[-1:]), prefix_dirs[pre], out, ctx)
+        recs = run_strategy(Strategy(steps=full[-1:]), prefix_dirs[pre], out, ctx)
         if any(r.status != "ok" for r in recs):
             table["entries"][k] = {"strategy": s.model_dump(), "status": "failed", "reason": recs[-1].reason}
         else:
@@ -131,6 +133,10 @@ def measure(a) -> None:
               flush=True)
 
 
+def table_file(a) -> Path:
+    return Path(a.table) if a.table else RESULTS / f"search-table-{'cuda' if a.device.startswith('cuda') else 'cpu'}.json"
+
+
 def replay(a) -> dict:
     import optuna
 
@@ -140,7 +146,7 @@ def replay(a) -> dict:
     from acf.models import resolve_model
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    table = json.loads((RESULTS / "search-table-cpu.json").read_text())
+    table = json.loads(table_file(a).read_text())
     base = table["baseline"]
     spec = infer_spec(resolve_model("smollm2-135m"))
     space = bench_space(spec, a.calib_samples, a.seq_len)
@@ -161,7 +167,7 @@ def replay(a) -> dict:
             points = {"baseline": base}
             seen = set()
             episodes, asks = 0, 0
-            while episodes < max(checkpoints) and asks < 2000:
+            while episodes < max(checkpoints) and asks < 400:
                 asks += 1
                 t = study.ask()
                 s = space.suggest(t)
@@ -195,20 +201,27 @@ def replay(a) -> dict:
     return out
 
 
-def overhead(run_dirs: list[str]) -> dict:
+def overhead(run_dirs: list[str], exclude: list[str]) -> dict:
+    """Episodes redone after a kill are left out: their wall time includes the lost attempt, which is the price
+    of the kill, not of the coordinator (runs since this change mark them with `interrupted_before_resume`;
+    older runs name them with --exclude)."""
     tot, work = 0.0, 0.0
+    skipped = []
     for rd in run_dirs:
         ff = json.loads((Path(rd) / "frontier.json").read_text())
         for c in ff["candidates"]:
             t = c.get("timings", {})
             if "episode_wall" not in t:
                 continue
+            if "interrupted_before_resume" in t or c["id"] in exclude:
+                skipped.append(c["id"])
+                continue
             tot += t["episode_wall"]
             work += sum(v for k, v in t.items() if k in ("compress", "proxy_evaluate", "evaluate"))
     share = (tot - work) / tot if tot else float("nan")
     print(f"coordinator overhead (graph, search, checkpoints, bookkeeping) = {share * 100:.2f}% of episode wall time "
-          f"over {len(run_dirs)} run(s) (goal <= 5%)")
-    return {"share": share, "episode_seconds": tot, "runs": run_dirs}
+          f"over {len(run_dirs)} run(s) (goal <= 5%); left out (redone after a kill): {skipped or 'none'}")
+    return {"share": share, "episode_seconds": tot, "runs": run_dirs, "left_out_interrupted": skipped}
 
 
 def main() -> None:
@@ -216,11 +229,14 @@ def main() -> None:
     ap.add_argument("--measure", action="store_true")
     ap.add_argument("--replay", action="store_true")
     ap.add_argument("--runs", nargs="*", default=[])
+    ap.add_argument("--exclude", nargs="*", default=[], help="candidate ids redone after a kill (older runs)")
     ap.add_argument("--limit", type=int, default=48)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--work", default="/tmp/acf-bench-search")
+    ap.add_argument("--device", default="cpu", help="where --measure compresses and measures (cpu or cuda)")
+    ap.add_argument("--table", default=None, help="table file (default experiments/results/search-table-<device>.json)")
     a = ap.parse_args()
     res = {}
     if a.measure:
@@ -228,10 +244,11 @@ def main() -> None:
     if a.replay:
         res["replay"] = replay(a)
     if a.runs:
-        res["overhead"] = overhead(a.runs)
+        res["overhead"] = overhead(a.runs, a.exclude)
     if res:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "search-replay-cpu.json").write_text(json.dumps(res, indent=2))
+        (RESULTS / f"search-replay-{'cuda' if a.device.startswith('cuda') else 'cpu'}.json").write_text(
+            json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -85,3 +85,24 @@ def test_objectives_parsing():
             parse_objectives(bad)
     with pytest.raises(AcfError):
         parse_objectives("mc1,size", task_metrics=("accuracy", "answer_nll"))
+
+
+def test_seeds_and_grid_stay_inside_a_narrowed_space(tiny_model_dir):
+    """Optuna refuses an enqueued value outside a categorical's choices: narrowed spaces drop such recipes."""
+    import optuna
+
+    from acf.search import SearchSpace
+    from acf.spec import infer_spec
+
+    spec = infer_spec(tiny_model_dir)
+    space = SearchSpace(spec, "cpu", 4, 64, [2], quant_methods=["none", "gptq", "rtn"],
+                        prune_methods=["none", "wanda", "drop_layers"], recover_methods=["none", "lora"], bits=[4],
+                        sparsities=[0.5], patterns=["unstructured"], drops=[2], act_order=[False])
+    entries = space.grid() + space.seeds()
+    assert entries and all(space.inside(e) for e in entries)
+    assert not any(e.get("bits") == 8 for e in entries)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for e in entries:
+        study.enqueue_trial(e)
+    for _ in entries:
+        space.suggest(study.ask())          # would raise "'8' not in (4,)" before

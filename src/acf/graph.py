@@ -20,6 +20,9 @@ from .errors import StrategyError
 from .state import Candidate, now
 from .strategy import Strategy, validate_strategy
 
+#: when this process started: an episode proposed before it was interrupted (kill, Ctrl-C) and redone on resume
+_PROCESS_START = time.time()
+
 
 class EpisodeState(TypedDict, total=False):
     model_path: str
@@ -146,8 +149,12 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
         c = ctx.ff.candidate(cid)
         c.timings["update"] = round(time.time() - t0, 3)
         if prop.get("t0_epoch") and not ctx.cfg.interactive:
-            # wall time of the whole episode, graph and checkpoint writes included (approval waits excluded)
-            c.timings["episode_wall"] = round(time.time() - prop["t0_epoch"], 3)
+            # wall time of the whole episode, graph and checkpoint writes included (approval waits excluded).
+            # An episode redone after a resume counts from this process's start; the lost attempt is kept apart.
+            start = max(prop["t0_epoch"], _PROCESS_START)
+            c.timings["episode_wall"] = round(time.time() - start, 3)
+            if prop["t0_epoch"] < _PROCESS_START:
+                c.timings["interrupted_before_resume"] = round(_PROCESS_START - prop["t0_epoch"], 3)
         ctx.save()
         status = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "pruned": "[yellow]pruned[/]"}.get(c.status,
                                                                                                     c.status)

@@ -109,8 +109,16 @@ class SearchSpace:
             seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
                           "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
                           "quant": "gptq", "bits": 4, "group_size": g, "act_order": self.act_order[-1]})
-        # keep only values inside the (possibly narrowed) space
-        return [s for s in seeds if s.get("sparsity", 0.5) in (self.sparsities or [0.5])]
+        return [s for s in seeds if self.inside(s)]
+
+    def inside(self, params: dict[str, Any]) -> bool:
+        """Whether fixed params only use values of this (possibly narrowed) space: seeds and grid entries that
+        are not must not be enqueued (Optuna refuses a fixed value outside a categorical's choices)."""
+        choices = {"prune": self.prune_methods, "quant_only": self.quant_methods, "quant": self.quant_methods,
+                   "recover": self.recover_methods, "recover_steps": self.recover_steps, "bits": self.bits,
+                   "group_size": self.group_sizes, "act_order": self.act_order, "pattern": self.patterns,
+                   "sparsity": self.sparsities or [0.5], "drop": self.drops or [1]}
+        return all(k not in choices or v in choices[k] for k, v in params.items())
 
     def _largest_group(self) -> str:
         numeric = [x for x in self.group_sizes if x != "channel"]
@@ -139,7 +147,7 @@ class SearchSpace:
         if "drop_layers" in self.prune_methods:
             for d in (1, 2):
                 out.append({"prune": "drop_layers", "drop": min(d, self.max_drop), "recover": "none", "quant": "none"})
-        return out
+        return [d for d in out if self.inside(d)]
 
 
 def make_sampler(name: str, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:

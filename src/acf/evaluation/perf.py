@@ -29,8 +29,18 @@ def dir_size(path: str | os.PathLike) -> int:
 
 
 def size_metric(path: str | os.PathLike) -> Measurement:
-    b = dir_size(path)
-    return Measurement(value=float(b), unit="bytes", device="disk", runtime="", method="bytes of all files in the model directory")
+    """Bytes on disk of what `from_pretrained` loads: the directory's own files (weights, config, tokenizer).
+
+    Sub-folders are extras a user does not need to serve the model (LoRA's unmerged `adapter/`, logs); they are
+    reported in `extra` but not counted, so a merged LoRA model is not charged for its optional adapter copy.
+    """
+    root = Path(path)
+    own = sum(p.stat().st_size for p in root.iterdir() if p.is_file())
+    extras = {p.name + "/": dir_size(p) for p in root.iterdir() if p.is_dir()}
+    return Measurement(value=float(own), unit="bytes", device="disk", runtime="",
+                       method="bytes of the model directory's own files (weights, config, tokenizer); "
+                              "sub-folders such as adapter/ not counted",
+                       extra={"not_counted": extras} if extras else {})
 
 
 def weight_files_size(path: str | os.PathLike) -> int:
