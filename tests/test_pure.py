@@ -106,3 +106,34 @@ def test_seeds_and_grid_stay_inside_a_narrowed_space(tiny_model_dir):
         study.enqueue_trial(e)
     for _ in entries:
         space.suggest(study.ask())          # would raise "'8' not in (4,)" before
+
+
+def test_cli_method_narrowing_is_validated_before_anything_runs(tmp_path):
+    from acf.errors import AcfError
+    from acf.pipeline import RunConfig, validate_config
+
+    def cfg(**kw):
+        return RunConfig(model="m", dataset="gsm8k", run_dir=str(tmp_path / "r"), objectives=["answer_nll", "size"],
+                         **kw)
+
+    with pytest.raises(AcfError, match="unknown method.*gptqq"):
+        validate_config(cfg(quant_methods=["gptqq"]), ("accuracy", "answer_nll"))
+    with pytest.raises(AcfError, match="nothing to search"):
+        validate_config(cfg(quant_methods=["none"], prune_methods=["none"]), ("accuracy", "answer_nll"))
+    ok = validate_config(cfg(quant_methods=["none", "rtn"], prune_methods=["none", "drop_layers"]),
+                         ("accuracy", "answer_nll"))
+    assert ok.quant_methods == ["none", "rtn"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_space_without_quantization_never_proposes_the_baseline(tiny_model_dir):
+    import optuna
+
+    from acf.search import SearchSpace
+    from acf.spec import infer_spec
+
+    space = SearchSpace(infer_spec(tiny_model_dir), "cpu", 4, 64, [2], quant_methods=["none"],
+                        prune_methods=["none", "magnitude"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        assert space.suggest(study.ask()).steps

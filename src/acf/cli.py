@@ -22,6 +22,10 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "llmcompressor", "optuna", "httpx", "urllib3", "datasets"):
@@ -75,7 +79,12 @@ def run(
     calib_samples: int = typer.Option(64, help="calibration samples for calibrated methods"),
     seq_len: int = typer.Option(512, help="tokens per calibration sample"),
     data_dir: Optional[Path] = typer.Option(None, help="local folder of the task's data"),
-    eval_batch_size: Optional[int] = typer.Option(None),
+    eval_batch_size: Optional[int] = typer.Option(None, help="evaluation batch (default: from free GPU memory; 8 on "
+                                                  "CPU)"),
+    quant_methods: Optional[str] = typer.Option(None, help="narrow the search: quantization methods to try, e.g. "
+                                                "none,rtn,gptq,bnb_nf4 (default: all)"),
+    prune_methods: Optional[str] = typer.Option(None, help="narrow the search: pruning methods to try, e.g. "
+                                                "none,wanda,drop_layers (default: all)"),
     planner: Optional[str] = typer.Option(None, help="optional LLM planner provider:model"),
     planner_share: float = typer.Option(0.5, help="share of episodes proposed by the planner"),
     planner_max_calls: int = typer.Option(50),
@@ -122,6 +131,7 @@ def run(
                         calib_samples=calib_samples, seq_len=seq_len, eval_batch_size=eval_batch_size, planner=planner,
                         planner_share=planner_share, planner_max_calls=planner_max_calls,
                         planner_timeout=planner_timeout, planner_retries=planner_retries,
+                        quant_methods=_csv(quant_methods), prune_methods=_csv(prune_methods),
                         trust_remote_code=trust_remote_code, command=[Path(sys.argv[0]).name] + sys.argv[1:])
         if workers is not None:
             return _run_workers(cfg, workers, artifacts)

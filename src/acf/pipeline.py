@@ -102,6 +102,20 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
         cfg.proxy_limit = None  # a proxy as large as the full evaluation saves nothing
     if cfg.min_retention is not None and not (0 < cfg.min_retention <= 1.5):
         raise AcfError(f"--min-retention must lie in (0, 1.5] (got {cfg.min_retention})")
+    from .search import PRUNE_CHOICES, QUANT_CHOICES
+
+    for flag, given, valid in (("--quant-methods", cfg.quant_methods, QUANT_CHOICES),
+                               ("--prune-methods", cfg.prune_methods, PRUNE_CHOICES)):
+        if given is None:
+            continue
+        bad = [m for m in given if m not in valid]
+        if bad or not given:
+            raise AcfError(f"{flag}: unknown method(s) {', '.join(bad) or '(none given)'}; choose from "
+                           f"{', '.join(valid)}")
+    q = cfg.quant_methods if cfg.quant_methods is not None else QUANT_CHOICES
+    p = cfg.prune_methods if cfg.prune_methods is not None else PRUNE_CHOICES
+    if all(m == "none" for m in q) and all(m == "none" for m in p):
+        raise AcfError("--quant-methods and --prune-methods leave nothing to search (both only 'none')")
     # before the run dir is written: a bad value must not leave a half-made run behind
     check_planner_settings(cfg.planner_share, cfg.planner_max_calls, cfg.planner_timeout, cfg.planner_retries)
     return cfg

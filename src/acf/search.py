@@ -45,6 +45,11 @@ class SearchSpace:
         self.max_drop = max(1, spec.num_layers // 4)
         self.quant_methods = list(quant_methods)
         self.prune_methods = list(prune_methods)
+        if not [q for q in self.quant_methods if q != "none"]:
+            # without a quantization method, "no pruning" would be the baseline itself: not a candidate
+            self.prune_methods = [p for p in self.prune_methods if p != "none"]
+        if not self.prune_methods:
+            raise ValueError("the search space is empty: choose at least one quantization or pruning method")
         self.recover_methods = list(recover_methods)
         self.bits = list(bits)
         self.sparsities = list(sparsities) if sparsities else None
