@@ -65,6 +65,96 @@ def test_humaneval_pass_and_fail_in_sandbox(data_root):
     assert truncate_completion("    return 1\n\ndef other():\n    pass") == "    return 1\n"
 
 
+def _he_item(prompt: str = 'from typing import List\n\n\ndef f(xs: List[int]) -> int:\n    """Sum."""\n'):
+    from acf.tasks.base import Item
+
+    test = "def check(candidate):\n    assert candidate([1, 2]) == 3\n"
+    return Item(id="t/0", prompt=prompt, reference="    return sum(xs)\n", meta={"test": test, "entry_point": "f"})
+
+
+def _he_run(item, completion, head=None):
+    from acf.evaluation.sandbox import check_program
+    from acf.tasks.humaneval import build_program
+
+    return check_program(build_program(item, completion, head), allow_code_execution=True)
+
+
+def test_humaneval_plain_prompt_drops_trailing_newline_and_cuts_after_body():
+    from acf.tasks.humaneval import HumanEval, truncate_completion
+
+    item = _he_item()
+    task = HumanEval(allow_code_execution=True, prompt_style="plain")
+    assert task.done_pattern is None and "\n```" in task.stop_strings()
+    assert task.plain_prompt(item) == item.prompt[:-1] == task.chat_prompt(item, tokenizer=None)
+    # the model's text continues the docstring line: it starts with the newline the prompt no longer has
+    gen = "\n    return sum(xs)\n\n# Test\nprint(f([1, 2]))\n```\nprose"
+    head, comp = task.assemble(item, gen)
+    assert head == item.prompt.rstrip() and comp == "\n    return sum(xs)\n"
+    assert _he_run(item, comp, head).passed
+    for tail in ("\n```\n\nThis function", "\n@decorator\ndef g(): pass", "\nif __name__ == '__main__':"):
+        assert truncate_completion("\n    return 1" + tail) == "\n    return 1"
+    assert task.score(gen, item)[0] and not task.score("\n    return 0\n", item)[0]
+
+
+def test_humaneval_chat_code_extraction():
+    from acf.tasks.humaneval import extract_code
+
+    assert extract_code("Sure!\n```python\ndef f():\n    return 1\n```\nMore:\n```python\nx\n```") == \
+        "def f():\n    return 1\n"
+    assert extract_code("```py\n    return 1\n```") == "    return 1\n"
+    assert extract_code("```\nreturn 1```") == "return 1"
+    assert extract_code("```python\ndef f():\n    return 1") == "def f():\n    return 1"   # never closed
+    assert extract_code("    return 1\n") == "    return 1\n"                                 # no fence: raw
+
+
+def test_humaneval_chat_assembly():
+    from acf.tasks.humaneval import chat_completion, top_level_definitions
+
+    item = _he_item()
+    # a re-stated def (without the prompt's import) follows the prompt's stub and replaces it; the model's
+    # example calls and prints are dropped, its helpers, imports, decorators and constants kept
+    answer = ("Here you go:\n```python\ndef f(xs: List[int]) -> int:\n    return total(xs) + ZERO\n\n"
+              "ZERO = 0\nimport functools\n@functools.lru_cache\ndef g():\n    return 1\n\n"
+              "def total(v):\n    return sum(v)\n\nprint(f([1, 2]))\nresult = f([0])\nf(None)\n```\nThis adds.")
+    comp = chat_completion("f", answer)
+    assert comp.startswith("\ndef f(") and "print(" not in comp and "result" not in comp and "f(None)" not in comp
+    assert "ZERO = 0" in comp and "@functools.lru_cache\ndef g()" in comp and "def total(v)" in comp
+    assert _he_run(item, comp).passed
+    # an indented re-stated def is dedented
+    assert _he_run(item, chat_completion("f", "```python\n    def f(xs):\n        return sum(xs)\n```")).passed
+    # a body, indented or not, goes after the prompt
+    assert _he_run(item, chat_completion("f", "```python\n    return sum(xs)\n```")).passed
+    assert chat_completion("f", "```python\nreturn sum(xs)\n```") == "    return sum(xs)\n"
+    assert _he_run(item, chat_completion("f", "```python\ns = 0\nfor x in xs:\n    s += x\nreturn s\n```")).passed
+    # a def of another name is a body, not a replacement: the model's error, scored as a failure
+    assert not _he_run(item, chat_completion("f", "```python\ndef ff(xs):\n    return sum(xs)\n```")).passed
+    # code that does not parse is run as written and fails with the model's SyntaxError
+    assert top_level_definitions("def f(:\n") == "def f(:\n"
+    bad = _he_run(item, chat_completion("f", "```python\ndef f(xs):\n    return sum(xs\n```"))
+    assert not bad.passed and "SyntaxError" in bad.stderr
+
+
+def test_humaneval_chat_prompt_style(smol_dir):
+    from transformers import AutoTokenizer
+
+    from acf.tasks.humaneval import CHAT_DONE, HumanEval
+
+    tok = AutoTokenizer.from_pretrained(str(smol_dir))
+    item = _he_item()
+    task = HumanEval()
+    assert task.prompt_style == "chat" and task.style(tok) == "chat"
+    text = task.chat_prompt(item, tok)
+    assert "```python\nfrom typing import List" in text and text.endswith("assistant\n")
+    assert task.stop_strings() == [] and task.done_pattern == CHAT_DONE
+    assert task.assemble(item, "```python\n    return sum(xs)\n```")[0] == item.prompt
+    with pytest.raises(AcfError, match="prompt_style"):
+        HumanEval(prompt_style="fim")
+    tok.chat_template = None                 # no template (a base model): the plain style is used
+    assert task.style(tok) == "plain" and task.chat_prompt(item, tok) == item.prompt.rstrip()
+    # and a plain continuation scored as a chat answer is still assembled as a body
+    assert _he_run(item, *reversed(task.assemble(item, "\n    return sum(xs)\n"))).passed
+
+
 # --- the batched scorer agrees with itself unbatched ----------------------------------------------------------
 def test_shared_and_flat_scoring_agree(tiny_model_dir):
     from acf.models import load_model
@@ -130,6 +220,11 @@ def test_humaneval_on_tiny_needs_consent(tiny_model_dir, data_root):
     m, rows = task.evaluate_metric("pass@1", model, tok, items, batch_size=2)
     assert m.value == 0.0 and m.n == 2 and "sandbox" in m.method     # random weights write no working code
     assert all(not r["correct"] for r in rows)
+    assert m.extra["prompt_style"] == "chat" and "chat template" in m.method
+    assert all(r["prompt_style"] == "chat" and "generated" in r for r in rows)
+    task.prompt_style = "plain"
+    m, rows = task.evaluate_metric("pass@1", model, tok, items, batch_size=2)
+    assert m.value == 0.0 and m.extra["prompt_style"] == "plain" and "plain prompt" in m.method
 
 
 # --- bad inputs -------------------------------------------------------------------------------------------------
