@@ -133,8 +133,12 @@ def measure(a) -> None:
               flush=True)
 
 
+def device_kind(a) -> str:
+    return "cuda" if a.device.startswith("cuda") else "cpu"
+
+
 def table_file(a) -> Path:
-    return Path(a.table) if a.table else RESULTS / f"search-table-{'cuda' if a.device.startswith('cuda') else 'cpu'}.json"
+    return Path(a.table) if a.table else RESULTS / f"search-table-{device_kind(a)}.json"
 
 
 def replay(a) -> dict:
@@ -247,8 +251,7 @@ def main() -> None:
         res["overhead"] = overhead(a.runs, a.exclude)
     if res:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"search-replay-{'cuda' if a.device.startswith('cuda') else 'cpu'}.json").write_text(
-            json.dumps(res, indent=2))
+        (RESULTS / f"search-replay-{device_kind(a)}.json").write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

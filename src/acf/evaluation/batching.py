@@ -10,7 +10,7 @@ On CPU a fixed small batch stays best (compute bound, and RSS is shared with eve
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 CPU_BATCH = 8
 MAX_BATCH = 2048
@@ -44,19 +44,21 @@ def per_sequence_bytes(config, kind: Literal["generate", "score"], seq_len: int,
     return kv + act + seq_len * vocab * (dtype_bytes + 4 + 4)   # logits, float copy, per-token loss workspace
 
 
-def auto_batch_size(model, n_items: int, kind: Literal["generate", "score"], seq_len: int,
+def auto_batch_size(model, n_items: int, kind: Literal["generate", "score"], seq_len: Union[int, Callable[[], int]],
                     free_bytes: Optional[int] = None) -> int:
-    """Largest batch (≤ n_items, ≤ MAX_BATCH) whose planned memory fits MEMORY_SHARE of the free GPU memory."""
+    """Largest batch (≤ n_items, ≤ MAX_BATCH) whose planned memory fits MEMORY_SHARE of the free GPU memory.
+
+    `seq_len` may be a callable, evaluated only on a GPU (measuring it means tokenizing every prompt)."""
     import torch
 
-    device = next(model.parameters()).device
-    if device.type != "cuda":
+    param = next(model.parameters())
+    if param.device.type != "cuda":
         return max(1, min(CPU_BATCH, n_items))
     if free_bytes is None:
         # memory the caching allocator holds but no tensor uses is free for us too (mem_get_info does not count it)
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        free_bytes += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    dtype_bytes = torch.finfo(next(model.parameters()).dtype).bits // 8 if next(
-        model.parameters()).dtype.is_floating_point else 2
-    per = max(1, per_sequence_bytes(model.config, kind, max(seq_len, 1), dtype_bytes))
+        free_bytes, _ = torch.cuda.mem_get_info(param.device)
+        free_bytes += torch.cuda.memory_reserved(param.device) - torch.cuda.memory_allocated(param.device)
+    dtype_bytes = param.element_size() if param.dtype.is_floating_point else 2
+    tokens = seq_len() if callable(seq_len) else seq_len
+    per = max(1, per_sequence_bytes(model.config, kind, max(tokens, 1), dtype_bytes))
     return int(max(1, min(n_items, MAX_BATCH, (free_bytes * MEMORY_SHARE) // per)))

@@ -27,8 +27,8 @@ def accuracy(model, tokenizer, task: Task, items: list[Item], *, batch_size: Opt
     t0 = time.perf_counter()
     prompts = [task.chat_prompt(it, tokenizer, fewshot) for it in items]
     if batch_size is None:
-        longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=1)
-        batch_size = auto_batch_size(model, len(items), "generate", longest + max_new_tokens)
+        batch_size = auto_batch_size(model, len(items), "generate", lambda: max(
+            (len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=1) + max_new_tokens)
     # Longest prompts first: batches of similar length waste less padding.
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
     preds: dict[int, dict] = {}
@@ -69,8 +69,7 @@ def answer_nll(model, tokenizer, task: Task, items: list[Item], *, batch_size: O
         seqs.append((p, r))
     order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
     if batch_size is None:
-        longest = max((len(p) + len(r) for p, r in seqs), default=1)
-        batch_size = auto_batch_size(model, len(items), "score", longest)
+        batch_size = auto_batch_size(model, len(items), "score", max((len(p) + len(r) for p, r in seqs), default=1))
     total_nll, total_tok = 0.0, 0
     per_item: list[float] = [0.0] * len(seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -74,9 +74,9 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise AcfError(f"model directory {model_dir} has no config.json")
-    # batch_size=None: sized per metric from free GPU memory (acf.evaluation.batching); CPU keeps 8.
-    bs = batch_size
-    fixed_bs = batch_size or (64 if device.startswith("cuda") else CPU_BATCH)
+    # batch_size=None: quality metrics size their batch from free GPU memory (acf.evaluation.batching; CPU
+    # keeps 8); the throughput probe uses a fixed batch so its figure is comparable across models.
+    throughput_bs = batch_size or (64 if device.startswith("cuda") else CPU_BATCH)
     t0 = time.perf_counter()
     out: dict[str, Measurement] = {}
     preds: list[dict] = []
@@ -105,7 +105,7 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
         items_for_latency = task.load("test", limit=1, seed=seed)
         if any(m in metrics for m in ("latency", "ttft", "throughput")):
             lat = latency(model, tok, task.chat_prompt(items_for_latency[0], tok, fewshot), new_tokens=latency_tokens,
-                          throughput_batch=fixed_bs)
+                          throughput_batch=throughput_bs)
             for k in ("latency", "ttft", "throughput"):
                 if k in metrics or k == "latency":
                     out[k] = lat[k]
@@ -149,19 +149,19 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
     with prog_ctx as prog:
         if own:
             tid = prog.add_task(", ".join(own), total=task.progress_units(own, len(items))) if prog else None
-            own_bs = bs or auto_batch_size(model, len(items), "score", OWN_METRIC_SEQ_LEN)
+            own_bs = batch_size or auto_batch_size(model, len(items), "score", OWN_METRIC_SEQ_LEN)
             res, p = task.evaluate_metrics(own, model, tok, items, batch_size=own_bs,
                                            progress=(lambda k: prog.advance(tid, k)) if prog else None)
             out.update(res)
             preds = p
         if "answer_nll" in generic:
             tid = prog.add_task("answer NLL", total=len(items)) if prog else None
-            out["answer_nll"] = answer_nll(model, tok, task, items, batch_size=bs, fewshot=fewshot,
+            out["answer_nll"] = answer_nll(model, tok, task, items, batch_size=batch_size, fewshot=fewshot,
                                            progress=(lambda k: prog.advance(tid, k)) if prog else None)
         if "accuracy" in generic:
             acc_items = items[:accuracy_limit] if accuracy_limit else items
             tid = prog.add_task("accuracy (generation)", total=len(acc_items)) if prog else None
-            out["accuracy"], preds = accuracy(model, tok, task, acc_items, batch_size=bs, fewshot=fewshot,
+            out["accuracy"], preds = accuracy(model, tok, task, acc_items, batch_size=batch_size, fewshot=fewshot,
                                               max_new_tokens=max_new_tokens,
                                               progress=(lambda k: prog.advance(tid, k)) if prog else None)
     if loaded is None:
