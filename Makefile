@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 # The main job on the default model with small defaults (about 10-15 minutes on a 2-core CPU).
 demo: install
 	$(PY) run_pipeline.py --model smollm2-135m --dataset gsm8k --episodes 4 --limit 40 --proxy-limit 16 \
-	  --calib-samples 32 --seq-len 256 --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+	  --calib-samples 16 --seq-len 256 --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	$(PY) -m pytest -q

@@ -66,6 +66,8 @@ def acf_inproc(capsys, *args) -> tuple[int, str]:
     (["run", "--sampler", "bogus"], "unknown sampler"),
     (["run", "--preset", "bogus"], "unknown preset"),
     (["run", "--objectives", "answer_nll,foo"], "unknown objective"),
+    (["run", "--recover-steps", "25,lots"], "--recover-steps takes whole numbers"),
+    (["run", "--recover-steps", "0"], "--recover-steps: give one or more"),
 ])
 def test_cli_bad_input_one_line_exit_2(args, msg, tmp_path, capsys):
     extra = ["--run-dir", str(tmp_path / "r")] if args[0] == "run" else []

@@ -295,3 +295,29 @@ def test_gptq_w4_g64_on_default_model(smol_dir, tmp_path, ctx):
     model = load_plain(out)
     w = model.model.layers[0].mlp.down_proj.weight.detach().float()
     assert max(int(r.unique().numel()) for r in w.reshape(-1, 64)) <= 16
+
+
+def test_step_log_keeps_terminal_quiet(tmp_path):
+    """A step's log file gets library INFO lines, but the handlers already on the terminal keep the user's
+    threshold (the demo used to print every model config transformers loaded)."""
+    import io
+    import logging
+
+    from acf.methods.runner import _step_log
+
+    lg = logging.getLogger("transformers")
+    term = io.StringIO()
+    h = logging.StreamHandler(term)
+    old = lg.level
+    lg.addHandler(h)
+    lg.setLevel(logging.ERROR)
+    try:
+        with _step_log(tmp_path / "step.log", logging.getLogger("acf.methods")):
+            lg.info("loading configuration file")
+            lg.error("real problem")
+        assert h.level == logging.NOTSET and lg.level == logging.ERROR   # restored
+    finally:
+        lg.removeHandler(h)
+        lg.setLevel(old)
+    assert "loading configuration file" in (tmp_path / "step.log").read_text()
+    assert "real problem" in term.getvalue() and "loading configuration" not in term.getvalue()

@@ -120,6 +120,10 @@ def test_cli_method_narrowing_is_validated_before_anything_runs(tmp_path):
         validate_config(cfg(quant_methods=["gptqq"]), ("accuracy", "answer_nll"))
     with pytest.raises(AcfError, match="nothing to search"):
         validate_config(cfg(quant_methods=["none"], prune_methods=["none"]), ("accuracy", "answer_nll"))
+    with pytest.raises(AcfError, match="recover-steps"):
+        validate_config(cfg(recover_steps=[]), ("accuracy", "answer_nll"))
+    with pytest.raises(AcfError, match="recover-steps"):
+        validate_config(cfg(recover_steps=[25, 0]), ("accuracy", "answer_nll"))
     ok = validate_config(cfg(quant_methods=["none", "rtn"], prune_methods=["none", "drop_layers"]),
                          ("accuracy", "answer_nll"))
     assert ok.quant_methods == ["none", "rtn"]

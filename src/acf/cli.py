@@ -10,6 +10,12 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+if not sys.stderr.isatty():
+    # Libraries' tqdm bars (compressed-tensors decompressing 210 modules per model load, calibration loops)
+    # turn a redirected log into pages of carriage returns; in a terminal they stay. Must precede tqdm's import:
+    # tqdm reads TQDM_* defaults when it is imported.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -18,7 +24,8 @@ from .errors import AcfError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="acf: find the best compressed version of a language model for a task.")
-console = Console()
+# Piped into a log, rich would wrap tables at 80 columns (strategies then take a dozen lines each).
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
 
 
@@ -26,9 +33,17 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _steps(value: str) -> list[int]:
+    try:
+        steps = [int(v) for v in _csv(value) or []]
+    except ValueError:
+        raise AcfError(f"--recover-steps takes whole numbers separated by commas, e.g. 25,50 (got {value!r})") from None
+    return steps   # ranges are checked with the rest of the run's settings (pipeline.validate_config)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "llmcompressor", "optuna", "httpx", "urllib3", "datasets"):
+    for noisy in ("transformers", "llmcompressor", "optuna", "httpx", "urllib3", "datasets", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
@@ -42,6 +57,10 @@ def _setup_logging(verbose: bool) -> None:
             tlog.disable_progress_bar()
         except Exception:
             pass
+        # llm-compressor configures loguru when it is first imported (lazily, inside the first step), replacing
+        # the sinks set below with an INFO console sink: per-module GPTQ metrics then flooded the terminal from
+        # the second episode on. Its own variable sets that sink's level; the step logs still get INFO.
+        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
         try:
             from loguru import logger  # llmcompressor logs through loguru
 
@@ -78,6 +97,8 @@ def run(
     keep_all: bool = typer.Option(False, help="keep every candidate's model, not only frontier members"),
     calib_samples: int = typer.Option(64, help="calibration samples for calibrated methods"),
     seq_len: int = typer.Option(512, help="tokens per calibration sample"),
+    recover_steps: str = typer.Option("25,50,100", help="training-step choices for LoRA/distillation recovery; the "
+                                      "seeded combination uses the middle one (the only one if one is given)"),
     data_dir: Optional[Path] = typer.Option(None, help="local folder of the task's data"),
     eval_batch_size: Optional[int] = typer.Option(None, help="evaluation batch (default: from free GPU memory; 8 on "
                                                   "CPU)"),
@@ -132,6 +153,7 @@ def run(
                         planner_share=planner_share, planner_max_calls=planner_max_calls,
                         planner_timeout=planner_timeout, planner_retries=planner_retries,
                         quant_methods=_csv(quant_methods), prune_methods=_csv(prune_methods),
+                        recover_steps=_steps(recover_steps),
                         trust_remote_code=trust_remote_code, command=[Path(sys.argv[0]).name] + sys.argv[1:])
         if workers is not None:
             return _run_workers(cfg, workers, artifacts)

@@ -102,6 +102,8 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
         cfg.proxy_limit = None  # a proxy as large as the full evaluation saves nothing
     if cfg.min_retention is not None and not (0 < cfg.min_retention <= 1.5):
         raise AcfError(f"--min-retention must lie in (0, 1.5] (got {cfg.min_retention})")
+    if not cfg.recover_steps or any(not 1 <= s <= 100_000 for s in cfg.recover_steps):
+        raise AcfError(f"--recover-steps: give one or more step counts in 1..100000 (got {cfg.recover_steps})")
     from .search import PRUNE_CHOICES, QUANT_CHOICES
 
     for flag, given, valid in (("--quant-methods", cfg.quant_methods, QUANT_CHOICES),

@@ -100,7 +100,10 @@ class DistillParams(_P):
 class LoraParams(_P):
     rank: int = Field(8, ge=1, le=1024)
     alpha: int = Field(16, ge=1, le=4096)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    # 0 by default: peft's dropout on every adapted layer's input doubled the forward time of a SmolLM2-135M LoRA
+    # step on the CPU (3.1 s vs 1.6 s, batch 4 x 256, bf16 autocast), and a recovery fine-tune of tens of steps
+    # does not overfit. Set it for long runs.
+    dropout: float = Field(0.0, ge=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                         "up_proj", "down_proj"])
     steps: int = Field(50, ge=1, le=100000)

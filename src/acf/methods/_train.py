@@ -18,10 +18,30 @@ from ._common import apply_masks, report
 from .calibration import TrainExample, batch_stream, collate
 
 
+def cpu_bf16_fast() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 / AMX). Measured on the 2-core AMD EPYC dev machine
+    (avx512_bf16): a SmolLM2-135M LoRA step (batch 4 x 256 tokens, forward + backward) takes 3.5 s under bf16
+    autocast vs 6.9 s in fp32, with the same loss to 3 decimals. Without such kernels bf16 is slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private torch probe: absent on some builds
+        return False
+
+
 def autocast(device: str):
+    """bf16 autocast where the device computes bf16 fast; the trainable weights themselves stay fp32."""
     if device.startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device == "cpu" and cpu_bf16_fast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def train_precision(device: str) -> str:
+    """What `autocast(device)` does, for the step record."""
+    if device.startswith("cuda") or (device == "cpu" and cpu_bf16_fast()):
+        return "bf16 autocast, fp32 weights"
+    return "fp32"
 
 
 def train_loop(method: str, model, examples: list[TrainExample], *, steps: int, lr: float, batch_size: int,
@@ -56,7 +76,7 @@ def train_loop(method: str, model, examples: list[TrainExample], *, steps: int, 
             ctx.log.info("%s step %d/%d loss %.4f %s", method, step, steps, curve[-1],
                          " ".join(f"{k} {v[-1]:.4f}" for k, v in parts_curves.items()))
     model.eval()
-    return {"loss_curve": curve, **{f"{k}_curve": v for k, v in parts_curves.items()},
+    return {"loss_curve": curve, **{f"{k}_curve": v for k, v in parts_curves.items()}, "precision": train_precision(dev),
             "loss_first": curve[0], "loss_last": curve[-1],
             "loss_first5_mean": _mean(curve[:5]), "loss_last5_mean": _mean(curve[-5:])}
 

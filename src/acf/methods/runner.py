@@ -87,7 +87,14 @@ def _step_log(path: Path, ctx_log: logging.Logger) -> Iterator[None]:
     if not (ctx_log.name == "acf" or ctx_log.name.startswith("acf.")):   # acf.* already reaches the acf handler
         loggers.append(ctx_log)
     old_levels = []
+    old_handler_levels = []
     for lg in dict.fromkeys(loggers):
+        # The file gets INFO, but the handlers already attached (transformers' own stderr handler, say) keep
+        # the threshold the user chose: lowering the logger alone dumped model configs onto the terminal.
+        shown = lg.getEffectiveLevel()
+        for h in lg.handlers:
+            old_handler_levels.append((h, h.level))
+            h.setLevel(max(h.level, shown))
         lg.addHandler(handler)
         old_levels.append((lg, lg.level))
         if lg.level == logging.NOTSET or lg.level > logging.INFO:
@@ -111,6 +118,8 @@ def _step_log(path: Path, ctx_log: logging.Logger) -> Iterator[None]:
         for lg, lvl in old_levels:
             lg.removeHandler(handler)
             lg.setLevel(lvl)
+        for h, lvl in old_handler_levels:
+            h.setLevel(lvl)
         out_s.detach_file()
         err_s.detach_file()
         fh.close()
