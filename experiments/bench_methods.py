@@ -123,6 +123,8 @@ def main() -> int:
                             "weight-sparse models are saved dense (compressed-tensors 0.19 has no sparse format): "
                             "their size does not shrink",
                             f"AWQ used {awq_calib} calibration samples (its grid search is slow on CPU)"]
+                            + sorted({f"{s['method']} trained in {s['extra']['precision']}" for r in rows
+                                      for s in r.get("steps", []) if s.get("extra", {}).get("precision")})
                             + ([] if complete else ["INCOMPLETE: the run stopped before every planned config ran"])}
         (stem.with_suffix(".json")).write_text(json.dumps(result, indent=2, default=str) + "\n")
         (stem.with_suffix(".md")).write_text(_markdown(result, rows[0]))
