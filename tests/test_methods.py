@@ -321,3 +321,22 @@ def test_step_log_keeps_terminal_quiet(tmp_path):
         lg.setLevel(old)
     assert "loading configuration file" in (tmp_path / "step.log").read_text()
     assert "real problem" in term.getvalue() and "loading configuration" not in term.getvalue()
+
+
+def test_compress_cli_keeps_library_chatter_in_step_logs(tiny_model_dir, tmp_path, data_root):
+    """Two llm-compressor steps in one process: the second used to print every module's GPTQ METRIC lines and
+    every model config on the terminal (llm-compressor installs its console sink on first import)."""
+    import os
+    import subprocess
+    import sys
+
+    strategy = {"steps": [{"method": "wanda", "params": {"sparsity": 0.5, **CAL}},
+                          {"method": "gptq", "params": {"bits": 4, "group_size": 32, **CAL}}]}
+    r = subprocess.run([sys.executable, "-m", "acf.cli", "compress", "--model", str(tiny_model_dir), "--out",
+                        str(tmp_path / "out"), "--strategy", json.dumps(strategy)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    shown = r.stdout + r.stderr
+    assert "METRIC" not in shown and "Model config" not in shown and "Calibrating" not in shown, shown[-3000:]
+    assert "model written to" in r.stdout
+    assert "METRIC" in (tmp_path / "out.logs" / "step-02-gptq.log").read_text()   # kept, in its step's log

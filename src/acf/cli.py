@@ -59,8 +59,9 @@ def _setup_logging(verbose: bool) -> None:
             pass
         # llm-compressor configures loguru when it is first imported (lazily, inside the first step), replacing
         # the sinks set below with an INFO console sink: per-module GPTQ metrics then flooded the terminal from
-        # the second episode on. Its own variable sets that sink's level; the step logs still get INFO.
-        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
+        # the second episode on. Its own variable sets that sink's level: ERROR, because its METRIC level (38)
+        # ranks above WARNING. The step logs still get everything from INFO up.
+        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
         try:
             from loguru import logger  # llmcompressor logs through loguru
 
