@@ -305,22 +305,27 @@ def test_step_log_keeps_terminal_quiet(tmp_path):
 
     from acf.methods.runner import _step_log
 
-    lg = logging.getLogger("transformers")
-    term = io.StringIO()
-    h = logging.StreamHandler(term)
-    old = lg.level
+    lg, root = logging.getLogger("transformers"), logging.getLogger()
+    term, root_term = io.StringIO(), io.StringIO()
+    h, rh = logging.StreamHandler(term), logging.StreamHandler(root_term)
+    old, old_prop = lg.level, lg.propagate
     lg.addHandler(h)
+    root.addHandler(rh)
     lg.setLevel(logging.ERROR)
+    lg.propagate = True   # transformers propagates to the root handler when CI is set
     try:
         with _step_log(tmp_path / "step.log", logging.getLogger("acf.methods")):
-            lg.info("loading configuration file")
+            logging.getLogger("transformers.configuration_utils").info("loading configuration file")
             lg.error("real problem")
-        assert h.level == logging.NOTSET and lg.level == logging.ERROR   # restored
+        assert not h.filters and not rh.filters and lg.level == logging.ERROR   # restored
     finally:
         lg.removeHandler(h)
+        root.removeHandler(rh)
         lg.setLevel(old)
+        lg.propagate = old_prop
     assert "loading configuration file" in (tmp_path / "step.log").read_text()
-    assert "real problem" in term.getvalue() and "loading configuration" not in term.getvalue()
+    for shown in (term.getvalue(), root_term.getvalue()):
+        assert "real problem" in shown and "loading configuration" not in shown
 
 
 def test_compress_cli_keeps_library_chatter_in_step_logs(tiny_model_dir, tmp_path, data_root):

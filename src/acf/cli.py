@@ -43,7 +43,8 @@ def _steps(value: str) -> list[int]:
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "llmcompressor", "optuna", "httpx", "urllib3", "datasets", "bitsandbytes"):
+    for noisy in ("transformers", "llmcompressor", "optuna", "httpx", "urllib3", "datasets", "bitsandbytes",
+                  "torch.fx._symbolic_trace"):   # the last: a deprecation notice from llm-compressor's tracing
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:

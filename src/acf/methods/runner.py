@@ -72,6 +72,32 @@ class _StepStream:
         self.fh = None
 
 
+class _KeepThreshold(logging.Filter):
+    """Passes a record of one of `levels`' loggers (or their children) only at or above that logger's level."""
+
+    def __init__(self, levels: dict[str, int]):
+        super().__init__()
+        self.levels = levels
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, level in self.levels.items():
+            if record.name == name or record.name.startswith(name + "."):
+                return record.levelno >= level
+        return True
+
+
+def _handlers_reached(loggers: list[logging.Logger]) -> list[logging.Handler]:
+    """Every handler a record of these loggers reaches: their own and their ancestors' along `propagate`."""
+    out: dict[int, logging.Handler] = {}
+    for lg in loggers:
+        cur: Optional[logging.Logger] = lg
+        while cur is not None:
+            for h in cur.handlers:
+                out[id(h)] = h
+            cur = cur.parent if cur.propagate else None
+    return list(out.values())
+
+
 @contextlib.contextmanager
 def _step_log(path: Path, ctx_log: logging.Logger) -> Iterator[None]:
     """Send this step's logging (acf, transformers, llm-compressor's loguru) and Python-level stdout/stderr to
@@ -87,14 +113,15 @@ def _step_log(path: Path, ctx_log: logging.Logger) -> Iterator[None]:
     if not (ctx_log.name == "acf" or ctx_log.name.startswith("acf.")):   # acf.* already reaches the acf handler
         loggers.append(ctx_log)
     old_levels = []
-    old_handler_levels = []
+    # The file gets INFO from the libraries, but every handler that was already there (transformers' own stderr
+    # handler, or the root handler it propagates to when CI is set) keeps the threshold the user chose for them:
+    # lowering the logger alone dumped every model config onto the terminal. acf's own INFO lines (training
+    # progress every 10 steps) reach the terminal as before.
+    keep = _KeepThreshold({n: logging.getLogger(n).getEffectiveLevel() for n in ("transformers", "peft")})
+    filtered = _handlers_reached(loggers)
+    for h in filtered:
+        h.addFilter(keep)
     for lg in dict.fromkeys(loggers):
-        # The file gets INFO, but the handlers already attached (transformers' own stderr handler, say) keep
-        # the threshold the user chose: lowering the logger alone dumped model configs onto the terminal.
-        shown = lg.getEffectiveLevel()
-        for h in lg.handlers:
-            old_handler_levels.append((h, h.level))
-            h.setLevel(max(h.level, shown))
         lg.addHandler(handler)
         old_levels.append((lg, lg.level))
         if lg.level == logging.NOTSET or lg.level > logging.INFO:
@@ -118,8 +145,8 @@ def _step_log(path: Path, ctx_log: logging.Logger) -> Iterator[None]:
         for lg, lvl in old_levels:
             lg.removeHandler(handler)
             lg.setLevel(lvl)
-        for h, lvl in old_handler_levels:
-            h.setLevel(lvl)
+        for h in filtered:
+            h.removeFilter(keep)
         out_s.detach_file()
         err_s.detach_file()
         fh.close()
