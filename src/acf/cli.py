@@ -83,12 +83,19 @@ def run(
     interactive: bool = typer.Option(False, help="approve / edit / skip / stop each strategy before it runs"),
     sampler: str = typer.Option("tpe", help="tpe | nsga2 | random | grid"),
     preset: str = typer.Option("balanced", help="accuracy_focused | latency_focused | balanced | memory_constrained"),
-    objectives: Optional[str] = typer.Option(None, help="comma list, >= 2 (default for gsm8k: answer_nll,size,latency)"),
-    min_retention: Optional[float] = typer.Option(0.9, help="hard constraint on quality retention"),
+    objectives: Optional[str] = typer.Option(None, help="comma list, >= 2 (default: kld,size,latency; kld, top1 and "
+                                             "kld_general are fidelity to the uncompressed model, on any task)"),
+    min_retention: Optional[float] = typer.Option(0.9, help="hard constraint on task-quality retention (when a task "
+                                                  "quality metric such as answer_nll or accuracy is an objective)"),
+    max_kld: Optional[float] = typer.Option(None, help="hard constraint: kld to the uncompressed model at most this "
+                                            "many nats/token (default 0.3; see SPEC.md)"),
+    controls: bool = typer.Option(True, help="measure 'baseline + the same recovery, no compression' once per "
+                                  "recovery recipe, so task adaptation is reported apart from compression"),
     limit: Optional[int] = typer.Option(100, help="evaluation items per candidate"),
     proxy_limit: Optional[int] = typer.Option(24, help="items for the cheap proxy evaluation that prunes candidates"),
     accuracy_limit: Optional[int] = typer.Option(None, help="cap on items for generation accuracy (slow on CPU)"),
-    final_limit: Optional[int] = typer.Option(None, help="at the end, re-evaluate frontier members on this many items"),
+    final_limit: Optional[int] = typer.Option(None, help="at the end, evaluate the baseline and frontier members on "
+                                              "this many held-out test items (after the --limit search items)"),
     final_metrics: Optional[str] = typer.Option(None, help="metrics for the final evaluation (default: the task's)"),
     budget_minutes: Optional[float] = typer.Option(None, help="stop starting episodes after this much wall time"),
     patience: Optional[int] = typer.Option(None, help="stop after K episodes without frontier change"),
@@ -121,7 +128,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Search compressed versions of MODEL for DATASET: propose, compress, evaluate, keep the Pareto frontier."""
-    from .pipeline import DEFAULT_OBJECTIVES, RunConfig
+    from .pipeline import DEFAULT_MAX_KLD, DEFAULT_OBJECTIVES, RunConfig
     from .runner import load_run_config, run_in_terminal
 
     _setup_logging(verbose)
@@ -142,12 +149,13 @@ def run(
     else:
         from .tasks import get_task
 
-        task = get_task(dataset, str(data_dir) if data_dir else None)
-        objs = objectives or DEFAULT_OBJECTIVES.get(task.name, f"{task.metrics[0]},size,latency")
+        get_task(dataset, str(data_dir) if data_dir else None)  # an unknown task fails before a run dir is made
+        objs = objectives or DEFAULT_OBJECTIVES
         rd = run_dir or Path("runs") / f"{Path(model).name}-{dataset.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
         cfg = RunConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, episodes=4 if episodes is None else episodes,
                         run_dir=str(rd), interactive=interactive, sampler=sampler, preset=preset,
                         objectives=objs.split(","), min_retention=min_retention, limit=limit, proxy_limit=proxy_limit,
+                        max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld, controls=controls,
                         accuracy_limit=accuracy_limit, final_limit=final_limit,
                         final_metrics=final_metrics.split(",") if final_metrics else None, budget_minutes=budget_minutes, patience=patience, seed=seed,
                         storage=storage, study_name=study, device=device or "auto", keep_all=keep_all,
@@ -196,7 +204,10 @@ def eval_cmd(
     dataset: str = typer.Option("gsm8k"),
     limit: Optional[int] = typer.Option(100),
     seed: int = typer.Option(0),
-    metrics: str = typer.Option("answer_nll,accuracy,latency,memory,size,params,sparsity,bits_per_weight"),
+    metrics: str = typer.Option("answer_nll,accuracy,latency,memory,size,params,sparsity,bits_per_weight",
+                                help="comma list; kld, top1 and kld_general need --baseline"),
+    baseline: Optional[str] = typer.Option(None, help="the uncompressed model that kld/top1/kld_general compare "
+                                           "against (alias, directory or hub id)"),
     fewshot: int = typer.Option(0, help="K-shot plain prompts instead of the zero-shot chat template"),
     batch_size: Optional[int] = typer.Option(None),
     max_new_tokens: int = typer.Option(256),
@@ -228,11 +239,21 @@ def eval_cmd(
     elif backend == "acf":
         from .evaluation import check_metrics
 
+        from .evaluation.runner import FIDELITY_METRICS
+
         mets = check_metrics(metrics.split(","), task)
         # Load data before the model so a data error costs nothing.
         task.load("test", limit=1)
+        fid = None
+        if any(m in FIDELITY_METRICS for m in mets):
+            if baseline is None:
+                raise AcfError(f"{', '.join(m for m in mets if m in FIDELITY_METRICS)} compare against the "
+                               f"uncompressed model: pass --baseline MODEL")
+            fid = _baseline_fidelity(resolve_model(baseline), task, limit, seed, dev, batch_size, trust_remote_code,
+                                     general="kld_general" in mets)
         result = evaluate(path, task, mets, limit=limit, seed=seed, device=dev, batch_size=batch_size,
-                          fewshot=fewshot, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
+                          fewshot=fewshot, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
+                          fidelity=fid)
     else:
         raise AcfError(f"unknown backend {backend!r}: acf or lm-eval")
     _print_metrics(result.metrics, f"{model} on {task.name}")
@@ -241,6 +262,18 @@ def eval_cmd(
 
         write_text(json_out, result.model_dump_json(indent=2))
         console.print(f"wrote {json_out}")
+
+
+def _baseline_fidelity(base_path: Path, task, limit, seed, device, batch_size, trust_remote_code, general: bool):
+    """The baseline's reference distributions for `acf eval --baseline` (computed now, not cached)."""
+    from .evaluation.runner import Loaded, build_fidelity, eval_items
+
+    ld = Loaded.load(base_path, device, trust_remote_code)
+    try:
+        return build_fidelity(ld.model, ld.tokenizer, task, eval_items(task, limit, seed), general=general,
+                              batch_size=batch_size, model_name=str(base_path))
+    finally:
+        ld.free()
 
 
 def _print_metrics(metrics: dict, title: str) -> None:

@@ -422,7 +422,9 @@ def _score(cfg: P.RunConfig, ff: FrontierFile, cand: Candidate) -> None:
     if len(cand.objectives) == len(cfg.objectives):
         base = ff.baseline.objectives
         cand.retention = retention(cand.objectives, base, cfg.objectives)
-        cand.reward = reward(cand.objectives, base, cfg.objectives, cfg.preset, cfg.min_retention).reward
+        k = cand.metrics.get("kld")
+        cand.reward = reward(cand.objectives, base, cfg.objectives, cfg.preset, cfg.min_retention, cfg.max_kld,
+                             k.value if k is not None else None).reward
     else:
         cand.status, cand.reason = "failed", "evaluation produced no value for " + ", ".join(
             o for o in cfg.objectives if o not in cand.objectives)
@@ -512,6 +514,9 @@ class Worker:
         cfg.run_dir = str(art_root / study_name)
         cfg.storage, cfg.study_name = storage_url, study_name
         cfg.device = resolve_device(device or cfg.device)
+        # Control rows (baseline + recovery) live in the coordinator's frontier.json, which workers do not write;
+        # distributed runs measure them with `acf run` on the merged frontier (not yet: issue "one episode engine").
+        cfg.controls = False
         # Each worker needs its own sampler seed, or every worker's first random proposals would be identical.
         self.study.sampler = _sampler(cfg, os.getpid())
         self.ctx = WorkerContext(cfg, self.study, self.console)
@@ -712,25 +717,18 @@ class Worker:
             if err:
                 out.update(status="failed", reason=err)
             else:
-                t0 = time.time()
-                proxy, prune = P.proxy_decision(ctx, cid)
-                timings["proxy_evaluate"] = round(time.time() - t0, 2)
-                out["proxy_metrics"] = proxy
-                if prune:
-                    out.update(status="pruned", reason=prune)
-                else:
-                    t0 = time.time()
-                    res = P.full_evaluation(ctx, cid)
-                    timings["evaluate"] = round(time.time() - t0, 2)
-                    out["metrics"] = res.metrics
-                    predictions = res.predictions
+                res = P.evaluate_candidate(ctx, cid, strategy, out["steps"])
+                timings.update(res["timings"])
+                out.update(status=res["status"], reason=res.get("reason"), control=res.get("control"),
+                           proxy_metrics=res.get("proxy_metrics", {}), metrics=res.get("metrics", {}))
+                predictions = res.get("predictions")
         art = ctx.artifact_dir(cid)
         ok = out["status"] == "ok" and art.exists()
         cand = Candidate(id=cid, episode=0, trial_number=trial.number, strategy=strategy,
                          description=strategy.describe(), status=out["status"], reason=out.get("reason"),
                          proposed_by=prop["proposed_by"], metrics=out.get("metrics", {}),
                          proxy_metrics=out.get("proxy_metrics", {}), steps=out.get("steps", []),
-                         artifact=str(art) if ok else None, artifact_kept=ok, timings=timings, started_at=started)
+                         control=out.get("control"), artifact=str(art) if ok else None, artifact_kept=ok, timings=timings, started_at=started)
         if not ok and art.exists():
             shutil.rmtree(art, ignore_errors=True)
         cand.finished_at = now()  # set once: a retried `record` recognises its own earlier write by it

@@ -100,21 +100,18 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
     def evaluate_node(state: EpisodeState) -> dict:
         prop, out = state["proposal"], dict(state["outcome"])
         cid = _cid(prop)
-        t0 = time.time()
-        proxy, prune = P.proxy_decision(ctx, cid)
-        timings = dict(out.get("timings", {}))
-        timings["proxy_evaluate"] = round(time.time() - t0, 2)
-        out["proxy_metrics"] = {k: v.model_dump() for k, v in proxy.items()}
-        if prune:
-            ctx.say(f"  [yellow]pruned[/] after proxy evaluation: {prune}")
-            out.update(status="pruned", reason=prune, timings=timings)
-            return {"outcome": out}
-        t1 = time.time()
-        res = P.full_evaluation(ctx, cid)
-        timings["evaluate"] = round(time.time() - t1, 2)
-        out.update(metrics={k: v.model_dump() for k, v in res.metrics.items()}, timings=timings,
-                   predictions=res.predictions)
-        ctx.say(P._metrics_line(cid, res.metrics, ctx.cfg.objectives))
+        res = P.evaluate_candidate(ctx, cid, Strategy(**prop["strategy"]), out.get("steps", []))
+        out.update(status=res["status"], reason=res.get("reason"), control=res.get("control"),
+                   timings={**out.get("timings", {}), **res["timings"]},
+                   proxy_metrics={k: v.model_dump() for k, v in res.get("proxy_metrics", {}).items()},
+                   metrics={k: v.model_dump() for k, v in res.get("metrics", {}).items()},
+                   predictions=res.get("predictions"))
+        if res["status"] == "pruned":
+            ctx.say(f"  [yellow]pruned[/] after proxy evaluation: {res['reason']}")
+        elif res["status"] == "failed":
+            ctx.say(f"  [red]evaluation failed[/]: {res['reason']}")
+        else:
+            ctx.say(P._metrics_line(cid, res["metrics"], ctx.cfg.objectives))
         return {"outcome": out}
 
     def update_node(state: EpisodeState) -> dict:
@@ -132,7 +129,8 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
             id=cid, episode=prop["episode"], trial_number=prop.get("trial"), strategy=Strategy(**prop["strategy"]),
             description=Strategy(**prop["strategy"]).describe(), status=out.get("status", "failed"),
             reason=out.get("reason"), proposed_by=prop["proposed_by"], rationale=prop.get("rationale"),
-            metrics=out.get("metrics", {}), proxy_metrics=out.get("proxy_metrics", {}), steps=out.get("steps", []),
+            metrics=out.get("metrics") or {}, proxy_metrics=out.get("proxy_metrics") or {}, steps=out.get("steps", []),
+            control=out.get("control"),
             artifact=str(art) if out.get("status") == "ok" and art.exists() else None,
             artifact_kept=out.get("status") == "ok" and art.exists(), timings=timings, started_at=prop.get("t0"),
             finished_at=now())

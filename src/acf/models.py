@@ -171,7 +171,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: Optional[str
         raise ModelNotFound(f"model directory {path} has no config.json (did a step fail or the folder vanish?)")
     tok = load_tokenizer(path, trust_remote_code)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    qcfg = _quant_method(path)
+    qcfg = quant_method(path)
     if qcfg == "bitsandbytes":
         # bnb weights are placed by their own loader; forcing a dtype would fight the stored one.
         kwargs["device_map"] = {"": device}
@@ -184,7 +184,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: Optional[str
     return model, tok
 
 
-def _quant_method(path: Path) -> Optional[str]:
+def quant_method(path: Path) -> Optional[str]:
+    """The `quant_method` of a model directory's quantization_config (compressed-tensors, bitsandbytes), or None."""
     import json
 
     try:

@@ -46,14 +46,18 @@ def pareto_front(points: Mapping[str, Point], objectives: Sequence[str],
 
 
 def reference_point(baseline: Point, objectives: Sequence[str], directions: Mapping[str, str] = DIRECTIONS,
-                    slack: float = 0.1) -> dict[str, float]:
+                    slack: float = 0.1, fixed: Mapping[str, float] | None = None) -> dict[str, float]:
     """Reference point derived from the baseline: each objective `slack` worse than the baseline.
 
     Cost objectives (size, latency, memory) use the baseline itself plus slack, so a candidate only adds volume
-    when it is no more than 10% worse than the uncompressed model; quality objectives likewise.
+    when it is no more than 10% worse than the uncompressed model; quality objectives likewise. `fixed` sets an
+    objective's reference directly: kld is 0 for the baseline, so its reference is the --max-kld bound.
     """
     ref = {}
     for o in objectives:
+        if fixed and fixed.get(o) is not None:
+            ref[o] = float(fixed[o])
+            continue
         v = float(baseline[o])
         worse = abs(v) * slack if v != 0 else slack
         ref[o] = v - worse if directions[o] == "maximize" else v + worse

@@ -35,7 +35,12 @@ from .strategy import Strategy, validate_strategy
 log = logging.getLogger(__name__)
 
 CHEAP_METRICS = ("size", "params", "bits_per_weight", "sparsity")
-DEFAULT_OBJECTIVES = {"gsm8k": "answer_nll,size,latency"}
+#: fidelity to the baseline, measured for every candidate of every run (the search ranks by kld by default)
+FIDELITY_MEASURED = ("kld", "top1", "kld_general")
+DEFAULT_OBJECTIVES = "kld,size,latency"
+#: default --max-kld (nats/token): chosen from experiments/results/fidelity-*.md, see SPEC.md
+DEFAULT_MAX_KLD = 0.3
+RECOVERY_METHODS = ("lora", "distill")
 
 
 class RunConfig(BaseModel):
@@ -49,8 +54,10 @@ class RunConfig(BaseModel):
     interactive: bool = False
     sampler: str = "tpe"
     preset: str = "balanced"
-    objectives: list[str] = Field(default_factory=lambda: ["answer_nll", "size", "latency"])
+    objectives: list[str] = Field(default_factory=lambda: DEFAULT_OBJECTIVES.split(","))
     min_retention: Optional[float] = 0.9
+    max_kld: Optional[float] = DEFAULT_MAX_KLD
+    controls: bool = True
     limit: Optional[int] = 100
     proxy_limit: Optional[int] = 24
     accuracy_limit: Optional[int] = None
@@ -98,10 +105,17 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
         v = getattr(cfg, name)
         if v is not None and v <= 0:
             raise AcfError(f"--{name.replace('_', '-')} must be positive (got {v})")
+    if cfg.final_limit is not None and cfg.final_limit <= 0:
+        raise AcfError(f"--final-limit must be positive (got {cfg.final_limit})")
+    if cfg.final_limit and not cfg.limit:
+        raise AcfError("--final-limit reports on test items the search did not see, which needs a --limit for the "
+                       "search (with no --limit the search uses every test item)")
     if cfg.proxy_limit and cfg.limit and cfg.proxy_limit >= cfg.limit:
         cfg.proxy_limit = None  # a proxy as large as the full evaluation saves nothing
     if cfg.min_retention is not None and not (0 < cfg.min_retention <= 1.5):
         raise AcfError(f"--min-retention must lie in (0, 1.5] (got {cfg.min_retention})")
+    if cfg.max_kld is not None and not (0 < cfg.max_kld <= 20):
+        raise AcfError(f"--max-kld must lie in (0, 20] nats/token (got {cfg.max_kld})")
     if not cfg.recover_steps or any(not 1 <= s <= 100_000 for s in cfg.recover_steps):
         raise AcfError(f"--recover-steps: give one or more step counts in 1..100000 (got {cfg.recover_steps})")
     from .search import PRUNE_CHOICES, QUANT_CHOICES
@@ -141,6 +155,8 @@ class RunContext:
         self.ff: Optional[FrontierFile] = None
         self.t_start = time.time()
         self.planner = None
+        self._fidelity: dict[str, Any] = {}
+        self._loaded: Optional[tuple[str, Any]] = None
         if (self.dir / "frontier.json").exists():
             self.ff = load_frontier_file(self.dir / "frontier.json")
 
@@ -184,6 +200,68 @@ class RunContext:
                                      self.cfg.seed, meta)
         return self._study
 
+    # ---- the baseline's references and the candidate in memory ------------------------------------------------
+    def fidelity(self, part: str = "search", loaded=None):
+        """The baseline references for the search items (`part="search"`) or the final report's held-out items
+        ("report"): built once from the baseline, cached under RUN_DIR/reference/, reused by every candidate and
+        after a resume (a corrupt or mismatched cache is named and rebuilt, never read as zeros)."""
+        if part in self._fidelity:
+            return self._fidelity[part]
+        from .evaluation.fidelity import cached_reference
+        from .evaluation.runner import Loaded, build_fidelity
+        from .models import load_tokenizer
+
+        assert self.ff is not None
+        base_path = self.ff.run.model_path
+        offset, limit = self.item_range(part)
+        from .evaluation.runner import eval_items
+
+        items = eval_items(self.task, limit, self.cfg.seed, offset)
+        holder: dict[str, Any] = {}
+
+        def model():
+            if loaded is not None:
+                return loaded.model
+            if "m" not in holder:
+                self.say(f"  [dim]loading the baseline to compute its reference distributions ({part} items)[/]")
+                holder["m"] = Loaded.load(base_path, self.cfg.device, self.cfg.trust_remote_code)
+            return holder["m"].model
+
+        tok = loaded.tokenizer if loaded is not None else load_tokenizer(base_path, self.cfg.trust_remote_code)
+
+        def cache(name, seqs, build):
+            return cached_reference(self.dir / "reference" / f"{name}.safetensors", seqs, build,
+                                    say=lambda m: self.say(f"  [yellow]{m}[/]"))
+
+        fid = build_fidelity(model, tok, self.task, items, general=True, general_part=part,
+                             batch_size=self.cfg.eval_batch_size, model_name=base_path, cache=cache)
+        if "m" in holder:
+            holder["m"].free()
+        self._fidelity[part] = fid
+        return fid
+
+    def item_range(self, part: str) -> tuple[int, Optional[int]]:
+        """(offset, count) in the test split's seeded permutation: search items first, the report's after them."""
+        if part == "search":
+            return 0, self.cfg.limit
+        return (self.cfg.limit or 0), self.cfg.final_limit
+
+    def loaded(self, cid: str, path: Path):
+        """The candidate `cid` in memory, loaded once per episode for its proxy and its full evaluation."""
+        from .evaluation.runner import Loaded
+
+        if self._loaded is not None and self._loaded[0] == cid:
+            return self._loaded[1]
+        self.release()
+        ld = Loaded.load(path, self.cfg.device, self.cfg.trust_remote_code)
+        self._loaded = (cid, ld)
+        return ld
+
+    def release(self) -> None:
+        if self._loaded is not None:
+            self._loaded[1].free()
+            self._loaded = None
+
     def save(self) -> None:
         assert self.ff is not None
         self.ff.run.wall_seconds = round(self.ff.run.wall_seconds + (time.time() - self.t_start), 1)
@@ -214,7 +292,8 @@ def init_run(ctx: RunContext) -> dict:
                        limit=cfg.limit, proxy_limit=cfg.proxy_limit, episodes=cfg.episodes, device=cfg.device,
                        device_name=device_string(cfg.device), acf_version=__version__, git_commit=git_commit(),
                        runtime=runtime_string(), created_at=now(), updated_at=now(), command=cfg.command,
-                       study_name=cfg.study(), storage=_redact(cfg.storage_url()))
+                       study_name=cfg.study(), storage=_redact(cfg.storage_url()), max_kld=cfg.max_kld,
+                       item_sets=item_sets(cfg))
         from .spec import spec_summary
 
         ctx.ff = FrontierFile(run=meta, spec=spec_summary(spec))
@@ -229,6 +308,17 @@ def init_run(ctx: RunContext) -> dict:
     return {"model_path": str(model_path)}
 
 
+def item_sets(cfg: RunConfig) -> dict[str, Any]:
+    """What frontier.json says about which items rank candidates and which the report uses (disjoint)."""
+    lim = cfg.limit
+    return {"split": "test", "permutation_seed": cfg.seed,
+            "search": {"offset": 0, "count": lim, "proxy_count": cfg.proxy_limit,
+                       "use": "ranks candidates (proxy = its first proxy_count items)"},
+            "report": {"offset": lim or 0, "count": cfg.final_limit,
+                       "use": "final evaluation of frontier members (--final-limit), never seen by the search"},
+            "calibration_and_training": "train split, in the prompt format evaluation uses"}
+
+
 def _redact(url: str) -> str:
     """Storage URLs may carry a password; it never reaches frontier.json or logs."""
     import re
@@ -237,7 +327,7 @@ def _redact(url: str) -> str:
 
 
 def metrics_to_measure(ctx: RunContext) -> list[str]:
-    want = list(ctx.cfg.objectives) + list(CHEAP_METRICS)
+    want = list(ctx.cfg.objectives) + list(CHEAP_METRICS) + list(FIDELITY_MEASURED)
     if "answer_nll" in ctx.task.metrics:
         want.append("answer_nll")
     if "latency" in want or "memory" in want:
@@ -245,27 +335,40 @@ def metrics_to_measure(ctx: RunContext) -> list[str]:
     return list(dict.fromkeys(want))
 
 
-def _evaluate(ctx: RunContext, model_dir: Path, metrics: list[str], limit: Optional[int]):
+def _evaluate(ctx: RunContext, model_dir: Path, metrics: list[str], limit: Optional[int], *, loaded=None,
+              part: str = "search", known_sparsity: Optional[Measurement] = None):
     from .evaluation import evaluate
 
+    offset, _ = ctx.item_range(part)
+    fid = ctx.fidelity(part) if any(m in FIDELITY_MEASURED for m in metrics) else None
     return evaluate(model_dir, ctx.task, metrics, limit=limit, seed=ctx.cfg.seed, device=ctx.cfg.device,
                     batch_size=ctx.cfg.eval_batch_size, accuracy_limit=ctx.cfg.accuracy_limit,
                     latency_tokens=ctx.cfg.latency_tokens, show_progress=ctx.console.is_terminal,
-                    trust_remote_code=ctx.cfg.trust_remote_code)
+                    trust_remote_code=ctx.cfg.trust_remote_code, loaded=loaded, item_offset=offset, fidelity=fid,
+                    known_sparsity=known_sparsity)
 
 
 def evaluate_baseline(ctx: RunContext, model_path: str) -> None:
+    """The uncompressed model with the same evaluator and items; its reference distributions are computed from
+    the same load and cached for every candidate."""
+    from .evaluation.runner import Loaded
+
     assert ctx.ff is not None
     if ctx.ff.baseline is not None:
         return
     ctx.say("[bold]baseline[/]: evaluating the uncompressed model with the same evaluator")
     t0 = time.time()
-    res = _evaluate(ctx, Path(model_path), metrics_to_measure(ctx), ctx.cfg.limit)
-    proxy = {}
-    if ctx.cfg.proxy_limit:
-        q = [m for m in ctx.cfg.objectives if m in QUALITY]
-        if q:
-            proxy = _evaluate(ctx, Path(model_path), q, ctx.cfg.proxy_limit).metrics
+    loaded = Loaded.load(model_path, ctx.cfg.device, ctx.cfg.trust_remote_code)
+    try:
+        ctx.fidelity("search", loaded=loaded)
+        res = _evaluate(ctx, Path(model_path), metrics_to_measure(ctx), ctx.cfg.limit, loaded=loaded)
+        proxy = {}
+        if ctx.cfg.proxy_limit:
+            q = [m for m in ctx.cfg.objectives if m in QUALITY]
+            if q:
+                proxy = _evaluate(ctx, Path(model_path), q, ctx.cfg.proxy_limit, loaded=loaded).metrics
+    finally:
+        loaded.free()
     cand = Candidate(id="baseline", episode=0, strategy=Strategy(), description="baseline (no compression)",
                      proposed_by="baseline", metrics=res.metrics, proxy_metrics=proxy,
                      objectives=_objective_values(ctx, res.metrics), retention=1.0, artifact=model_path,
@@ -284,7 +387,7 @@ def _objective_values(ctx: RunContext, metrics: dict[str, Measurement]) -> dict[
 
 def _metrics_line(label: str, metrics: dict[str, Measurement], objectives: list[str]) -> str:
     parts = []
-    for o in list(dict.fromkeys(objectives + ["answer_nll", "accuracy", "size"])):
+    for o in list(dict.fromkeys(objectives + ["kld", "top1", "answer_nll", "accuracy", "size"])):
         m = metrics.get(o)
         if m is None or m.value is None:
             continue
@@ -297,7 +400,9 @@ def _fmt(name: str, v: float) -> str:
         return f"{v / 2**20:.1f} MiB"
     if name in ("latency", "ttft"):
         return f"{v:.1f} ms"
-    if name in ("accuracy", "sparsity", "mc1", "mc2", "accuracy_norm", "pass@1"):
+    if name in ("kld", "kld_general"):
+        return f"{v:.4f}"
+    if name in ("accuracy", "sparsity", "mc1", "mc2", "accuracy_norm", "pass@1", "top1"):
         return f"{v:.3f}"
     if name == "params":
         return f"{v / 1e6:.1f}M"
@@ -371,8 +476,18 @@ def _tell_like(ctx: RunContext, trial: optuna.Trial, prev: Candidate) -> None:
 
 
 def _set_constraint(ctx: RunContext, trial: optuna.Trial, cand: Candidate) -> None:
-    if ctx.cfg.min_retention is not None and cand.retention is not None:
-        trial.set_constraint("retention", ctx.cfg.min_retention - cand.retention)
+    """Optuna constraints (feasible when <= 0): task-quality retention and kld, each set on every told trial."""
+    if ctx.cfg.min_retention is not None:
+        ret = cand.retention
+        trial.set_constraint("retention", ctx.cfg.min_retention - ret if ret is not None else 0.0)
+    if ctx.cfg.max_kld is not None:
+        k = _kld(cand)
+        trial.set_constraint("kld", k - ctx.cfg.max_kld if k is not None else 0.0)
+
+
+def _kld(cand: Candidate) -> Optional[float]:
+    m = cand.metrics.get("kld")
+    return None if m is None else m.value
 
 
 def estimate_cost(ctx: RunContext, strategy: Strategy) -> dict:
@@ -425,7 +540,8 @@ def preflight(ctx: RunContext, strategy: Strategy) -> Optional[str]:
     return None
 
 
-def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str, episode: int) -> tuple[list, Optional[str]]:
+def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str, episode: int,
+             log_dir: Optional[Path] = None) -> tuple[list, Optional[str]]:
     """Run the strategy's steps into artifacts/<cid>. Returns (step records, failure reason or None)."""
     from .methods import StepContext
     from .methods.runner import run_strategy
@@ -437,13 +553,70 @@ def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str, epi
     sctx = StepContext(device=ctx.cfg.device, task=ctx.task, teacher_dir=Path(model_path), seed=ctx.cfg.seed,
                        trust_remote_code=ctx.cfg.trust_remote_code)
     try:
-        records = run_strategy(strategy, Path(model_path), out, sctx, log_dir=ctx.episode_dir(episode) / "logs")
+        records = run_strategy(strategy, Path(model_path), out, sctx,
+                               log_dir=log_dir or ctx.episode_dir(episode) / "logs")
     except MethodFailed as e:
         return getattr(e, "records", []), str(e)
     failed = [r for r in records if r.status != "ok"]
     if failed:
         return records, failed[0].reason or "a step failed"
     return records, None
+
+
+def evaluate_candidate(ctx: RunContext, cid: str, strategy: Strategy, steps: list) -> dict:
+    """Proxy evaluation, then (unless pruned) the full one, from one load of the candidate; then its control.
+
+    Returns the outcome fields {status, reason, proxy_metrics, metrics, predictions, timings, control}. An
+    exception while evaluating (out of memory, a library error) fails this episode with the reason; the search
+    goes on. Used by the coordinator graph and by distributed workers alike."""
+    out: dict[str, Any] = {"status": "ok", "timings": {}}
+    t0 = time.time()
+    try:
+        proxy, prune = proxy_decision(ctx, cid)
+        out["timings"]["proxy_evaluate"] = round(time.time() - t0, 2)
+        out["proxy_metrics"] = proxy
+        if prune:
+            out.update(status="pruned", reason=prune)
+            return out
+        t1 = time.time()
+        res = full_evaluation(ctx, cid, known_sparsity=sparsity_from_steps(strategy, steps))
+        out["timings"]["evaluate"] = round(time.time() - t1, 2)
+        out.update(metrics=res.metrics, predictions=res.predictions)
+    except (KeyboardInterrupt, AcfError):
+        raise
+    except Exception as e:  # noqa: BLE001 - one candidate's evaluation failing must not end the run
+        kind = "oom" if "out of memory" in str(e).lower() or isinstance(e, MemoryError) else "evaluation"
+        log.exception("evaluation of %s failed", cid)
+        out.update(status="failed", reason=f"{kind}: evaluation failed: {type(e).__name__}: {str(e)[:300]}")
+        return out
+    finally:
+        ctx.release()
+    if ctx.cfg.controls:
+        t2 = time.time()
+        out["control"] = ensure_control(ctx, strategy)
+        if out["control"]:
+            out["timings"]["control"] = round(time.time() - t2, 2)
+    return out
+
+
+def sparsity_from_steps(strategy: Strategy, steps: list) -> Optional[Measurement]:
+    """For a quantized result: the sparsity its pruning steps measured before quantization (0 without one)."""
+    from .strategy import kind_of
+
+    if not any(kind_of(s.method) == "quantize" for s in strategy.steps):
+        return None
+    measured = None
+    for r in steps:
+        extra = r.get("extra", {}) if isinstance(r, dict) else r.extra
+        method = r.get("method") if isinstance(r, dict) else r.method
+        if "measured_sparsity" in extra:
+            measured = (float(extra["measured_sparsity"]), method)
+    if measured is None:
+        return Measurement(value=0.0, unit="fraction", device="", method="no pruning step: no sparsity (the exact "
+                                                                         "zeros of a quantized grid are not sparsity)")
+    return Measurement(value=measured[0], unit="fraction", device="",
+                       method=f"share of exact zeros in Linear weights measured after the {measured[1]} step, before "
+                              f"quantization (a dequantized grid's zeros are not counted)")
 
 
 def proxy_decision(ctx: RunContext, cid: str) -> tuple[dict[str, Measurement], Optional[str]]:
@@ -454,13 +627,17 @@ def proxy_decision(ctx: RunContext, cid: str) -> tuple[dict[str, Measurement], O
     if not cfg.proxy_limit or not q or not ff.baseline.proxy_metrics:
         return {}, None
     art = ctx.artifact_dir(cid)
-    res = _evaluate(ctx, art, q + ["size"], cfg.proxy_limit)
+    res = _evaluate(ctx, art, q + ["size"], cfg.proxy_limit, loaded=ctx.loaded(cid, art))
     base = {o: ff.baseline.proxy_metrics[o].value for o in q if o in ff.baseline.proxy_metrics}
     vals = {o: res.metrics[o].value for o in q}
     ret = retention(vals, base, cfg.objectives)
     if ret is not None and cfg.min_retention is not None and ret < cfg.min_retention - 0.1:
         return res.metrics, (f"proxy retention {ret:.3f} on {cfg.proxy_limit} items is far below the "
                              f"--min-retention {cfg.min_retention} (margin 0.1)")
+    pk = vals.get("kld")
+    if pk is not None and cfg.max_kld is not None and pk > 2 * cfg.max_kld:
+        return res.metrics, (f"proxy kld {pk:.3f} on {cfg.proxy_limit} items is more than twice the --max-kld "
+                             f"{cfg.max_kld}")
     # Optimistic full-evaluation estimate: quality 5% better than the proxy, costs not yet measured as ideal.
     est: dict[str, float] = {}
     for o in cfg.objectives:
@@ -486,32 +663,97 @@ def proxy_decision(ctx: RunContext, cid: str) -> tuple[dict[str, Measurement], O
     return res.metrics, None
 
 
-def final_evaluation(ctx: RunContext) -> None:
-    """Re-measure the baseline and every frontier member on --final-limit items (e.g. the whole test split).
+def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
+    """The control row for a strategy with recovery steps: the uncompressed model given the same recovery
+    (LoRA/distillation steps and their params) and no compression, measured once per distinct recovery and
+    reused. Its quality change is task adaptation; the candidate's change beyond it is compression.
+    Returns the control's id (None when the strategy has no recovery step)."""
+    ff = ctx.ff
+    assert ff is not None
+    rec = [st for st in strategy.steps if st.method in RECOVERY_METHODS and not st.params.get("qlora")]
+    if not rec:
+        return None
+    cs = Strategy(steps=rec)
+    for c in ff.controls:
+        if c.strategy.key() == cs.key():
+            return c.id
+    cid = f"ctrl{len(ff.controls) + 1:02d}"
+    ctx.say(f"  [bold]control[/] {cid}: baseline + {cs.describe()} (no compression), to measure task adaptation "
+            f"apart")
+    t0 = time.time()
+    records, err = compress(ctx, cid, cs, ff.run.model_path, 0, log_dir=ctx.dir / "controls" / cid / "logs")
+    cand = Candidate(id=cid, episode=0, strategy=cs, description=cs.describe() + " (control: no compression)",
+                     proposed_by="control", steps=records, started_at=now())
+    art = ctx.artifact_dir(cid)
+    if err:
+        cand.status, cand.reason = "failed", err
+    else:
+        try:
+            res = _evaluate(ctx, art, [m for m in metrics_to_measure(ctx) if m not in ("latency", "ttft",
+                                                                                     "throughput", "memory")],
+                            ctx.cfg.limit)
+            cand.metrics = res.metrics
+            cand.objectives = _objective_values(ctx, res.metrics)
+            cand.retention = retention(cand.objectives, ff.baseline.objectives, ctx.cfg.objectives)
+        except (KeyboardInterrupt, AcfError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed control leaves the candidate without its split
+            cand.status, cand.reason = "failed", f"evaluation: {type(e).__name__}: {str(e)[:300]}"
+    cand.timings = {"control": round(time.time() - t0, 2)}
+    cand.finished_at = now()
+    cand.artifact = str(art) if art.exists() and cand.status == "ok" else None
+    cand.artifact_kept = cand.artifact is not None
+    if cand.status != "ok" or not (ctx.cfg.keep_all or ctx.cfg.final_limit):
+        shutil.rmtree(art, ignore_errors=True)
+        cand.artifact, cand.artifact_kept = None, False
+    ff.controls.append(cand)
+    ctx.save()
+    ctx.say(_metrics_line(cid, cand.metrics, ctx.cfg.objectives) if cand.status == "ok"
+            else f"  [red]control {cid} failed[/]: {cand.reason}")
+    return cid
 
-    The search compares candidates on --limit items; the numbers a user quotes come from this larger evaluation.
-    Already-done members are skipped, so a resumed run does not redo them.
+
+def final_evaluation(ctx: RunContext) -> None:
+    """Measure the baseline, every frontier member and their controls on --final-limit held-out items.
+
+    These items come after the search items in the test split's permutation: the search never saw them, so the
+    numbers a user quotes are not selected on the items they are measured on. Already-done members are skipped,
+    so a resumed run does not redo them.
     """
     cfg, ff = ctx.cfg, ctx.ff
     assert ff is not None
     if not cfg.final_limit:
         return
-    metrics = cfg.final_metrics or [m for m in ctx.task.metrics]
-    for cid in ff.frontier:
+    metrics = list(dict.fromkeys((cfg.final_metrics or list(ctx.task.metrics)) + ["kld", "top1", "kld_general"]))
+    offset, _ = ctx.item_range("report")
+    from .evaluation.runner import eval_items
+
+    n = len(eval_items(ctx.task, cfg.final_limit, cfg.seed, offset))
+    if n == 0:
+        ctx.say(f"[yellow]final evaluation skipped[/]: the test split has no items left after the {cfg.limit} "
+                f"search items (lower --limit to hold some out)")
+        return
+    ids = ["baseline"] + [c for c in ff.frontier if c != "baseline"]
+    ids += [c.control for c in (ff.candidate(i) for i in ids) if c.control]
+    for cid in dict.fromkeys(ids):
         c = ff.candidate(cid)
         if c.final_metrics or not c.artifact or not Path(c.artifact).exists():
             continue
-        ctx.say(f"[bold]final evaluation[/] of {cid} on {cfg.final_limit} items: {', '.join(metrics)}")
+        ctx.say(f"[bold]final evaluation[/] of {cid} on {n} held-out items (test items {offset}..{offset + n - 1} "
+                f"of the permutation): {', '.join(metrics)}")
         t0 = time.time()
-        res = _evaluate(ctx, Path(c.artifact), metrics, cfg.final_limit)
+        res = _evaluate(ctx, Path(c.artifact), metrics, cfg.final_limit, part="report",
+                        known_sparsity=sparsity_from_steps(c.strategy, c.steps))
         c.final_metrics = res.metrics
         c.timings["final_evaluate"] = round(time.time() - t0, 2)
         ctx.say(_metrics_line(cid, res.metrics, metrics))
         ctx.save()
 
 
-def full_evaluation(ctx: RunContext, cid: str):
-    return _evaluate(ctx, ctx.artifact_dir(cid), metrics_to_measure(ctx), ctx.cfg.limit)
+def full_evaluation(ctx: RunContext, cid: str, known_sparsity: Optional[Measurement] = None):
+    art = ctx.artifact_dir(cid)
+    return _evaluate(ctx, art, metrics_to_measure(ctx), ctx.cfg.limit, loaded=ctx.loaded(cid, art),
+                     known_sparsity=known_sparsity)
 
 
 def _ok_candidates(ctx: RunContext) -> list[Candidate]:
@@ -537,7 +779,8 @@ def record(ctx: RunContext, cand: Candidate, trial_number: Optional[int], predic
         cand.objectives = _objective_values(ctx, cand.metrics)
         if len(cand.objectives) == len(ctx.cfg.objectives):
             cand.retention = retention(cand.objectives, base, ctx.cfg.objectives)
-            cand.reward = reward(cand.objectives, base, ctx.cfg.objectives, ctx.cfg.preset, ctx.cfg.min_retention).reward
+            cand.reward = reward(cand.objectives, base, ctx.cfg.objectives, ctx.cfg.preset, ctx.cfg.min_retention,
+                                 ctx.cfg.max_kld, _kld(cand)).reward
         else:
             cand.status, cand.reason = "failed", "evaluation produced no value for " + ", ".join(
                 o for o in ctx.cfg.objectives if o not in cand.objectives)
@@ -588,19 +831,22 @@ def _refresh(ctx: RunContext) -> None:
     ff.frontier = pareto_front(points, objs)
     base = ff.baseline.objectives
     if len(base) == len(objs):
-        ref = reference_point(base, objs)
+        ref = reference_point(base, objs, fixed={"kld": ctx.cfg.max_kld} if ctx.cfg.max_kld else None)
         ff.reference_point = ref
         hv = hypervolume([points[k] for k in ff.frontier], objs, ref, normalise=base)
         ep = episodes_done(ctx)
         ff.hypervolume = [h for h in ff.hypervolume if h.episode != ep] + [HVPoint(episode=ep, hypervolume=hv)]
-        rec = recommend(points, [k for k in ff.frontier], base, objs, ctx.cfg.preset, ctx.cfg.min_retention)
+        klds = {c.id: _kld(c) for c in _ok_candidates(ctx)}
+        rec = recommend(points, [k for k in ff.frontier], base, objs, ctx.cfg.preset, ctx.cfg.min_retention,
+                        ctx.cfg.max_kld, klds)
         if rec is not None:
             cid, r = rec
             ff.recommended = Recommendation(id=cid, reward=r.reward, terms=r.terms, preset=ctx.cfg.preset,
                                             why=_why(cid, r, ctx.cfg.min_retention))
     for c in ff.candidates:
         if c.status == "ok" and len(c.objectives) == len(objs):
-            c.reward = reward(c.objectives, base, objs, ctx.cfg.preset, ctx.cfg.min_retention).reward
+            c.reward = reward(c.objectives, base, objs, ctx.cfg.preset, ctx.cfg.min_retention, ctx.cfg.max_kld,
+                              _kld(c)).reward
 
 
 def _why(cid: str, r, min_ret: Optional[float]) -> str:

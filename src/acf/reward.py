@@ -3,6 +3,7 @@
 Normalisation makes objectives in bytes, ms and nats comparable:
 - quality to maximise (accuracy, mc1, ...): retention = value / baseline
 - answer NLL: retention = exp(baseline - value), the ratio of per-token likelihoods (1.0 = no loss)
+- kld, kld_general (nats/token, baseline 0): exp(-value), the same scale (1.0 = identical distributions)
 - costs to minimise (size, latency, memory, ...): saving = 1 - value / baseline (0.5 = halved)
 - throughput: gain = value / baseline - 1
 """
@@ -14,7 +15,7 @@ from typing import Mapping, Optional, Sequence
 
 from pydantic import BaseModel
 
-from .objectives import DIRECTIONS, QUALITY
+from .objectives import DIRECTIONS, FIDELITY, QUALITY
 
 # Preset: share of weight on quality, and relative weights among cost objectives.
 PRESETS: dict[str, dict] = {
@@ -43,6 +44,8 @@ class RewardResult(BaseModel):
 def normalised_score(name: str, value: float, baseline: float) -> float:
     if name == "answer_nll":
         return math.exp(baseline - value)
+    if name in ("kld", "kld_general"):
+        return math.exp(-max(value, 0.0))
     if name in QUALITY:
         return value / baseline if baseline else (1.0 if value == 0 else 1.0 + value)
     if DIRECTIONS[name] == "maximize":
@@ -70,15 +73,19 @@ def weights_for(objectives: Sequence[str], preset: str) -> dict[str, float]:
 
 
 def retention(values: Mapping[str, float], baseline: Mapping[str, float], objectives: Sequence[str]) -> Optional[float]:
-    """Quality retention on the first quality objective (what --min-retention constrains)."""
+    """Task-quality retention on the first task quality objective (what --min-retention constrains); None when the
+    objectives hold only fidelity metrics (kld is constrained by --max-kld instead)."""
     for o in objectives:
-        if o in QUALITY and values.get(o) is not None and baseline.get(o) is not None:
+        if o in QUALITY and o not in FIDELITY and values.get(o) is not None and baseline.get(o) is not None:
             return normalised_score(o, values[o], baseline[o])
     return None
 
 
 def reward(values: Mapping[str, float], baseline: Mapping[str, float], objectives: Sequence[str],
-           preset: str = "balanced", min_retention: Optional[float] = None) -> RewardResult:
+           preset: str = "balanced", min_retention: Optional[float] = None, max_kld: Optional[float] = None,
+           kld: Optional[float] = None) -> RewardResult:
+    """`kld` is the candidate's measured kld when it is not among the objectives (the --max-kld constraint holds
+    whenever kld was measured)."""
     w = weights_for(objectives, preset)
     norm = {o: normalised_score(o, values[o], baseline[o]) for o in objectives}
     terms = {o: w[o] * norm[o] for o in objectives}
@@ -86,15 +93,21 @@ def reward(values: Mapping[str, float], baseline: Mapping[str, float], objective
     pen = 0.0
     if min_retention is not None and ret is not None and ret < min_retention:
         pen = PENALTY * (min_retention - ret)
+    k = values.get("kld", kld)
+    if max_kld is not None and k is not None and k > max_kld:
+        pen += PENALTY * (k - max_kld)
     total = sum(terms.values()) - pen
     return RewardResult(reward=total, terms=terms, normalised=norm, weights=w, retention=ret, feasible=pen == 0.0,
                         penalty=pen)
 
 
 def recommend(candidates: Mapping[str, Mapping[str, float]], frontier: Sequence[str], baseline: Mapping[str, float],
-              objectives: Sequence[str], preset: str, min_retention: Optional[float]) -> Optional[tuple[str, RewardResult]]:
-    """The frontier member with the highest reward, preferring feasible ones (constraint met)."""
-    scored = [(cid, reward(candidates[cid], baseline, objectives, preset, min_retention)) for cid in frontier]
+              objectives: Sequence[str], preset: str, min_retention: Optional[float], max_kld: Optional[float] = None,
+              klds: Optional[Mapping[str, Optional[float]]] = None) -> Optional[tuple[str, RewardResult]]:
+    """The frontier member with the highest reward, preferring feasible ones (constraints met)."""
+    klds = klds or {}
+    scored = [(cid, reward(candidates[cid], baseline, objectives, preset, min_retention, max_kld, klds.get(cid)))
+              for cid in frontier]
     if not scored:
         return None
     scored.sort(key=lambda x: (x[1].feasible, x[1].reward), reverse=True)

@@ -100,20 +100,26 @@ class SearchSpace:
         return Strategy(steps=steps)
 
     def seeds(self) -> list[dict[str, Any]]:
-        """Known-good recipes tried first (as Optuna enqueued trials, so the sampler learns from them)."""
+        """Known-good recipes tried first (as Optuna enqueued trials, so the sampler learns from them).
+
+        The fixed recipes a user would otherwise run come first, so every run measures what acf must beat: GPTQ W4
+        at the largest valid group, plain and with act-order (llm-compressor's recommended setting); then W8A8,
+        a combination (drop 1 block -> LoRA -> GPTQ W4 act-order) and SparseGPT 50%."""
         g = self._largest_group()
         seeds = []
         if "gptq" in self.quant_methods:
             seeds.append({"prune": "none", "quant_only": "gptq", "bits": 4, "group_size": g, "act_order": False})
-        if "sparsegpt" in self.prune_methods and "unstructured" in self.patterns:
-            seeds.append({"prune": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5, "recover": "none",
-                          "quant": "none"})
+            if True in self.act_order:
+                seeds.append({"prune": "none", "quant_only": "gptq", "bits": 4, "group_size": g, "act_order": True})
         if "w8a8" in self.quant_methods:
             seeds.append({"prune": "none", "quant_only": "w8a8"})
         if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "gptq" in self.quant_methods:
             seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
                           "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
                           "quant": "gptq", "bits": 4, "group_size": g, "act_order": self.act_order[-1]})
+        if "sparsegpt" in self.prune_methods and "unstructured" in self.patterns:
+            seeds.append({"prune": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5, "recover": "none",
+                          "quant": "none"})
         return [s for s in seeds if self.inside(s)]
 
     def inside(self, params: dict[str, Any]) -> bool:

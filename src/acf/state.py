@@ -46,6 +46,8 @@ class Candidate(BaseModel):
     artifact: Optional[str] = None          # model directory (absolute), None once deleted or never made
     artifact_kept: bool = False
     steps: list[StepRecord] = Field(default_factory=list)
+    #: id of the control row "baseline + this candidate's recovery steps, no compression" (task adaptation apart)
+    control: Optional[str] = None
     timings: dict[str, float] = Field(default_factory=dict)
     started_at: Optional[str] = None
     finished_at: Optional[str] = None
@@ -77,6 +79,9 @@ class RunMeta(BaseModel):
     stopped_because: Optional[str] = None
     study_name: str = ""
     storage: str = ""
+    max_kld: Optional[float] = None
+    #: which test items rank candidates (search, its first proxy_limit the proxy) and which the final report uses
+    item_sets: dict[str, Any] = Field(default_factory=dict)
 
 
 class HVPoint(BaseModel):
@@ -98,6 +103,8 @@ class FrontierFile(BaseModel):
     spec: dict[str, Any]
     baseline: Optional[Candidate] = None
     candidates: list[Candidate] = Field(default_factory=list)
+    #: reference rows, never frontier members: the baseline given a candidate's recovery steps and no compression
+    controls: list[Candidate] = Field(default_factory=list)
     frontier: list[str] = Field(default_factory=list)
     hypervolume: list[HVPoint] = Field(default_factory=list)
     reference_point: dict[str, float] = Field(default_factory=dict)
@@ -106,7 +113,7 @@ class FrontierFile(BaseModel):
     def candidate(self, cid: str) -> Candidate:
         if self.baseline is not None and self.baseline.id == cid:
             return self.baseline
-        for c in self.candidates:
+        for c in self.candidates + self.controls:
             if c.id == cid:
                 return c
         raise KeyError(cid)

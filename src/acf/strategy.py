@@ -156,6 +156,12 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in [
 _KIND_ORDER = {"prune": 0, "distill": 1, "lora": 1, "quantize": 2}
 
 
+def kind_of(method: str) -> Optional[str]:
+    """The kind of a declared method (quantize, prune, distill, lora), None for an unknown name."""
+    info = METHODS.get(method)
+    return None if info is None else info.kind
+
+
 class Step(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str

@@ -7,6 +7,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .sequences import prompt_text
+
 
 class AnswerDone:
     """Per-sequence stopping: a sequence is done when its new text matches `done_pattern` or a stop string.
@@ -54,7 +56,8 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tokenizer([prompt_text(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
     finally:
         tokenizer.padding_side = old_side
     plen = enc["input_ids"].shape[1]

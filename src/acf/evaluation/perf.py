@@ -68,12 +68,27 @@ def stored_tensor_bits(path: str | os.PathLike) -> Optional[int]:
     return total
 
 
+#: parameters a quantized model carries beside its weights (compressed-tensors, when loaded in transformers):
+#: metadata of the stored format, not parameters of the model, so a W4 model has the baseline's parameter count
+QUANT_METADATA = tuple(f"{w}_{k}" for w in ("weight", "input", "output")
+                       for k in ("scale", "zero_point", "g_idx", "global_scale", "shape", "packed"))
+
+
 def model_stats(model) -> dict:
     """Parameter count (logical) and sparsity of Linear weights (share of exact zeros)."""
     total_params = 0
     seen = set()
     zeros, lin = 0, 0
     for name, mod in model.named_modules():
+        shape = getattr(mod, "weight_shape", None)
+        if getattr(mod, "weight", None) is None and isinstance(shape, torch.Tensor) and shape.numel() in (1, 2, 3):
+            # compressed-tensors keeps a quantized Linear packed (weight_packed int32 + weight_shape): count the
+            # logical weight it stands for
+            n = 1
+            for d in shape.tolist():
+                n *= int(d)
+            total_params += n
+            continue
         w = getattr(mod, "weight", None)
         if w is None or id(w) in seen:
             continue
@@ -84,7 +99,7 @@ def model_stats(model) -> dict:
             zeros += int((w == 0).sum().item())
             lin += w.numel()
     for name, p in model.named_parameters():
-        if not name.endswith("weight") and id(p) not in seen:
+        if not name.endswith("weight") and id(p) not in seen and not name.endswith(QUANT_METADATA):
             seen.add(id(p))
             total_params += p.numel()
     return {"params": total_params, "linear_zeros": zeros, "linear_weights": lin}
@@ -137,7 +152,10 @@ class PeakRSS:
 
 def latency(model, tokenizer, prompt: str, *, new_tokens: int = 32, repeats: int = 3, throughput_batch: int = 8) -> dict:
     """Batch-1 time to first token and decode ms/token (after one warm-up), and throughput at a batch size."""
+    from .sequences import prompt_text
+
     device = str(next(model.parameters()).device)
+    prompt = prompt_text(tokenizer, prompt)
     enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(device)
     kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, Optional
-
-import torch
 
 from ..provenance import Measurement, device_string, runtime_string
 from ..tasks import Item, Task
@@ -58,48 +55,11 @@ def accuracy(model, tokenizer, task: Task, items: list[Item], *, batch_size: Opt
 
 def answer_nll(model, tokenizer, task: Task, items: list[Item], *, batch_size: Optional[int] = 8, fewshot: int = 0,
                progress: Progress = None) -> Measurement:
-    """Mean NLL per reference token given the prompt (token-weighted over all items), one forward per batch."""
-    device = next(model.parameters()).device
-    t0 = time.perf_counter()
-    eos = tokenizer.eos_token or ""
-    seqs = []
-    for it in items:
-        p = tokenizer(task.chat_prompt(it, tokenizer, fewshot), add_special_tokens=False)["input_ids"]
-        r = tokenizer(it.reference + (eos if fewshot == 0 else ""), add_special_tokens=False)["input_ids"]
-        seqs.append((p, r))
-    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
-    if batch_size is None:
-        batch_size = auto_batch_size(model, len(items), "score", max((len(p) + len(r) for p, r in seqs), default=1))
-    total_nll, total_tok = 0.0, 0
-    per_item: list[float] = [0.0] * len(seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for chunk in batched(order, batch_size):
-        L = max(len(seqs[i][0]) + len(seqs[i][1]) for i in chunk)
-        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-        att = torch.zeros((len(chunk), L), dtype=torch.long)
-        labels = torch.full((len(chunk), L), -100, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            p, r = seqs[i]
-            ids[row, :len(p) + len(r)] = torch.tensor(p + r)
-            att[row, :len(p) + len(r)] = 1
-            labels[row, len(p):len(p) + len(r)] = torch.tensor(r)
-        ids, att, labels = ids.to(device), att.to(device), labels.to(device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=att).logits.float()
-        lp = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                               ignore_index=-100, reduction="none").view(len(chunk), -1)
-        mask = (labels[:, 1:] != -100)
-        for row, i in enumerate(chunk):
-            s, c = lp[row][mask[row]].sum().item(), int(mask[row].sum().item())
-            per_item[i] = s / max(c, 1)
-            total_nll += s
-            total_tok += c
-        if progress:
-            progress(len(chunk))
-    value = total_nll / max(total_tok, 1)
-    if not math.isfinite(value):
-        value = float("inf")
-    return Measurement(value=value, unit="nats/token", device=device_string(str(device)), runtime=runtime_string(),
-                       n=len(items), seconds=round(time.perf_counter() - t0, 3),
-                       method=f"teacher-forced mean NLL per reference token (token-weighted), batch {batch_size}",
-                       extra={"tokens": total_tok, "item_mean": sum(per_item) / max(len(per_item), 1)})
+    """Mean NLL per reference token given the prompt (token-weighted over all items), one forward per batch.
+
+    The same teacher-forced pass as kld/top1 (acf.evaluation.fidelity), on the same sequences."""
+    from .fidelity import teacher_forced
+    from .sequences import task_sequences
+
+    seqs = task_sequences(task, tokenizer, items, fewshot)
+    return teacher_forced(model, tokenizer, seqs, ["answer_nll"], batch_size=batch_size, progress=progress)["answer_nll"]

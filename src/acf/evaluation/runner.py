@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from pydantic import BaseModel, Field
@@ -16,14 +17,103 @@ from ..provenance import Measurement, device_string, runtime_string
 from ..tasks import Task
 from .batching import CPU_BATCH, auto_batch_size
 from .perf import PeakRSS, latency, model_stats, size_metric, stored_tensor_bits
-from .quality import accuracy, answer_nll
+from .fidelity import Reference, build_reference, teacher_forced
+from .quality import accuracy
+from .sequences import Scored, task_sequences, text_sequences
 
 QUALITY_METRICS = ("accuracy", "answer_nll")
+#: fidelity to the run's baseline, offered for every task (they need a baseline reference: `Fidelity`)
+FIDELITY_METRICS = ("kld", "top1", "kld_general")
 #: tokens per sequence assumed when sizing batches for task-computed metrics (BBH 3-shot CoT prompts are the longest)
 OWN_METRIC_SEQ_LEN = 2048
 MODEL_METRICS = ("latency", "ttft", "throughput", "memory", "size", "params", "sparsity", "bits_per_weight")
-ALL_METRICS = QUALITY_METRICS + MODEL_METRICS
+ALL_METRICS = QUALITY_METRICS + FIDELITY_METRICS + MODEL_METRICS
 DEFAULT_METRICS = ("accuracy", "answer_nll", "latency", "memory", "size", "params", "sparsity", "bits_per_weight")
+
+
+@dataclass
+class Loaded:
+    """A model loaded once for several evaluations of one candidate (proxy, then full), with its load's cost.
+
+    The memory metric of a later evaluation is the peak over this load and its own generation, measured from the
+    same starting point, so loading once does not hide the weights from the figure."""
+
+    model: Any
+    tokenizer: Any
+    device: str
+    load_seconds: float = 0.0
+    rss_start: int = 0           # CPU: process RSS before the load
+    rss_peak: int = 0            # CPU: peak RSS during the load
+    cuda_peak: int = 0           # CUDA: max allocated during the load
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str, trust_remote_code: bool = False) -> "Loaded":
+        cuda = device.startswith("cuda")
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        meter = PeakRSS() if not cuda else nullcontext()
+        with meter:
+            model, tok = load_model(model_dir, device, trust_remote_code=trust_remote_code)
+        out = cls(model=model, tokenizer=tok, device=device, load_seconds=time.perf_counter() - t0)
+        if cuda:
+            out.cuda_peak = int(torch.cuda.max_memory_allocated())
+        else:
+            out.rss_start, out.rss_peak = meter.start, meter.peak
+        return out
+
+    def free(self) -> None:
+        free(self.model)
+        self.model = None
+
+
+@dataclass
+class Fidelity:
+    """The baseline references a fidelity measurement compares against (acf.evaluation.fidelity)."""
+
+    task: Optional[Reference] = None          # on the task's evaluated items
+    general: Optional[Reference] = None       # on the kld_general text
+    general_seqs: list[Scored] = field(default_factory=list)
+    general_sources: list[str] = field(default_factory=list)
+
+
+def eval_items(task: Task, limit: Optional[int], seed: Optional[int], offset: int = 0) -> list:
+    """The evaluated items: `limit` items from position `offset` of the test split's seeded permutation.
+
+    Offset 0 is the search set (its first --proxy-limit items are the proxy set); the final report starts after
+    it, so the items that rank candidates never produce the numbers a user quotes."""
+    if not offset:
+        return task.load("test", limit=limit, seed=seed)
+    items = task.load("test", limit=None, seed=seed)[offset:]
+    return items[:limit] if limit else items
+
+
+def build_fidelity(model, tokenizer, task: Task, items: list, *, general: bool = True, general_part: str = "search",
+                   batch_size: Optional[int] = None, model_name: str = "", cache=None) -> Fidelity:
+    """References of the baseline (`model`) on `items` and, with `general`, on the kld_general text.
+
+    `cache(name, seqs, build)` may return a cached reference (the pipeline keeps them in the run directory);
+    `model` may be a function that loads the baseline, called only when a reference must be computed."""
+    from .general_text import general_texts
+
+    def get(name: str, seqs: list[Scored]) -> Reference:
+        def build() -> Reference:
+            m = model if isinstance(model, torch.nn.Module) else model()
+            return build_reference(m, tokenizer, seqs, batch_size=batch_size, model_name=model_name)
+
+        return cache(name, seqs, build) if cache else build()
+
+    fid = Fidelity()
+    seqs = task_sequences(task, tokenizer, items)
+    fid.task = get(f"task-{general_part}", seqs)
+    if general:
+        texts, used = general_texts(task.name, general_part)
+        fid.general_seqs = text_sequences(texts, tokenizer)
+        fid.general_sources = used
+        if fid.general_seqs:
+            fid.general = get(f"general-{general_part}", fid.general_seqs)
+    return fid
 
 
 class EvalResult(BaseModel):
@@ -51,6 +141,9 @@ def check_metrics(metrics: Sequence[str], task: Task) -> list[str]:
         m = m.strip()
         if not m:
             continue
+        if m in FIDELITY_METRICS:
+            out.append(m)
+            continue
         if m not in ALL_METRICS and m not in task.metrics:
             raise AcfError(f"unknown metric {m!r}: choose from {', '.join(sorted(set(ALL_METRICS) | set(task.metrics)))}")
         if m in QUALITY_METRICS and m not in task.metrics:
@@ -64,16 +157,24 @@ def check_metrics(metrics: Sequence[str], task: Task) -> list[str]:
 def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT_METRICS, *, limit: Optional[int] = 100,
              seed: Optional[int] = 0, device: str = "cpu", batch_size: Optional[int] = None, fewshot: int = 0,
              max_new_tokens: int = 256, accuracy_limit: Optional[int] = None, latency_tokens: int = 32,
-             show_progress: bool = True, trust_remote_code: bool = False, loaded=None) -> EvalResult:
+             show_progress: bool = True, trust_remote_code: bool = False, loaded: Optional[Loaded] = None,
+             item_offset: int = 0, fidelity: Optional[Fidelity] = None,
+             known_sparsity: Optional[Measurement] = None) -> EvalResult:
     """Measure `metrics` for the model in `model_dir` on `task`.
 
-    `loaded=(model, tokenizer)` reuses a model already in memory (the pipeline passes the freshly compressed
-    model so it is not reloaded from disk); memory is then not re-measured from a cold load.
+    `loaded` reuses a model already in memory (the pipeline loads each candidate once for its proxy and full
+    evaluation); the memory figure then still counts that load. `fidelity` holds the baseline references that
+    kld/top1/kld_general compare against. `known_sparsity` is the sparsity the pruning steps measured, used for
+    quantized models (whose dequantized grid has exact zeros that are not sparsity).
     """
     metrics = check_metrics(metrics, task)
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise AcfError(f"model directory {model_dir} has no config.json")
+    fid_wanted = [m for m in metrics if m in FIDELITY_METRICS]
+    if fid_wanted and fidelity is None:
+        raise AcfError(f"{', '.join(fid_wanted)} compare against the uncompressed model: give a baseline "
+                       f"(acf eval --baseline MODEL; a run uses its own)")
     # batch_size=None: quality metrics size their batch from free GPU memory (acf.evaluation.batching; CPU
     # keeps 8); the throughput probe uses a fixed batch so its figure is comparable across models.
     throughput_bs = batch_size or (64 if device.startswith("cuda") else CPU_BATCH)
@@ -91,62 +192,57 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
         return EvalResult(model_path=str(model_dir), task=task.name, metrics=out, seconds=time.perf_counter() - t0)
 
     cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    rss = PeakRSS() if not cuda else nullcontext()
-    with rss:
-        t_load = time.perf_counter()
-        if loaded is not None:
-            model, tok = loaded
-        else:
-            model, tok = load_model(model_dir, device, trust_remote_code=trust_remote_code)
-        load_s = time.perf_counter() - t_load
-        items_for_latency = task.load("test", limit=1, seed=seed)
-        if any(m in metrics for m in ("latency", "ttft", "throughput")):
-            lat = latency(model, tok, task.chat_prompt(items_for_latency[0], tok, fewshot), new_tokens=latency_tokens,
-                          throughput_batch=throughput_bs)
-            for k in ("latency", "ttft", "throughput"):
-                if k in metrics or k == "latency":
-                    out[k] = lat[k]
-        elif "memory" in metrics:
-            enc = tok([task.chat_prompt(items_for_latency[0], tok, fewshot)], return_tensors="pt").to(device)
-            with torch.inference_mode():
-                model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    if "memory" in metrics:
+    own_load = loaded is None
+    if own_load:
+        loaded = Loaded.load(model_dir, device, trust_remote_code=trust_remote_code)
+    model, tok = loaded.model, loaded.tokenizer
+    perf_wanted = any(m in metrics for m in ("latency", "ttft", "throughput", "memory"))
+    if perf_wanted:
         if cuda:
-            peak = torch.cuda.max_memory_allocated()
-            how = "torch.cuda.max_memory_allocated over load + latency/throughput generation"
-        else:
-            peak = rss.added
-            how = "peak process RSS increase (sampled every 5 ms) over load + latency/throughput generation"
-        if loaded is not None:
-            how += " (model already in memory: weights not counted by RSS increase)" if not cuda else ""
-        out["memory"] = Measurement(value=float(peak), unit="bytes", device=device_string(device),
-                                    runtime=runtime_string(), method=how, extra={"load_seconds": round(load_s, 3)})
+            torch.cuda.reset_peak_memory_stats()
+        rss = PeakRSS() if not cuda else nullcontext()
+        with rss:
+            items_for_latency = task.load("test", limit=1, seed=seed)
+            if any(m in metrics for m in ("latency", "ttft", "throughput")):
+                lat = latency(model, tok, task.chat_prompt(items_for_latency[0], tok, fewshot),
+                              new_tokens=latency_tokens, throughput_batch=throughput_bs)
+                for k in ("latency", "ttft", "throughput"):
+                    if k in metrics or k == "latency":
+                        out[k] = lat[k]
+            else:
+                enc = tok([task.chat_prompt(items_for_latency[0], tok, fewshot)], return_tensors="pt").to(device)
+                with torch.inference_mode():
+                    model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        if "memory" in metrics:
+            if cuda:
+                peak = max(loaded.cuda_peak, int(torch.cuda.max_memory_allocated()))
+                how = "torch.cuda.max_memory_allocated over load + latency/throughput generation"
+            else:
+                peak = max(loaded.rss_peak, rss.peak) - loaded.rss_start
+                how = "peak process RSS increase (sampled every 5 ms) over load + latency/throughput generation"
+            out["memory"] = Measurement(value=float(peak), unit="bytes", device=device_string(device),
+                                        runtime=runtime_string(), method=how,
+                                        extra={"load_seconds": round(loaded.load_seconds, 3)})
     st = model_stats(model)
     if "params" in metrics:
         out["params"] = Measurement(value=float(st["params"]), unit="count", device=device_string(device),
-                                    method="logical parameters of the loaded model (tied weights once)")
+                                    method="logical parameters of the loaded model (tied weights once; quantization "
+                                           "scales, zero points and g_idx not counted)")
     if "sparsity" in metrics:
-        v = st["linear_zeros"] / st["linear_weights"] if st["linear_weights"] else None
-        out["sparsity"] = Measurement(value=v, unit="fraction", device=device_string(device),
-                                      method="share of exact zeros in Linear weights (lm_head excluded)",
-                                      extra={"note": "n/a for packed bnb weights"} if v is None else {})
+        out["sparsity"] = _sparsity(model_dir, st, device, known_sparsity)
     if "bits_per_weight" in metrics and out["bits_per_weight"].value is not None:
         out["bits_per_weight"].value = round(out["bits_per_weight"].value / max(st["params"], 1), 4)
-        out["bits_per_weight"].method = "stored tensor bits (safetensors headers, scales included) / logical parameters"
+        out["bits_per_weight"].method = ("stored tensor bits (safetensors headers, scales included) / logical "
+                                         "parameters")
 
-    items = None
     quality = [m for m in metrics if m in task.metrics]
     # Metrics the task computes itself (multiple choice, BBH, HumanEval) go to task.evaluate_metrics in one
-    # call (MC metrics share one scoring pass); the rest (GSM8K) keep the generic generation/NLL paths.
+    # call (MC metrics share one scoring pass); the rest (GSM8K) keep the generic generation/teacher-forced paths.
     own = [m for m in quality if m in getattr(task, "task_metrics", ())]
     generic = [m for m in quality if m not in own]
-    if quality:
-        items = task.load("test", limit=limit, seed=seed)
-    prog_ctx = _progress(show_progress)
-    with prog_ctx as prog:
+    forced = [m for m in ("answer_nll", "kld", "top1") if m in metrics and (m != "answer_nll" or m in generic)]
+    items = eval_items(task, limit, seed, item_offset) if (quality or forced) else None
+    with _progress(show_progress) as prog:
         if own:
             tid = prog.add_task(", ".join(own), total=task.progress_units(own, len(items))) if prog else None
             own_bs = batch_size or auto_batch_size(model, len(items), "score", OWN_METRIC_SEQ_LEN)
@@ -154,20 +250,62 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
                                            progress=(lambda k: prog.advance(tid, k)) if prog else None)
             out.update(res)
             preds = p
-        if "answer_nll" in generic:
-            tid = prog.add_task("answer NLL", total=len(items)) if prog else None
-            out["answer_nll"] = answer_nll(model, tok, task, items, batch_size=batch_size, fewshot=fewshot,
-                                           progress=(lambda k: prog.advance(tid, k)) if prog else None)
+        if forced:
+            tid = prog.add_task(" + ".join(forced), total=len(items)) if prog else None
+            seqs = task_sequences(task, tok, items, fewshot)
+            out.update(teacher_forced(model, tok, seqs, forced, reference=fidelity.task if fidelity else None,
+                                      batch_size=batch_size, label=f"{task.name} test items",
+                                      progress=(lambda k: prog.advance(tid, k)) if prog else None))
+        if "kld_general" in metrics:
+            out["kld_general"] = _kld_general(model, tok, fidelity, batch_size, prog)
         if "accuracy" in generic:
             acc_items = items[:accuracy_limit] if accuracy_limit else items
             tid = prog.add_task("accuracy (generation)", total=len(acc_items)) if prog else None
             out["accuracy"], preds = accuracy(model, tok, task, acc_items, batch_size=batch_size, fewshot=fewshot,
                                               max_new_tokens=max_new_tokens,
                                               progress=(lambda k: prog.advance(tid, k)) if prog else None)
-    if loaded is None:
-        free(model)
+    if items is not None:
+        first = items[0].id if items else None
+        for m in quality + forced:
+            if m in out:
+                out[m].extra.setdefault("items", {"offset": item_offset, "count": len(items), "first_id": first})
+    if own_load:
+        loaded.free()
     return EvalResult(model_path=str(model_dir), task=task.name, metrics=out, predictions=preds,
                       seconds=round(time.perf_counter() - t0, 3))
+
+
+def _kld_general(model, tok, fidelity: Fidelity, batch_size, prog) -> Measurement:
+    from .general_text import general_note
+
+    if fidelity.general is None or not fidelity.general_seqs:
+        return Measurement(value=None, unit="nats/token", method="kld_general: no general text available here "
+                                                                  "(none of the other tasks' data was found)")
+    tid = prog.add_task("kld (general text)", total=len(fidelity.general_seqs)) if prog else None
+    m = teacher_forced(model, tok, fidelity.general_seqs, ["kld"], reference=fidelity.general, batch_size=batch_size,
+                       label=f"general text ({general_note(fidelity.general_sources)})",
+                       progress=(lambda k: prog.advance(tid, k)) if prog else None)["kld"]
+    m.extra["sources"] = fidelity.general_sources
+    return m
+
+
+def _sparsity(model_dir: Path, st: dict, device: str, known: Optional[Measurement]) -> Measurement:
+    """Exact zeros of Linear weights; for a quantized model, what its pruning steps measured before quantizing.
+
+    A dequantized W4 grid holds exact zeros (about 15% for symmetric int4) that no sparse kernel can use and no
+    pruning made, so counting them would report sparsity a quantize-only recipe does not have."""
+    from ..models import quant_method
+
+    if quant_method(model_dir) is not None:
+        if known is not None:
+            return known
+        return Measurement(value=None, unit="fraction", device=device_string(device),
+                           method="not measurable on a quantized model's dequantized weights (its grid has exact "
+                                  "zeros); the pipeline records the sparsity its pruning steps measured")
+    v = st["linear_zeros"] / st["linear_weights"] if st["linear_weights"] else None
+    return Measurement(value=v, unit="fraction", device=device_string(device),
+                       method="share of exact zeros in Linear weights (lm_head excluded)",
+                       extra={"note": "n/a for packed bnb weights"} if v is None else {})
 
 
 def _progress(show: bool):

@@ -37,11 +37,11 @@ def calibration_ids(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, m
     k = max(8, need // _GUESS_TOKENS_PER_TEXT + 1)
     prev_k = -1
     while True:
-        texts = task.train_texts(k, seed=seed)
+        texts = _train_token_texts(tokenizer, task, k, seed)
         stream: list[int] = []
-        for t in texts:
-            stream.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-            if eos is not None:
+        for ids in texts:
+            stream.extend(ids)
+            if eos is not None and (not ids or ids[-1] != eos):
                 stream.append(eos)
             if len(stream) >= need:
                 break
@@ -56,6 +56,17 @@ def calibration_ids(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, m
         raise MethodFailed(method, "data", f"the task's train split holds {len(stream)} tokens: enough for {have} "
                                            f"samples of {seq_len}, not {n}; lower calib_samples or seq_len")
     return torch.tensor(stream[:need], dtype=torch.long).view(n, seq_len)
+
+
+def _train_token_texts(tokenizer, task: Any, k: int, seed: int) -> list[list[int]]:
+    """Train-split texts as token ids, in the prompt format evaluation uses: a task with (prompt, reference) pairs
+    is rendered as evaluation renders it (chat template, BOS rule) followed by its reference, so calibration
+    statistics see the text the compressed model will see; other tasks give their plain train texts."""
+    from ..evaluation.sequences import encode_prompt, task_sequences
+
+    if hasattr(task, "train_pairs"):
+        return [list(s.prompt + s.target) for s in task_sequences(task, tokenizer, task.train_pairs(k, seed=seed))]
+    return [encode_prompt(tokenizer, t) for t in task.train_texts(k, seed=seed)]
 
 
 def calibration_dataset(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, method: str = "calibration"):
@@ -81,13 +92,14 @@ def training_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0,
     evaluation renders it (`task.chat_prompt`) and the loss is taken on the solution tokens (+EOS) only:
     the model is taught to answer, not to reproduce questions. Otherwise the whole train text is the target.
     """
+    from ..evaluation.sequences import encode_prompt, task_sequences
+
     _require_task(task, method)
     eos = tokenizer.eos_token or ""
     out: list[TrainExample] = []
     if hasattr(task, "train_pairs"):
-        for it in task.train_pairs(n, seed=seed):
-            p = tokenizer(task.chat_prompt(it, tokenizer), add_special_tokens=False)["input_ids"]
-            r = tokenizer(it.reference + eos, add_special_tokens=False)["input_ids"]
+        for sq in task_sequences(task, tokenizer, task.train_pairs(n, seed=seed)):
+            p, r = list(sq.prompt), list(sq.target)
             # Long prompts are cut from the left (the question's end and the answer matter most), keeping at
             # least half the window for the solution so truncation never leaves an example without targets.
             keep = min(len(p), max(seq_len - len(r), seq_len // 2))
@@ -98,7 +110,7 @@ def training_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0,
                 out.append(TrainExample(ids, labels))
     else:
         for t in task.train_texts(n, seed=seed):
-            ids = tokenizer(t + eos, add_special_tokens=False)["input_ids"][:seq_len]
+            ids = (encode_prompt(tokenizer, t) + tokenizer(eos, add_special_tokens=False)["input_ids"])[:seq_len]
             if len(ids) > 1:
                 out.append(TrainExample(ids, list(ids)))
     if not out:
