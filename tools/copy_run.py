@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Copy a run directory without its model artifacts (what experiments/results/ keeps of a run).
+"""Copy a run directory without its model artifacts (what experiments/results/ keeps of a run);
+the baseline reference cache (reference/) is left out too: it is recomputed from the baseline.
 
 Kept: frontier.json, report.md and plots, run_config.json, model_spec.json, predictions, episodes/*/ (strategy,
 result, step logs). Skipped: weights (*.safetensors, *.bin, *.pt, *.gguf), the SQLite databases and any file over
@@ -22,7 +23,7 @@ def main(src: str, dst: str) -> None:
         if not f.is_file() or f.suffix in SKIP_SUFFIXES or f.stat().st_size > MAX_BYTES:
             continue
         rel = f.relative_to(src_p)
-        if rel.parts and rel.parts[0] in ("artifacts", "models", "work"):
+        if rel.parts and rel.parts[0] in ("artifacts", "models", "work", "reference"):
             continue
         (dst_p / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dst_p / rel)

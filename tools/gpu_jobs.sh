@@ -21,14 +21,20 @@ case $job in
   search)   # the measured strategy table for the sampler replay
     python3 experiments/bench_search.py --measure --device cuda --table "$o/search-table-cuda.json" 2>&1 \
       | grep "^\[[0-9]*/\|strategies" ;;
-  pipeline) # the 12-episode GSM8K run; killed at the call's limit if need be, then `resume` finishes it
+  fidelity) # the fixed-recipe fidelity table (resumable across calls: rows already written are kept)
+    timeout -s TERM ${BENCH_SECONDS:-540} python3 experiments/bench_fidelity.py --device cuda --limit 400 --acc-limit ${ACC_LIMIT:-1319} \
+      --csqa-limit ${CSQA_LIMIT:-1221} --acc-batch ${ACC_BATCH:-1319} --out runs/bench-fidelity --resume 2>&1 | grep -v "^\[transformers\]" | tail -30
+    cp runs/bench-fidelity/fidelity-cuda.* "$o/" ;;
+  pipeline) # the 12-episode GSM8K run with the default objectives (kld,size,latency); killed at the call's limit
+            # if need be, then `resume` finishes it. Search on 400 test items, the report on the other 919.
     timeout -s KILL ${PIPE_SECONDS:-540} python3 run_pipeline.py --model smollm2-135m --dataset gsm8k --episodes 12 \
-      --limit 400 --proxy-limit 64 --final-limit 1319 --final-metrics answer_nll,accuracy --calib-samples 64 \
+      --limit 400 --proxy-limit 64 --final-limit 919 --final-metrics ${FINAL_METRICS:-answer_nll} --calib-samples 64 \
       --device cuda --run-dir runs/gpu12 2>&1 | tail -40
-    python3 tools/copy_run.py runs/gpu12 "$o/run" ;;
+    python3 tools/copy_run.py runs/gpu12 runs/gpu12-copy >/dev/null && tar czf "$o/gpu12.tgz" -C runs gpu12-copy ;;
   resume)
     timeout -s KILL ${PIPE_SECONDS:-540} python3 run_pipeline.py --resume runs/gpu12 2>&1 | tail -40
-    python3 tools/copy_run.py runs/gpu12 "$o/run" ;;
+    rm -rf runs/gpu12-copy; python3 tools/copy_run.py runs/gpu12 runs/gpu12-copy >/dev/null \
+      && tar czf "$o/gpu12.tgz" -C runs gpu12-copy ;;
   workers)  # episodes per hour, 1 vs 2 workers (one per GPU) on one study
     python3 experiments/bench_workers.py --episodes ${EPISODES:-8} --device cuda --out runs/bench-workers \
       --json "$o/bench-workers.json" 2>&1 | grep -v "^\[transformers\]" | tail -30 ;;

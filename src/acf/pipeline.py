@@ -39,7 +39,7 @@ CHEAP_METRICS = ("size", "params", "bits_per_weight", "sparsity")
 FIDELITY_MEASURED = ("kld", "top1", "kld_general")
 DEFAULT_OBJECTIVES = "kld,size,latency"
 #: default --max-kld (nats/token): chosen from experiments/results/fidelity-*.md, see SPEC.md
-DEFAULT_MAX_KLD = 0.3
+DEFAULT_MAX_KLD = 0.5
 RECOVERY_METHODS = ("lora", "distill")
 
 

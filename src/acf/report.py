@@ -257,6 +257,9 @@ def build_report(ff: FrontierFile, plots: Sequence[Path] = (), plot_dir_name: st
         else:
             md += [_table(["objective", "term"], [[k, f"{v:.4f}"] for k, v in rec.terms.items()]), ""]
 
+    md += _fidelity_section(ff, units)
+    md += _adaptation_section(ff)
+
     md += ["## All candidates", ""]
     rows = []
     for cid, row in df.iterrows():
@@ -290,6 +293,99 @@ def build_report(ff: FrontierFile, plots: Sequence[Path] = (), plot_dir_name: st
         md += [f"![{p.stem}]({plot_dir_name}/{p.name})" for p in plots]
         md += [""]
     return "\n".join(md)
+
+
+FIDELITY_COLS = ("kld", "top1", "kld_general", "answer_nll", "accuracy")
+
+
+def versus_fixed(ff: FrontierFile, metric: str = "kld") -> Optional[dict[str, Any]]:
+    """The recommended pick against the best fixed recipe (single-step GPTQ seeds: W4, plain and act-order).
+
+    "Best" is the lower `metric` of the two; the comparison holds only at no larger size, which is reported."""
+    fixed = [c for c in ff.candidates if c.status == "ok" and c.proposed_by == "seed recipe"
+             and len(c.strategy.steps) == 1 and c.strategy.steps[0].method == "gptq" and metric in c.metrics]
+    if not fixed or ff.recommended is None:
+        return None
+    best = min(fixed, key=lambda c: c.metrics[metric].value)
+    pick = ff.candidate(ff.recommended.id)
+    if metric not in pick.metrics or "size" not in pick.metrics or "size" not in best.metrics:
+        return None
+    pv, bv = pick.metrics[metric].value, best.metrics[metric].value
+    fits = [c for c in ff.candidates if c.status == "ok" and metric in c.metrics and "size" in c.metrics
+            and c.metrics["size"].value <= best.metrics["size"].value and c.metrics[metric].value is not None]
+    at_size = min(fits, key=lambda c: c.metrics[metric].value) if fits else best
+    return {"best_at_size": at_size.id, "best_at_size_value": at_size.metrics[metric].value,
+            "best_at_size_ratio": (at_size.metrics[metric].value / bv) if bv else None,"fixed": best.id, "fixed_strategy": best.strategy.describe(), "fixed_value": bv,
+            "fixed_size": best.metrics["size"].value, "pick": pick.id, "pick_strategy": pick.strategy.describe(),
+            "pick_value": pv, "pick_size": pick.metrics["size"].value,
+            "ratio": (pv / bv) if bv else None, "no_larger": pick.metrics["size"].value <= best.metrics["size"].value}
+
+
+def _fidelity_section(ff: FrontierFile, units: dict) -> list[str]:
+    sets = ff.run.item_sets or {}
+    md = ["## Fidelity to the uncompressed model", "",
+          "kld: mean per-token KL(baseline ‖ candidate) of next-token distributions, teacher-forced; top1: share of "
+          "positions where both pick the same token; kld_general: kld on other tasks' test text no recipe trains "
+          "on. Search columns are on the items that ranked candidates"
+          + (f" (test items {sets['search']['offset']}..+{sets['search']['count']})" if sets.get("search") else "")
+          + "; held-out columns on items the search never saw"
+          + (f" (from item {sets['report']['offset']}, up to {sets['report']['count']})" if sets.get("report") else "")
+          + ".", ""]
+    ids = (["baseline"] if ff.baseline else []) + [c for c in ff.frontier if c != "baseline"]
+    cols = [m for m in FIDELITY_COLS if any(m in ff.candidate(i).metrics for i in ids)]
+    held = [m for m in FIDELITY_COLS if any(m in ff.candidate(i).final_metrics for i in ids)]
+    rows = []
+    for i in ids:
+        c = ff.candidate(i)
+        rows.append([f"`{i}`", fmt(c.strategy.describe()), fmt((c.metrics.get("size") or c.final_metrics.get("size")
+                                                                 or _none()).value, "size")]
+                    + [fmt(c.metrics[m].value) if m in c.metrics else "–" for m in cols]
+                    + [fmt(c.final_metrics[m].value) if m in c.final_metrics else "–" for m in held])
+    md += [_table(["id", "strategy", "size"] + [f"{m} (search)" for m in cols] + [f"{m} (held-out)" for m in held],
+                  rows), ""]
+    vs = versus_fixed(ff)
+    if vs:
+        md += [f"Against the best fixed recipe `{vs['fixed']}` ({vs['fixed_strategy']}, kld {vs['fixed_value']:.4f} "
+               f"at {fmt(vs['fixed_size'], 'size')}): the recommended `{vs['pick']}` has kld {vs['pick_value']:.4f} "
+               f"at {fmt(vs['pick_size'], 'size')} = {vs['ratio']:.2f}x the recipe's damage"
+               + ("" if vs["no_larger"] else " (but it is larger, so this is not a same-size comparison)") + ". "
+               f"At no more than the recipe's size the most faithful candidate is `{vs['best_at_size']}` "
+               f"(kld {vs['best_at_size_value']:.4f}, {vs['best_at_size_ratio']:.2f}x the recipe's).", ""]
+    return md
+
+
+def _none():
+    from .provenance import Measurement
+
+    return Measurement(value=None)
+
+
+def _adaptation_section(ff: FrontierFile) -> list[str]:
+    """Per candidate with recovery steps: how much of its change is task adaptation (its control: the baseline given
+    the same recovery, no compression) and how much is compression (candidate minus control)."""
+    with_ctrl = [c for c in ff.candidates if c.status == "ok" and c.control]
+    md = ["## Task adaptation vs compression", ""]
+    if not with_ctrl:
+        return md + ["No candidate trained on the task (no LoRA or distillation step), so no control was needed.", ""]
+    md += ["LoRA and distillation train on the task's train split. Their control rows are the uncompressed model "
+           "given the same recovery steps and no compression: control − baseline is task adaptation, candidate − "
+           "control is what compression did. A lower answer NLL than the baseline's is adaptation, not compression "
+           "quality.", ""]
+    base = ff.baseline
+    rows = []
+    for c in with_ctrl:
+        ctrl = ff.candidate(c.control)
+        for m in ("answer_nll", "kld", "accuracy"):
+            if base is None or m not in c.metrics or m not in ctrl.metrics or m not in base.metrics:
+                continue
+            b, k, v = base.metrics[m].value, ctrl.metrics[m].value, c.metrics[m].value
+            if None in (b, k, v):
+                continue
+            rows.append([f"`{c.id}`", fmt(c.strategy.describe()), m, fmt(b), f"`{ctrl.id}` {fmt(k)}", fmt(v),
+                         f"{k - b:+.4f}", f"{v - k:+.4f}"])
+    md += [_table(["id", "strategy", "metric", "baseline", "control", "candidate", "adaptation (control − base)",
+                   "compression (candidate − control)"], rows) if rows else "Controls failed; see frontier.json.", ""]
+    return md
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -40,7 +40,7 @@ from .sequences import Scored
 log = logging.getLogger(__name__)
 
 #: top-k of the baseline distribution kept per position (the rest is one tail bucket)
-DEFAULT_TOPK = 64
+DEFAULT_TOPK = 128
 REFERENCE_VERSION = 1
 Z95 = 1.959964
 

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..provenance import Measurement, device_string, runtime_string
+from .sequences import adds_bos
 from .stats import wilson_interval
 
 Progress = Optional[Callable[[int], None]]
@@ -60,10 +61,12 @@ def _encode(tokenizer, prompt: str, choices: Sequence[str], max_len: int) -> tup
             cont = tokenizer(c or " ", add_special_tokens=False)["input_ids"][-1:]
         conts.append(cont)
     longest = max(len(c) for c in conts)
+    if adds_bos(tokenizer) and (not p or p[0] != tokenizer.bos_token_id):
+        p = [tokenizer.bos_token_id] + p   # the one BOS rule (acf.evaluation.sequences)
     if not p:  # an empty prompt: condition on the end-of-text token, as lm-eval does
         p = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
     if len(p) + longest > max_len:  # keep the end of the prompt (the question), drop the start (few-shot text)
-        p = p[-(max_len - longest):]
+        p = ([p[0]] + p[-(max_len - longest - 1):]) if adds_bos(tokenizer) else p[-(max_len - longest):]
     return p, conts
 
 
