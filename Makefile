@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job on the default model with small settings (13 min 40 s on a fresh clone on the 2-core CPU, install
-# included; README says what it finds).
+# The main job on the default model with small settings (README, "Measured so far", DEMO line, says how long it
+# took and what it finds).
 demo: install
 	$(PY) run_pipeline.py --model smollm2-135m --dataset gsm8k --episodes 4 --limit 40 --proxy-limit 16 \
 	  --calib-samples 16 --seq-len 256 --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)

@@ -106,6 +106,7 @@ def resolve_model(name: str = DEFAULT_MODEL, *, offline: Optional[bool] = None) 
             raise ModelNotFound(f"--model {name}: is a file, not a model directory (expected a folder with config.json)")
         if not (p / "config.json").is_file():
             raise ModelNotFound(f"--model {name}: directory has no config.json, so it is not a Hugging Face model directory")
+        check_model_dir(p, label=f"--model {name}")
         return p.resolve()
     if name.lower() in ALIASES:
         alias = ALIASES[name.lower()]
@@ -124,7 +125,9 @@ def resolve_model(name: str = DEFAULT_MODEL, *, offline: Optional[bool] = None) 
     if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
         raise ModelNotFound(f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), not an existing "
                             f"directory, and not a hub id of the form owner/name")
-    return _download(name, offline=offline)
+    path = _download(name, offline=offline)
+    check_model_dir(path, label=f"--model {name}")
+    return path
 
 
 def _download(hub_id: str, offline: Optional[bool] = None) -> Path:
@@ -152,10 +155,111 @@ def torch_dtype_for(device: str, dtype: Optional[str] = None):
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+# --- bad input: a directory a user brings that transformers cannot read -------------------------------------------
+# transformers answers a missing tokenizer, an empty or truncated config.json, or a corrupt tokenizer.json with a
+# multi-page traceback that names neither the file nor the fix. These checks turn that into one ModelNotFound line
+# (exit 2) naming the file. They only read small JSON files; valid directories behave exactly as before.
+
+#: files that carry a tokenizer's vocabulary (one of them, or a tokenizer_config.json naming custom code, must exist)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")
+#: JSON files a tokenizer load reads; the first that does not parse is the one named in the error
+_TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "vocab.json",
+                   "added_tokens.json")
+
+
+def read_config(path: str | os.PathLike, label: Optional[str] = None) -> dict:
+    """config.json of a model directory as a dict, or ModelNotFound naming the file and what is wrong with it.
+
+    What is rejected is exactly what `AutoConfig.from_pretrained` (transformers 5) rejects: not JSON, not a JSON
+    object, or neither `model_type` nor an `auto_map` with AutoConfig (an empty `{}` is the common case)."""
+    import json
+
+    f = Path(path) / "config.json"
+    where = f"{label}: {f}" if label else str(f)
+    try:
+        text = f.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModelNotFound(f"{where} does not exist, so {Path(path)} is not a Hugging Face model directory") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelNotFound(f"{where} cannot be read ({type(e).__name__}: {e})") from None
+    try:
+        cfg = json.loads(text)
+    except ValueError as e:
+        raise ModelNotFound(f"{where} is not valid JSON ({e}); restore it from the original checkpoint") from None
+    if not isinstance(cfg, dict):
+        raise ModelNotFound(f"{where} must hold a JSON object, not {type(cfg).__name__}")
+    auto_map = cfg.get("auto_map")
+    if "model_type" not in cfg and not (isinstance(auto_map, dict) and "AutoConfig" in auto_map):
+        what = "is empty ({})" if not cfg else "has no model_type"
+        raise ModelNotFound(f"{where} {what}: transformers cannot tell which architecture this is; restore the "
+                            f"checkpoint's config.json (it names model_type, e.g. \"llama\")")
+    return cfg
+
+
+def load_config(path: str | os.PathLike, trust_remote_code: bool = False):
+    """`AutoConfig.from_pretrained` with its input errors (see `read_config`, unknown model_type) as ModelNotFound."""
+    from transformers import AutoConfig
+
+    read_config(path)
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelNotFound(f"{Path(path) / 'config.json'}: transformers cannot build a config from it "
+                            f"({type(e).__name__}: {first})") from None
+
+
+def _tokenizer_files(path: Path) -> list[str]:
+    names = [n for n in TOKENIZER_FILES if (path / n).is_file()]
+    return names + sorted(p.name for p in path.glob("*.tiktoken") if p.name not in names)
+
+
+def check_model_dir(path: str | os.PathLike, label: Optional[str] = None) -> None:
+    """Cheap checks of a model directory before anything loads it: config.json readable and meaningful, and a
+    tokenizer present (every acf step tokenizes). Whether the tokenizer parses is left to `load_tokenizer`."""
+    path = Path(path)
+    read_config(path, label)
+    if not _tokenizer_files(path) and not (path / "tokenizer_config.json").is_file():
+        where = f"{label}: {path}" if label else str(path)
+        raise ModelNotFound(f"{where} has no tokenizer files (none of tokenizer.json, tokenizer.model, vocab.json + "
+                            f"merges.txt, tokenizer_config.json): save the tokenizer next to the weights "
+                            f"(tokenizer.save_pretrained(dir))")
+
+
+def _tokenizer_problem(path: Path, exc: BaseException) -> str:
+    """Name the tokenizer file that broke a load: missing files, a JSON file that does not parse, else the error."""
+    import json
+
+    if not _tokenizer_files(path) and not (path / "tokenizer_config.json").is_file():
+        return (f"model directory {path} has no tokenizer files (none of tokenizer.json, tokenizer.model, "
+                f"vocab.json + merges.txt, tokenizer_config.json): save the tokenizer next to the weights "
+                f"(tokenizer.save_pretrained(dir))")
+    for name in _TOKENIZER_JSON + ("config.json",):   # transformers reads config.json to pick a tokenizer class
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            obj = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            return f"{f} cannot be read ({type(e).__name__}: {e}); restore it from the original checkpoint"
+        if name.endswith("config.json") and not isinstance(obj, dict):
+            return f"{f} must hold a JSON object, not {type(obj).__name__}"
+    present = _tokenizer_files(path) + [n for n in ("tokenizer_config.json",) if (path / n).is_file()]
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return (f"the tokenizer in {path} (files: {', '.join(present)}) cannot be loaded: {type(exc).__name__}: "
+            f"{first}")
+
+
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers/tokenizers raise ValueError, OSError, JSONDecodeError or bare Exception
+        if isinstance(e, ModuleNotFoundError):
+            raise   # a missing package (sentencepiece, tiktoken) is an install problem, reported as it is
+        raise ModelNotFound(_tokenizer_problem(Path(path), e)) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -169,6 +273,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: Optional[str
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"model directory {path} has no config.json (did a step fail or the folder vanish?)")
+    read_config(path)
     tok = load_tokenizer(path, trust_remote_code)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     qcfg = quant_method(path)

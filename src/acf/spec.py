@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 GROUP_SIZE_CANDIDATES = (16, 32, 64, 128, 256)
 
@@ -19,6 +19,7 @@ class LinearInfo(BaseModel):
     name: str
     in_features: int
     out_features: int
+    bias: bool = False   # default: model_spec.json files written before this field still load
 
 
 class ModelSpec(BaseModel):
@@ -43,6 +44,15 @@ class ModelSpec(BaseModel):
     invalid_group_sizes: dict[int, list[str]]
     memory_estimate_bytes: dict[str, int]
     quantized: Optional[str] = None
+    # Tokenizer facts acf acts on (evaluation, calibration and training prompts follow them). Defaults keep
+    # model_spec.json files written before these fields loadable; None there means "not recorded".
+    adds_bos: Optional[bool] = Field(None, description="the tokenizer puts BOS in front of a text itself, so every "
+                                     "prompt acf encodes starts with BOS exactly once (acf.evaluation.sequences)")
+    bos_token: Optional[str] = None
+    eos_token: Optional[str] = None
+    chat_template: Optional[bool] = Field(None, description="a chat template is present: zero-shot prompts use it")
+    tokenizer_vocab_size: Optional[int] = Field(None, description="len(tokenizer), added tokens included; may be "
+                                                "below vocab_size (the embedding rows, often padded)")
 
     def linear_widths(self, ignore: tuple[str, ...] = ("lm_head",)) -> dict[str, int]:
         return {l.name: l.in_features for l in self.linears if not any(l.name.endswith(i) for i in ignore)}
@@ -56,17 +66,23 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 def infer_spec(path: str | Path, trust_remote_code: bool = False) -> ModelSpec:
+    """Shapes from the config on the meta device plus the tokenizer facts. A directory with a bad config.json or
+    tokenizer raises ModelNotFound naming the file (`acf spec` and `acf run` reach the config first here)."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from .evaluation.sequences import adds_bos
+    from .models import load_config, load_tokenizer
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    config = load_config(path, trust_remote_code)
+    tok = load_tokenizer(path, trust_remote_code)
     qcfg = getattr(config, "quantization_config", None)
     qmethod = (qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None))
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    linears = [LinearInfo(name=n, in_features=m.in_features, out_features=m.out_features)
+    linears = [LinearInfo(name=n, in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
                for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     emb_w = model.get_input_embeddings().weight
     emb = emb_w.numel()
@@ -108,7 +124,8 @@ def infer_spec(path: str | Path, trust_remote_code: bool = False) -> ModelSpec:
         intermediate_size=getattr(text_cfg, "intermediate_size", None), num_heads=n_heads, num_kv_heads=kv,
         head_dim=head_dim, vocab_size=text_cfg.vocab_size, tied_embeddings=tied, dtype=dtype, bytes_per_param=bpp,
         linears=linears, valid_group_sizes=valid, invalid_group_sizes=invalid, memory_estimate_bytes=mem,
-        quantized=qmethod,
+        quantized=qmethod, adds_bos=adds_bos(tok), bos_token=tok.bos_token, eos_token=tok.eos_token,
+        chat_template=bool(getattr(tok, "chat_template", None)), tokenizer_vocab_size=len(tok),
     )
 
 
