@@ -507,6 +507,8 @@ def estimate_cost(ctx: RunContext, strategy: Strategy) -> dict:
             secs += per_sample * s.params.get("steps", 50) * s.params.get("batch_size", 4) * 3
         else:
             secs += 3
+        if s.params.get("avg_bits") is not None:   # mixed precision's sensitivity pass (forward + backward)
+            secs += per_sample * s.params.get("sensitivity_samples", 16) * 3
     base_size = (ctx.ff.baseline.metrics["size"].value if ctx.ff and ctx.ff.baseline and "size" in ctx.ff.baseline.metrics
                  else spec.params * 2)
     return {"estimated_compress_seconds": round(secs, 1), "estimated_peak_disk_bytes": int(base_size * 2.2),

@@ -36,7 +36,7 @@ import optuna
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import AcfError, StrategyError
-from .search import RECOVER_CHOICES, SearchSpace, trial_for
+from .search import MIXED_METHODS, RECOVER_CHOICES, SearchSpace, trial_for
 from .strategy import METHODS, Strategy, method_table, validate_strategy
 
 log = logging.getLogger(__name__)
@@ -154,10 +154,16 @@ def params_for(space: SearchSpace, strategy: Strategy) -> Optional[dict[str, Any
     p["quant" if prune is not None else "quant_only"] = qname
     if q is not None and qname in ("gptq", "rtn", "awq"):
         defaults = METHODS[qname].params()
-        if qname != "awq":
-            p["bits"] = q.params.get("bits", defaults.bits)
-        gs = q.params.get("group_size", defaults.group_size)
-        p["group_size"] = "channel" if gs is None else str(gs)
+        avg_bits = q.params.get("avg_bits")
+        if qname in MIXED_METHODS and getattr(space, "precisions", ["uniform"]) != ["uniform"]:
+            p["precision"] = "uniform" if avg_bits is None else _precision_choice(avg_bits, space.precisions)
+        elif avg_bits is not None:
+            return None
+        if avg_bits is None:
+            if qname != "awq":
+                p["bits"] = q.params.get("bits", defaults.bits)
+            gs = q.params.get("group_size", defaults.group_size)
+            p["group_size"] = "channel" if gs is None else str(gs)
         if qname == "gptq":
             p["act_order"] = bool(q.params.get("act_order", defaults.act_order))
     try:
@@ -169,6 +175,14 @@ def params_for(space: SearchSpace, strategy: Strategy) -> Optional[dict[str, Any
     except (ValueError, TypeError, StrategyError, UserWarning):
         return None
     return p if replay.key() == want.key() else None
+
+
+def _precision_choice(avg_bits: float, choices: list[str]) -> Optional[str]:
+    """The search space's precision choice for a budget ("5.0" for 5), None when the space has no such budget."""
+    for c in choices:
+        if c != "uniform" and abs(float(c) - float(avg_bits)) < 1e-9:
+            return c
+    return None
 
 
 # ---- the planner ------------------------------------------------------------------------------------------------

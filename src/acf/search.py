@@ -24,6 +24,10 @@ DEFAULT_SAMPLER = "tpe"
 PRUNE_CHOICES = ["none", "magnitude", "wanda", "sparsegpt", "drop_layers"]
 QUANT_CHOICES = ["none", "gptq", "awq", "rtn", "w8a8", "bnb_nf4", "bnb_int8"]
 RECOVER_CHOICES = ["none", "lora", "distill"]
+#: "uniform" (one bits/group_size for every layer) or an effective-bits budget for a per-layer allocation
+#: (acf.methods.mixed); one candidate per budget, so the search explores budgets, not layers
+PRECISION_CHOICES = ["uniform", "4.25", "4.5", "5.0", "6.0"]
+MIXED_METHODS = ("gptq", "rtn")
 
 
 class SearchSpace:
@@ -34,7 +38,8 @@ class SearchSpace:
                  prune_methods: Sequence[str] = PRUNE_CHOICES, *, recover_methods: Sequence[str] = RECOVER_CHOICES,
                  bits: Sequence[int] = (4, 8), group_sizes: Optional[Sequence[str]] = None,
                  sparsities: Optional[Sequence[float]] = None, patterns: Sequence[str] = ("unstructured", "2:4"),
-                 drops: Optional[Sequence[int]] = None, act_order: Sequence[bool] = (False, True)):
+                 drops: Optional[Sequence[int]] = None, act_order: Sequence[bool] = (False, True),
+                 precisions: Sequence[str] = PRECISION_CHOICES):
         """Defaults are acf's full space; the keyword arguments narrow it (benchmarks replay a finite space)."""
         self.spec = spec
         self.device = device
@@ -56,6 +61,7 @@ class SearchSpace:
         self.patterns = list(patterns)
         self.drops = list(drops) if drops else None
         self.act_order = list(act_order)
+        self.precisions = [str(p) for p in precisions] or ["uniform"]
 
     def suggest(self, trial: optuna.Trial) -> Strategy:
         steps: list[Step] = []
@@ -85,9 +91,16 @@ class SearchSpace:
         else:
             quant = trial.suggest_categorical("quant_only", [q for q in self.quant_methods if q != "none"])
         if quant in ("gptq", "rtn", "awq"):
-            bits = 4 if quant == "awq" else int(trial.suggest_categorical("bits", self.bits))
-            g = trial.suggest_categorical("group_size", self.group_sizes)
-            params = {"bits": bits, "group_size": None if g == "channel" else int(g)}
+            prec = "uniform"
+            if quant in MIXED_METHODS and self.precisions != ["uniform"]:
+                prec = trial.suggest_categorical("precision", self.precisions)
+            if prec == "uniform":
+                bits = 4 if quant == "awq" else int(trial.suggest_categorical("bits", self.bits))
+                g = trial.suggest_categorical("group_size", self.group_sizes)
+                params = {"bits": bits, "group_size": None if g == "channel" else int(g)}
+            else:
+                params = {"avg_bits": float(prec), "sensitivity_seq_len": self.calib["seq_len"],
+                          "sensitivity_samples": min(16, self.calib["calib_samples"])}
             if quant == "gptq":
                 params["act_order"] = bool(trial.suggest_categorical("act_order", self.act_order))
             if quant != "rtn":
@@ -108,15 +121,20 @@ class SearchSpace:
         g = self._largest_group()
         seeds = []
         if "gptq" in self.quant_methods:
-            seeds.append({"prune": "none", "quant_only": "gptq", "bits": 4, "group_size": g, "act_order": False})
+            seeds.append({"prune": "none", "quant_only": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
+                          "act_order": False})
             if True in self.act_order:
-                seeds.append({"prune": "none", "quant_only": "gptq", "bits": 4, "group_size": g, "act_order": True})
+                seeds.append({"prune": "none", "quant_only": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
+                              "act_order": True})
+            # acf's own answer to the fixed recipe: the same GPTQ, bits allocated per layer at no larger a size
+            seeds.append({"prune": "none", "quant_only": "gptq", "precision": "4.25", "act_order": self.act_order[-1]})
         if "w8a8" in self.quant_methods:
             seeds.append({"prune": "none", "quant_only": "w8a8"})
         if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "gptq" in self.quant_methods:
             seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
                           "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
-                          "quant": "gptq", "bits": 4, "group_size": g, "act_order": self.act_order[-1]})
+                          "quant": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
+                          "act_order": self.act_order[-1]})
         if "sparsegpt" in self.prune_methods and "unstructured" in self.patterns:
             seeds.append({"prune": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5, "recover": "none",
                           "quant": "none"})
@@ -128,7 +146,7 @@ class SearchSpace:
         choices = {"prune": self.prune_methods, "quant_only": self.quant_methods, "quant": self.quant_methods,
                    "recover": self.recover_methods, "recover_steps": self.recover_steps, "bits": self.bits,
                    "group_size": self.group_sizes, "act_order": self.act_order, "pattern": self.patterns,
-                   "sparsity": self.sparsities or [0.5], "drop": self.drops or [1]}
+                   "sparsity": self.sparsities or [0.5], "drop": self.drops or [1], "precision": self.precisions}
         return all(k not in choices or v in choices[k] for k, v in params.items())
 
     def _largest_group(self) -> str:
@@ -147,6 +165,8 @@ class SearchSpace:
                         d["bits"] = b
                     if q == "gptq":
                         d["act_order"] = False
+                    if q in MIXED_METHODS:
+                        d["precision"] = "uniform"
                     out.append(d)
         for q in ("w8a8", "bnb_nf4", "bnb_int8"):
             if q in self.quant_methods:

@@ -24,7 +24,22 @@ class Calib(_P):
     seq_len: int = Field(512, ge=16, le=8192, description="tokens per calibration sample")
 
 
-class GPTQParams(Calib):
+class MixedPrecision(_P):
+    """Per-layer formats under a budget (acf.methods.mixed): set `avg_bits` to allocate, or `layer_formats` to
+    replay an allocation; with neither, the step is uniform (`bits`, `group_size`)."""
+    avg_bits: Optional[float] = Field(None, ge=2, le=16, description="effective bits per weight of the quantized "
+                                      "layers (values, scales, shapes); the allocator chooses a format per layer")
+    formats: Optional[list[str]] = Field(None, description="palette for avg_bits, e.g. ['w3g64','w4g64','w8','bf16']; "
+                                         "default: 3/4 bits at the largest valid group, 4 bits at half that group "
+                                         "and per channel, 8 bits per channel, bf16 kept")
+    layer_formats: Optional[dict[str, str]] = Field(None, description="explicit format per quantizable layer "
+                                                    "(an allocation to replay)")
+    sensitivity_samples: int = Field(16, ge=1, le=1024, description="calibration windows of the Fisher "
+                                     "sensitivity pass (avg_bits)")
+    sensitivity_seq_len: int = Field(512, ge=16, le=8192, description="tokens per sensitivity window")
+
+
+class GPTQParams(Calib, MixedPrecision):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: Optional[int] = Field(64, description="None = per output channel")
     symmetric: bool = True
@@ -40,7 +55,7 @@ class AWQParams(Calib):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
 
-class RTNParams(_P):
+class RTNParams(MixedPrecision):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: Optional[int] = 64
     symmetric: bool = True
@@ -183,9 +198,15 @@ class Strategy(BaseModel):
         for s in self.steps:
             info = METHODS.get(s.method)
             defaults = info.params().model_dump() if info is not None else {}
-            keep = ("bits", "group_size", "sparsity", "pattern", "count", "by", "steps", "rank")
+            keep = ("bits", "group_size", "sparsity", "pattern", "count", "by", "steps", "rank", "avg_bits")
+            if s.params.get("avg_bits") is not None or s.params.get("layer_formats"):
+                keep = tuple(k for k in keep if k not in ("bits", "group_size"))
             ps = ",".join(f"{k}={v}" for k, v in s.params.items()
-                          if k in keep or (k in defaults and v != defaults[k] and k not in ("ignore", "targets")))
+                          if (k in keep and v is not None) or (k in defaults and v != defaults[k]
+                                                               and k not in ("ignore", "targets", "layer_formats")))
+            if s.params.get("layer_formats"):
+                ps += (",") if ps else ""
+                ps += f"layer_formats=<{len(s.params['layer_formats'])} layers>"
             parts.append(f"{s.method}({ps})")
         return " -> ".join(parts)
 
@@ -249,6 +270,7 @@ def validate_strategy(obj: Union[str, dict, Strategy], spec=None, device: str = 
                                 f"valid for this model: {spec.valid_group_sizes}")
             continue
         problems += _check_params(where, step.method, params, spec)
+        problems += _check_mixed(where, params, spec)
         problems += _check_architecture(where, step.method, params, spec, device)
         if info.needs_cuda and not device.startswith("cuda"):
             problems.append(f"{where}: needs CUDA, but the device is {device}")
@@ -298,6 +320,49 @@ def _check_params(where: str, method: str, p: BaseModel, spec) -> list[str]:
             out.append(f"{where}: give 'count' or 'ratio' of blocks to drop")
         if p.count is not None and n_layers is not None and p.count >= n_layers:
             out.append(f"{where}: count {p.count} must be below the model's {n_layers} layers")
+    return out
+
+
+def _check_mixed(where: str, p: BaseModel, spec) -> list[str]:
+    """Mixed precision: formats that parse, a budget the palette can reach on this model, an explicit allocation
+    that names the model's layers with formats their widths take. Pure (spec shapes only)."""
+    if not isinstance(p, MixedPrecision) or (p.avg_bits is None and not p.layer_formats):
+        return []
+    from .methods.mixed import LayerShape, min_effective_bits, parse_format
+
+    out = []
+    if p.avg_bits is not None and p.layer_formats:
+        out.append(f"{where}: give avg_bits (allocate) or layer_formats (replay), not both")
+    names = list(p.formats or []) + sorted(set((p.layer_formats or {}).values()))
+    for f in names:
+        try:
+            parse_format(f)
+        except ValueError as e:
+            out.append(f"{where}: {e}")
+    if out or spec is None:
+        return out
+    ignore = tuple(getattr(p, "ignore", ["lm_head"]))
+    shapes = [LayerShape(name=l.name, out_features=l.out_features, in_features=l.in_features) for l in spec.linears
+              if not any(l.name == i or l.name.endswith("." + i) or l.name.endswith(i) for i in ignore)]
+    if p.layer_formats:
+        by = {s.name: s for s in shapes}
+        unknown = sorted(set(p.layer_formats) - set(by))
+        missing = sorted(set(by) - set(p.layer_formats))
+        if unknown or missing:
+            out.append(f"{where}: layer_formats must name every quantizable layer: {len(missing)} missing "
+                       f"(e.g. {', '.join(missing[:2])}), {len(unknown)} unknown (e.g. {', '.join(unknown[:2])})")
+        bad = [f"{n} ({f}, {by[n].in_features} wide)" for n, f in p.layer_formats.items()
+               if n in by and not parse_format(f).fits(by[n].in_features)]
+        if bad:
+            out.append(f"{where}: group size does not divide the input width of {', '.join(bad[:3])}")
+        return out
+    from .methods.mixed_step import palette
+
+    formats = palette({"formats": p.formats}, shapes)
+    lo = min_effective_bits(shapes, formats, spec.bytes_per_param)
+    if p.avg_bits < lo - 1e-9:
+        out.append(f"{where}: avg_bits {p.avg_bits:g} is below the smallest size the formats {', '.join(formats)} "
+                   f"reach on this model ({lo:.3f} bits per weight)")
     return out
 
 

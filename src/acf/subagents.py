@@ -231,6 +231,8 @@ def estimate_cost_tool(strategy_json: str, model_dir: Optional[str] = None, devi
             secs = io + tok * per
         else:   # rtn, bnb, magnitude: data-free
             secs = io + n * 2e-9
+        if p.get("avg_bits") is not None:   # mixed precision: one forward + backward per sensitivity window
+            secs += 3 * p["sensitivity_samples"] * p["sensitivity_seq_len"] * fwd_tok
         secs = round(max(secs, 1.0), 1)
         total += secs
         steps.append({"method": m, "estimated_seconds": secs})

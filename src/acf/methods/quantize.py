@@ -23,6 +23,7 @@ from ..models import free, torch_dtype_for
 from .base import StepContext
 from ._common import load_dense, save_model, stored_dtype, versions
 from .calibration import calibration_dataset
+from .mixed import config_groups
 
 _LIBS = ("llmcompressor", "compressed-tensors", "transformers", "torch")
 
@@ -44,20 +45,27 @@ def _config_groups(bits: int, group_size: Optional[int], symmetric: bool, actord
     return {"group_0": {"targets": ["Linear"], "weights": _weight_args(bits, group_size, symmetric, actorder)}}
 
 
-def _recipe(method: str, p: dict) -> list:
+def _recipe(method: str, p: dict, mixed: Optional[tuple[dict, list[str]]] = None) -> list:
+    """The llm-compressor modifiers of a step; `mixed` = (config_groups, layers kept) of a per-layer allocation
+    replaces the uniform `bits`/`group_size` group."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     ignore = list(p.get("ignore") or [])
+    groups = _config_groups(p.get("bits", 4), p.get("group_size"), p.get("symmetric", True))
+    if mixed is not None:
+        groups, kept = mixed
+        ignore += [k for k in kept if k not in ignore]
     if method == "rtn":
-        return [QuantizationModifier(config_groups=_config_groups(p["bits"], p["group_size"], p["symmetric"]),
-                                     ignore=ignore)]
+        return [QuantizationModifier(config_groups=groups, ignore=ignore)]
     if method == "gptq":
         if p["act_order"]:
-            actorder = "static" if p["group_size"] else "weight"
+            # static (group) act-order where every group is grouped; "weight" order for per-channel formats
+            grouped = all(g["weights"].get("group_size") for g in groups.values())
+            actorder = "static" if grouped else "weight"
         else:
             actorder = None
-        return [GPTQModifier(config_groups=_config_groups(p["bits"], p["group_size"], p["symmetric"]),
-                             ignore=ignore, actorder=actorder, dampening_frac=p["dampening_frac"])]
+        return [GPTQModifier(config_groups=groups, ignore=ignore, actorder=actorder,
+                             dampening_frac=p["dampening_frac"])]
     if method == "awq":
         # llm-compressor 0.14: AWQ is a transform (smoothing scales) that must be followed by a quantization
         # modifier; mappings for Llama-family models are resolved from the architecture automatically.
@@ -108,9 +116,16 @@ def llmcompressor_quantize(method: str, params: dict, in_dir: Path, out_dir: Pat
     from llmcompressor import oneshot
 
     model, tok = load_dense(in_dir, ctx.device, method, trust_remote_code=ctx.trust_remote_code)
-    recipe = _recipe(method, params)
-    kw: dict[str, Any] = {}
     extra: dict[str, Any] = {"libraries": versions(*_LIBS, *(("auto-round",) if method == "autoround" else ()))}
+    mixed = None
+    if params.get("avg_bits") is not None or params.get("layer_formats"):
+        from .mixed_step import allocation_for
+
+        alloc, facts = allocation_for(model, tok, params, in_dir, ctx, method)
+        mixed = config_groups(alloc.layer_formats)
+        extra["mixed_precision"] = facts
+    recipe = _recipe(method, params, mixed)
+    kw: dict[str, Any] = {}
     if method != "rtn":
         n, L = params["calib_samples"], params["seq_len"]
         kw.update(dataset=calibration_dataset(tok, ctx.task, n, L, ctx.seed, method), num_calibration_samples=n,
@@ -124,6 +139,10 @@ def llmcompressor_quantize(method: str, params: dict, in_dir: Path, out_dir: Pat
     extra["oneshot_seconds"] = round(time.perf_counter() - t, 3)
     save_model(model, tok, out_dir, dtype=stored_dtype(in_dir), save_compressed=True)
     free(model)
+    if mixed is not None:
+        from .mixed_step import record_measured_size
+
+        record_measured_size(extra["mixed_precision"], out_dir)
     return extra
 
 

@@ -1,0 +1,389 @@
+"""Per-layer mixed precision under a budget: measure how much each Linear layer's quantization hurts, then choose a
+format per layer that minimises the summed damage at a given effective bits per weight.
+
+Why by hand: llm-compressor applies whatever per-layer formats it is given (one `config_groups` entry per format,
+exact layer names as targets; compressed-tensors saves them packed and transformers/vLLM load them), but it has no
+allocator. ModelOpt's AutoQuantize and AutoRound's AutoScheme allocate bits, but inside their own quantizers and
+formats, not for llm-compressor's GPTQ/RTN output nor jointly with acf's pruning and recovery steps. What is left to
+write is small and model-free where it can be: formats and their byte cost (pure), a Fisher sensitivity pass (one
+backward per calibration window), and a multiple-choice knapsack (pure, numpy).
+
+Sensitivity (what it estimates, and why this one): the increase of the mean per-token KL(baseline || quantized) when
+only layer l is quantized to format f. At the unquantized model the KL's gradient is zero, so its second-order term
+dominates: KL ~= 1/2 dW^T F dW, with F the Fisher information of the model's own next-token distribution. acf keeps
+F's diagonal, estimated from gradients of the log-likelihood of tokens *sampled from the model itself* on the task's
+calibration windows (the true Fisher, not the empirical Fisher of the reference text: the latter measures
+sensitivity of the fit to the task's answers, i.e. task adaptation, not fidelity), and dW = RTN(W, f) - W. One
+backward per window gives F for every layer at once, and every format costs only an RTN of the weights, so the pass
+scales to 8B models where quantizing each of ~224 layers x formats in turn and re-running the model would not.
+`experiments/bench_mixed.py` measures its rank agreement with the direct per-layer KL (`direct_sensitivity`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+KEEP = "bf16"   # the layer stays in the model's own 16-bit dtype (listed in the recipe's `ignore`)
+_FMT = re.compile(r"^w([2-8])(?:g(\d+))?$")
+#: effective bits searched by default (Optuna categorical): uniform W4 g64 is 4.25 with 16-bit scales
+DEFAULT_BUDGETS = (4.25, 4.5, 5.0, 6.0)
+#: sensitivity estimator version: part of the cache key, so a changed estimator never reads old scores
+SENSITIVITY_VERSION = "fisher-sampled-v1"
+
+
+@dataclass(frozen=True)
+class Format:
+    """A weight format of one Linear layer: `bits`-bit symmetric integers with one scale per `group` input columns
+    (None: one per output channel), or the model's 16-bit dtype (bits=16, name 'bf16')."""
+
+    name: str
+    bits: int
+    group: Optional[int]
+
+    @property
+    def keep(self) -> bool:
+        return self.bits >= 16
+
+    def fits(self, in_features: int) -> bool:
+        return self.keep or self.group is None or in_features % self.group == 0
+
+    def weights_args(self) -> dict:
+        """compressed-tensors QuantizationArgs for this format (as `_weight_args` in quantize.py writes them)."""
+        w: dict = {"num_bits": self.bits, "type": "int", "symmetric": True}
+        w.update({"strategy": "group", "group_size": self.group} if self.group else {"strategy": "channel"})
+        return w
+
+
+def parse_format(name: str) -> Format:
+    """'w4g64' (4 bits, groups of 64), 'w8' (8 bits, per output channel), 'bf16' (kept). ValueError otherwise."""
+    if name == KEEP:
+        return Format(KEEP, 16, None)
+    m = _FMT.match(name)
+    if not m:
+        raise ValueError(f"format {name!r}: expected 'w<bits>' (per channel), 'w<bits>g<group>' or '{KEEP}', "
+                         f"bits 2-8, e.g. w4g64, w8, bf16")
+    bits, group = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+    if group is not None and (group <= 0 or group & (group - 1)):
+        raise ValueError(f"format {name!r}: the group size must be a power of two")
+    return Format(name, bits, group)
+
+
+def default_formats(valid_group_sizes: Sequence[int]) -> list[str]:
+    """The palette the allocator chooses from when a strategy names none: 3 and 4 bits at the model's largest
+    usable group (at most 128), 4 bits at half that group and per channel, 8 bits per channel, and 16-bit kept."""
+    gs = [g for g in valid_group_sizes if 32 <= g <= 128] or list(valid_group_sizes) or [32]
+    g = max(gs)
+    out = [f"w3g{g}", "w4", f"w4g{g}"]
+    if g // 2 in valid_group_sizes:
+        out.append(f"w4g{g // 2}")
+    return out + ["w8", KEEP]
+
+
+# --- bytes on disk (pure) ----------------------------------------------------------------------------------------
+
+def _header_bytes(name: str, n_tensors: int) -> int:
+    # safetensors' JSON header holds one entry per tensor: '"<name>.<suffix>":{"dtype":"I32","shape":[o,i],
+    # "data_offsets":[a,b]},' ~ 70 bytes besides the name. Counted so predictions match files within 0.1%.
+    return n_tensors * (len(name) + 80)
+
+
+def layer_bytes(fmt: Format, out_features: int, in_features: int, dense_bytes: int, name: str = "") -> int:
+    """Bytes a Linear weight of this format takes in a compressed-tensors `pack-quantized` safetensors file:
+    int32-packed values (`weight_packed`: out x ceil(in*bits/32)), scales in the model's dtype (`weight_scale`: out x
+    groups), an int64 pair (`weight_shape`); symmetric formats store no zero point, and static act-order no g_idx.
+    Checked against files written by llm-compressor 0.14 / compressed-tensors 0.19 (tests/test_mixed.py)."""
+    if fmt.keep:
+        return out_features * in_features * dense_bytes + _header_bytes(name + ".weight", 1)
+    packed = out_features * math.ceil(in_features * fmt.bits / 32) * 4
+    groups = in_features // fmt.group if fmt.group else 1
+    return packed + out_features * groups * dense_bytes + 16 + _header_bytes(name + ".weight_packed", 3)
+
+
+class LayerShape(BaseModel):
+    name: str
+    out_features: int
+    in_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+
+def effective_bits(layers: Sequence[LayerShape], formats: dict[str, str], dense_bytes: int) -> float:
+    """Bits per weight of the allocated layers: all their bytes (values, scales, shapes, header) x 8 / weights."""
+    by = {l.name: l for l in layers}
+    total = sum(layer_bytes(parse_format(formats[n]), by[n].out_features, by[n].in_features, dense_bytes, n)
+                for n in formats)
+    return 8 * total / max(1, sum(by[n].numel for n in formats))
+
+
+def min_effective_bits(layers: Sequence[LayerShape], formats: Sequence[str], dense_bytes: int) -> float:
+    """The smallest budget the palette can meet: every layer at its cheapest format that fits its width."""
+    fmts = [parse_format(f) for f in formats]
+    total = 0
+    for l in layers:
+        fit = [layer_bytes(f, l.out_features, l.in_features, dense_bytes, l.name) for f in fmts if f.fits(l.in_features)]
+        if not fit:
+            return math.inf
+        total += min(fit)
+    return 8 * total / max(1, sum(l.numel for l in layers))
+
+
+# --- allocation (pure) -------------------------------------------------------------------------------------------
+
+class Allocation(BaseModel):
+    """The per-layer formats chosen for a budget: stored in the step record, replayable as `layer_formats`."""
+
+    layer_formats: dict[str, str]
+    budget_bits: float
+    effective_bits: float = Field(description="bits per weight of the allocated layers, as allocated")
+    predicted_bytes: int = Field(description="bytes of the allocated layers' tensors in the saved file")
+    sensitivity_total: float = Field(description="sum of the chosen formats' sensitivity scores (estimated KL)")
+    counts: dict[str, int]
+
+
+#: knapsack resolution: the budget is cut into this many units; each layer's cost is rounded *up* to whole units,
+#: so the allocation always meets the budget and gives away at most layers x budget/UNITS bytes (0.4% at 210 layers)
+UNITS = 50_000
+
+
+def allocate(layers: Sequence[LayerShape], sensitivity: dict[str, dict[str, float]], formats: Sequence[str],
+             budget_bits: float, dense_bytes: int) -> Allocation:
+    """Choose one format per layer minimising the summed sensitivity with total bytes <= budget_bits/8 per weight.
+
+    A multiple-choice knapsack solved by dynamic programming over byte units (exact up to the rounding above);
+    formats that do not fit a layer's width, or have no score for it, are not offered for it. Raises ValueError
+    when the budget is below the smallest size the palette can reach."""
+    fmts = [parse_format(f) for f in formats]
+    lo = min_effective_bits(layers, formats, dense_bytes)
+    if budget_bits < lo - 1e-9:
+        raise ValueError(f"budget {budget_bits:g} bits per weight is below the smallest the formats "
+                         f"{', '.join(formats)} reach on this model ({lo:.3f})")
+    total_w = sum(l.numel for l in layers)
+    budget = budget_bits * total_w / 8
+    unit = budget / UNITS
+    inf = np.inf
+    dp = np.full(UNITS + 1, inf)
+    dp[0] = 0.0
+    choice = np.zeros((len(layers), UNITS + 1), dtype=np.int8)
+    for i, l in enumerate(layers):
+        new = np.full(UNITS + 1, inf)
+        arg = np.zeros(UNITS + 1, dtype=np.int8)
+        for k, f in enumerate(fmts):
+            if not f.fits(l.in_features) or (not f.keep and f.name not in sensitivity.get(l.name, {})):
+                continue
+            s = 0.0 if f.keep else float(sensitivity[l.name][f.name])
+            c = math.ceil(layer_bytes(f, l.out_features, l.in_features, dense_bytes, l.name) / unit - 1e-9)
+            if c > UNITS:
+                continue
+            cand = np.full(UNITS + 1, inf)
+            cand[c:] = dp[:UNITS + 1 - c] + s
+            better = cand < new
+            new[better], arg[better] = cand[better], k
+        dp, choice[i] = new, arg
+    end = int(np.argmin(dp))
+    if not math.isfinite(dp[end]):
+        raise ValueError(f"no allocation meets {budget_bits:g} bits per weight with formats {', '.join(formats)}")
+    picked: dict[str, str] = {}
+    j = end
+    for i in range(len(layers) - 1, -1, -1):
+        f = fmts[int(choice[i, j])]
+        picked[layers[i].name] = f.name
+        l = layers[i]
+        j -= math.ceil(layer_bytes(f, l.out_features, l.in_features, dense_bytes, l.name) / unit - 1e-9)
+    picked = {l.name: picked[l.name] for l in layers}
+    nbytes = sum(layer_bytes(parse_format(picked[l.name]), l.out_features, l.in_features, dense_bytes, l.name)
+                 for l in layers)
+    counts: dict[str, int] = {}
+    for f in picked.values():
+        counts[f] = counts.get(f, 0) + 1
+    return Allocation(layer_formats=picked, budget_bits=budget_bits, effective_bits=round(8 * nbytes / total_w, 4),
+                      predicted_bytes=nbytes, sensitivity_total=float(dp[end]), counts=counts)
+
+
+def config_groups(layer_formats: dict[str, str]) -> tuple[dict, list[str]]:
+    """llm-compressor `config_groups` (one group per format, exact layer names as targets) and the layers kept."""
+    groups: dict[str, dict] = {}
+    keep: list[str] = []
+    for name, f in layer_formats.items():
+        fmt = parse_format(f)
+        if fmt.keep:
+            keep.append(name)
+            continue
+        groups.setdefault(f, {"targets": [], "weights": fmt.weights_args()})["targets"].append(name)
+    return groups, keep
+
+
+# --- sensitivity (needs the model) -------------------------------------------------------------------------------
+
+def rtn(weight, fmt: Format):
+    """Round-to-nearest fake quantization as compressed-tensors' symmetric min-max observer does it: scale =
+    max|w| / ((qmax - qmin) / 2) per group, values clamped to [qmin, qmax]. Written here because only the error
+    dW = RTN(W) - W is needed, for every layer and format, without building quantized modules."""
+    import torch
+
+    if fmt.keep:
+        return weight
+    out, inn = weight.shape
+    g = fmt.group or inn
+    w = weight.detach().float().reshape(out, inn // g, g)
+    qmax, qmin = 2 ** (fmt.bits - 1) - 1, -(2 ** (fmt.bits - 1))
+    scale = (w.abs().amax(-1, keepdim=True) / ((qmax - qmin) / 2)).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.clamp(torch.round(w / scale), qmin, qmax)
+    return (q * scale).reshape(out, inn)
+
+
+def linear_layers(model, ignore: Iterable[str] = ("lm_head",)) -> list[tuple[str, object]]:
+    """The model's Linear layers the allocator may assign formats to (lm_head and ignored names excluded)."""
+    import torch
+
+    ign = tuple(ignore)
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not any(n == i or n.endswith("." + i) or n.endswith(i) for i in ign)]
+
+
+def shapes_of(model, ignore: Iterable[str] = ("lm_head",)) -> list[LayerShape]:
+    return [LayerShape(name=n, out_features=m.out_features, in_features=m.in_features)
+            for n, m in linear_layers(model, ignore)]
+
+
+def fisher_sensitivity(model, ids, formats: Sequence[str], ignore: Iterable[str] = ("lm_head",), *, seed: int = 0,
+                       progress: Optional[Callable[[int, int], None]] = None) -> dict[str, dict[str, float]]:
+    """Estimated KL increase per (layer, format): 1/2 sum_i F_ii dW_i^2 / tokens, F the diagonal Fisher of the
+    model's own next-token distribution on `ids` (n windows x L tokens), one window per backward so squared
+    gradients are per window (a batch would square the sum of its windows' gradients)."""
+    import torch
+
+    layers = linear_layers(model, ignore)
+    params = [p for p in model.parameters()]
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    for _, m in layers:
+        m.weight.requires_grad_(True)
+    fisher = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in layers}
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dev = next(model.parameters()).device
+    tokens = 0
+    model.eval()
+    try:
+        for i in range(ids.shape[0]):
+            row = ids[i:i + 1].to(dev)
+            logits = model(input_ids=row).logits[0, :-1].float()
+            with torch.no_grad():
+                y = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=gen).squeeze(-1).to(dev)
+            loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            for n, m in layers:
+                fisher[n] += m.weight.grad.float() ** 2
+            tokens += logits.shape[0]
+            if progress:
+                progress(i + 1, ids.shape[0])
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+    fmts = [parse_format(f) for f in formats if f != KEEP]
+    out: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for n, m in layers:
+            w = m.weight.detach().float()
+            out[n] = {f.name: float(0.5 * (fisher[n] * (rtn(w, f) - w) ** 2).sum() / max(1, tokens))
+                      for f in fmts if f.fits(m.in_features)}
+    return out
+
+
+def direct_sensitivity(model, ids, layer_names: Sequence[str], fmt: Format, *, batch: int = 4) -> dict[str, float]:
+    """Measured KL increase (mean per token, KL(baseline || model)) when only one layer is RTN-quantized, for each
+    layer in turn: the ground truth the Fisher estimate is checked against (cost: one forward per layer)."""
+    import torch
+
+    mods = dict(model.named_modules())
+    dev = next(model.parameters()).device
+
+    def logp_all():
+        outs = []
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], batch):
+                outs.append(torch.log_softmax(model(input_ids=ids[i:i + batch].to(dev)).logits[:, :-1].float(), -1))
+        return outs
+
+    ref = logp_all()
+    out: dict[str, float] = {}
+    for n in layer_names:
+        w = mods[n].weight
+        keep = w.detach().clone()
+        with torch.no_grad():
+            w.copy_(rtn(keep, fmt).to(w.dtype))
+        try:
+            got = logp_all()
+            kl = sum(float((r.exp() * (r - q)).sum(-1).sum()) for r, q in zip(ref, got))
+            out[n] = kl / sum(r.shape[0] * r.shape[1] for r in ref)
+        finally:
+            with torch.no_grad():
+                w.copy_(keep)
+    return out
+
+
+def sensitivity_key(weights_digest: str, task: str, n: int, seq_len: int, seed: int, formats: Sequence[str],
+                    ignore: Sequence[str]) -> str:
+    blob = json.dumps([SENSITIVITY_VERSION, weights_digest, task, n, seq_len, seed, sorted(formats), sorted(ignore)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 of the model's weight files: the cache key of a sensitivity pass (a pruned input gets its own)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin")):
+        h.update(p.name.encode())
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class SensitivityCache(BaseModel):
+    """What a sensitivity pass measured, cached per (weights, task, calibration, formats) and reused across episodes
+    and runs (`$ACF_CACHE/sensitivity/<key>.json`)."""
+
+    key: str
+    estimator: str = SENSITIVITY_VERSION
+    task: str
+    calib_samples: int
+    seq_len: int
+    seconds: float
+    scores: dict[str, dict[str, float]]
+
+
+def cached_sensitivity(cache_dir: Path, key: str, compute: Callable[[], dict[str, dict[str, float]]], *, task: str,
+                       n: int, seq_len: int) -> tuple[SensitivityCache, bool]:
+    """Read the cached pass for `key`, or compute and write it atomically. A corrupt cache file is recomputed
+    (and overwritten), never read as zeros. Returns (cache, hit)."""
+    from ..atomic import write_text
+
+    path = Path(cache_dir) / f"{key}.json"
+    if path.is_file():
+        try:
+            c = SensitivityCache.model_validate_json(path.read_text())
+            if c.key == key and c.scores:
+                return c, True
+        except ValueError:
+            pass
+    t = time.perf_counter()
+    scores = compute()
+    c = SensitivityCache(key=key, task=task, calib_samples=n, seq_len=seq_len,
+                         seconds=round(time.perf_counter() - t, 3), scores=scores)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, c.model_dump_json())
+    return c, False

@@ -1,0 +1,94 @@
+"""The mixed-precision part of a quantization step: sensitivity (cached) -> allocation -> facts for the record.
+
+Kept apart from `mixed.py` (formats, sizes, knapsack, estimators: no knowledge of steps) and from `quantize.py`
+(recipes): this module is the glue that knows about step parameters, calibration text and the cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import MethodFailed
+from ..evaluation.perf import weight_files_size
+from ..models import cache_dir
+from ._common import report, stored_dtype
+from .base import StepContext
+from .calibration import calibration_ids
+from .mixed import (KEEP, Allocation, LayerShape, allocate, cached_sensitivity, default_formats, effective_bits,
+                    fisher_sensitivity, layer_bytes, parse_format, sensitivity_key, shapes_of, weights_digest)
+
+
+def _dense_bytes(in_dir: Path) -> int:
+    dt = stored_dtype(in_dir)
+    return dt.itemsize if dt is not None else 2
+
+
+def palette(params: dict, shapes: list[LayerShape]) -> list[str]:
+    """The formats a step may allocate: its `formats`, or the default palette for the layers' widths."""
+    if params.get("formats"):
+        return list(params["formats"])
+    widths = {s.in_features for s in shapes}
+    valid = [g for g in (16, 32, 64, 128, 256) if all(w % g == 0 for w in widths)]
+    return default_formats(valid)
+
+
+def allocation_for(model, tok, params: dict, in_dir: Path, ctx: StepContext, method: str) -> tuple[Allocation, dict]:
+    """The per-layer formats of this step: `layer_formats` as given (a replayed allocation), or allocated for
+    `avg_bits` from the Fisher sensitivity of `in_dir` on the task's calibration windows (cached)."""
+    ignore = list(params.get("ignore") or [])
+    shapes = shapes_of(model, ignore)
+    dense = _dense_bytes(in_dir)
+    given = params.get("layer_formats")
+    if given:
+        names = {s.name for s in shapes}
+        missing, unknown = sorted(names - set(given)), sorted(set(given) - names)
+        if missing or unknown:
+            raise MethodFailed(method, "config", f"layer_formats must name every quantizable layer of the input: "
+                                                 f"{len(missing)} missing (e.g. {missing[:2]}), {len(unknown)} unknown "
+                                                 f"(e.g. {unknown[:2]})")
+        by = {s.name: s for s in shapes}
+        nbytes = sum(layer_bytes(parse_format(f), by[n].out_features, by[n].in_features, dense, n)
+                     for n, f in given.items())
+        counts: dict[str, int] = {}
+        for f in given.values():
+            counts[f] = counts.get(f, 0) + 1
+        eff = effective_bits(shapes, given, dense)
+        alloc = Allocation(layer_formats={s.name: given[s.name] for s in shapes}, budget_bits=round(eff, 4),
+                           effective_bits=round(eff, 4), predicted_bytes=nbytes, sensitivity_total=float("nan"),
+                           counts=counts)
+        facts: dict[str, Any] = {"source": "layer_formats (replayed)"}
+    else:
+        formats = palette(params, shapes)
+        n, L = int(params.get("sensitivity_samples") or 16), int(params.get("sensitivity_seq_len") or 512)
+        task = getattr(ctx.task, "name", "task")
+        key = sensitivity_key(weights_digest(in_dir), task, n, L, ctx.seed, formats, ignore)
+
+        def compute():
+            ids = calibration_ids(tok, ctx.task, n, L, ctx.seed, method)
+            return fisher_sensitivity(model, ids, formats, ignore, seed=ctx.seed,
+                                      progress=lambda d, t: report(ctx, "sensitivity", d, t))
+
+        cache, hit = cached_sensitivity(cache_dir() / "sensitivity", key, compute, task=task, n=n, seq_len=L)
+        try:
+            alloc = allocate(shapes, cache.scores, formats, float(params["avg_bits"]), dense)
+        except ValueError as e:
+            raise MethodFailed(method, "config", str(e)) from None
+        facts = {"source": f"allocated for avg_bits={params['avg_bits']}",
+                 "sensitivity": {"estimator": cache.estimator, "samples": n, "seq_len": L, "cache_hit": hit,
+                                 "seconds": cache.seconds, "key": key,
+                                 "source": f"{task} train split (evaluation's prompt format)"},
+                 "formats": formats}
+    kept_dense = sum(layer_bytes(parse_format(KEEP), s.out_features, s.in_features, dense, s.name) for s in shapes)
+    facts.update(allocation=alloc.model_dump(),
+                 predicted_weight_file_bytes=weight_files_size(in_dir) - kept_dense + alloc.predicted_bytes)
+    return alloc, facts
+
+
+def record_measured_size(facts: dict, out_dir: Path) -> None:
+    """Put the measured size of the written weight files beside the prediction (the budget is met on disk)."""
+    measured = weight_files_size(out_dir)
+    facts["measured_weight_file_bytes"] = measured
+    pred = facts.get("predicted_weight_file_bytes")
+    if pred:
+        facts["size_prediction_error"] = round((pred - measured) / measured, 5)
