@@ -303,7 +303,9 @@ def versus_fixed(ff: FrontierFile, metric: str = "kld") -> Optional[dict[str, An
 
     "Best" is the lower `metric` of the two; the comparison holds only at no larger size, which is reported."""
     fixed = [c for c in ff.candidates if c.status == "ok" and c.proposed_by == "seed recipe"
-             and len(c.strategy.steps) == 1 and c.strategy.steps[0].method == "gptq" and metric in c.metrics]
+             and len(c.strategy.steps) == 1 and c.strategy.steps[0].method == "gptq" and metric in c.metrics
+             and c.strategy.steps[0].params.get("avg_bits") is None      # acf's mixed-precision seed is no
+             and not c.strategy.steps[0].params.get("layer_formats")]    # fixed recipe
     if not fixed or ff.recommended is None:
         return None
     best = min(fixed, key=lambda c: c.metrics[metric].value)
@@ -315,7 +317,7 @@ def versus_fixed(ff: FrontierFile, metric: str = "kld") -> Optional[dict[str, An
             and c.metrics["size"].value <= best.metrics["size"].value and c.metrics[metric].value is not None]
     at_size = min(fits, key=lambda c: c.metrics[metric].value) if fits else best
     return {"best_at_size": at_size.id, "best_at_size_value": at_size.metrics[metric].value,
-            "best_at_size_ratio": (at_size.metrics[metric].value / bv) if bv else None,"fixed": best.id, "fixed_strategy": best.strategy.describe(), "fixed_value": bv,
+            "best_at_size_ratio": (at_size.metrics[metric].value / bv) if bv else None, "fixed": best.id, "fixed_strategy": best.strategy.describe(), "fixed_value": bv,
             "fixed_size": best.metrics["size"].value, "pick": pick.id, "pick_strategy": pick.strategy.describe(),
             "pick_value": pv, "pick_size": pick.metrics["size"].value,
             "ratio": (pv / bv) if bv else None, "no_larger": pick.metrics["size"].value <= best.metrics["size"].value}
