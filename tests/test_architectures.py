@@ -431,3 +431,67 @@ def test_cli_spec_shows_tokenizer_facts(tiny_model_dir, capsys):
     assert d["tied_embeddings"] is True
     code, out, _ = _acf(capsys, "spec", "--model", str(tiny_model_dir))
     assert code == 0 and "tokenizer (as acf uses it)" in out and "adds BOS" in out and "chat template" in out
+
+
+# --- bounded memory for large vocabularies -------------------------------------------------------------------------
+
+def _large_vocab_llama(seed: int, vocab: int = 256_000):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)    # peaked distributions (random init is near uniform): a kld to measure
+    return model
+
+
+def test_teacher_forced_metrics_chunked_for_a_256k_vocabulary():
+    """answer NLL, kld and top1 from chunks of at most 7 positions equal those from whole logits (and a direct
+    computation), and the output head never sees more than the chunk bound of positions."""
+    from acf.evaluation import logits as L
+    from acf.evaluation.fidelity import build_reference, teacher_forced
+    from acf.evaluation.multiple_choice import _position_budget
+    from acf.evaluation.sequences import Scored
+
+    V = 256_000
+    base, cand = _large_vocab_llama(0, V), _large_vocab_llama(1, V)
+    g = torch.Generator().manual_seed(2)
+    seqs = [Scored(id=f"s{i}", prompt=tuple(torch.randint(3, V, (p,), generator=g).tolist()),
+                   target=tuple(torch.randint(3, V, (t,), generator=g).tolist()))
+            for i, (p, t) in enumerate([(3, 40), (5, 17), (1, 64)])]
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    small, whole = 7 * V, 10**12          # 7 positions per chunk; one chunk per sequence
+
+    # a direct computation from the model's own full logits, for the truth
+    nll = tokens = 0.0
+    for s in seqs:
+        with torch.no_grad():
+            lp = torch.log_softmax(cand(torch.tensor([s.prompt + s.target])).logits[0].float(), -1)
+        p = len(s.prompt)
+        nll -= float(lp[p - 1:p - 1 + len(s.target)].gather(-1, torch.tensor(s.target)[:, None]).sum())
+        tokens += len(s.target)
+
+    assert L.chunked_head(base) is not None and L.chunked_head(cand) is not None   # checked against the forward
+    seen: list[int] = []
+    hook = cand.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, 16).shape[0]))
+    try:
+        got = {}
+        for name, el in (("chunked", small), ("whole", whole)):
+            ref = build_reference(base, tok, seqs, k=32, chunk_elements=el)
+            got[name] = (ref, teacher_forced(cand, tok, seqs, ["answer_nll", "kld", "top1"], reference=ref,
+                                             chunk_elements=el))
+            if name == "chunked":
+                assert seen and max(seen) <= 7 and len(seen) == sum(-(-len(s.target) // 7) for s in seqs)
+                seen.clear()
+    finally:
+        hook.remove()
+    (rc, mc), (rw, mw) = got["chunked"], got["whole"]
+    assert torch.allclose(rc.topk_logp, rw.topk_logp, atol=1e-5) and torch.equal(rc.topk_idx, rw.topk_idx)
+    for m in ("answer_nll", "kld", "top1"):
+        assert mc[m].value == pytest.approx(mw[m].value, abs=1e-5), m
+    assert mc["answer_nll"].value == pytest.approx(nll / tokens, abs=1e-5)
+    assert mc["kld"].value > 0.01          # two different models: a real divergence, measured equally both ways
+    assert L.chunk_positions(V) == 65 and _position_budget(cand) == 65     # 2^24 float32 values per chunk
