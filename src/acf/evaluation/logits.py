@@ -18,6 +18,7 @@ numbers are right even where the memory bound cannot be kept.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -65,37 +66,38 @@ def _decoder_and_head(model):
     return dec, head
 
 
+#: the verdict of `_check` per model object (weak: a copy of a model, e.g. a perturbed deepcopy, is checked anew,
+#: and nothing keeps a freed model alive)
+_VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 def chunked_head(model) -> Optional[tuple[torch.nn.Module, Head]]:
     """(decoder, head) where the model's logits equal head(decoder(...).last_hidden_state); None where they do not
-    (then the caller uses the model's own forward). Checked once per model object and remembered on it."""
-    cached = getattr(model, "_acf_chunked_head", None)
-    if cached is not None:
-        return cached or None
+    (then the caller uses the model's own forward). Checked once per model object."""
     parts = _decoder_and_head(model)
-    result: object = False
     if parts is None:
-        log.warning("%s has no separate decoder and output head: its logits are computed whole (memory grows with "
-                    "batch x sequence x vocabulary)", type(model).__name__)
-    else:
-        dec, head_mod = parts
-        post = _post(model)
-        hdev = next(head_mod.parameters()).device
+        if _VERDICTS.get(model) is None:
+            log.warning("%s has no separate decoder and output head: its logits are computed whole (memory grows "
+                        "with batch x sequence x vocabulary)", type(model).__name__)
+            _VERDICTS[model] = False
+        return None
+    dec, head_mod = parts
+    post = _post(model)
+    hdev = next(head_mod.parameters()).device
 
-        def head(h: torch.Tensor) -> torch.Tensor:
-            return post(head_mod(h.to(hdev))).float()
+    def head(h: torch.Tensor) -> torch.Tensor:
+        return post(head_mod(h.to(hdev))).float()
 
+    ok = _VERDICTS.get(model)
+    if ok is None:
         problem = _check(model, dec, head)
-        if problem is None:
-            result = (dec, head)
-        else:
+        ok = problem is None
+        if not ok:
             log.warning("%s: the chunked output head does not reproduce the model's logits (%s); its logits are "
                         "computed whole (memory grows with batch x sequence x vocabulary)", type(model).__name__,
                         problem)
-    try:
-        model._acf_chunked_head = result
-    except AttributeError:   # a model that refuses attributes is simply checked again
-        pass
-    return result or None
+        _VERDICTS[model] = ok
+    return (dec, head) if ok else None
 
 
 def _vocab(model) -> int:
