@@ -433,6 +433,81 @@ def test_cli_spec_shows_tokenizer_facts(tiny_model_dir, capsys):
     assert code == 0 and "tokenizer (as acf uses it)" in out and "adds BOS" in out and "chat template" in out
 
 
+
+# --- the sanity check wired into `acf run` and `acf eval` ---------------------------------------------------------
+
+RUN_FAST = ["--objectives", "answer_nll,size", "--limit", "4", "--proxy-limit", "2", "--calib-samples", "4",
+            "--seq-len", "64", "--min-retention", "0.01", "--quant-methods", "none,rtn", "--prune-methods", "none",
+            "--episodes", "1", "--device", "cpu", "--no-controls"]
+
+
+def test_run_stops_on_a_broken_baseline_then_skip_sanity_goes_on(tiny_model_dir, data_root, tmp_path, capsys):
+    """A random-init model (broken by design: NLL ~ ln(vocab), a 1-token loop) stops `acf run` at exit 2 before any
+    episode; a resume without the override stops again from the record; `--resume --skip-sanity` runs the search
+    and the report shows the measured values and the override."""
+    from acf.sanity import MAX_NLL, SanityReport
+    from acf.state import load_frontier_file
+
+    run = tmp_path / "run"
+    code, _, err = _acf(capsys, "run", "--model", str(tiny_model_dir), "--run-dir", str(run), *RUN_FAST)
+    assert code == 2, err
+    assert err.startswith("error:") and err.strip().count("\n") == 0, err
+    assert "NLL" in err and f"at most {MAX_NLL:g}" in err and "--skip-sanity" in err and str(run) in err
+    rec = SanityReport.model_validate_json((run / "sanity.json").read_text())
+    assert not rec.ok and rec.text_nll > MAX_NLL and rec.thresholds["max_nll"] == MAX_NLL
+    assert not (run / "episodes").exists() and not (run / "artifacts").exists()      # no search spent
+    assert load_frontier_file(run / "frontier.json").baseline is None
+
+    before = (run / "sanity.json").stat().st_mtime_ns
+    code, _, err = _acf(capsys, "run", "--resume", str(run))
+    assert code == 2 and "--skip-sanity" in err, err
+    assert (run / "sanity.json").stat().st_mtime_ns == before                       # judged from the record
+
+    code, out, err = _acf(capsys, "run", "--resume", str(run), "--skip-sanity")
+    assert code == 0, err
+    assert "going on despite it (--skip-sanity)" in out
+    assert (run / "sanity.json").stat().st_mtime_ns == before                       # not measured again
+    ff = load_frontier_file(run / "frontier.json")
+    assert ff.baseline is not None and len(ff.candidates) == 1
+    assert json.loads((run / "run_config.json").read_text())["skip_sanity"] is True
+    report = (run / "report.md").read_text()
+    assert "## Baseline sanity check" in report and "overridden with `--skip-sanity`" in report
+    assert f"{rec.text_nll:.3f}" in report and f"<= {MAX_NLL:g}" in report
+
+
+def test_run_records_a_passing_check(smol, data_root, tmp_path):
+    """The default model passes the check as the pipeline runs it: recorded in sanity.json, said in one line, no
+    stop; report.md shows it. (The full baseline evaluation after it is the pipeline tests' business.)"""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from acf.pipeline import RunConfig, RunContext, judge_sanity, measure_sanity, recorded_sanity
+    from acf.report import _sanity_section
+
+    model, tok = smol
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = RunConfig(model="smollm2-135m", run_dir=str(run), limit=8)
+    buf = io.StringIO()
+    ctx = RunContext(cfg, Console(file=buf, width=200))
+    rep = measure_sanity(ctx, SimpleNamespace(model=model, tokenizer=tok))
+    judge_sanity(ctx, rep)
+    assert rep.ok and rep.nll_items >= 1 and recorded_sanity(ctx) == rep and "sanity check ok" in buf.getvalue()
+    md = "\n".join(_sanity_section(run))
+    assert "Verdict: **ok**" in md and f"{rep.text_nll:.3f}" in md
+
+
+def test_eval_warns_about_a_broken_model(tiny_model_dir, data_root, capsys):
+    code, _, err = _acf(capsys, "eval", "--model", str(tiny_model_dir), "--limit", "2", "--metrics", "size")
+    assert code == 0, err
+    assert "warning:" in err and "NLL" in err and "--skip-sanity" in err
+    code, _, err = _acf(capsys, "eval", "--model", str(tiny_model_dir), "--limit", "2", "--metrics", "size",
+                        "--skip-sanity")
+    assert code == 0 and "warning" not in err, err
+
+
 # --- bounded memory for large vocabularies -------------------------------------------------------------------------
 
 def _large_vocab_llama(seed: int, vocab: int = 256_000):
