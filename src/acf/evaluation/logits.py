@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-#: float32 logit values one chunk may hold: 2^24 = 64 MiB (64 positions of a 256k vocabulary, 341 of SmolLM2's 49k)
+#: float32 logit values one chunk may hold: 2^24 = 64 MiB (65 positions of a 256k vocabulary, 341 of SmolLM2's 49k)
 CHUNK_ELEMENTS = 1 << 24
 #: tokens of the one-off check of the chunked head against the model's own forward
 CHECK_TOKENS = 8
