@@ -342,7 +342,7 @@ def _without_hint(problem: str) -> str:
 def failure_message(report: SanityReport, how_to_skip: str) -> str:
     """The one-line stop message: every problem (what looks wrong, the value, the range), where the values are
     recorded is up to the caller, and `how_to_skip` (the exact command line that goes on anyway)."""
-    return ("the baseline looks broken, so the search was not started: " + "; ".join(
+    return ("the baseline looks broken, so the search was not started: " + ". Also, ".join(
         _without_hint(p) for p in report.problems) + f". If this model is what you mean to compress: {how_to_skip}")
 
 
