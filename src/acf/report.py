@@ -1,7 +1,7 @@
 """Read a run's frontier.json into pandas and write a human report (markdown + PNG plots) next to it.
 
-The report is rebuilt from frontier.json (plus the baseline sanity check's sanity.json, when there is one), so it can be regenerated at any time (and by anyone with the
-file) without the run's other state. Plots use matplotlib's object API (`Figure`, no pyplot), so they render
+The report is rebuilt from frontier.json (and the baseline sanity check's sanity.json, when there is one), so it
+can be regenerated at any time (and by anyone with the files) without the run's other state. Plots use matplotlib's object API (`Figure`, no pyplot), so they render
 headless and never change the backend of a notebook that imports this module.
 """
 
