@@ -431,3 +431,142 @@ def test_cli_spec_shows_tokenizer_facts(tiny_model_dir, capsys):
     assert d["tied_embeddings"] is True
     code, out, _ = _acf(capsys, "spec", "--model", str(tiny_model_dir))
     assert code == 0 and "tokenizer (as acf uses it)" in out and "adds BOS" in out and "chat template" in out
+
+
+
+# --- the sanity check wired into `acf run` and `acf eval` ---------------------------------------------------------
+
+RUN_FAST = ["--objectives", "answer_nll,size", "--limit", "4", "--proxy-limit", "2", "--calib-samples", "4",
+            "--seq-len", "64", "--min-retention", "0.01", "--quant-methods", "none,rtn", "--prune-methods", "none",
+            "--episodes", "1", "--device", "cpu", "--no-controls"]
+
+
+def test_run_stops_on_a_broken_baseline_then_skip_sanity_goes_on(tiny_model_dir, data_root, tmp_path, capsys):
+    """A random-init model (broken by design: NLL ~ ln(vocab), a 1-token loop) stops `acf run` at exit 2 before any
+    episode; a resume without the override stops again from the record; `--resume --skip-sanity` runs the search
+    and the report shows the measured values and the override."""
+    from acf.sanity import MAX_NLL, SanityReport
+    from acf.state import load_frontier_file
+
+    run = tmp_path / "run"
+    code, _, err = _acf(capsys, "run", "--model", str(tiny_model_dir), "--run-dir", str(run), *RUN_FAST)
+    assert code == 2, err
+    assert err.startswith("error:") and err.strip().count("\n") == 0, err
+    assert "NLL" in err and f"at most {MAX_NLL:g}" in err and "--skip-sanity" in err and str(run) in err
+    rec = SanityReport.model_validate_json((run / "sanity.json").read_text())
+    assert not rec.ok and rec.text_nll > MAX_NLL and rec.thresholds["max_nll"] == MAX_NLL
+    assert not (run / "episodes").exists() and not (run / "artifacts").exists()      # no search spent
+    assert load_frontier_file(run / "frontier.json").baseline is None
+
+    before = (run / "sanity.json").stat().st_mtime_ns
+    code, _, err = _acf(capsys, "run", "--resume", str(run))
+    assert code == 2 and "--skip-sanity" in err, err
+    assert (run / "sanity.json").stat().st_mtime_ns == before                       # judged from the record
+
+    code, out, err = _acf(capsys, "run", "--resume", str(run), "--skip-sanity")
+    assert code == 0, err
+    assert "going on despite it (--skip-sanity)" in out
+    assert (run / "sanity.json").stat().st_mtime_ns == before                       # not measured again
+    ff = load_frontier_file(run / "frontier.json")
+    assert ff.baseline is not None and len(ff.candidates) == 1
+    assert json.loads((run / "run_config.json").read_text())["skip_sanity"] is True
+    report = (run / "report.md").read_text()
+    assert "## Baseline sanity check" in report and "overridden with `--skip-sanity`" in report
+    assert f"{rec.text_nll:.3f}" in report and f"<= {MAX_NLL:g}" in report
+
+
+def test_run_records_a_passing_check(smol, data_root, tmp_path):
+    """The default model passes the check as the pipeline runs it: recorded in sanity.json, said in one line, no
+    stop; report.md shows it. (The full baseline evaluation after it is the pipeline tests' business.)"""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from acf.pipeline import RunConfig, RunContext, judge_sanity, measure_sanity, recorded_sanity
+    from acf.report import _sanity_section
+
+    model, tok = smol
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = RunConfig(model="smollm2-135m", run_dir=str(run), limit=8)
+    buf = io.StringIO()
+    ctx = RunContext(cfg, Console(file=buf, width=200))
+    rep = measure_sanity(ctx, SimpleNamespace(model=model, tokenizer=tok))
+    judge_sanity(ctx, rep)
+    assert rep.ok and rep.nll_items >= 1 and recorded_sanity(ctx) == rep and "sanity check ok" in buf.getvalue()
+    md = "\n".join(_sanity_section(run))
+    assert "Verdict: **ok**" in md and f"{rep.text_nll:.3f}" in md
+
+
+def test_eval_warns_about_a_broken_model(tiny_model_dir, data_root, capsys):
+    code, _, err = _acf(capsys, "eval", "--model", str(tiny_model_dir), "--limit", "2", "--metrics", "size")
+    assert code == 0, err
+    assert "warning:" in err and "NLL" in err and "--skip-sanity" in err
+    code, _, err = _acf(capsys, "eval", "--model", str(tiny_model_dir), "--limit", "2", "--metrics", "size",
+                        "--skip-sanity")
+    assert code == 0 and "warning" not in err, err
+
+
+# --- bounded memory for large vocabularies -------------------------------------------------------------------------
+
+def _large_vocab_llama(seed: int, vocab: int = 256_000):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)    # peaked distributions (random init is near uniform): a kld to measure
+    return model
+
+
+def test_teacher_forced_metrics_chunked_for_a_256k_vocabulary():
+    """answer NLL, kld and top1 from chunks of at most 7 positions equal those from whole logits (and a direct
+    computation), and the output head never sees more than the chunk bound of positions."""
+    from acf.evaluation import logits as L
+    from acf.evaluation.fidelity import build_reference, teacher_forced
+    from acf.evaluation.multiple_choice import _position_budget
+    from acf.evaluation.sequences import Scored
+
+    V = 256_000
+    base, cand = _large_vocab_llama(0, V), _large_vocab_llama(1, V)
+    g = torch.Generator().manual_seed(2)
+    seqs = [Scored(id=f"s{i}", prompt=tuple(torch.randint(3, V, (p,), generator=g).tolist()),
+                   target=tuple(torch.randint(3, V, (t,), generator=g).tolist()))
+            for i, (p, t) in enumerate([(3, 40), (5, 17), (1, 64)])]
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    small, whole = 7 * V, 10**12          # 7 positions per chunk; one chunk per sequence
+
+    # a direct computation from the model's own full logits, for the truth
+    nll = tokens = 0.0
+    for s in seqs:
+        with torch.no_grad():
+            lp = torch.log_softmax(cand(torch.tensor([s.prompt + s.target])).logits[0].float(), -1)
+        p = len(s.prompt)
+        nll -= float(lp[p - 1:p - 1 + len(s.target)].gather(-1, torch.tensor(s.target)[:, None]).sum())
+        tokens += len(s.target)
+
+    assert L.chunked_head(base) is not None and L.chunked_head(cand) is not None   # checked against the forward
+    seen: list[int] = []
+    hook = cand.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, 16).shape[0]))
+    try:
+        got = {}
+        for name, el in (("chunked", small), ("whole", whole)):
+            ref = build_reference(base, tok, seqs, k=32, chunk_elements=el)
+            got[name] = (ref, teacher_forced(cand, tok, seqs, ["answer_nll", "kld", "top1"], reference=ref,
+                                             chunk_elements=el))
+            if name == "chunked":
+                assert seen and max(seen) <= 7 and len(seen) == sum(-(-len(s.target) // 7) for s in seqs)
+                seen.clear()
+    finally:
+        hook.remove()
+    (rc, mc), (rw, mw) = got["chunked"], got["whole"]
+    assert torch.allclose(rc.topk_logp, rw.topk_logp, atol=1e-5) and torch.equal(rc.topk_idx, rw.topk_idx)
+    for m in ("answer_nll", "kld", "top1"):
+        assert mc[m].value == pytest.approx(mw[m].value, abs=1e-5), m
+    assert mc["answer_nll"].value == pytest.approx(nll / tokens, abs=1e-5)
+    assert mc["kld"].value > 0.01          # two different models: a real divergence, measured equally both ways
+    assert L.chunk_positions(V) == 65 and _position_budget(cand) == 65     # 2^24 float32 values per chunk

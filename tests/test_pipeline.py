@@ -24,7 +24,8 @@ from acf.state import load_frontier_file
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(objectives=["answer_nll", "size"], limit=4, proxy_limit=None, calib_samples=4, seq_len=64,
             recover_steps=[2], latency_tokens=4, min_retention=None,
-            quant_methods=["none", "rtn", "bnb_int8"], prune_methods=["none", "magnitude", "drop_layers"])
+            quant_methods=["none", "rtn", "bnb_int8"], prune_methods=["none", "magnitude", "drop_layers"],
+            skip_sanity=True)   # a random-init model is broken by design (the check: test_architectures.py)
 
 
 def cfg_for(model_dir: Path, run_dir: Path, **kw) -> RunConfig:
@@ -163,7 +164,8 @@ def _wait_for(pred, timeout: float, proc) -> None:
 def _run_cmd(model_dir: Path, run_dir: Path, episodes: int) -> list[str]:
     return [sys.executable, str(ROOT / "run_pipeline.py"), "--model", str(model_dir), "--episodes", str(episodes),
             "--run-dir", str(run_dir), "--objectives", "answer_nll,size", "--limit", "4", "--proxy-limit", "2",
-            "--calib-samples", "4", "--seq-len", "64", "--min-retention", "0.01", "--seed", "3"]
+            "--calib-samples", "4", "--seq-len", "64", "--min-retention", "0.01", "--seed", "3",
+            "--skip-sanity"]
 
 
 def test_kill_9_mid_episode_then_resume(tiny_model_dir, data_root, tmp_path):

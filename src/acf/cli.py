@@ -122,6 +122,9 @@ def run(
                                           "(the episode falls back to Optuna)"),
     planner_retries: int = typer.Option(1, help="extra attempts after a planner call fails or times out"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    skip_sanity: bool = typer.Option(False, "--skip-sanity", help="go on although the baseline sanity check finds "
+                                     "the model implausible (NLL, repetition, characters per token; see SPEC.md); "
+                                     "with --resume it overrides a recorded failure"),
     workers: Optional[int] = typer.Option(None, help="K local worker processes share the study (one per GPU); 0: "
                                           "only coordinate workers started with `acf worker`"),
     artifacts: Optional[Path] = typer.Option(None, help="with --workers: shared folder for compressed models"),
@@ -143,6 +146,7 @@ def run(
         cfg.interactive = interactive or cfg.interactive
         if device:
             cfg.device = device
+        cfg.skip_sanity = skip_sanity or cfg.skip_sanity   # an override given on resume is kept in run_config.json
         if workers is not None:
             return _run_workers(cfg, workers, artifacts, resume=True)
         ctx = run_in_terminal(cfg, console, resume=True)
@@ -164,7 +168,7 @@ def run(
                         planner_timeout=planner_timeout, planner_retries=planner_retries,
                         quant_methods=_csv(quant_methods), prune_methods=_csv(prune_methods),
                         recover_steps=_steps(recover_steps),
-                        trust_remote_code=trust_remote_code, command=[Path(sys.argv[0]).name] + sys.argv[1:])
+                        trust_remote_code=trust_remote_code, skip_sanity=skip_sanity, command=[Path(sys.argv[0]).name] + sys.argv[1:])
         if workers is not None:
             return _run_workers(cfg, workers, artifacts)
         ctx = run_in_terminal(cfg, console)
@@ -217,6 +221,8 @@ def eval_cmd(
     backend: str = typer.Option("acf", help="acf | lm-eval"),
     allow_code_execution: bool = typer.Option(False, help="needed by tasks that execute model-written code"),
     trust_remote_code: bool = typer.Option(False),
+    skip_sanity: bool = typer.Option(False, "--skip-sanity", help="do not run the sanity check (NLL on the task's "
+                                     "text, repetition, characters per token) that warns about a broken model"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Measure a model on a task: quality (accuracy, answer NLL) and cost (latency, memory, size), with provenance."""
@@ -232,9 +238,17 @@ def eval_cmd(
     if hasattr(task, "allow_code_execution"):
         task.allow_code_execution = allow_code_execution
     path = resolve_model(model)
+    sanity = lambda: _eval_sanity(path, model, task, limit, seed, dev, batch_size, trust_remote_code)  # noqa: E731
     if backend == "lm-eval":
         from .evaluation.lm_eval_bridge import run_lm_eval
 
+        if not skip_sanity:
+            try:
+                task.load("test", limit=1)      # lm-eval may read hub data that acf's check cannot score
+            except AcfError as e:
+                err_console.print(f"[yellow]sanity check not run[/] (no local task text: {e})", soft_wrap=True)
+            else:
+                sanity().free()
         result = run_lm_eval(path, task, limit=limit, device=dev)
     elif backend == "acf":
         from .evaluation import check_metrics
@@ -251,9 +265,14 @@ def eval_cmd(
                                f"uncompressed model: pass --baseline MODEL")
             fid = _baseline_fidelity(resolve_model(baseline), task, limit, seed, dev, batch_size, trust_remote_code,
                                      general="kld_general" in mets)
-        result = evaluate(path, task, mets, limit=limit, seed=seed, device=dev, batch_size=batch_size,
-                          fewshot=fewshot, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
-                          fidelity=fid)
+        loaded = None if skip_sanity else sanity()     # the same check a run starts with, as a warning
+        try:
+            result = evaluate(path, task, mets, limit=limit, seed=seed, device=dev, batch_size=batch_size,
+                              fewshot=fewshot, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
+                              fidelity=fid, loaded=loaded)
+        finally:
+            if loaded is not None:
+                loaded.free()
     else:
         raise AcfError(f"unknown backend {backend!r}: acf or lm-eval")
     _print_metrics(result.metrics, f"{model} on {task.name}")
@@ -262,6 +281,26 @@ def eval_cmd(
 
         write_text(json_out, result.model_dump_json(indent=2))
         console.print(f"wrote {json_out}")
+
+
+def _eval_sanity(path: Path, name: str, task, limit, seed, device, batch_size, trust_remote_code):
+    """`acf eval`'s sanity check (acf.sanity, as a run starts with): a warning per problem on stderr, not a stop,
+    since measuring an odd model may be the point. Returns the loaded model, which the evaluation reuses."""
+    from .evaluation.runner import Loaded, eval_items
+    from .sanity import SANITY_ITEMS, check_baseline, summary
+
+    ld = Loaded.load(path, device, trust_remote_code)
+    try:
+        items = eval_items(task, min(SANITY_ITEMS, limit or SANITY_ITEMS), seed)
+        rep = check_baseline(ld.model, ld.tokenizer, task, items, device, batch_size=batch_size, model_name=name)
+    except BaseException:
+        ld.free()
+        raise
+    if rep.ok:
+        console.print(f"[dim]{summary(rep)}[/]")
+    for p in rep.problems:
+        err_console.print(f"[yellow]warning:[/] {name} looks broken: {p}", soft_wrap=True)
+    return ld
 
 
 def _baseline_fidelity(base_path: Path, task, limit, seed, device, batch_size, trust_remote_code, general: bool):

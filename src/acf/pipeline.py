@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import optuna
 from pydantic import BaseModel, Field
@@ -31,6 +31,10 @@ from .search import SAMPLERS, SearchSpace, fail_stale_trials, open_study, trial_
 from .state import (Candidate, FrontierFile, HVPoint, Recommendation, RunMeta, load_frontier_file, now,
                     save_frontier_file)
 from .strategy import Strategy, validate_strategy
+
+if TYPE_CHECKING:
+    from .evaluation.runner import Loaded
+    from .sanity import SanityReport
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,9 @@ class RunConfig(BaseModel):
     eval_batch_size: Optional[int] = None
     latency_tokens: int = 32
     trust_remote_code: bool = False
+    #: go on although the baseline sanity check (acf.sanity) finds the model implausible (experts: e.g. a model
+    #: that is meant to be odd); the check is then not run, or its recorded failure is overridden on resume
+    skip_sanity: bool = False
     min_free_disk_bytes: Optional[int] = None
     quant_methods: Optional[list[str]] = None
     prune_methods: Optional[list[str]] = None
@@ -356,10 +363,17 @@ def evaluate_baseline(ctx: RunContext, model_path: str) -> None:
     assert ctx.ff is not None
     if ctx.ff.baseline is not None:
         return
-    ctx.say("[bold]baseline[/]: evaluating the uncompressed model with the same evaluator")
+    recorded = recorded_sanity(ctx)
+    if recorded is not None:
+        judge_sanity(ctx, recorded)     # a resumed run: the check is not measured again
     t0 = time.time()
     loaded = Loaded.load(model_path, ctx.cfg.device, ctx.cfg.trust_remote_code)
     try:
+        if recorded is None and not ctx.cfg.skip_sanity:
+            judge_sanity(ctx, measure_sanity(ctx, loaded))
+        elif recorded is None:
+            ctx.say("[yellow]baseline sanity check skipped[/] (--skip-sanity)")
+        ctx.say("[bold]baseline[/]: evaluating the uncompressed model with the same evaluator")
         ctx.fidelity("search", loaded=loaded)
         res = _evaluate(ctx, Path(model_path), metrics_to_measure(ctx), ctx.cfg.limit, loaded=loaded)
         proxy = {}
@@ -379,6 +393,48 @@ def evaluate_baseline(ctx: RunContext, model_path: str) -> None:
     _refresh(ctx)
     ctx.save()
     ctx.say(_metrics_line("baseline", res.metrics, ctx.cfg.objectives))
+
+
+def recorded_sanity(ctx: RunContext) -> Optional["SanityReport"]:
+    """The sanity check this run recorded (RUN_DIR/sanity.json), or None. An unreadable record is named and
+    measured again, never taken as a pass."""
+    from .sanity import SANITY_FILE, load_report
+
+    try:
+        return load_report(ctx.dir / SANITY_FILE)
+    except AcfError as e:
+        ctx.say(f"[yellow]{e}[/]: measuring the sanity check again")
+        return None
+
+
+def measure_sanity(ctx: RunContext, loaded: "Loaded") -> "SanityReport":
+    """Check the baseline before the search spends anything (acf.sanity): a few search items' text, a greedy
+    continuation, the tokenizer's granularity; recorded atomically in RUN_DIR/sanity.json."""
+    from .evaluation.runner import eval_items
+    from .sanity import SANITY_FILE, SANITY_ITEMS, check_baseline, save_report
+
+    cfg = ctx.cfg
+    items = eval_items(ctx.task, min(SANITY_ITEMS, cfg.limit or SANITY_ITEMS), cfg.seed)
+    ctx.say("[bold]sanity check[/] of the baseline: NLL on the task's text, a greedy continuation, characters per "
+            "token")
+    rep = check_baseline(loaded.model, loaded.tokenizer, ctx.task, items, cfg.device, batch_size=cfg.eval_batch_size,
+                         model_name=cfg.model)
+    save_report(rep, ctx.dir / SANITY_FILE)
+    return rep
+
+
+def judge_sanity(ctx: RunContext, rep: "SanityReport") -> None:
+    """Stop the run (SanityFailed, exit 2) when the check found problems, unless --skip-sanity overrides them."""
+    from .sanity import SANITY_FILE, SanityFailed, failure_message, summary
+
+    ctx.say(f"  {summary(rep)}")
+    if rep.ok:
+        return
+    if ctx.cfg.skip_sanity:
+        ctx.say(f"  [yellow]going on despite it (--skip-sanity)[/]: {'; '.join(rep.problems)}")
+        return
+    raise SanityFailed(failure_message(rep, f"acf run --resume {ctx.dir} --skip-sanity (values in "
+                                            f"{ctx.dir / SANITY_FILE})"))
 
 
 def _objective_values(ctx: RunContext, metrics: dict[str, Measurement]) -> dict[str, float]:

@@ -1,13 +1,14 @@
 """Read a run's frontier.json into pandas and write a human report (markdown + PNG plots) next to it.
 
-The report is rebuilt from frontier.json alone, so it can be regenerated at any time (and by anyone with the
-file) without the run's other state. Plots use matplotlib's object API (`Figure`, no pyplot), so they render
+The report is rebuilt from frontier.json (and the baseline sanity check's sanity.json, when there is one), so it
+can be regenerated at any time (and by anyone with the files) without the run's other state. Plots use matplotlib's object API (`Figure`, no pyplot), so they render
 headless and never change the backend of a notebook that imports this module.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -195,7 +196,8 @@ def time_per_stage(ff: FrontierFile) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["stage", "seconds", "candidates", "mean_seconds"])
 
 
-def build_report(ff: FrontierFile, plots: Sequence[Path] = (), plot_dir_name: str = "report_plots") -> str:
+def build_report(ff: FrontierFile, plots: Sequence[Path] = (), plot_dir_name: str = "report_plots",
+                 sanity_md: Sequence[str] = ()) -> str:
     from .reward import reward as reward_fn
 
     df = frontier_to_frame(ff)
@@ -224,6 +226,7 @@ def build_report(ff: FrontierFile, plots: Sequence[Path] = (), plot_dir_name: st
             rows.append([k, fmt(m.value, k, m.unit), m.unit or "–", ci, str(m.n) if m.n is not None else "–",
                          m.how, fmt(m.device)])
         md += [_table(["metric", "value", "unit", "95% CI", "n", "how", "device"], rows), ""]
+    md += list(sanity_md)
 
     md += ["## Frontier", "",
            "Non-dominated candidates over the objectives. Retention is quality relative to the baseline; "
@@ -400,5 +403,18 @@ def write_report(run_dir: str | Path) -> Path:
     ff = load_frontier_file(run_dir)
     plots = write_plots(frontier_to_frame(ff), run_dir / "report_plots")
     out = run_dir / "report.md"
-    write_text(out, build_report(ff, plots))
+    write_text(out, build_report(ff, plots, sanity_md=_sanity_section(run_dir)))
     return out
+
+
+def _sanity_section(run_dir: Path) -> list[str]:
+    """The baseline sanity check as the run recorded it (sanity.json), and whether --skip-sanity overrode it."""
+    from .errors import AcfError
+    from .sanity import SANITY_FILE, load_report, markdown
+
+    cfg = run_dir / "run_config.json"
+    skipped = bool(json.loads(cfg.read_text()).get("skip_sanity")) if cfg.is_file() else False
+    try:
+        return markdown(load_report(run_dir / SANITY_FILE), skipped)
+    except AcfError as e:   # the frontier is still worth reporting; the damaged record is named
+        return ["## Baseline sanity check", "", str(e), ""]

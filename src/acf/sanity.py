@@ -26,9 +26,12 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, Field, computed_field
+
+from .errors import AcfError
 
 # --- thresholds ----------------------------------------------------------------------------------------------------
 
@@ -65,9 +68,18 @@ MAX_CYCLE = 3
 #: Continuations shorter than this (the model ended with EOS early) are not judged for repetition.
 MIN_JUDGED_TOKENS = 8
 
+#: test items whose text the check scores (the first of the run's search items): 2 x 256 tokens need ~8-16
+SANITY_ITEMS = 16
+#: where a run records the check (next to frontier.json); a resumed run reads it instead of measuring again
+SANITY_FILE = "sanity.json"
+
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_NEW_TOKENS = 24
 SKIP_HINT = "if this model is what you mean to compress, rerun with --skip-sanity"
+
+
+class SanityFailed(AcfError):
+    """The baseline looks broken: the run stops before the search spends anything (exit 2, like other bad input)."""
 
 
 class SanityReport(BaseModel):
@@ -206,7 +218,8 @@ def greedy_continuation(model, tokenizer, prompt: str, new_tokens: int, device: 
 # --- the check -----------------------------------------------------------------------------------------------------
 
 def check_baseline(model, tokenizer, task, items: Sequence[Any], device: str = "cpu", *, prompt: str = DEFAULT_PROMPT,
-                   new_tokens: int = DEFAULT_NEW_TOKENS, batch_size: int = 8, model_name: str = "") -> SanityReport:
+                   new_tokens: int = DEFAULT_NEW_TOKENS, batch_size: Optional[int] = 8,
+                   model_name: str = "") -> SanityReport:
     """Measure (a) NLL on the task's text, (b) a greedy continuation's repetition, (c) characters per token, and
     list every value outside its plausible range in `problems`. `items`: a few task items (8-16 suffice).
 
@@ -286,3 +299,71 @@ def format_report(report: SanityReport) -> str:
     for p in report.problems:
         lines.append(f"  problem: {p}")
     return "\n".join(lines)
+
+
+# --- recording and telling -----------------------------------------------------------------------------------------
+
+def save_report(report: SanityReport, path: Path) -> None:
+    """Written atomically: a resumed run trusts what it finds here instead of measuring again."""
+    from .atomic import write_text
+
+    write_text(Path(path), report.model_dump_json(indent=2) + "\n")
+
+
+def load_report(path: Path) -> Optional[SanityReport]:
+    """The recorded check, or None when there is none. A file that does not parse raises AcfError naming it (the
+    caller decides whether to measure again); it is never read as a pass."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return SanityReport.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AcfError(f"{path}: unreadable sanity check record ({type(e).__name__})") from None
+
+
+def summary(report: SanityReport) -> str:
+    """One line: each measured value against its plausible range, and the verdict."""
+    th = report.thresholds
+    parts = []
+    if report.text_nll is not None:
+        parts.append(f"text NLL {report.text_nll:.2f} (<= {th['max_nll']:g})")
+    if report.repeat_share is not None:
+        parts.append(f"repetition {report.repeat_share:.0%} (<= {th['max_repeat_share']:.0%})")
+    if report.chars_per_token is not None:
+        parts.append(f"{report.chars_per_token:.2f} chars/token (>= {th['min_chars_per_token']:g})")
+    return f"sanity check {'ok' if report.ok else 'FAILED'}: " + ", ".join(parts)
+
+
+def _without_hint(problem: str) -> str:
+    return problem[:-len("; " + SKIP_HINT)] if problem.endswith("; " + SKIP_HINT) else problem
+
+
+def failure_message(report: SanityReport, how_to_skip: str) -> str:
+    """The one-line stop message: every problem (what looks wrong, the value, the range), where the values are
+    recorded is up to the caller, and `how_to_skip` (the exact command line that goes on anyway)."""
+    return ("the baseline looks broken, so the search was not started: " + ". Also, ".join(
+        _without_hint(p) for p in report.problems) + f". If this model is what you mean to compress: {how_to_skip}")
+
+
+def markdown(report: Optional[SanityReport], skipped: bool) -> list[str]:
+    """The report.md section: what was measured, the plausible ranges, the verdict (and an override, if any)."""
+    md = ["## Baseline sanity check", ""]
+    if report is None:
+        return md + ["Not run (`--skip-sanity`)." if skipped else "Not recorded (a run started before acf measured "
+                     "it).", ""]
+    th = report.thresholds
+    judged = report.repeat_share is not None
+    rows = [["NLL on the task's text (nats/token)", "-" if report.text_nll is None else f"{report.text_nll:.3f}",
+             f"<= {th['max_nll']:g}", f"{report.nll_tokens} tokens of {report.nll_items} items"],
+            ["repetition in a greedy continuation", f"{report.repeat_share:.0%}" if judged else "-",
+             f"<= {th['max_repeat_share']:.0%}", f"{report.continuation_tokens} tokens after {report.prompt!r}: "
+             f"{report.continuation[:60]!r}" + ("" if judged else " (too short to judge)")],
+            ["characters per token", "-" if report.chars_per_token is None else f"{report.chars_per_token:.2f}",
+             f">= {th['min_chars_per_token']:g}", "task text without special tokens"]]
+    md += ["| measure | value | plausible | on |", "|---|---|---|---|"]
+    md += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "\\n") for c in r) + " |" for r in rows]
+    verdict = "ok" if report.ok else ("FAILED, overridden with `--skip-sanity`" if skipped else "FAILED")
+    md += ["", f"Verdict: **{verdict}** ({report.seconds:.1f} s on {report.device}).", ""]
+    md += [f"- {p}" for p in report.problems] + ([""] if report.problems else [])
+    return md

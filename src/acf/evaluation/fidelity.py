@@ -82,8 +82,13 @@ class Reference:
 
 # ---- the one teacher-forced pass --------------------------------------------------------------------------------
 
-def _forward_rows(model, seqs: Sequence[Scored], batch_size: int, pad: int, progress=None):
-    """Yield (seq, logits of its scored positions [len(target), vocab] float32) batch by batch (right padding)."""
+def _forward_rows(model, seqs: Sequence[Scored], batch_size: int, pad: int, progress=None,
+                  chunk_elements: Optional[int] = None):
+    """Yield (index, seq, offset, float32 logits [m, vocab]) for the scored positions offset..offset+m-1 of each
+    sequence, batch by batch (right padding), in chunks of positions whose logits stay within `chunk_elements`
+    values (acf.evaluation.logits: bounded memory for 256k vocabularies)."""
+    from .logits import scored_logits
+
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: -seqs[i].length)
     for chunk in batched(order, batch_size):
@@ -94,36 +99,33 @@ def _forward_rows(model, seqs: Sequence[Scored], batch_size: int, pad: int, prog
             s = seqs[i]
             ids[row, :s.length] = torch.tensor(s.prompt + s.target)
             att[row, :s.length] = 1
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
-            for row, i in enumerate(chunk):
-                s = seqs[i]
-                p, r = len(s.prompt), len(s.target)
-                # logits at position t predict token t+1: the target tokens are predicted at p-1 .. p+r-2
-                yield i, s, logits[row, p - 1:p + r - 1].float()
-        del logits
+        # logits at position t predict token t+1: the target tokens are predicted at p-1 .. p+r-2
+        spans = [(len(seqs[i].prompt) - 1, len(seqs[i].target)) for i in chunk]
+        for row, off, lg in scored_logits(model, ids.to(device), att.to(device), spans, chunk_elements):
+            yield chunk[row], seqs[chunk[row]], off, lg
         if progress:
             progress(len(chunk))
 
 
 def build_reference(model, tokenizer, seqs: Sequence[Scored], *, k: int = DEFAULT_TOPK, batch_size: Optional[int] = 8,
-                    model_name: str = "", progress=None) -> Reference:
+                    model_name: str = "", progress=None, chunk_elements: Optional[int] = None) -> Reference:
     """The baseline's top-k log-probabilities at every scored position of `seqs`."""
     if batch_size is None:
         batch_size = auto_batch_size(model, len(seqs), "score", max((s.length for s in seqs), default=1))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for i, s, lg in _forward_rows(model, seqs, batch_size, pad, progress):
+    parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(len(seqs))}
+    for i, s, _, lg in _forward_rows(model, seqs, batch_size, pad, progress, chunk_elements):
         lp = torch.log_softmax(lg, dim=-1)
         v, ix = lp.topk(min(k, lp.shape[-1]), dim=-1)
-        parts[i] = (ix.to(torch.int32).cpu(), v.cpu())
+        parts[i].append((ix.to(torch.int32).cpu(), v.cpu()))   # chunks arrive in position order
     offsets, a = [], 0
     for s in seqs:
         offsets.append(a)
         a += len(s.target)
-    kk = min(k, next(iter(parts.values()))[0].shape[-1]) if parts else k
-    idx = torch.cat([parts[i][0] for i in range(len(seqs))]) if seqs else torch.zeros((0, kk), dtype=torch.int32)
-    lp = torch.cat([parts[i][1] for i in range(len(seqs))]) if seqs else torch.zeros((0, kk))
+    kk = min(k, next(p for p in parts.values() if p)[0][0].shape[-1]) if any(parts.values()) else k
+    idx = torch.cat([c[0] for i in range(len(seqs)) for c in parts[i]]) if seqs else torch.zeros((0, kk),
+                                                                                              dtype=torch.int32)
+    lp = torch.cat([c[1] for i in range(len(seqs)) for c in parts[i]]) if seqs else torch.zeros((0, kk))
     return Reference(ids=[s.id for s in seqs], digests=[s.digest() for s in seqs], offsets=offsets,
                      lengths=[len(s.target) for s in seqs], topk_idx=idx, topk_logp=lp, k=kk, model=model_name)
 
@@ -149,12 +151,13 @@ def _kl_rows(logq_full: torch.Tensor, ref_idx: torch.Tensor, ref_logp: torch.Ten
 
 def teacher_forced(model, tokenizer, seqs: Sequence[Scored], metrics: Sequence[str], *,
                    reference: Optional[Reference] = None, batch_size: Optional[int] = 8, progress=None,
-                   label: str = "") -> dict[str, Measurement]:
+                   label: str = "", chunk_elements: Optional[int] = None) -> dict[str, Measurement]:
     """answer_nll and/or kld and top1 for `seqs` from one forward per batch.
 
     kld/top1 need `reference` (the baseline's distributions on the same sequences). Token-weighted means; the 95%
     interval treats items as clusters (the tokens of one item are not independent): delta-method standard error of
-    a ratio estimator, sum over items of (s_i - mean * n_i)^2 / (sum n_i)^2 * m/(m-1).
+    a ratio estimator, sum over items of (s_i - mean * n_i)^2 / (sum n_i)^2 * m/(m-1). Logits are scored in chunks
+    of positions of at most `chunk_elements` float32 values (default acf.evaluation.logits.CHUNK_ELEMENTS).
     """
     want = set(metrics)
     if want & {"kld", "top1"} and reference is None:
@@ -167,20 +170,22 @@ def teacher_forced(model, tokenizer, seqs: Sequence[Scored], metrics: Sequence[s
     n = len(seqs)
     nll_sum, kl_sum, agree_sum, tok = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
     kl_all: list[torch.Tensor] = []
-    for i, s, lg in _forward_rows(model, seqs, batch_size, pad, progress):
+    for i, s, off, lg in _forward_rows(model, seqs, batch_size, pad, progress, chunk_elements):
         logq = torch.log_softmax(lg, dim=-1)
+        m = logq.shape[0]
         tok[i] = len(s.target)
         if "answer_nll" in want:
-            tgt = torch.tensor(s.target, device=logq.device)
-            nll_sum[i] = float(-logq.gather(-1, tgt[:, None]).sum())
+            tgt = torch.tensor(s.target[off:off + m], device=logq.device)
+            nll_sum[i] += float(-logq.gather(-1, tgt[:, None]).sum())
         if want & {"kld", "top1"}:
             ridx, rlp = reference.rows(s)
+            ridx, rlp = ridx[off:off + m], rlp[off:off + m]
             if "kld" in want:
                 kl = _kl_rows(logq, ridx, rlp)
-                kl_sum[i] = float(kl.sum())
+                kl_sum[i] += float(kl.sum())
                 kl_all.append(kl.cpu())
             if "top1" in want:
-                agree_sum[i] = float((logq.argmax(-1).cpu() == ridx[:, 0].long()).sum())
+                agree_sum[i] += float((logq.argmax(-1).cpu() == ridx[:, 0].long()).sum())
     secs = round(time.perf_counter() - t0, 3)
     total = sum(tok)
     dev, rt = device_string(str(device)), runtime_string()

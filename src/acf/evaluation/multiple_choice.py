@@ -27,7 +27,8 @@ from .stats import wilson_interval
 
 Progress = Optional[Callable[[int], None]]
 
-#: cap on (rows x continuation length) per second-stage forward: bounds the float32 logits (x vocab) in memory
+#: cap on (rows x continuation length) per second-stage forward: bounds the float32 logits (x vocab) in memory;
+#: large vocabularies lower it further to acf.evaluation.logits.chunk_positions(vocab) (`_position_budget`)
 MAX_CHOICE_TOKENS = 1024
 
 
@@ -81,6 +82,14 @@ def _gather_scores(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Ten
     tok_lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     greedy = (logits.argmax(-1) == targets) | ~valid
     return (tok_lp * valid).sum(-1), greedy.all(-1)
+
+
+def _position_budget(model) -> int:
+    """Scored positions one forward may return logits for: MAX_CHOICE_TOKENS, or fewer where the vocabulary is so
+    large that their float32 logits would exceed acf.evaluation.logits.CHUNK_ELEMENTS (64 at 256k)."""
+    from .logits import _vocab, chunk_positions
+
+    return min(MAX_CHOICE_TOKENS, chunk_positions(_vocab(model)))
 
 
 def _max_len(model) -> int:
@@ -157,7 +166,7 @@ def _score_shared(model, tokenizer, enc: list[tuple[list[int], list[list[int]]]]
     results: list[list[tuple[float, bool]]] = [[] for _ in enc]
     # Second stage in groups small enough that rows x tokens x vocab logits fit comfortably.
     C_all = max(len(c) for _, c in rows)
-    group = max(1, MAX_CHOICE_TOKENS // C_all)
+    group = max(1, _position_budget(model) // C_all)
     for g in range(0, len(rows), group):
         part = rows[g:g + group]
         idx = torch.tensor([i for i, _ in part], device=device)
@@ -186,9 +195,14 @@ def _score_flat(model, tokenizer, enc: list[tuple[list[int], list[list[int]]]], 
     rows = sorted([(i, j, p + c, len(c)) for i, (p, conts) in enumerate(enc) for j, c in enumerate(conts)],
                   key=lambda r: -len(r[2]))
     results: dict[tuple[int, int], tuple[float, bool]] = {}
-    per = max(1, batch_size * 2)
-    for g in range(0, len(rows), per):
+    budget = _position_budget(model)
+    g = 0
+    while g < len(rows):
+        # rows x (C + 1) kept positions within the budget: bounded float32 logits for any vocabulary
+        C = max(r[3] for r in rows[g:g + max(1, batch_size * 2)])
+        per = max(1, min(batch_size * 2, budget // (C + 1)))
         part = rows[g:g + per]
+        g += per
         ids, mask = _left_pad([r[2] for r in part], pad, device)
         C = max(r[3] for r in part)
         with torch.inference_mode():
