@@ -377,17 +377,6 @@ def _check_architecture(where: str, method: str, p: BaseModel, spec, device: str
         # e.g. a model whose projections are named c_attn/query_key_value: peft would adapt nothing
         out.append(f"{where}: none of the LoRA targets {p.targets} is a Linear layer of this model; its layers are "
                    f"named {', '.join(sorted(leaves))}")
-    biased = [l.name for l in spec.linears if l.bias and not l.name.endswith("lm_head")]
-    if p.qlora and not device.startswith("cuda") and biased:
-        # bitsandbytes 0.50 on CPU: once a 4-bit layer has run in eval mode without grad (methods/lora.py measures
-        # the held-out loss before training), Linear4bit.forward repacks its weight for the AVX512-BF16 inference
-        # kernel (`packing_format_for_cpu`), and from then on bnb.matmul_4bit adds the bias in place
-        # (`result += bias`), which autograd rejects during training ("a view of a leaf Variable that requires
-        # grad is being used in an in-place operation"). Every model with biased Linear layers (Qwen2's q/k/v,
-        # Llama with attention_bias or mlp_bias) fails there; bias-free models train. CUDA takes another path.
-        out.append(f"{where}: qlora on {device} cannot train a model with biased Linear layers ({len(biased)}, e.g. "
-                   f"{biased[0]}): bitsandbytes' CPU 4-bit kernel adds the bias in place, which autograd rejects; "
-                   f"use lora (no qlora) or a CUDA device")
     return out
 
 
