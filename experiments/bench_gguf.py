@@ -107,7 +107,7 @@ def main() -> int:
     rows.append({"label": "transformers fp32 (baseline)", "runtime": runtime_string(), "device": device_string("cpu"),
                  "size_bytes": size, "size_note": "safetensors (bf16 stored; loaded as fp32)",
                  "decode_ms": statistics.median(dec), "decode_ms_ci95": median_ci(dec), "decode_runs": dec,
-                 "ttft_ms": lat["ttft"].value,
+                 "ttft_ms": lat["ttft"].value, "load_average_after": os.getloadavg(),
                  **{k: q[k].value for k in q}, **{f"{k}_ci95": q[k].ci95 for k in q}})
     print(rows[-1]["label"], f"{rows[-1]['decode_ms']:.2f} ms/token", flush=True)
     del model
@@ -140,7 +140,7 @@ def main() -> int:
                      "tensor_types": man.info.tensor_types, "fallback_tensors": len(man.fallbacks),
                      "imatrix": man.imatrix, "export_seconds": round(export_s, 1),
                      "decode_ms": statistics.median(dec), "decode_ms_ci95": median_ci(dec), "decode_runs": dec,
-                     "ttft_ms": statistics.median(ttft),
+                     "ttft_ms": statistics.median(ttft), "load_average_after": os.getloadavg(),
                      **{k: r.value(k) for k in ("answer_nll", "kld", "top1")},
                      **{f"{k}_ci95": r.metrics[k].ci95 for k in ("answer_nll", "kld", "top1")}})
         print(label, f"{rows[-1]['decode_ms']:.2f} ms/token kld {rows[-1]['kld']:.4f}", flush=True)
@@ -186,6 +186,10 @@ def render(res: dict) -> str:
                  f"{r.get('bits_per_weight') or '':} | {r['decode_ms']:.2f}{_ci(r['decode_ms_ci95'])} | "
                  f"{r['speedup_vs_transformers_fp32']:.2f}x | {r['answer_nll']:.4f}{_ci(r['answer_nll_ci95'])} | "
                  f"{r['kld']:.4f}{_ci(r['kld_ci95'])} | {r['top1']:.4f}{_ci(r['top1_ci95'])} |")
+    L += ["", "Other processes shared the 2 cores during parts of this run (1-minute load average after each row's "
+          "latency runs: " + ", ".join(f"{r['label']} {r['load_average_after'][0]:.1f}" for r in rows
+                                       if 'load_average_after' in r) + "); decode figures are medians over "
+          "interleaved runs, and a load above 2 means they are slower than on an idle machine.", ""]
     L += ["", "Tensor types in each file (llama.cpp falls back from a k-quant/IQ4_XS to Q5_0/IQ4_NL etc. for a row width "
           "that is not a multiple of 256: SmolLM2's 576-wide projections):", ""]
     for r in rows:

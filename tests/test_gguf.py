@@ -202,3 +202,84 @@ def test_bad_types_one_line_exit_2_nothing_written(params, want, tiny_dirs, tmp_
     assert code == 2, err
     assert want in _one_line(err)
     assert not out.exists()
+
+
+def test_search_space_offers_gguf_types_the_shapes_allow(tiny_dirs, smol_dir):
+    import optuna
+
+    from acf.search import SearchSpace
+    from acf.spec import infer_spec
+    from acf.strategy import validate_strategy
+
+    tiny = infer_spec(tiny_dirs["llama"])
+    sp = SearchSpace(tiny, quant_methods=["gguf"], prune_methods=["none", "drop_layers"], calib_samples=4, seq_len=64)
+    assert sp.gguf_types == ["Q8_0", "Q4_0"]             # 64-wide layers: no 256-blocks
+    smol = SearchSpace(infer_spec(smol_dir), quant_methods=["gguf"])
+    assert {"Q4_K_M", "IQ4_XS", "Q6_K"} <= set(smol.gguf_types)   # 1536-wide ffn_down takes 256-blocks
+    assert any(s.get("gguf_type") == "Q4_K_M" for s in smol.seeds())
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(12):
+        t = study.ask()
+        strat = sp.suggest(t)
+        assert strat.steps[-1].method == "gguf"
+        validate_strategy(strat, tiny)                     # every proposal passes validation
+        study.tell(t, [1.0, 1.0])
+
+
+@pytest.mark.parametrize("kw,want", [
+    ({"runtime": "llamacpp", "quant_methods": ["gptq"]}, "runs GGUF files only"),
+    ({"runtime": "tensorrt"}, "--runtime 'tensorrt'"),
+])
+def test_runtime_config_is_validated(kw, want, tmp_path):
+    from acf.errors import AcfError
+    from acf.pipeline import RunConfig, validate_config
+
+    with pytest.raises(AcfError, match=want.replace("(", r"\(")):
+        validate_config(RunConfig(run_dir=str(tmp_path / "r"), **kw), ("accuracy", "answer_nll"))
+    cfg = validate_config(RunConfig(run_dir=str(tmp_path / "r"), runtime="llamacpp"), ("accuracy", "answer_nll"))
+    assert cfg.quant_methods == ["gguf"]
+
+
+def test_distill_promote_exports_gguf_and_rollback_restores_it(tmp_path, tiny_dirs, monkeypatch):
+    """`acf distill promote --export gguf:Q8_0` merges the adapter into its base and exports it; the deploy link
+    follows promote and rollback."""
+    from typer.testing import CliRunner
+
+    from acf.deploy import deploy_link
+    from acf.gguf import read_gguf
+    from acf.lifecycle_cli import distill_app
+    from acf.registry import open_registry
+
+    monkeypatch.setenv("ACF_HOME", str(tmp_path / "home"))
+    rows = [{"prompt": f"What is the code for {w}?", "answer": "42"} for w in ["red", "blue", "green", "cat", "dog",
+                                                                              "sun", "moon", "tree"]]
+    ds = tmp_path / "ds.jsonl"
+    ds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reg = tmp_path / "registry.json"
+    R = ["--registry", str(reg)]
+    cli = CliRunner()
+    adapters = []
+    for i in range(2):
+        c = tmp_path / f"c{i}.json"
+        c.write_text(json.dumps({"base_model": str(tiny_dirs["llama"]), "adapter_type": "lora", "train_steps": 2,
+                                 "lr": 1e-3, "batch_size": 4, "eval_steps": 2, "seq_len": 64, "seed": i,
+                                 "output_dir": str(tmp_path / "adapters"), "dataset": str(ds)}))
+        r = cli.invoke(distill_app, ["train", "--config", str(c)] + R)
+        assert r.exit_code == 0, r.output
+        a = Path(r.output.split("adapter: ")[-1].split()[0])
+        assert cli.invoke(distill_app, ["eval", "--adapter", str(a), "--max-new-tokens", "2"] + R).exit_code == 0
+        r = cli.invoke(distill_app, ["promote", "--adapter", str(a), "--force", "--reason", "test",
+                                     "--export", "gguf:Q8_0"] + R)
+        assert r.exit_code == 0, r.output
+        adapters.append(a)
+        link = deploy_link(tiny_dirs["llama"].name)
+        assert link.resolve() == (a / "gguf-Q8_0" / "model.gguf").resolve()
+        assert read_gguf(link).architecture == "llama"
+    r = cli.invoke(distill_app, ["promote", "--adapter", str(adapters[1]), "--export", "gguf:Q7"] + R)
+    assert r.exit_code == 2 and "gguf:TYPE" in r.output
+    with open_registry(reg, write=False) as rg:
+        id0 = rg.find_path(adapters[0]).id
+        assert rg.find_path(adapters[1]).source["gguf_export"]["type"] == "Q8_0"
+    r = cli.invoke(distill_app, ["rollback", id0] + R)
+    assert r.exit_code == 0, r.output
+    assert deploy_link(tiny_dirs["llama"].name).resolve() == (adapters[0] / "gguf-Q8_0" / "model.gguf").resolve()
