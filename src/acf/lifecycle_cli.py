@@ -75,12 +75,16 @@ def eval_cmd(adapter: str = typer.Option(..., "--adapter", help="adapter directo
 def promote_cmd(adapter: str = typer.Option(..., "--adapter", help="adapter directory or registry id"),
                 min_gain: float = typer.Option(0.05, "--min-gain", help="required held-out gain over the base"),
                 force: bool = typer.Option(False, "--force"), reason: str = typer.Option("", "--reason"),
+                export: Optional[str] = typer.Option(None, "--export", help="also export the adapter merged into "
+                                                     "its base, e.g. gguf:Q4_K_M (deploy link under $ACF_HOME/deploy)"),
                 registry: Optional[Path] = _REG) -> None:
     """Activate the adapter if it beats the base by --min-gain on average with no guard regression."""
     from .lifecycle import promote_adapter
 
-    e = promote_adapter(adapter, min_gain, registry, force, reason)
+    e = promote_adapter(adapter, min_gain, registry, force, reason, export=export)
     typer.echo(f"active adapter: {e.id} ({e.path})")
+    if e.source.get("gguf_export"):
+        typer.echo(f"GGUF: {e.source['gguf_export']['path']}")
 
 
 @distill_app.command("rollback")

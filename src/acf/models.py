@@ -97,13 +97,47 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path
     return out_dir
 
 
+def import_user_gguf(path: Path) -> Path:
+    """`--model file.gguf`: checked (acf.gguf.read_gguf), then imported once into the cache like the default model,
+    keyed by the file's sha256 so the same file is imported once and a changed file again."""
+    import hashlib
+
+    from .gguf import GGUFError, read_gguf
+
+    path = path.resolve()
+    try:
+        info = read_gguf(path)
+    except GGUFError as e:
+        raise ModelNotFound(f"--model {e}") from None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:60]
+    target = cache_dir() / "models" / f"gguf-{safe}-{h.hexdigest()[:16]}"
+    clean_partial_dirs(target.parent)
+    if _is_complete_checkpoint(target):
+        return target
+    try:
+        return import_gguf(path, target)
+    except AcfError:
+        raise
+    except Exception as e:  # transformers: architecture or quantization type it cannot read from GGUF
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ModelNotFound(f"--model {path}: transformers cannot import this GGUF ({info.architecture}, "
+                            f"{type(e).__name__}: {first})") from None
+
+
 def resolve_model(name: str = DEFAULT_MODEL, *, offline: Optional[bool] = None) -> Path:
     """Return a local HF checkpoint directory for an alias, a local directory or a hub id."""
     name = (name or DEFAULT_MODEL).strip()
     p = Path(name).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return import_user_gguf(p)
     if p.exists():
         if not p.is_dir():
-            raise ModelNotFound(f"--model {name}: is a file, not a model directory (expected a folder with config.json)")
+            raise ModelNotFound(f"--model {name}: is a file, not a model directory (expected a folder with "
+                                f"config.json, or a .gguf file)")
         if not (p / "config.json").is_file():
             raise ModelNotFound(f"--model {name}: directory has no config.json, so it is not a Hugging Face model directory")
         check_model_dir(p, label=f"--model {name}")

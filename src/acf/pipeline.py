@@ -45,6 +45,9 @@ DEFAULT_OBJECTIVES = "kld,size,latency"
 #: default --max-kld (nats/token): chosen from experiments/results/fidelity-*.md, see SPEC.md
 DEFAULT_MAX_KLD = 0.5
 RECOVERY_METHODS = ("lora", "distill")
+RUNTIMES = ("transformers", "llamacpp")
+#: metrics that depend on the runtime: with --runtime llamacpp the baseline's come from its F16 GGUF in llama.cpp
+RUNTIME_METRICS = ("latency", "ttft", "throughput", "memory")
 
 
 class RunConfig(BaseModel):
@@ -86,6 +89,9 @@ class RunConfig(BaseModel):
     min_free_disk_bytes: Optional[int] = None
     quant_methods: Optional[list[str]] = None
     prune_methods: Optional[list[str]] = None
+    #: deployment target: where latency/ttft/throughput/memory are measured. llamacpp: every candidate ends in a
+    #: GGUF measured in llama.cpp on the CPU, and the baseline's cost metrics come from its F16 GGUF there too
+    runtime: str = "transformers"
     planner: Optional[str] = None
     planner_share: float = 0.5
     planner_max_calls: int = 50
@@ -125,9 +131,19 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
         raise AcfError(f"--max-kld must lie in (0, 20] nats/token (got {cfg.max_kld})")
     if not cfg.recover_steps or any(not 1 <= s <= 100_000 for s in cfg.recover_steps):
         raise AcfError(f"--recover-steps: give one or more step counts in 1..100000 (got {cfg.recover_steps})")
-    from .search import PRUNE_CHOICES, QUANT_CHOICES
+    from .search import ALL_QUANT_CHOICES, PRUNE_CHOICES, QUANT_CHOICES
 
-    for flag, given, valid in (("--quant-methods", cfg.quant_methods, QUANT_CHOICES),
+    if cfg.runtime not in RUNTIMES:
+        raise AcfError(f"--runtime {cfg.runtime!r}: choose from {', '.join(RUNTIMES)}")
+    if cfg.runtime == "llamacpp":
+        if cfg.device.startswith("cuda"):
+            raise AcfError("--runtime llamacpp measures on the CPU (this llama.cpp build has no CUDA): use --device cpu")
+        other = [m for m in (cfg.quant_methods or []) if m != "gguf"]
+        if other:
+            raise AcfError(f"--runtime llamacpp runs GGUF files only, so every candidate ends in a gguf step: "
+                           f"--quant-methods {','.join(cfg.quant_methods or [])} names {', '.join(other)}; use gguf")
+        cfg.quant_methods = ["gguf"]
+    for flag, given, valid in (("--quant-methods", cfg.quant_methods, ALL_QUANT_CHOICES),
                                ("--prune-methods", cfg.prune_methods, PRUNE_CHOICES)):
         if given is None:
             continue
@@ -383,6 +399,8 @@ def evaluate_baseline(ctx: RunContext, model_path: str) -> None:
                 proxy = _evaluate(ctx, Path(model_path), q, ctx.cfg.proxy_limit, loaded=loaded).metrics
     finally:
         loaded.free()
+    if ctx.cfg.runtime == "llamacpp":
+        _baseline_costs_in_llamacpp(ctx, Path(model_path), res.metrics)
     cand = Candidate(id="baseline", episode=0, strategy=Strategy(), description="baseline (no compression)",
                      proposed_by="baseline", metrics=res.metrics, proxy_metrics=proxy,
                      objectives=_objective_values(ctx, res.metrics), retention=1.0, artifact=model_path,
@@ -435,6 +453,31 @@ def judge_sanity(ctx: RunContext, rep: "SanityReport") -> None:
         return
     raise SanityFailed(failure_message(rep, f"acf run --resume {ctx.dir} --skip-sanity (values in "
                                             f"{ctx.dir / SANITY_FILE})"))
+
+
+def _baseline_costs_in_llamacpp(ctx: RunContext, model_path: Path, metrics: dict[str, Measurement]) -> None:
+    """--runtime llamacpp: the baseline's latency/ttft/throughput/memory (and size) measured in llama.cpp on its F16
+    GGUF (llama.cpp's converter, no quantization), so the latency objective compares one runtime. Its quality
+    metrics stay those of the HF model, which is what kld's reference is. A baseline that cannot be exported fails
+    the run: comparing llama.cpp candidates with a transformers baseline would be the mixed comparison this avoids."""
+    from .methods import StepContext, run_strategy
+    from .strategy import validate_strategy
+
+    out = ctx.dir / "baseline-gguf-f16"
+    if not (out / "model.gguf").is_file():
+        strat = validate_strategy({"steps": [{"method": "gguf", "params": {"type": "F16", "imatrix": False}}]})
+        recs = run_strategy(strat, model_path, out, StepContext(device="cpu", task=ctx.task, seed=ctx.cfg.seed),
+                            log_dir=ctx.dir / "baseline-gguf-f16.logs")
+        if not recs or recs[-1].status != "ok":
+            raise AcfError(f"--runtime llamacpp: the baseline could not be exported to GGUF F16 "
+                           f"({recs[-1].reason if recs else 'no step ran'})")
+    want = [m for m in metrics_to_measure(ctx) if m in RUNTIME_METRICS or m == "size"]
+    res = _evaluate(ctx, out, want, ctx.cfg.limit)
+    for k, m in res.metrics.items():
+        m.extra["measured_on"] = "the baseline's F16 GGUF in llama.cpp (--runtime llamacpp)"
+        if k == "size":
+            m.extra["hf_checkpoint_bytes"] = metrics["size"].value if "size" in metrics else None
+        metrics[k] = m
 
 
 def _objective_values(ctx: RunContext, metrics: dict[str, Measurement]) -> dict[str, float]:

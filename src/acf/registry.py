@@ -204,6 +204,15 @@ class Registry:
         if kind != "base" and par is None:
             raise RegistryError(f"a {kind} entry needs a parent (register its base model first, or pass --parent)")
         ms = dict(metrics or {})
+        source = dict(source or {})
+        from .gguf import is_gguf_dir
+
+        if is_gguf_dir(p):
+            # a GGUF artifact: its format, type and the runtime that measured it travel with the entry
+            from .gguf import load_manifest
+
+            man = load_manifest(p)
+            source.update(format="gguf", gguf_type=man.type, gguf_sha256=man.sha256, runtime="llama.cpp")
         if "size" not in ms:
             from .evaluation.perf import size_metric
 
@@ -211,7 +220,7 @@ class Registry:
         e = Entry(id=self._new_id(kind, str(p)), name=name or p.name, kind=kind, path=str(p),
                   parent=par.id if par else None,
                   base_model=(par.base_model or par.id) if par else None, strategy=strategy, metrics=ms,
-                  git_commit=git_commit(), tags=list(tags or []), source=dict(source or {}))
+                  git_commit=git_commit(), tags=list(tags or []), source=source)
         self.entries.append(e)
         self._record("add", e.id, kind=kind, path=e.path, parent=e.parent, name=e.name)
         return e, True
@@ -497,7 +506,15 @@ def model_facts(path: Path) -> dict[str, Any]:
     unchanged into a student (at any index) hashes the same as in its parent.
     """
     from .evaluation.perf import dir_size
+    from .gguf import GGUF_NAME, is_gguf_dir, read_gguf
 
+    if is_gguf_dir(path):
+        # GGUF: facts from its tensor table (no per-layer hashes: quantized blocks are compared by file hash)
+        info = read_gguf(Path(path) / GGUF_NAME)
+        return {"size_bytes": info.size_bytes, "params": info.params, "params_how": "GGUF tensor elements",
+                "bits_per_weight": info.size_bytes * 8 / max(info.params, 1), "bits_how": "GGUF file bits / elements",
+                "num_layers": len({n.split(".")[1] for n in info.widths if n.startswith("blk.")}), "layers": {},
+                "other": {}}
     th = tensor_hashes(path)
     per_layer: dict[int, list[tuple[str, str]]] = {}
     other: dict[str, str] = {}

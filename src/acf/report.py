@@ -228,6 +228,7 @@ def build_report(ff: FrontierFile, plots: Sequence[Path] = (), plot_dir_name: st
         md += [_table(["metric", "value", "unit", "95% CI", "n", "how", "device"], rows), ""]
     md += list(sanity_md)
 
+    md += _runtime_section(ff)
     md += ["## Frontier", "",
            "Non-dominated candidates over the objectives. Retention is quality relative to the baseline; "
            "compression ratio = baseline size / size.", ""]
@@ -299,6 +300,28 @@ def build_report(ff: FrontierFile, plots: Sequence[Path] = (), plot_dir_name: st
 
 
 FIDELITY_COLS = ("kld", "top1", "kld_general", "answer_nll", "accuracy")
+
+
+def _runtime_section(ff: FrontierFile) -> list[str]:
+    """Which runtime measured latency/memory: one line when all agree, a warning when the figures mix runtimes
+    (e.g. GGUF candidates in llama.cpp beside the transformers baseline), so no comparison across runtimes is
+    read as a like-for-like one."""
+    seen: dict[str, list[str]] = {}
+    for c in ([ff.baseline] if ff.baseline else []) + [c for c in ff.candidates if c.status == "ok"]:
+        for k in ("latency", "memory"):
+            m = c.metrics.get(k)
+            if m is not None and m.value is not None:
+                label = (m.runtime or "?").split(" (")[0]
+                if label.startswith("python"):
+                    label = "transformers"
+                seen.setdefault(label, []).append(c.id)
+    if not seen:
+        return []
+    if len(seen) == 1:
+        return [f"Latency and memory were all measured in one runtime: {next(iter(seen))}.", ""]
+    parts = "; ".join(f"{k}: {', '.join(sorted(set(v))[:8])}" for k, v in seen.items())
+    return [f"**Latency and memory come from different runtimes** ({parts}): a latency comparison across them "
+            f"compares runtimes as much as compression.", ""]
 
 
 def versus_fixed(ff: FrontierFile, metric: str = "kld") -> Optional[dict[str, Any]]:

@@ -28,6 +28,11 @@ RECOVER_CHOICES = ["none", "lora", "distill"]
 #: (acf.methods.mixed); one candidate per budget, so the search explores budgets, not layers
 PRECISION_CHOICES = ["uniform", "4.25", "4.5", "5.0", "6.0"]
 MIXED_METHODS = ("gptq", "rtn")
+#: every quantization method a run may name; "gguf" is searched when asked for (--quant-methods gguf,...) and is the
+#: only one with --runtime llamacpp (a GGUF is what that runtime runs)
+ALL_QUANT_CHOICES = QUANT_CHOICES + ["gguf"]
+#: GGUF types the search picks from (those the model's shapes admit: acf.gguf.type_problems)
+GGUF_TYPE_CHOICES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M")
 
 
 class SearchSpace:
@@ -39,7 +44,8 @@ class SearchSpace:
                  bits: Sequence[int] = (4, 8), group_sizes: Optional[Sequence[str]] = None,
                  sparsities: Optional[Sequence[float]] = None, patterns: Sequence[str] = ("unstructured", "2:4"),
                  drops: Optional[Sequence[int]] = None, act_order: Sequence[bool] = (False, True),
-                 precisions: Sequence[str] = PRECISION_CHOICES):
+                 precisions: Sequence[str] = PRECISION_CHOICES,
+                 gguf_types: Optional[Sequence[str]] = None, gguf_imatrix: Sequence[bool] = (True, False)):
         """Defaults are acf's full space; the keyword arguments narrow it (benchmarks replay a finite space)."""
         self.spec = spec
         self.device = device
@@ -62,6 +68,13 @@ class SearchSpace:
         self.drops = list(drops) if drops else None
         self.act_order = list(act_order)
         self.precisions = [str(p) for p in precisions] or ["uniform"]
+        from .gguf import type_problems
+
+        widths = spec.linear_widths(("lm_head",))
+        self.gguf_types = [t for t in (gguf_types or GGUF_TYPE_CHOICES) if not type_problems(t, widths, {})]
+        if "gguf" in self.quant_methods and not self.gguf_types:
+            raise ValueError("gguf: none of the GGUF types fits this model's layer widths")
+        self.gguf_imatrix = list(gguf_imatrix)
 
     def suggest(self, trial: optuna.Trial) -> Strategy:
         steps: list[Step] = []
@@ -110,6 +123,12 @@ class SearchSpace:
             steps.append(Step(method="w8a8", params=dict(self.calib)))
         elif quant in ("bnb_nf4", "bnb_int8"):
             steps.append(Step(method=quant, params={}))
+        elif quant == "gguf":
+            params = {"type": trial.suggest_categorical("gguf_type", self.gguf_types)}
+            params["imatrix"] = bool(trial.suggest_categorical("gguf_imatrix", self.gguf_imatrix))
+            if params["imatrix"]:
+                params.update(self.calib)
+            steps.append(Step(method="gguf", params=params))
         return Strategy(steps=steps)
 
     def seeds(self) -> list[dict[str, Any]]:
@@ -120,6 +139,16 @@ class SearchSpace:
         a combination (drop 1 block -> LoRA -> GPTQ W4 act-order) and SparseGPT 50%."""
         g = self._largest_group()
         seeds = []
+        if "gguf" in self.quant_methods:
+            # what llama.cpp users deploy: Q4_K_M with an importance matrix, and Q8_0
+            for t in ("Q4_K_M", "Q8_0"):
+                if t in self.gguf_types:
+                    seeds.append({"prune": "none", "quant_only": "gguf", "gguf_type": t,
+                                  "gguf_imatrix": self.gguf_imatrix[0]})
+            if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "Q4_K_M" in self.gguf_types:
+                seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
+                              "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
+                              "quant": "gguf", "gguf_type": "Q4_K_M", "gguf_imatrix": self.gguf_imatrix[0]})
         if "gptq" in self.quant_methods:
             seeds.append({"prune": "none", "quant_only": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
                           "act_order": False})
@@ -146,7 +175,8 @@ class SearchSpace:
         choices = {"prune": self.prune_methods, "quant_only": self.quant_methods, "quant": self.quant_methods,
                    "recover": self.recover_methods, "recover_steps": self.recover_steps, "bits": self.bits,
                    "group_size": self.group_sizes, "act_order": self.act_order, "pattern": self.patterns,
-                   "sparsity": self.sparsities or [0.5], "drop": self.drops or [1], "precision": self.precisions}
+                   "sparsity": self.sparsities or [0.5], "drop": self.drops or [1], "precision": self.precisions,
+                   "gguf_type": self.gguf_types, "gguf_imatrix": self.gguf_imatrix}
         return all(k not in choices or v in choices[k] for k, v in params.items())
 
     def _largest_group(self) -> str:

@@ -129,6 +129,21 @@ class LoraParams(_P):
     qlora: bool = Field(False, description="train on a bnb 4-bit base (the previous step must be bnb_nf4)")
 
 
+class GGUFParams(Calib):
+    """llama.cpp GGUF export (acf.gguf): llama.cpp's converter, then its quantizer with an optional importance matrix.
+
+    calib_samples/seq_len size the importance matrix's calibration text (used only with imatrix=true)."""
+
+    type: str = Field("Q4_K_M", description="llama.cpp file type: Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_0, Q4_K_M, Q4_K_S, "
+                                            "Q4_0, IQ4_XS, IQ4_NL, Q3_K_M, Q2_K, F16, BF16")
+    imatrix: bool = Field(True, description="importance matrix from the task's calibration text, used by the "
+                                            "quantizer (IQ types and low-bit k-quants need one)")
+    overrides: dict[str, str] = Field(default_factory=dict, description="per-tensor types: regex on GGUF tensor "
+                                      "names -> ggml type, e.g. {\"output\\\\.weight\": \"Q8_0\"}")
+    strict_shapes: bool = Field(False, description="refuse a type whose block size leaves some layers to "
+                                                   "llama.cpp's fallback type")
+
+
 class MethodInfo(BaseModel):
     name: str
     kind: Literal["quantize", "prune", "distill", "lora"]
@@ -154,6 +169,9 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in [
                description="bitsandbytes int8 (CPU and CUDA)"),
     MethodInfo(name="bnb_nf4", kind="quantize", params=BnbNF4Params, library="bitsandbytes 4-bit",
                description="bitsandbytes NF4/FP4 (CPU and CUDA; QLoRA base)"),
+    MethodInfo(name="gguf", kind="quantize", params=GGUFParams, library="llama.cpp (convert_hf_to_gguf.py + "
+               "llama_model_quantize via llama-cpp-python)",
+               description="GGUF export for llama.cpp (k-quants, IQ4, Q8_0/Q4_0) with an importance matrix"),
     MethodInfo(name="magnitude", kind="prune", params=MagnitudeParams, library="llmcompressor MagnitudePruningModifier",
                description="prune the smallest-magnitude weights"),
     MethodInfo(name="wanda", kind="prune", params=SparsityParams, library="llmcompressor WandaPruningModifier",
@@ -369,6 +387,11 @@ def _check_mixed(where: str, p: BaseModel, spec) -> list[str]:
 def _check_architecture(where: str, method: str, p: BaseModel, spec, device: str) -> list[str]:
     """Architecture limits found by running every method family on tiny Llama, Qwen2/3, Gemma2/3, Mistral and Phi3
     models (tests/test_architectures.py): caught here so they fail before any step runs, not inside a library."""
+    if method == "gguf":
+        from .gguf import type_problems
+
+        widths = spec.linear_widths(("lm_head",)) if spec is not None else None
+        return [f"{where}: {m}" for m in type_problems(p.type, widths, p.overrides, p.strict_shapes)]
     if spec is None or method != "lora":
         return []
     out = []

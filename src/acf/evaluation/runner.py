@@ -48,6 +48,14 @@ class Loaded:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str, trust_remote_code: bool = False) -> "Loaded":
+        from ..gguf import is_gguf_dir
+
+        if is_gguf_dir(model_dir):
+            # a GGUF candidate is measured in llama.cpp, which opens the file itself per measurement
+            # (acf.evaluation.llamacpp): only the tokenizer is kept here
+            from ..models import load_tokenizer
+
+            return cls(model=None, tokenizer=load_tokenizer(model_dir, trust_remote_code), device="cpu")
         cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.empty_cache()
@@ -171,6 +179,18 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise AcfError(f"model directory {model_dir} has no config.json")
+    from ..gguf import is_gguf_dir
+
+    if is_gguf_dir(model_dir):
+        # the deployment runtime of a GGUF is llama.cpp: every metric of it is measured there, on the CPU
+        from .llamacpp import evaluate_gguf
+
+        if [m for m in metrics if m in FIDELITY_METRICS] and fidelity is None:
+            raise AcfError("kld/top1/kld_general compare against the uncompressed model: give a baseline")
+        return evaluate_gguf(model_dir, task, metrics, limit=limit, seed=seed, fewshot=fewshot,
+                             max_new_tokens=max_new_tokens, accuracy_limit=accuracy_limit,
+                             latency_tokens=latency_tokens, item_offset=item_offset, fidelity=fidelity,
+                             known_sparsity=known_sparsity, tokenizer=loaded.tokenizer if loaded else None)
     fid_wanted = [m for m in metrics if m in FIDELITY_METRICS]
     if fid_wanted and fidelity is None:
         raise AcfError(f"{', '.join(fid_wanted)} compare against the uncompressed model: give a baseline "

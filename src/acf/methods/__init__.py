@@ -11,6 +11,7 @@ _IMPL: dict[str, str] = {
     **{m: f"acf.methods.prune:{m}" for m in ("magnitude", "wanda", "sparsegpt", "drop_layers")},
     "distill": "acf.methods.distill:distill",
     "lora": "acf.methods.lora:lora",
+    "gguf": "acf.methods.gguf_export:gguf",
 }
 
 

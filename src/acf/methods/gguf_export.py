@@ -1,0 +1,118 @@
+"""The `gguf` method: the previous steps' HF model -> llama.cpp GGUF of a chosen type (see acf.gguf for the chain).
+
+The output directory holds `model.gguf` (what a user deploys and what the llama.cpp runtime measures), `gguf.json`
+(type, imatrix facts, overrides, the tensor types llama.cpp chose) and the input's config.json and tokenizer files:
+evaluation scores the GGUF with the same tokenizer as every other candidate, so sequences and references match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import MethodFailed
+from .base import StepContext
+
+#: small files copied from the input (tokenizer, config); the weights are in model.gguf
+_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+         "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    from .. import gguf as G
+    from ..models import free
+    from ._common import load_dense, quant_method, save_model, versions
+
+    t_name = params["type"]
+    if t_name not in G.GGUF_TYPES:
+        raise MethodFailed("gguf", "config", f"unknown GGUF type {t_name!r}; known: {', '.join(G.GGUF_TYPES)}")
+    try:
+        v = G.require_llama_cpp()
+        G.require_converter()
+    except G.GGUFError as e:
+        raise MethodFailed("gguf", "unavailable", str(e)) from None
+    extra: dict = {"libraries": versions("llama_cpp_python", "gguf", "transformers", "torch")}
+    work = out_dir / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    src = in_dir
+    try:
+        qm = quant_method(in_dir)
+        need_model = params["imatrix"] or qm is not None
+        model = tok = None
+        if need_model:
+            # load_dense refuses a quantized input and decompresses a sparse (pruned) compressed-tensors one
+            model, tok = load_dense(in_dir, "cpu", "gguf", trust_remote_code=ctx.trust_remote_code)
+            if qm is not None:
+                src = work / "dense"
+                save_model(model, tok, src)
+        t0 = time.perf_counter()
+        f16 = work / "model-f16.gguf"
+        try:
+            G.convert_hf(src, f16, "f16")
+        except G.GGUFError as e:
+            raise MethodFailed("gguf", "library", str(e)) from None
+        extra["convert_seconds"] = round(time.perf_counter() - t0, 3)
+        info16 = G.read_gguf(f16)
+        imat = None
+        if params["imatrix"]:
+            from .calibration import calibration_ids
+
+            n, L = params["calib_samples"], params["seq_len"]
+            ids = calibration_ids(tok, ctx.task, n, L, ctx.seed, "gguf")
+            t0 = time.perf_counter()
+            n_layers = getattr(model.config, "num_hidden_layers", 0)
+            imat, facts = G.compute_imatrix(model, ids, info16.architecture, n_layers, set(info16.widths))
+            if not imat:
+                raise MethodFailed("gguf", "library", "the importance matrix maps to no GGUF tensor of this model")
+            facts.update(samples=n, seq_len=L, seed=ctx.seed, seconds=round(time.perf_counter() - t0, 3),
+                         source=f"{getattr(ctx.task, 'name', 'task')} train split, evaluation's prompt format")
+            extra["imatrix"] = facts
+        if model is not None:
+            free(model)
+            model = None
+        t0 = time.perf_counter()
+        dst = out_dir / G.GGUF_NAME
+        try:
+            G.quantize(f16, dst, t_name, imat, dict(params["overrides"]), nthread=0)
+        except G.GGUFError as e:
+            raise MethodFailed("gguf", "library", str(e)) from None
+        extra["quantize_seconds"] = round(time.perf_counter() - t0, 3)
+        info = G.read_gguf(dst)
+        main = G.GGUF_TYPES[t_name]
+        fallbacks = _fallbacks(dst, main)
+        extra.update(gguf_size_bytes=info.size_bytes, tensor_types=info.tensor_types,
+                     fallback_tensors=len(fallbacks))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for name in _COPY:
+        if (in_dir / name).is_file():
+            shutil.copy2(in_dir / name, out_dir / name)
+    man = G.GGUFManifest(type=t_name, source=str(in_dir), imatrix=extra.get("imatrix"),
+                         overrides=dict(params["overrides"]), fallbacks=fallbacks, info=info,
+                         llama_cpp_python=v, sha256=_sha256(dst))
+    man.info.path = G.GGUF_NAME
+    from ..atomic import write_text
+
+    write_text(out_dir / G.MANIFEST_NAME, man.model_dump_json(indent=2) + "\n")
+    return extra
+
+
+def _fallbacks(path: Path, main) -> dict[str, str]:
+    """2-D weight tensors whose row width the type's block does not divide, with the type llama.cpp stored them in
+    instead (its documented fallback): reported so that a figure is read for the file it really is."""
+    from gguf import GGUFReader
+
+    if main.block <= 1:
+        return {}
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors
+            if len(t.shape) == 2 and int(t.shape[0]) % main.block}
