@@ -201,7 +201,7 @@ class Strategy(BaseModel):
         for s in self.steps:
             info = METHODS.get(s.method)
             defaults = info.params().model_dump() if info is not None else {}
-            keep = ("bits", "group_size", "sparsity", "pattern", "count", "by", "steps", "rank")
+            keep = ("bits", "group_size", "sparsity", "pattern", "count", "by", "steps", "rank", "type", "imatrix")
             ps = ",".join(f"{k}={v}" for k, v in s.params.items()
                           if k in keep or (k in defaults and v != defaults[k] and k not in ("ignore", "targets")))
             parts.append(f"{s.method}({ps})")
