@@ -216,7 +216,8 @@ class Strategy(BaseModel):
         for s in self.steps:
             info = METHODS.get(s.method)
             defaults = info.params().model_dump() if info is not None else {}
-            keep = ("bits", "group_size", "sparsity", "pattern", "count", "by", "steps", "rank", "avg_bits")
+            keep = ("bits", "group_size", "sparsity", "pattern", "count", "by", "steps", "rank", "avg_bits", "type",
+                    "imatrix")
             if s.params.get("avg_bits") is not None or s.params.get("layer_formats"):
                 keep = tuple(k for k in keep if k not in ("bits", "group_size"))
             ps = ",".join(f"{k}={v}" for k, v in s.params.items()

@@ -34,6 +34,11 @@ RUNTIME_LABEL = "llama.cpp CPU"
 
 
 def threads() -> int:
+    """llama.cpp's threads: this process's cores, or ACF_LLAMA_THREADS (on a machine shared with other jobs, threads
+    equal to the cores spin at llama.cpp's barriers while another process holds a core: decode slowed ~10x here)."""
+    env = os.environ.get("ACF_LLAMA_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         return len(os.sched_getaffinity(0))
     except Exception:  # not every platform has sched_getaffinity
@@ -48,7 +53,13 @@ def runtime_string() -> str:
 
 
 def cpu_string() -> str:
-    return device_string("cpu").split(",")[0] + f", {threads()} cores, llama.cpp {threads()} threads)"
+    import platform
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except Exception:  # not every platform has sched_getaffinity
+        cores = os.cpu_count() or 0
+    return f"cpu ({platform.processor() or platform.machine()}, {cores} cores, llama.cpp {threads()} threads)"
 
 
 def open_llama(path: str | Path, n_ctx: int, logits_all: bool):
