@@ -166,3 +166,22 @@ def test_mixed_model_reloads_in_allocated_formats_at_predicted_size(method, extr
     cfg = json.loads((tmp_path / "replay" / "config.json").read_text())["quantization_config"]
     # compressed-tensors renames the groups (group_0, ...): one per quantized format
     assert len(cfg["config_groups"]) == len({f for f in alloc["layer_formats"].values() if f != KEEP})
+
+
+def _exits(params, in_dir, out_dir, ctx):
+    raise SystemExit(143)      # what a SIGTERM handler does mid-step
+
+
+def test_exit_inside_a_step_stops_the_run_not_the_step(tiny_model_dir, tmp_path, ctx):
+    """A process told to stop (SIGTERM -> SystemExit) must stop; it is not a failed method (found when a killed
+    benchmark recorded 'gptq failed: SystemExit: 143' and went on to its next configuration)."""
+    from acf.methods import _IMPL, register, run_strategy
+    from acf.strategy import Step
+
+    register("exits_now", "test_mixed:_exits")
+    try:
+        with pytest.raises(SystemExit):
+            run_strategy([Step(method="exits_now")], tiny_model_dir, tmp_path / "out", ctx)
+    finally:
+        _IMPL.pop("exits_now", None)
+    assert not (tmp_path / "out").exists()

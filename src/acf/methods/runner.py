@@ -192,8 +192,9 @@ def run_step(method: str, params: dict, in_dir: Path, out_dir: Path, ctx: StepCo
                     rec.peak_memory_how = "process RSS peak increase during the step (sampled every 5 ms)"
                 rec.output_dir = str(out_dir)
                 rec.output_size_bytes = dir_size(out_dir)
-            except BaseException as e:  # noqa: BLE001 - typed below; KeyboardInterrupt re-raised
-                if isinstance(e, KeyboardInterrupt):
+            except BaseException as e:  # noqa: BLE001 - typed below; interrupts and exits re-raised
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    # SIGTERM handlers exit with SystemExit: a killed process must stop, not record a failed step
                     raise
                 mf = classify(method, e)
                 traceback.print_exc()
