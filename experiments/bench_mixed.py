@@ -127,6 +127,8 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
     ap.add_argument("--resume", action="store_true", help="keep rows already written, run only the missing ones")
+    ap.add_argument("--note", action="append", default=[], help="a line for the results' notes (provenance)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json (with --note)")
     args = ap.parse_args()
 
     from acf.evaluation.runner import Loaded, build_fidelity, eval_items, evaluate
@@ -161,14 +163,22 @@ def main() -> int:
                  "limit": args.limit, "calib_samples": args.calib_samples,
                  "versions": {p: md.version(p) for p in ("torch", "transformers", "llmcompressor", "compressed-tensors")},
                  "rows": [], "sensitivity": None, "complete": False}
-    if args.resume and stem.with_suffix(".json").is_file():
+    if (args.resume or args.render) and stem.with_suffix(".json").is_file():
         old = json.loads(stem.with_suffix(".json").read_text())
         res["rows"], res["sensitivity"] = old.get("rows", []), old.get("sensitivity")
+        res["notes"] = old.get("notes", [])
+        if args.render:
+            res.update({k: old[k] for k in ("date", "device", "limit", "calib_samples", "versions", "complete")
+                        if k in old})
+    res["notes"] = list(res.get("notes") or []) + list(args.note)
 
     def write() -> None:
         stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
         stem.with_suffix(".md").write_text(_markdown(res))
 
+    if args.render:
+        write()
+        return 0
     if not args.skip_sensitivity and not res["sensitivity"]:
         res["sensitivity"] = sensitivity_part(model_dir, device, gsm, args.sens_samples, args.direct_windows, 256,
                                               args.block_stride, args.direct_formats.split(","))
@@ -281,6 +291,8 @@ def _markdown(res: dict) -> str:
                      f"{_ci(r.get('kld'))} | {_ci(r.get('top1'), '{:.3f}')} | {_ci(r.get('kld_general'))} | "
                      f"{_ci(r.get('answer_nll'))} | {counts or '-'} | {'-' if err is None else f'{100 * err:+.2f}%'} | "
                      f"{r.get('wall_seconds', 0)} |")
+    if res.get("notes"):
+        lines += ["", "Notes:"] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines) + "\n"
 
 
