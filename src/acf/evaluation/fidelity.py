@@ -18,7 +18,6 @@ NLL costs one extra log-softmax gather, not a second pass.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..atomic import write_text
+from ..atomic import sha256_file, write_text
 from ..errors import AcfError
 from ..provenance import Measurement, device_string, runtime_string
 from .batching import auto_batch_size
@@ -238,13 +237,6 @@ def _ratio_ci(sums: Sequence[float], counts: Sequence[int], lo: Optional[float] 
 
 # ---- the cache in the run directory ----------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def save_reference(ref: Reference, path: Path) -> None:
     """`path` (.safetensors) and `path`.json (manifest with the tensors' sha256), each written atomically.
@@ -257,7 +249,7 @@ def save_reference(ref: Reference, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file({"topk_idx": ref.topk_idx.contiguous(), "topk_logp": ref.topk_logp.contiguous()}, str(tmp))
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -288,7 +280,7 @@ def load_reference(path: Path) -> Reference:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ReferenceError(f"{man}: corrupt baseline reference manifest ({e})") from None
     try:
-        if _sha256(path) != meta["sha256"]:
+        if sha256_file(path) != meta["sha256"]:
             raise ReferenceError(f"{path}: the baseline reference does not match its checksum (truncated or "
                                  f"modified)")
         t = load_file(str(path))

@@ -7,11 +7,11 @@ evaluation scores the GGUF with the same tokenizer as every other candidate, so 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from pathlib import Path
 
+from ..atomic import sha256_file
 from ..errors import MethodFailed
 from .base import StepContext
 
@@ -19,13 +19,6 @@ from .base import StepContext
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
          "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
@@ -99,7 +92,7 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
             shutil.copy2(in_dir / name, out_dir / name)
     man = G.GGUFManifest(type=t_name, source=str(in_dir), imatrix=extra.get("imatrix"),
                          overrides=dict(params["overrides"]), fallbacks=fallbacks, info=info,
-                         llama_cpp_python=v, sha256=_sha256(dst))
+                         llama_cpp_python=v, sha256=sha256_file(dst))
     man.info.path = G.GGUF_NAME
     from ..atomic import write_text
 

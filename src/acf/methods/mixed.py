@@ -344,13 +344,10 @@ def sensitivity_key(weights_digest: str, task: str, n: int, seq_len: int, seed: 
 
 def weights_digest(model_dir: Path) -> str:
     """sha256 of the model's weight files: the cache key of a sensitivity pass (a pruned input gets its own)."""
-    h = hashlib.sha256()
-    for p in sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin")):
-        h.update(p.name.encode())
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
+    from ..atomic import sha256_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
+    return hashlib.sha256(json.dumps([[p.name, sha256_file(p)] for p in files]).encode()).hexdigest()
 
 
 class SensitivityCache(BaseModel):
