@@ -76,8 +76,12 @@ def test_calibration_from_train_split_deterministic(ctx, tiny_model_dir):
     assert a.shape == (3, 48)
     assert torch.equal(a, calibration_ids(tok, ctx.task, 3, 48, seed=0))
     assert not torch.equal(a, calibration_ids(tok, ctx.task, 3, 48, seed=1))
-    first_train = ctx.task.train_texts(1, seed=0)[0]
-    assert tok.decode(a[0]).startswith(first_train[:40])       # packed from the task's train texts
+    from acf.evaluation.sequences import task_sequences
+
+    # packed from the task's train split, in the prompt format evaluation uses (chat template where there is one)
+    first = task_sequences(ctx.task, tok, ctx.task.train_pairs(1, seed=0))[0]
+    head = list(first.prompt + first.target)[:48]
+    assert a[0].tolist()[:len(head)] == head
     ds = calibration_dataset(tok, ctx.task, 2, 16)
     assert set(ds.column_names) == {"input_ids", "attention_mask"} and len(ds[0]["input_ids"]) == 16
 
