@@ -5,7 +5,11 @@ PY     := $(VENV)/bin/python
 ACF_DATA_DIR ?= $(abspath ../shared/data)
 export ACF_DATA_DIR
 export TOKENIZERS_PARALLELISM := false
-LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+# Portable x86-64-v3 kernels (AVX2/FMA/F16C), not -march=native: on a Sapphire Rapids host whose sandbox does not
+# grant AMX tiles, a native build runs ggml's AMX matmul and segfaults in the first decode (seen here, gdb:
+# ggml_backend_amx_mul_mat); a portable library also stays valid when pip's wheel cache moves between machines.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+  -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
 .PHONY: install demo test test-fast clean bench
 
