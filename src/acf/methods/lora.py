@@ -106,7 +106,20 @@ def _load_kbit(in_dir: Path, dev: str, ctx: StepContext):
     # Casts norms/embeddings to fp32 and enables input grads so adapters train on a frozen 4-bit base.
     # Gradient checkpointing off: the models this runs on fit, and it would double the forward cost.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    _keep_trainable_4bit_layout(model)
     return model, load_tokenizer(in_dir, ctx.trust_remote_code)
+
+
+def _keep_trainable_4bit_layout(model) -> None:
+    """Keep bitsandbytes' trainable 4-bit layout on CPUs with AVX512-BF16.
+
+    On such CPUs a Linear4bit repacks its weight into an inference-only layout the first time it runs in eval mode
+    without grad (as the held-out loss does); after that, a training forward adds the bias in place to a view and
+    autograd refuses it ("a view of a leaf Variable ... in-place operation", bitsandbytes 0.50.2). Switching the
+    repacking off for the layers being trained keeps one layout throughout; inference elsewhere is untouched."""
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
 
 
 def _note_adapter_base(adapter_dir: Path, in_dir: Path, qlora: bool) -> None:
