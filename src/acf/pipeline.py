@@ -44,7 +44,6 @@ FIDELITY_MEASURED = ("kld", "top1", "kld_general")
 DEFAULT_OBJECTIVES = "kld,size,latency"
 #: default --max-kld (nats/token): chosen from experiments/results/fidelity-*.md, see SPEC.md
 DEFAULT_MAX_KLD = 0.5
-RECOVERY_METHODS = ("lora", "distill")
 RUNTIMES = ("transformers", "llamacpp")
 #: metrics that depend on the runtime: with --runtime llamacpp the baseline's come from its F16 GGUF in llama.cpp
 RUNTIME_METRICS = ("latency", "ttft", "throughput", "memory")
@@ -131,7 +130,7 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
         raise AcfError(f"--max-kld must lie in (0, 20] nats/token (got {cfg.max_kld})")
     if not cfg.recover_steps or any(not 1 <= s <= 100_000 for s in cfg.recover_steps):
         raise AcfError(f"--recover-steps: give one or more step counts in 1..100000 (got {cfg.recover_steps})")
-    from .search import ALL_QUANT_CHOICES, PRUNE_CHOICES, QUANT_CHOICES
+    from .methods.registry import choices
 
     if cfg.runtime not in RUNTIMES:
         raise AcfError(f"--runtime {cfg.runtime!r}: choose from {', '.join(RUNTIMES)}")
@@ -143,16 +142,16 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
             raise AcfError(f"--runtime llamacpp runs GGUF files only, so every candidate ends in a gguf step: "
                            f"--quant-methods {','.join(cfg.quant_methods or [])} names {', '.join(other)}; use gguf")
         cfg.quant_methods = ["gguf"]
-    for flag, given, valid in (("--quant-methods", cfg.quant_methods, ALL_QUANT_CHOICES),
-                               ("--prune-methods", cfg.prune_methods, PRUNE_CHOICES)):
+    for flag, given, valid in (("--quant-methods", cfg.quant_methods, choices("quant", everything=True)),
+                               ("--prune-methods", cfg.prune_methods, choices("prune", everything=True))):
         if given is None:
             continue
         bad = [m for m in given if m not in valid]
         if bad or not given:
             raise AcfError(f"{flag}: unknown method(s) {', '.join(bad) or '(none given)'}; choose from "
                            f"{', '.join(valid)}")
-    q = cfg.quant_methods if cfg.quant_methods is not None else QUANT_CHOICES
-    p = cfg.prune_methods if cfg.prune_methods is not None else PRUNE_CHOICES
+    q = cfg.quant_methods if cfg.quant_methods is not None else choices("quant")
+    p = cfg.prune_methods if cfg.prune_methods is not None else choices("prune")
     if all(m == "none" for m in q) and all(m == "none" for m in p):
         raise AcfError("--quant-methods and --prune-methods leave nothing to search (both only 'none')")
     # before the run dir is written: a bad value must not leave a half-made run behind
@@ -590,24 +589,12 @@ def _kld(cand: Candidate) -> Optional[float]:
 
 
 def estimate_cost(ctx: RunContext, strategy: Strategy) -> dict:
-    """A rough estimate (not a measurement) of an episode's cost, shown before approval."""
+    """A rough estimate (not a measurement) of an episode's cost, shown before approval and read by preflight: the
+    registry's cost model per step (the same one the `estimate_cost` tool reports)."""
+    from .methods.registry import estimate_step_seconds
+
     spec = ctx.spec
-    secs = 0.0
-    per_sample = 0.02 * spec.params / 1e8 * (1 if ctx.cfg.device.startswith("cuda") else 15)
-    for s in strategy.steps:
-        n = s.params.get("calib_samples", 0) or 0
-        if s.method in ("gptq", "w8a8", "sparsegpt"):
-            secs += 5 + per_sample * n * 3
-        elif s.method == "awq":
-            secs += 10 + per_sample * n * 10
-        elif s.method in ("wanda", "drop_layers", "autoround"):
-            secs += 3 + per_sample * n * (20 if s.method == "autoround" else 1)
-        elif s.method in ("distill", "lora"):
-            secs += per_sample * s.params.get("steps", 50) * s.params.get("batch_size", 4) * 3
-        else:
-            secs += 3
-        if s.params.get("avg_bits") is not None:   # mixed precision's sensitivity pass (forward + backward)
-            secs += per_sample * s.params.get("sensitivity_samples", 16) * 3
+    secs = sum(estimate_step_seconds(s.method, s.params, spec.params, ctx.cfg.device) for s in strategy.steps)
     base_size = (ctx.ff.baseline.metrics["size"].value if ctx.ff and ctx.ff.baseline and "size" in ctx.ff.baseline.metrics
                  else spec.params * 2)
     return {"estimated_compress_seconds": round(secs, 1), "estimated_peak_disk_bytes": int(base_size * 2.2),
@@ -771,7 +758,9 @@ def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
     Returns the control's id (None when the strategy has no recovery step)."""
     ff = ctx.ff
     assert ff is not None
-    rec = [st for st in strategy.steps if st.method in RECOVERY_METHODS and not st.params.get("qlora")]
+    from .strategy import kind_of
+
+    rec = [st for st in strategy.steps if kind_of(st.method) in ("lora", "distill") and not st.params.get("qlora")]
     if not rec:
         return None
     cs = Strategy(steps=rec)
