@@ -1,6 +1,9 @@
-"""The coordinator graph: nodes and routing only. What each node does lives in `acf.pipeline`.
+"""The coordinator graph: nodes and routing only. What each node does lives in `acf.pipeline` and `acf.episode`.
 
-spec -> baseline -> propose -> approve -> preflight -> compress -> evaluate -> update -> propose | finalize -> END
+spec -> baseline -> propose -> approve -> preflight -> compress -> proxy -> evaluate -> update -> propose | finalize -> END
+
+The episode's stages (preflight .. evaluate) are `acf.episode`'s, routed by `acf.episode.route`: the same engine a
+distributed worker runs in one call (`acf.episode.run_episode`); anything but ok skips to update, which records.
 
 The state is small (ids, the proposal, the outcome); everything heavy is on disk. A SQLite checkpointer in the
 run dir records the state after every node, so a killed run resumes at the node that was running.
@@ -15,9 +18,9 @@ from typing import Any, Optional, TypedDict
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
+from . import episode as E
 from . import pipeline as P
 from .errors import StrategyError
-from .state import Candidate, now
 from .strategy import Strategy, validate_strategy
 
 #: when this process started: an episode proposed before it was interrupted (kill, Ctrl-C) and redone on resume
@@ -77,42 +80,13 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
             return {"decision": "reask", "note": f"unknown choice {action!r}: approve, edit, skip or stop"}
         return {"decision": action}
 
-    def preflight_node(state: EpisodeState) -> dict:
-        reason = P.preflight(ctx, Strategy(**state["proposal"]["strategy"]))
-        if reason:
-            ctx.say(f"  [yellow]preflight refused[/]: {reason}")
-            return {"outcome": {"status": "rejected", "reason": "preflight: " + reason}}
-        return {}
+    def stage_node(stage: str):
+        def node(state: EpisodeState) -> dict:
+            out = state.get("outcome") if stage != "preflight" else E.start()
+            return {"outcome": E.STAGES[stage](_episode(ctx, state), dict(out or E.start()))}
 
-    def compress_node(state: EpisodeState) -> dict:
-        prop = state["proposal"]
-        t0 = time.time()
-        records, err = P.compress(ctx, _cid(prop), Strategy(**prop["strategy"]), state["model_path"],
-                                  prop["episode"])
-        dt = round(time.time() - t0, 2)
-        steps = [r.model_dump() for r in records]
-        if err:
-            ctx.say(f"  [red]compress failed[/] after {dt:.1f} s: {err}")
-            return {"outcome": {"status": "failed", "reason": err, "steps": steps, "timings": {"compress": dt}}}
-        ctx.say(f"  compressed in {dt:.1f} s")
-        return {"outcome": {"status": "ok", "steps": steps, "timings": {"compress": dt}}}
-
-    def evaluate_node(state: EpisodeState) -> dict:
-        prop, out = state["proposal"], dict(state["outcome"])
-        cid = _cid(prop)
-        res = P.evaluate_candidate(ctx, cid, Strategy(**prop["strategy"]), out.get("steps", []))
-        out.update(status=res["status"], reason=res.get("reason"), control=res.get("control"),
-                   timings={**out.get("timings", {}), **res["timings"]},
-                   proxy_metrics={k: v.model_dump() for k, v in res.get("proxy_metrics", {}).items()},
-                   metrics={k: v.model_dump() for k, v in res.get("metrics", {}).items()},
-                   predictions=res.get("predictions"))
-        if res["status"] == "pruned":
-            ctx.say(f"  [yellow]pruned[/] after proxy evaluation: {res['reason']}")
-        elif res["status"] == "failed":
-            ctx.say(f"  [red]evaluation failed[/]: {res['reason']}")
-        else:
-            ctx.say(P._metrics_line(cid, res["metrics"], ctx.cfg.objectives))
-        return {"outcome": out}
+        node.__name__ = f"{stage}_node"
+        return node
 
     def update_node(state: EpisodeState) -> dict:
         prop, out = state["proposal"], dict(state.get("outcome") or {})
@@ -121,29 +95,16 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
             out = {"status": "rejected", "reason": prop["rejected"]}
         elif decision == "skip":
             out = {"status": "skipped", "reason": "skipped by the user at approval"}
-        cid = _cid(prop)
-        timings = dict(out.get("timings", {}))
-        timings["propose"] = prop.get("t_propose", 0.0)
-        art = ctx.artifact_dir(cid)
-        cand = Candidate(
-            id=cid, episode=prop["episode"], trial_number=prop.get("trial"), strategy=Strategy(**prop["strategy"]),
-            description=Strategy(**prop["strategy"]).describe(), status=out.get("status", "failed"),
-            reason=out.get("reason"), proposed_by=prop["proposed_by"], rationale=prop.get("rationale"),
-            metrics=out.get("metrics") or {}, proxy_metrics=out.get("proxy_metrics") or {}, steps=out.get("steps", []),
-            control=out.get("control"),
-            artifact=str(art) if out.get("status") == "ok" and art.exists() else None,
-            artifact_kept=out.get("status") == "ok" and art.exists(), timings=timings, started_at=prop.get("t0"),
-            finished_at=now())
-        if cand.status != "ok" and art.exists():
-            import shutil
-
-            shutil.rmtree(art, ignore_errors=True)
         trial = prop.get("trial")
         if prop.get("edited_from_trial") is not None:
             P.release_trial(ctx, prop["edited_from_trial"], "replaced by a user edit")
             trial = None
         t0 = time.time()
-        P.record(ctx, cand, trial, out.get("predictions"))
+        cand, _ = E.record(_episode(ctx, state), out, lambda c, preds: _record(ctx, c, trial, preds),
+                           episode=prop["episode"], trial_number=prop.get("trial"), proposed_by=prop["proposed_by"],
+                           rationale=prop.get("rationale"), t_propose=prop.get("t_propose", 0.0),
+                           started_at=prop.get("t0"))
+        cid = cand.id
         c = ctx.ff.candidate(cid)
         c.timings["update"] = round(time.time() - t0, 3)
         if prop.get("t0_epoch") and not ctx.cfg.interactive:
@@ -173,23 +134,38 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
 
     g = StateGraph(EpisodeState)
     for name, fn in [("spec", spec_node), ("baseline", baseline_node), ("propose", propose_node),
-                     ("approve", approve_node), ("preflight", preflight_node), ("compress", compress_node),
-                     ("evaluate", evaluate_node), ("update", update_node), ("user_stop", stop_node),
-                     ("finalize", finalize_node)]:
+                     ("approve", approve_node), *((st, stage_node(st)) for st in E.STAGES), ("update", update_node),
+                     ("user_stop", stop_node), ("finalize", finalize_node)]:
         g.add_node(name, fn)
     g.add_edge(START, "spec")
     g.add_edge("spec", "baseline")
     g.add_edge("baseline", "propose")
     g.add_conditional_edges("propose", lambda s: "finalize" if s.get("stop") else "approve", ["approve", "finalize"])
     g.add_conditional_edges("approve", _after_approve, ["preflight", "update", "approve", "user_stop"])
-    g.add_conditional_edges("preflight", lambda s: "update" if s.get("outcome") else "compress", ["compress", "update"])
-    g.add_conditional_edges("compress", lambda s: "evaluate" if s["outcome"]["status"] == "ok" else "update",
-                            ["evaluate", "update"])
-    g.add_edge("evaluate", "update")
+    # the episode's stages, routed as acf.episode.route routes a worker's: anything but ok goes to update (record)
+    for st in E.STAGES:
+        nexts = sorted({E.route(st, {"status": "ok"}), "record"})
+        g.add_conditional_edges(st, lambda s, st=st: _node(E.route(st, s["outcome"])), [_node(n) for n in nexts])
     g.add_edge("update", "propose")
     g.add_edge("user_stop", END)
     g.add_edge("finalize", END)
     return g.compile(checkpointer=checkpointer)
+
+
+def _node(stage: str) -> str:
+    """The graph node of an episode stage: recording is the update node."""
+    return "update" if stage == "record" else stage
+
+
+def _episode(ctx: P.RunContext, state: EpisodeState) -> E.Episode:
+    prop = state["proposal"]
+    return E.Episode(ctx=ctx, cid=_cid(prop), number=prop["episode"], strategy=Strategy(**prop["strategy"]),
+                     model_path=state["model_path"])
+
+
+def _record(ctx: P.RunContext, cand, trial, predictions) -> bool:
+    P.record(ctx, cand, trial, predictions)
+    return True
 
 
 def _after_approve(s: EpisodeState) -> str:

@@ -480,7 +480,11 @@ def _baseline_costs_in_llamacpp(ctx: RunContext, model_path: Path, metrics: dict
 
 
 def _objective_values(ctx: RunContext, metrics: dict[str, Measurement]) -> dict[str, float]:
-    return {o: metrics[o].value for o in ctx.cfg.objectives if o in metrics and metrics[o].value is not None}
+    return objective_values(ctx.cfg.objectives, metrics)
+
+
+def objective_values(objectives: list[str], metrics: dict[str, Measurement]) -> dict[str, float]:
+    return {o: metrics[o].value for o in objectives if o in metrics and metrics[o].value is not None}
 
 
 def _metrics_line(label: str, metrics: dict[str, Measurement], objectives: list[str]) -> str:
@@ -649,42 +653,6 @@ def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str, epi
     if failed:
         return records, failed[0].reason or "a step failed"
     return records, None
-
-
-def evaluate_candidate(ctx: RunContext, cid: str, strategy: Strategy, steps: list) -> dict:
-    """Proxy evaluation, then (unless pruned) the full one, from one load of the candidate; then its control.
-
-    Returns the outcome fields {status, reason, proxy_metrics, metrics, predictions, timings, control}. An
-    exception while evaluating (out of memory, a library error) fails this episode with the reason; the search
-    goes on. Used by the coordinator graph and by distributed workers alike."""
-    out: dict[str, Any] = {"status": "ok", "timings": {}}
-    t0 = time.time()
-    try:
-        proxy, prune = proxy_decision(ctx, cid)
-        out["timings"]["proxy_evaluate"] = round(time.time() - t0, 2)
-        out["proxy_metrics"] = proxy
-        if prune:
-            out.update(status="pruned", reason=prune)
-            return out
-        t1 = time.time()
-        res = full_evaluation(ctx, cid, known_sparsity=sparsity_from_steps(strategy, steps))
-        out["timings"]["evaluate"] = round(time.time() - t1, 2)
-        out.update(metrics=res.metrics, predictions=res.predictions)
-    except (KeyboardInterrupt, AcfError):
-        raise
-    except Exception as e:  # noqa: BLE001 - one candidate's evaluation failing must not end the run
-        kind = "oom" if "out of memory" in str(e).lower() or isinstance(e, MemoryError) else "evaluation"
-        log.exception("evaluation of %s failed", cid)
-        out.update(status="failed", reason=f"{kind}: evaluation failed: {type(e).__name__}: {str(e)[:300]}")
-        return out
-    finally:
-        ctx.release()
-    if ctx.cfg.controls:
-        t2 = time.time()
-        out["control"] = ensure_control(ctx, strategy)
-        if out["control"]:
-            out["timings"]["control"] = round(time.time() - t2, 2)
-    return out
 
 
 def sparsity_from_steps(strategy: Strategy, steps: list) -> Optional[Measurement]:
@@ -864,16 +832,7 @@ def record(ctx: RunContext, cand: Candidate, trial_number: Optional[int], predic
     assert ff is not None and ff.baseline is not None
     if any(c.id == cand.id for c in ff.candidates):
         return
-    base = ff.baseline.objectives
-    if cand.status == "ok":
-        cand.objectives = _objective_values(ctx, cand.metrics)
-        if len(cand.objectives) == len(ctx.cfg.objectives):
-            cand.retention = retention(cand.objectives, base, ctx.cfg.objectives)
-            cand.reward = reward(cand.objectives, base, ctx.cfg.objectives, ctx.cfg.preset, ctx.cfg.min_retention,
-                                 ctx.cfg.max_kld, _kld(cand)).reward
-        else:
-            cand.status, cand.reason = "failed", "evaluation produced no value for " + ", ".join(
-                o for o in ctx.cfg.objectives if o not in cand.objectives)
+    score(ctx.cfg, ff.baseline.objectives, cand)
     cand.finished_at = now()
     ff.candidates.append(cand)
     _refresh(ctx)
@@ -892,6 +851,22 @@ def record(ctx: RunContext, cand: Candidate, trial_number: Optional[int], predic
     write_text(ed / "result.json", cand.model_dump_json(indent=2))
     if predictions:
         write_json(ed / "predictions.json", predictions)
+
+
+def score(cfg: RunConfig, base: dict[str, float], cand: Candidate) -> None:
+    """An ok candidate's objectives, retention and reward against the baseline's objectives `base`; one without a
+    value for every objective is failed. One function for every recorder (frontier.json here, a trial's record in
+    acf.distributed), so both score alike."""
+    if cand.status != "ok":
+        return
+    cand.objectives = objective_values(cfg.objectives, cand.metrics)
+    if len(cand.objectives) == len(cfg.objectives):
+        cand.retention = retention(cand.objectives, base, cfg.objectives)
+        cand.reward = reward(cand.objectives, base, cfg.objectives, cfg.preset, cfg.min_retention, cfg.max_kld,
+                             _kld(cand)).reward
+    else:
+        cand.status, cand.reason = "failed", "evaluation produced no value for " + ", ".join(
+            o for o in cfg.objectives if o not in cand.objectives)
 
 
 def _tell(ctx: RunContext, number: int, cand: Candidate) -> None:
