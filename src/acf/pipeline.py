@@ -616,7 +616,9 @@ def preflight(ctx: RunContext, strategy: Strategy) -> Optional[str]:
         return (f"disk: {free / 2**30:.2f} GiB free under {ctx.dir}, the episode needs about "
                 f"{need_disk / 2**30:.2f} GiB (estimate)")
     spec = ctx.spec
-    teacher = any(s.method == "distill" for s in strategy.steps)
+    from .methods.registry import get as get_method
+
+    teacher = any(getattr(get_method(s.method), "needs_teacher", False) for s in strategy.steps)
     if ctx.cfg.device.startswith("cuda"):
         import torch
 

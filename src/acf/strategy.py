@@ -123,7 +123,8 @@ def validate_strategy(obj: Union[str, dict, Strategy], spec=None, device: str = 
             continue
         problems += _check_params(where, step.method, params, spec)
         problems += _check_mixed(where, params, spec)
-        problems += _check_architecture(where, step.method, params, spec, device)
+        if info.check is not None:   # the method's own rules (acf.methods.checks)
+            problems += info.check(where, params, spec, device)
         if info.needs_cuda and not device.startswith("cuda"):
             problems.append(f"{where}: needs CUDA, but the device is {device}")
         kinds.append(info.kind)
@@ -156,22 +157,6 @@ def _check_params(where: str, method: str, p: BaseModel, spec) -> list[str]:
                 out.append(f"{where}: pattern {pat} implies sparsity {1 - n / m:g}, but sparsity is {sp:g}")
         except ValueError:
             out.append(f"{where}: pattern {pat!r} must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4')")
-    if method == "drop_layers":
-        n_layers = spec.num_layers if spec is not None else None
-        if p.by == "explicit":
-            if not p.layers:
-                out.append(f"{where}: by=explicit needs 'layers'")
-            elif n_layers is not None and any(l < 0 or l >= n_layers for l in p.layers):
-                out.append(f"{where}: layer indices must lie in 0..{n_layers - 1}")
-            elif n_layers is not None and len(set(p.layers)) >= n_layers:
-                out.append(f"{where}: cannot drop every one of the {n_layers} layers")
-        elif p.by == "weight_range":
-            if p.weight_range is None:
-                out.append(f"{where}: by=weight_range needs 'weight_range': [lo, hi]")
-        elif p.count is None and p.ratio is None:
-            out.append(f"{where}: give 'count' or 'ratio' of blocks to drop")
-        if p.count is not None and n_layers is not None and p.count >= n_layers:
-            out.append(f"{where}: count {p.count} must be below the model's {n_layers} layers")
     return out
 
 
@@ -215,25 +200,6 @@ def _check_mixed(where: str, p: BaseModel, spec) -> list[str]:
     if p.avg_bits < lo - 1e-9:
         out.append(f"{where}: avg_bits {p.avg_bits:g} is below the smallest size the formats {', '.join(formats)} "
                    f"reach on this model ({lo:.3f} bits per weight)")
-    return out
-
-
-def _check_architecture(where: str, method: str, p: BaseModel, spec, device: str) -> list[str]:
-    """Architecture limits found by running every method family on tiny Llama, Qwen2/3, Gemma2/3, Mistral and Phi3
-    models (tests/test_architectures.py): caught here so they fail before any step runs, not inside a library."""
-    if method == "gguf":
-        from .gguf import type_problems
-
-        widths = spec.linear_widths(("lm_head",)) if spec is not None else None
-        return [f"{where}: {m}" for m in type_problems(p.type, widths, p.overrides, p.strict_shapes)]
-    if spec is None or method != "lora":
-        return []
-    out = []
-    leaves = {l.name.rsplit(".", 1)[-1] for l in spec.linears if not l.name.endswith("lm_head")}
-    if leaves and not set(p.targets) & leaves:
-        # e.g. a model whose projections are named c_attn/query_key_value: peft would adapt nothing
-        out.append(f"{where}: none of the LoRA targets {p.targets} is a Linear layer of this model; its layers are "
-                   f"named {', '.join(sorted(leaves))}")
     return out
 
 

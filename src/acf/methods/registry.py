@@ -9,7 +9,9 @@ drifted apart (autoround had a card but no place in the search space). A `Method
 * `search`, a `SearchFragment`: how the Optuna space proposes the method's params, the inverse mapping the planner
   uses to replay a proposal as a trial, and its preset-grid entries,
 * `cost`, a `CostModel` read by the approval estimate, preflight and the `estimate_cost` tool alike,
-* `card` and `card_ranges`: which agent card (agents/*.md) offers it and the ranges that card shows.
+* `card` and `card_ranges`: which agent card (agents/*.md) offers it and the ranges that card shows,
+* `check`: its own validation rules beyond the params model (acf.methods.checks); flags read by validation and
+  preflight (needs_cuda, group_sized, needs_teacher).
 
 `register(MethodSpec(...))` is the whole contract for a new method. The module imports nothing heavy.
 """
@@ -21,6 +23,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel
 
+from . import checks
 from .params import (AWQParams, AutoRoundParams, BnbInt8Params, BnbNF4Params, DistillParams, DropLayersParams,
                      GGUFParams, GPTQParams, LoraParams, MagnitudeParams, RTNParams, SparsityParams, W8A8Params)
 
@@ -267,6 +270,9 @@ class MethodSpec:
     search: Optional[SearchFragment] = None     # None: runs when named, never proposed by the search
     needs_cuda: bool = False
     group_sized: bool = False                   # has a group_size that must divide the layer widths
+    needs_teacher: bool = False                 # loads the uncompressed model beside the student (preflight)
+    #: the method's own validation rules beyond its params model: (where, params, spec, device) -> problems
+    check: Optional[Callable[[str, Any, Any, str], list[str]]] = None
 
     @property
     def slot(self) -> str:
@@ -364,7 +370,7 @@ for _spec in [
     MethodSpec(name="gguf", kind="quantize", params=GGUFParams, impl="acf.methods.gguf_export:gguf",
                library="llama.cpp (convert_hf_to_gguf.py + llama_model_quantize via llama-cpp-python)",
                description="GGUF export for llama.cpp (k-quants, IQ4, Q8_0/Q4_0) with an importance matrix",
-               cost=_gguf_cost(), search=_gguf_fragment(), card="quantization",
+               cost=_gguf_cost(), search=_gguf_fragment(), card="quantization", check=checks.gguf,
                card_ranges={"type": ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M"],
                             "imatrix": [True, False], "calib_samples": [32, 256], "seq_len": [256, 1024]}),
     MethodSpec(name="magnitude", kind="prune", params=MagnitudeParams, impl="acf.methods.prune:magnitude",
@@ -384,21 +390,21 @@ for _spec in [
     MethodSpec(name="drop_layers", kind="prune", params=DropLayersParams, impl="acf.methods.prune:drop_layers",
                library="acf (hand-written: no library removes decoder blocks by measured importance)",
                description="depth pruning: remove whole decoder blocks", cost=calibrated(1),
-               search=_drop_layers_fragment(), card="pruning",
+               search=_drop_layers_fragment(), card="pruning", check=checks.drop_layers,
                card_ranges={"by": ["importance", "last", "first", "weight_range", "explicit"],
                             "count": [1, "num_layers/2"], "ratio": [0.05, 0.5], "calib_samples": [8, 128],
                             "seq_len": [128, 1024]}),
     MethodSpec(name="distill", kind="distill", params=DistillParams, impl="acf.methods.distill:distill",
                library="acf + torch (KL at temperature T + CE)",
                description="knowledge distillation from the uncompressed teacher", cost=training(teacher=True),
-               search=recovery(DistillParams, 1), card="distillation",
+               search=recovery(DistillParams, 1), card="distillation", needs_teacher=True,
                card_ranges={"steps": [20, 2000], "lr": [1.0e-5, 5.0e-4], "temperature": [1.0, 4.0],
                             "alpha": [0.3, 0.9], "batch_size": [2, 16], "seq_len": [128, 512],
                             "samples": [128, 4096]}),
     MethodSpec(name="lora", kind="lora", params=LoraParams, impl="acf.methods.lora:lora",
                library="peft LoRA, merged with merge_and_unload",
                description="LoRA recovery fine-tune (QLoRA on a bnb 4-bit base)", cost=training(teacher=False),
-               search=recovery(LoraParams, 0), card="lora",
+               search=recovery(LoraParams, 0), card="lora", check=checks.lora,
                card_ranges={"rank": [4, 64], "alpha": [8, 128], "dropout": [0.0, 0.1], "steps": [20, 2000],
                             "lr": [5.0e-5, 1.0e-3], "batch_size": [2, 16], "seq_len": [128, 512],
                             "samples": [128, 4096], "qlora": [False, True],
