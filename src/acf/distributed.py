@@ -644,15 +644,7 @@ class Worker:
     def _strategy_for(self, trial: optuna.Trial) -> Optional[dict]:
         """The trial's strategy (sampled, enqueued or edited), or None when it was closed as a duplicate."""
         ctx, study = self.ctx, self.study
-        ua = trial.user_attrs
-        sa = study._storage.get_trial(trial._trial_id).system_attrs
-        proposed_by = (ua.get(T_PROPOSAL) or {}).get("proposed_by") or _proposer(ctx, sa)
-        if "retry_history" in sa:
-            proposed_by += f" (retry of trial {sa['retry_history'][-1]})"
-        if ua.get(T_STRATEGY):
-            strategy = Strategy(**ua[T_STRATEGY])
-        else:
-            strategy = ctx.space.suggest(trial)
+        strategy, proposed_by = trial_proposal(ctx, trial)
         try:
             strategy = validate_strategy(strategy, ctx.spec, ctx.cfg.device)
         except StrategyError as e:
@@ -662,8 +654,7 @@ class Worker:
             self.record(trial, cand)
             return None
         key = strategy.key()
-        seen = {c.strategy.key(): c for c in ctx.ff.candidates if c.status in ("ok", "pruned", "failed")}
-        prev = seen.get(key)
+        prev = P.evaluated_twin(ctx, strategy)
         if prev is not None:
             # Same as an evaluated strategy: the sampler learns the earlier result, no compute is spent.
             trial.set_user_attr(T_DUPLICATE, prev.id)
@@ -780,23 +771,29 @@ def release(study: optuna.Study, number: int, reason: str) -> None:
 
 # ---- approval queue (coordinator side) -------------------------------------------------------------------------
 
+def trial_proposal(ctx: P.RunContext, trial: optuna.Trial) -> tuple[Strategy, str]:
+    """A trial's strategy (an edited one, or the space's for its params: sampled or enqueued; not yet validated)
+    and who proposed it."""
+    ua = trial.user_attrs
+    sa = ctx.study._storage.get_trial(trial._trial_id).system_attrs
+    proposed_by = (ua.get(T_PROPOSAL) or {}).get("proposed_by") or _proposer(ctx, sa)
+    if "retry_history" in sa:
+        proposed_by += f" (retry of trial {sa['retry_history'][-1]})"
+    strategy = Strategy(**ua[T_STRATEGY]) if ua.get(T_STRATEGY) else ctx.space.suggest(trial)
+    return strategy, proposed_by
+
+
 def make_pending(ctx: P.RunContext, trial: optuna.Trial) -> None:
     """Turn a RUNNING trial into a proposal waiting for approval (no heartbeat: it is never failed as stale)."""
-    ua = trial.user_attrs
-    if ua.get(T_STRATEGY):
-        strategy = Strategy(**ua[T_STRATEGY])
-    else:
-        strategy = ctx.space.suggest(trial)
-    proposed_by = (ua.get(T_PROPOSAL) or {}).get("proposed_by") or _proposer(
-        ctx, ctx.study._storage.get_trial(trial._trial_id).system_attrs)
+    strategy, proposed_by = trial_proposal(ctx, trial)
     try:
         strategy = validate_strategy(strategy, ctx.spec, ctx.cfg.device)
     except StrategyError as e:
         release(ctx.study, trial.number, f"invalid proposal: {e}")
         return
-    prop = {"strategy": strategy.model_dump(), "describe": strategy.describe(), "proposed_by": proposed_by,
-            "estimate": P.estimate_cost(ctx, strategy)}
-    trial.set_user_attr(T_PROPOSAL, prop)
+    from .episode import approval_request
+
+    trial.set_user_attr(T_PROPOSAL, approval_request(ctx, strategy, proposed_by))
     trial.set_user_attr(T_APPROVAL, "pending")
 
 
@@ -848,24 +845,23 @@ class ApprovalQueue:
 
     def answer(self, number: int, answer: Any) -> str:
         """Apply the user's answer to pending trial `number`; returns the decision taken."""
-        from .graph import _parse_answer
+        from .episode import decide
 
         study, ctx = self.study, self.ctx
         t = study.get_trials(deepcopy=False)[number]
         if t.state != TrialState.RUNNING or t.user_attrs.get(T_APPROVAL) != "pending":
             raise AcfError(f"trial {number} is not waiting for approval")
         prop = t.user_attrs[T_PROPOSAL]
-        action, edited = _parse_answer(answer)
+        action, new, note = decide(ctx, answer)
+        if action == "reask":
+            return f"reask: {note}"
         if action == "approve":
             ua = {T_APPROVAL: "approved", T_PROPOSAL: prop, "acf_approved_from": number}
             study.enqueue_trial(dict(t.params), user_attrs=ua)
             release(study, number, "approved: moved to a queued trial")
             return "approve"
         if action == "edit":
-            try:
-                new = validate_strategy(edited, ctx.spec, ctx.cfg.device)
-            except StrategyError as e:
-                return f"reask: {e}"
+            assert new is not None
             p2 = {**prop, "strategy": new.model_dump(), "describe": new.describe(),
                   "proposed_by": "user edit of " + prop["proposed_by"]}
             study.enqueue_trial({}, user_attrs={T_APPROVAL: "approved", T_PROPOSAL: p2,
@@ -886,7 +882,7 @@ class ApprovalQueue:
             for p in self._pending_trials():
                 release(study, p.number, "stopped by the user at approval")
             return "stop"
-        return f"reask: unknown choice {action!r}: approve, edit, skip or stop"
+        raise AssertionError(f"unhandled approval action {action!r}")
 
 
 # ---- coordinator -----------------------------------------------------------------------------------------------

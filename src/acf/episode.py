@@ -14,6 +14,7 @@ and the study, or the trial's attributes): `record` takes that sink as an argume
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -21,11 +22,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import pipeline as P
-from .errors import AcfError
+from .errors import AcfError, StrategyError
 from .state import Candidate, now
-from .strategy import Strategy
+from .strategy import Strategy, validate_strategy
 
 log = logging.getLogger(__name__)
+
+#: when this process started: an episode proposed before it was interrupted (kill, Ctrl-C) and redone on resume
+_PROCESS_START = time.time()
 
 #: the outcome so far, JSON-ready (it is checkpointed between the graph's nodes):
 #: {status, reason, steps, timings, proxy_metrics, metrics, predictions, control}
@@ -44,6 +48,48 @@ class Episode:
     strategy: Strategy
     model_path: str
 
+
+# ---- approval ----------------------------------------------------------------------------------------------------
+
+CHOICES = ("approve", "edit", "skip", "stop")
+
+
+def approval_request(ctx: P.RunContext, strategy: Strategy, proposed_by: str, **extra: Any) -> dict:
+    """What the user sees before an episode runs, in the graph's interrupt and in the workers' approval queue."""
+    return {"strategy": strategy.model_dump(), "describe": strategy.describe(), "proposed_by": proposed_by,
+            "estimate": P.estimate_cost(ctx, strategy), **extra}
+
+
+def decide(ctx: P.RunContext, answer: Any) -> tuple[str, Optional[Strategy], Optional[str]]:
+    """An approval answer as (action, edited strategy, note): action is approve | edit | skip | stop, or reask with
+    the note to show (an edit that does not validate, an unknown choice). Answers: 'approve' | 'skip' | 'stop' |
+    {'action': 'edit', 'strategy': {...}} (or that as a JSON string)."""
+    action, edited = _parse_answer(answer)
+    if action == "edit":
+        try:
+            return "edit", validate_strategy(edited, ctx.spec, ctx.cfg.device), None
+        except StrategyError as e:
+            return "reask", None, str(e)
+    if action not in CHOICES:
+        return "reask", None, f"unknown choice {action!r}: approve, edit, skip or stop"
+    return action, None, None
+
+
+def _parse_answer(answer: Any) -> tuple[str, Any]:
+    if isinstance(answer, str):
+        a = answer.strip()
+        if not a.startswith("{"):
+            return a.lower(), None
+        try:
+            answer = json.loads(a)
+        except ValueError:
+            return "reask", None
+    if isinstance(answer, dict):
+        return str(answer.get("action", "")).lower(), answer.get("strategy")
+    return "reask", None
+
+
+# ---- the stages ----------------------------------------------------------------------------------------------------
 
 def start() -> Outcome:
     return {"status": "ok", "timings": {}}
@@ -168,3 +214,43 @@ def run_episode(ep: Episode, sink: Sink, **meta: Any) -> tuple[Candidate, bool]:
         out = STAGES[stage](ep, out)
         stage = route(stage, out)
     return record(ep, out, sink, **meta)
+
+
+def record_in_run(ep: Episode, prop: dict, out: Outcome, decision: Optional[str]) -> Candidate:
+    """The single-process run's recording (the graph's update node): frontier.json, the run's study and the
+    episode folder (`pipeline.record`), with the episode's wall time; a proposal rejected by validation or skipped
+    at approval is recorded as such."""
+    ctx = ep.ctx
+    if decision == "rejected":
+        out = {"status": "rejected", "reason": prop["rejected"]}
+    elif decision == "skip":
+        out = {"status": "skipped", "reason": "skipped by the user at approval"}
+    trial = prop.get("trial")
+    if prop.get("edited_from_trial") is not None:
+        P.release_trial(ctx, prop["edited_from_trial"], "replaced by a user edit")
+        trial = None
+
+    def sink(cand: Candidate, predictions: Optional[list]) -> bool:
+        P.record(ctx, cand, trial, predictions)
+        return True
+
+    t0 = time.time()
+    cand, _ = record(ep, out, sink, episode=prop["episode"], trial_number=prop.get("trial"),
+                     proposed_by=prop["proposed_by"], rationale=prop.get("rationale"),
+                     t_propose=prop.get("t_propose", 0.0), started_at=prop.get("t0"))
+    assert ctx.ff is not None
+    c = ctx.ff.candidate(cand.id)
+    c.timings["update"] = round(time.time() - t0, 3)
+    if prop.get("t0_epoch") and not ctx.cfg.interactive:
+        # wall time of the whole episode, graph and checkpoint writes included (approval waits excluded).
+        # An episode redone after a resume counts from this process's start; the lost attempt is kept apart.
+        begun = max(prop["t0_epoch"], _PROCESS_START)
+        c.timings["episode_wall"] = round(time.time() - begun, 3)
+        if prop["t0_epoch"] < _PROCESS_START:
+            c.timings["interrupted_before_resume"] = round(_PROCESS_START - prop["t0_epoch"], 3)
+    ctx.save()
+    status = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "pruned": "[yellow]pruned[/]"}.get(c.status, c.status)
+    on = " · [bold green]on the frontier[/]" if c.id in ctx.ff.frontier else ""
+    ctx.say(f"  {c.id}: {status}{on}" + (f" · retention {c.retention:.3f}" if c.retention is not None else "")
+            + (f" · {c.reason}" if c.reason and c.status != "ok" else ""))
+    return c

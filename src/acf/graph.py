@@ -11,21 +11,14 @@ run dir records the state after every node, so a killed run resumes at the node 
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import Any, Optional, TypedDict
+from typing import Optional, TypedDict
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
 from . import episode as E
 from . import pipeline as P
-from .errors import StrategyError
-from .strategy import Strategy, validate_strategy
-
-#: when this process started: an episode proposed before it was interrupted (kill, Ctrl-C) and redone on resume
-_PROCESS_START = time.time()
-
+from .strategy import Strategy
 
 class EpisodeState(TypedDict, total=False):
     model_path: str
@@ -62,64 +55,30 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
             return {"decision": "approve"}
         strategy = Strategy(**prop["strategy"])
         answer = interrupt({
-            "episode": prop["episode"], "strategy": strategy.model_dump(), "describe": strategy.describe(),
-            "proposed_by": prop["proposed_by"], "rationale": prop.get("rationale"),
-            "estimate": P.estimate_cost(ctx, strategy), "frontier": _frontier_summary(ctx), "note": state.get("note"),
-            "choices": ["approve", "edit", "skip", "stop"],
+            "episode": prop["episode"], **E.approval_request(ctx, strategy, prop["proposed_by"]),
+            "rationale": prop.get("rationale"), "frontier": _frontier_summary(ctx), "note": state.get("note"),
+            "choices": list(E.CHOICES),
         })
-        action, edited = _parse_answer(answer)
+        action, edited, note = E.decide(ctx, answer)
+        if action == "reask":
+            return {"decision": "reask", "note": note}
         if action == "edit":
-            try:
-                new = validate_strategy(edited, ctx.spec, ctx.cfg.device)
-            except StrategyError as e:
-                return {"decision": "reask", "note": str(e)}
-            prop.update(strategy=new.model_dump(), proposed_by="user edit of " + prop["proposed_by"],
+            prop.update(strategy=edited.model_dump(), proposed_by="user edit of " + prop["proposed_by"],
                         edited_from_trial=prop.get("trial"))
             return {"decision": "approve", "proposal": prop, "note": None}
-        if action not in ("approve", "skip", "stop"):
-            return {"decision": "reask", "note": f"unknown choice {action!r}: approve, edit, skip or stop"}
         return {"decision": action}
 
     def stage_node(stage: str):
         def node(state: EpisodeState) -> dict:
-            out = state.get("outcome") if stage != "preflight" else E.start()
-            return {"outcome": E.STAGES[stage](_episode(ctx, state), dict(out or E.start()))}
+            out = E.start() if stage == "preflight" else dict(state.get("outcome") or E.start())
+            return {"outcome": E.STAGES[stage](_episode(ctx, state), out)}
 
         node.__name__ = f"{stage}_node"
         return node
 
     def update_node(state: EpisodeState) -> dict:
-        prop, out = state["proposal"], dict(state.get("outcome") or {})
-        decision = state.get("decision")
-        if decision == "rejected":
-            out = {"status": "rejected", "reason": prop["rejected"]}
-        elif decision == "skip":
-            out = {"status": "skipped", "reason": "skipped by the user at approval"}
-        trial = prop.get("trial")
-        if prop.get("edited_from_trial") is not None:
-            P.release_trial(ctx, prop["edited_from_trial"], "replaced by a user edit")
-            trial = None
-        t0 = time.time()
-        cand, _ = E.record(_episode(ctx, state), out, lambda c, preds: _record(ctx, c, trial, preds),
-                           episode=prop["episode"], trial_number=prop.get("trial"), proposed_by=prop["proposed_by"],
-                           rationale=prop.get("rationale"), t_propose=prop.get("t_propose", 0.0),
-                           started_at=prop.get("t0"))
-        cid = cand.id
-        c = ctx.ff.candidate(cid)
-        c.timings["update"] = round(time.time() - t0, 3)
-        if prop.get("t0_epoch") and not ctx.cfg.interactive:
-            # wall time of the whole episode, graph and checkpoint writes included (approval waits excluded).
-            # An episode redone after a resume counts from this process's start; the lost attempt is kept apart.
-            start = max(prop["t0_epoch"], _PROCESS_START)
-            c.timings["episode_wall"] = round(time.time() - start, 3)
-            if prop["t0_epoch"] < _PROCESS_START:
-                c.timings["interrupted_before_resume"] = round(_PROCESS_START - prop["t0_epoch"], 3)
-        ctx.save()
-        status = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "pruned": "[yellow]pruned[/]"}.get(c.status,
-                                                                                                    c.status)
-        on = " · [bold green]on the frontier[/]" if cid in ctx.ff.frontier else ""
-        ctx.say(f"  {cid}: {status}{on}" + (f" · retention {c.retention:.3f}" if c.retention is not None else "")
-                + (f" · {c.reason}" if c.reason and c.status != "ok" else ""))
+        E.record_in_run(_episode(ctx, state), state["proposal"], dict(state.get("outcome") or {}),
+                        state.get("decision"))
         return {"proposal": None, "outcome": None, "decision": None}
 
     def stop_node(state: EpisodeState) -> dict:
@@ -163,11 +122,6 @@ def _episode(ctx: P.RunContext, state: EpisodeState) -> E.Episode:
                      model_path=state["model_path"])
 
 
-def _record(ctx: P.RunContext, cand, trial, predictions) -> bool:
-    P.record(ctx, cand, trial, predictions)
-    return True
-
-
 def _after_approve(s: EpisodeState) -> str:
     d = s.get("decision")
     if d == "approve":
@@ -181,24 +135,6 @@ def _after_approve(s: EpisodeState) -> str:
 
 def _cid(prop: dict) -> str:
     return f"c{prop['episode']:03d}"
-
-
-def _parse_answer(answer: Any) -> tuple[str, Any]:
-    """Approval answers: 'approve' | 'skip' | 'stop' | {'action': 'edit', 'strategy': {...}} (or a JSON string)."""
-    if isinstance(answer, str):
-        a = answer.strip()
-        if a.startswith("{"):
-            import json
-
-            try:
-                answer = json.loads(a)
-            except ValueError:
-                return "reask", None
-        else:
-            return a.lower(), None
-    if isinstance(answer, dict):
-        return str(answer.get("action", "")).lower(), answer.get("strategy")
-    return "reask", None
 
 
 def _frontier_summary(ctx: P.RunContext) -> list[dict]:

@@ -540,7 +540,6 @@ def propose(ctx: RunContext) -> dict:
         prop = ctx.planner.propose(ctx)
         if prop is not None:
             return {**prop, **started, "episode": episode, "t_propose": round(time.time() - t0, 3)}
-    seen = {c.strategy.key(): c for c in ctx.ff.candidates if c.status in ("ok", "pruned", "failed")}
     study = ctx.study
     for _ in range(50):
         trial = study.ask()
@@ -551,12 +550,21 @@ def propose(ctx: RunContext) -> dict:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
                     "proposed_by": _proposer(ctx, trial), "rejected": str(e), "t_propose": round(time.time() - t0, 3)}
-        prev = seen.get(strategy.key())
+        prev = evaluated_twin(ctx, strategy)
         if prev is None:
             return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
                     "proposed_by": _proposer(ctx, trial), "t_propose": round(time.time() - t0, 3)}
         _tell_like(ctx, trial, prev)
     raise AcfError("the search space is exhausted: 50 proposals in a row repeated evaluated strategies")
+
+
+def evaluated_twin(ctx: RunContext, strategy: Strategy) -> Optional[Candidate]:
+    """The latest candidate evaluated (ok, pruned or failed) with this strategy: a repeat proposal is told its
+    result (the sampler learns, no compute is spent) instead of running again."""
+    assert ctx.ff is not None
+    key = strategy.key()
+    return next((c for c in reversed(ctx.ff.candidates)
+                 if c.status in ("ok", "pruned", "failed") and c.strategy.key() == key), None)
 
 
 def _proposer(ctx: RunContext, trial: optuna.Trial) -> str:
