@@ -7,9 +7,11 @@ every change to an episode had to be made in both. Both now run these stages and
   stage that was running (the LangGraph checkpoint holds the outcome between stages);
 * a distributed worker (acf.distributed) calls `run_episode`, the same stages and the same `route` in one call.
 
-Proposing and approving stay with the callers because they differ by nature (an Optuna ask or the planner and an
-interrupt in one process; the study used as a queue across workers), and so does where a record goes (frontier.json
-and the study, or the trial's attributes): `record` takes that sink as an argument.
+Approval is shared too: what the user is shown (`approval_request`) and how an answer is decided (`decide`). What
+differs by nature stays with the callers: where proposals come from and how an answer is waited for (an Optuna ask
+or the planner and a LangGraph interrupt in one process; the study used as a queue across workers), and where a
+record goes (frontier.json and the run's study, or the trial's attributes): `record` takes that sink as an argument
+(`record_in_run` is the single-process one).
 """
 
 from __future__ import annotations
