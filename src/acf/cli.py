@@ -410,8 +410,11 @@ def compress(
     dev = resolve_device(device)
     strat = parse_strategy(strategy)
     if calib_samples:
-        for s in strat.steps:
-            if s.method not in ("rtn", "magnitude", "bnb_int8", "bnb_nf4", "distill", "lora"):
+        from .methods.registry import get as get_method
+
+        for s in strat.steps:   # the calibrated steps: those whose params take calib_samples
+            m = get_method(s.method)
+            if m is not None and "calib_samples" in m.params.model_fields:
                 s.params["calib_samples"] = calib_samples
     path = resolve_model(model)
     strat = validate_strategy(strat, infer_spec(path, trust_remote_code), dev)

@@ -1,8 +1,9 @@
 """Several workers share one search through Optuna's storage (issue 9). No scheduler: the storage is the queue.
 
 Each episode is one Optuna trial: a worker asks (or takes an approved proposal), builds the strategy, runs
-preflight → compress → proxy/full evaluation with the pipeline's own functions, then writes the whole candidate
-record into the trial's user attributes and tells the study. Everything a frontier needs therefore lives in the
+preflight → compress → proxy/full evaluation with the episode engine the coordinator graph runs too
+(`acf.episode.run_episode`), then writes the whole candidate record into the trial's user attributes and tells the
+study. Everything a frontier needs therefore lives in the
 study (config, spec summary and baseline as study attributes; one record per trial), so any process can rebuild
 frontier.json from the storage alone (`rebuild_frontier`).
 
@@ -401,33 +402,13 @@ def frontier_from_study(study: optuna.Study, run_id: Optional[str] = None) -> Fr
         c.artifact_kept = bool(c.artifact and Path(c.artifact).is_dir())
         ff.candidates.append(c)
         if ff.baseline is not None:
-            _score(cfg, ff, c)
+            P.score(cfg, ff.baseline.objectives, c)
             P._refresh(ns)  # type: ignore[arg-type]
     if recs:
         last = max((t.datetime_complete for t, _ in recs if t.datetime_complete), default=None)
         if last is not None and A_STARTED in attrs:
             meta.wall_seconds = round(max(0.0, last.timestamp() - float(attrs[A_STARTED])), 1)
     return ff
-
-
-def _score(cfg: P.RunConfig, ff: FrontierFile, cand: Candidate) -> None:
-    """Objectives, retention and reward exactly as `pipeline.record` computes them."""
-    from .reward import retention, reward
-
-    assert ff.baseline is not None
-    if cand.status != "ok":
-        return
-    cand.objectives = {o: cand.metrics[o].value for o in cfg.objectives
-                       if o in cand.metrics and cand.metrics[o].value is not None}
-    if len(cand.objectives) == len(cfg.objectives):
-        base = ff.baseline.objectives
-        cand.retention = retention(cand.objectives, base, cfg.objectives)
-        k = cand.metrics.get("kld")
-        cand.reward = reward(cand.objectives, base, cfg.objectives, cfg.preset, cfg.min_retention, cfg.max_kld,
-                             k.value if k is not None else None).reward
-    else:
-        cand.status, cand.reason = "failed", "evaluation produced no value for " + ", ".join(
-            o for o in cfg.objectives if o not in cand.objectives)
 
 
 def rebuild_frontier(storage: str | BaseStorage, study_name: str, run_dir: str | Path,
@@ -515,7 +496,7 @@ class Worker:
         cfg.storage, cfg.study_name = storage_url, study_name
         cfg.device = resolve_device(device or cfg.device)
         # Control rows (baseline + recovery) live in the coordinator's frontier.json, which workers do not write;
-        # distributed runs measure them with `acf run` on the merged frontier (not yet: issue "one episode engine").
+        # the study has no place for them yet (the "study as the single store" part of issue 17).
         cfg.controls = False
         # Each worker needs its own sampler seed, or every worker's first random proposals would be identical.
         self.study.sampler = _sampler(cfg, os.getpid())
@@ -663,15 +644,7 @@ class Worker:
     def _strategy_for(self, trial: optuna.Trial) -> Optional[dict]:
         """The trial's strategy (sampled, enqueued or edited), or None when it was closed as a duplicate."""
         ctx, study = self.ctx, self.study
-        ua = trial.user_attrs
-        sa = study._storage.get_trial(trial._trial_id).system_attrs
-        proposed_by = (ua.get(T_PROPOSAL) or {}).get("proposed_by") or _proposer(ctx, sa)
-        if "retry_history" in sa:
-            proposed_by += f" (retry of trial {sa['retry_history'][-1]})"
-        if ua.get(T_STRATEGY):
-            strategy = Strategy(**ua[T_STRATEGY])
-        else:
-            strategy = ctx.space.suggest(trial)
+        strategy, proposed_by = trial_proposal(ctx, trial)
         try:
             strategy = validate_strategy(strategy, ctx.spec, ctx.cfg.device)
         except StrategyError as e:
@@ -681,8 +654,7 @@ class Worker:
             self.record(trial, cand)
             return None
         key = strategy.key()
-        seen = {c.strategy.key(): c for c in ctx.ff.candidates if c.status in ("ok", "pruned", "failed")}
-        prev = seen.get(key)
+        prev = P.evaluated_twin(ctx, strategy)
         if prev is not None:
             # Same as an evaluated strategy: the sampler learns the earlier result, no compute is spent.
             trial.set_user_attr(T_DUPLICATE, prev.id)
@@ -696,55 +668,33 @@ class Worker:
         return {"strategy": strategy.model_dump(), "proposed_by": proposed_by}
 
     def run_trial(self, trial: optuna.Trial, prop: dict) -> Optional[Candidate]:
-        """preflight → compress → proxy → full evaluation, then record into the trial (idempotent)."""
+        """The episode engine's stages (acf.episode.run_episode, as the coordinator graph runs them), recorded
+        into the trial (idempotent)."""
+        from .atomic import write_json, write_text
+        from .episode import Episode, run_episode
+
         ctx = self.ctx
         cid = cid_for(trial.number)
         strategy = Strategy(**prop["strategy"])
         ctx.say(f"\n[bold cyan]── trial {trial.number}[/] ({self.id}) · proposed by {prop['proposed_by']}: "
                 f"{strategy.describe()}")
-        started = now()
-        timings: dict[str, float] = {"propose": prop.get("t_propose", 0.0)}
-        out: dict[str, Any] = {"status": "ok"}
-        predictions = None
-        refusal = P.preflight(ctx, strategy)
-        if refusal:
-            out = {"status": "rejected", "reason": "preflight: " + refusal}
-        else:
-            t0 = time.time()
-            records, err = P.compress(ctx, cid, strategy, self.model_path, trial.number)
-            timings["compress"] = round(time.time() - t0, 2)
-            out["steps"] = [r.model_dump() for r in records]
-            if err:
-                out.update(status="failed", reason=err)
-            else:
-                res = P.evaluate_candidate(ctx, cid, strategy, out["steps"])
-                timings.update(res["timings"])
-                out.update(status=res["status"], reason=res.get("reason"), control=res.get("control"),
-                           proxy_metrics=res.get("proxy_metrics", {}), metrics=res.get("metrics", {}))
-                predictions = res.get("predictions")
-        art = ctx.artifact_dir(cid)
-        ok = out["status"] == "ok" and art.exists()
-        cand = Candidate(id=cid, episode=0, trial_number=trial.number, strategy=strategy,
-                         description=strategy.describe(), status=out["status"], reason=out.get("reason"),
-                         proposed_by=prop["proposed_by"], metrics=out.get("metrics", {}),
-                         proxy_metrics=out.get("proxy_metrics", {}), steps=out.get("steps", []),
-                         control=out.get("control"), artifact=str(art) if ok else None, artifact_kept=ok, timings=timings, started_at=started)
-        if not ok and art.exists():
-            shutil.rmtree(art, ignore_errors=True)
-        cand.finished_at = now()  # set once: a retried `record` recognises its own earlier write by it
         ed = ctx.episode_dir(trial.number)
-        from .atomic import write_json, write_text
 
-        write_json(ed / "strategy.json", strategy.model_dump())
-        if predictions:
-            write_json(ed / "predictions.json", predictions)
-        recorded = self._db(lambda: self.record(trial, cand), f"recording trial {trial.number}")
-        if recorded:
-            write_text(ed / "result.json", cand.model_dump_json(indent=2))
-            self.done += 1
-            ctx.say(f"  {cid}: {cand.status}" + (f" · {cand.reason}" if cand.reason else ""))
-            if cand.metrics:
-                ctx.say(P._metrics_line(cid, cand.metrics, ctx.cfg.objectives))
+        def sink(cand: Candidate, predictions: Optional[list]) -> bool:
+            write_json(ed / "strategy.json", strategy.model_dump())
+            if predictions:
+                write_json(ed / "predictions.json", predictions)
+            recorded = self._db(lambda: self.record(trial, cand), f"recording trial {trial.number}")
+            if recorded:
+                write_text(ed / "result.json", cand.model_dump_json(indent=2))
+                self.done += 1
+                ctx.say(f"  {cid}: {cand.status}" + (f" · {cand.reason}" if cand.reason else ""))
+            return recorded
+
+        # episode 0: workers' candidates are numbered when the frontier is rebuilt from the study
+        cand, recorded = run_episode(Episode(ctx, cid, trial.number, strategy, str(self.model_path)), sink,
+                                     episode=0, trial_number=trial.number, proposed_by=prop["proposed_by"],
+                                     t_propose=prop.get("t_propose", 0.0), started_at=now())
         return cand if recorded else None
 
     def record(self, trial: optuna.Trial, cand: Candidate) -> bool:
@@ -767,7 +717,7 @@ class Worker:
             return False
         ff = ctx.ff
         if ff is not None and ff.baseline is not None:
-            _score(ctx.cfg, ff, cand)
+            P.score(ctx.cfg, ff.baseline.objectives, cand)
         if cand.reason:
             cand.reason = cand.reason[:500]
         try:
@@ -821,23 +771,29 @@ def release(study: optuna.Study, number: int, reason: str) -> None:
 
 # ---- approval queue (coordinator side) -------------------------------------------------------------------------
 
+def trial_proposal(ctx: P.RunContext, trial: optuna.Trial) -> tuple[Strategy, str]:
+    """A trial's strategy (an edited one, or the space's for its params: sampled or enqueued; not yet validated)
+    and who proposed it."""
+    ua = trial.user_attrs
+    sa = ctx.study._storage.get_trial(trial._trial_id).system_attrs
+    proposed_by = (ua.get(T_PROPOSAL) or {}).get("proposed_by") or _proposer(ctx, sa)
+    if "retry_history" in sa:
+        proposed_by += f" (retry of trial {sa['retry_history'][-1]})"
+    strategy = Strategy(**ua[T_STRATEGY]) if ua.get(T_STRATEGY) else ctx.space.suggest(trial)
+    return strategy, proposed_by
+
+
 def make_pending(ctx: P.RunContext, trial: optuna.Trial) -> None:
     """Turn a RUNNING trial into a proposal waiting for approval (no heartbeat: it is never failed as stale)."""
-    ua = trial.user_attrs
-    if ua.get(T_STRATEGY):
-        strategy = Strategy(**ua[T_STRATEGY])
-    else:
-        strategy = ctx.space.suggest(trial)
-    proposed_by = (ua.get(T_PROPOSAL) or {}).get("proposed_by") or _proposer(
-        ctx, ctx.study._storage.get_trial(trial._trial_id).system_attrs)
+    strategy, proposed_by = trial_proposal(ctx, trial)
     try:
         strategy = validate_strategy(strategy, ctx.spec, ctx.cfg.device)
     except StrategyError as e:
         release(ctx.study, trial.number, f"invalid proposal: {e}")
         return
-    prop = {"strategy": strategy.model_dump(), "describe": strategy.describe(), "proposed_by": proposed_by,
-            "estimate": P.estimate_cost(ctx, strategy)}
-    trial.set_user_attr(T_PROPOSAL, prop)
+    from .episode import approval_request
+
+    trial.set_user_attr(T_PROPOSAL, approval_request(ctx, strategy, proposed_by))
     trial.set_user_attr(T_APPROVAL, "pending")
 
 
@@ -889,24 +845,23 @@ class ApprovalQueue:
 
     def answer(self, number: int, answer: Any) -> str:
         """Apply the user's answer to pending trial `number`; returns the decision taken."""
-        from .graph import _parse_answer
+        from .episode import decide
 
         study, ctx = self.study, self.ctx
         t = study.get_trials(deepcopy=False)[number]
         if t.state != TrialState.RUNNING or t.user_attrs.get(T_APPROVAL) != "pending":
             raise AcfError(f"trial {number} is not waiting for approval")
         prop = t.user_attrs[T_PROPOSAL]
-        action, edited = _parse_answer(answer)
+        action, new, note = decide(ctx, answer)
+        if action == "reask":
+            return f"reask: {note}"
         if action == "approve":
             ua = {T_APPROVAL: "approved", T_PROPOSAL: prop, "acf_approved_from": number}
             study.enqueue_trial(dict(t.params), user_attrs=ua)
             release(study, number, "approved: moved to a queued trial")
             return "approve"
         if action == "edit":
-            try:
-                new = validate_strategy(edited, ctx.spec, ctx.cfg.device)
-            except StrategyError as e:
-                return f"reask: {e}"
+            assert new is not None
             p2 = {**prop, "strategy": new.model_dump(), "describe": new.describe(),
                   "proposed_by": "user edit of " + prop["proposed_by"]}
             study.enqueue_trial({}, user_attrs={T_APPROVAL: "approved", T_PROPOSAL: p2,
@@ -927,7 +882,7 @@ class ApprovalQueue:
             for p in self._pending_trials():
                 release(study, p.number, "stopped by the user at approval")
             return "stop"
-        return f"reask: unknown choice {action!r}: approve, edit, skip or stop"
+        raise AssertionError(f"unhandled approval action {action!r}")
 
 
 # ---- coordinator -----------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""The coordinator graph: nodes and routing only. What each node does lives in `acf.pipeline`.
+"""The coordinator graph: nodes and routing only. What each node does lives in `acf.pipeline` and `acf.episode`.
 
-spec -> baseline -> propose -> approve -> preflight -> compress -> evaluate -> update -> propose | finalize -> END
+spec -> baseline -> propose -> approve -> preflight -> compress -> proxy -> evaluate -> update -> propose | finalize -> END
+
+The episode's stages (preflight .. evaluate) are `acf.episode`'s, routed by `acf.episode.route`: the same engine a
+distributed worker runs in one call (`acf.episode.run_episode`); anything but ok skips to update, which records.
 
 The state is small (ids, the proposal, the outcome); everything heavy is on disk. A SQLite checkpointer in the
 run dir records the state after every node, so a killed run resumes at the node that was running.
@@ -8,21 +11,14 @@ run dir records the state after every node, so a killed run resumes at the node 
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import Any, Optional, TypedDict
+from typing import Optional, TypedDict
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
+from . import episode as E
 from . import pipeline as P
-from .errors import StrategyError
-from .state import Candidate, now
-from .strategy import Strategy, validate_strategy
-
-#: when this process started: an episode proposed before it was interrupted (kill, Ctrl-C) and redone on resume
-_PROCESS_START = time.time()
-
+from .strategy import Strategy
 
 class EpisodeState(TypedDict, total=False):
     model_path: str
@@ -59,106 +55,30 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
             return {"decision": "approve"}
         strategy = Strategy(**prop["strategy"])
         answer = interrupt({
-            "episode": prop["episode"], "strategy": strategy.model_dump(), "describe": strategy.describe(),
-            "proposed_by": prop["proposed_by"], "rationale": prop.get("rationale"),
-            "estimate": P.estimate_cost(ctx, strategy), "frontier": _frontier_summary(ctx), "note": state.get("note"),
-            "choices": ["approve", "edit", "skip", "stop"],
+            "episode": prop["episode"], **E.approval_request(ctx, strategy, prop["proposed_by"]),
+            "rationale": prop.get("rationale"), "frontier": _frontier_summary(ctx), "note": state.get("note"),
+            "choices": list(E.CHOICES),
         })
-        action, edited = _parse_answer(answer)
+        action, edited, note = E.decide(ctx, answer)
+        if action == "reask":
+            return {"decision": "reask", "note": note}
         if action == "edit":
-            try:
-                new = validate_strategy(edited, ctx.spec, ctx.cfg.device)
-            except StrategyError as e:
-                return {"decision": "reask", "note": str(e)}
-            prop.update(strategy=new.model_dump(), proposed_by="user edit of " + prop["proposed_by"],
+            prop.update(strategy=edited.model_dump(), proposed_by="user edit of " + prop["proposed_by"],
                         edited_from_trial=prop.get("trial"))
             return {"decision": "approve", "proposal": prop, "note": None}
-        if action not in ("approve", "skip", "stop"):
-            return {"decision": "reask", "note": f"unknown choice {action!r}: approve, edit, skip or stop"}
         return {"decision": action}
 
-    def preflight_node(state: EpisodeState) -> dict:
-        reason = P.preflight(ctx, Strategy(**state["proposal"]["strategy"]))
-        if reason:
-            ctx.say(f"  [yellow]preflight refused[/]: {reason}")
-            return {"outcome": {"status": "rejected", "reason": "preflight: " + reason}}
-        return {}
+    def stage_node(stage: str):
+        def node(state: EpisodeState) -> dict:
+            out = E.start() if stage == "preflight" else dict(state.get("outcome") or E.start())
+            return {"outcome": E.STAGES[stage](_episode(ctx, state), out)}
 
-    def compress_node(state: EpisodeState) -> dict:
-        prop = state["proposal"]
-        t0 = time.time()
-        records, err = P.compress(ctx, _cid(prop), Strategy(**prop["strategy"]), state["model_path"],
-                                  prop["episode"])
-        dt = round(time.time() - t0, 2)
-        steps = [r.model_dump() for r in records]
-        if err:
-            ctx.say(f"  [red]compress failed[/] after {dt:.1f} s: {err}")
-            return {"outcome": {"status": "failed", "reason": err, "steps": steps, "timings": {"compress": dt}}}
-        ctx.say(f"  compressed in {dt:.1f} s")
-        return {"outcome": {"status": "ok", "steps": steps, "timings": {"compress": dt}}}
-
-    def evaluate_node(state: EpisodeState) -> dict:
-        prop, out = state["proposal"], dict(state["outcome"])
-        cid = _cid(prop)
-        res = P.evaluate_candidate(ctx, cid, Strategy(**prop["strategy"]), out.get("steps", []))
-        out.update(status=res["status"], reason=res.get("reason"), control=res.get("control"),
-                   timings={**out.get("timings", {}), **res["timings"]},
-                   proxy_metrics={k: v.model_dump() for k, v in res.get("proxy_metrics", {}).items()},
-                   metrics={k: v.model_dump() for k, v in res.get("metrics", {}).items()},
-                   predictions=res.get("predictions"))
-        if res["status"] == "pruned":
-            ctx.say(f"  [yellow]pruned[/] after proxy evaluation: {res['reason']}")
-        elif res["status"] == "failed":
-            ctx.say(f"  [red]evaluation failed[/]: {res['reason']}")
-        else:
-            ctx.say(P._metrics_line(cid, res["metrics"], ctx.cfg.objectives))
-        return {"outcome": out}
+        node.__name__ = f"{stage}_node"
+        return node
 
     def update_node(state: EpisodeState) -> dict:
-        prop, out = state["proposal"], dict(state.get("outcome") or {})
-        decision = state.get("decision")
-        if decision == "rejected":
-            out = {"status": "rejected", "reason": prop["rejected"]}
-        elif decision == "skip":
-            out = {"status": "skipped", "reason": "skipped by the user at approval"}
-        cid = _cid(prop)
-        timings = dict(out.get("timings", {}))
-        timings["propose"] = prop.get("t_propose", 0.0)
-        art = ctx.artifact_dir(cid)
-        cand = Candidate(
-            id=cid, episode=prop["episode"], trial_number=prop.get("trial"), strategy=Strategy(**prop["strategy"]),
-            description=Strategy(**prop["strategy"]).describe(), status=out.get("status", "failed"),
-            reason=out.get("reason"), proposed_by=prop["proposed_by"], rationale=prop.get("rationale"),
-            metrics=out.get("metrics") or {}, proxy_metrics=out.get("proxy_metrics") or {}, steps=out.get("steps", []),
-            control=out.get("control"),
-            artifact=str(art) if out.get("status") == "ok" and art.exists() else None,
-            artifact_kept=out.get("status") == "ok" and art.exists(), timings=timings, started_at=prop.get("t0"),
-            finished_at=now())
-        if cand.status != "ok" and art.exists():
-            import shutil
-
-            shutil.rmtree(art, ignore_errors=True)
-        trial = prop.get("trial")
-        if prop.get("edited_from_trial") is not None:
-            P.release_trial(ctx, prop["edited_from_trial"], "replaced by a user edit")
-            trial = None
-        t0 = time.time()
-        P.record(ctx, cand, trial, out.get("predictions"))
-        c = ctx.ff.candidate(cid)
-        c.timings["update"] = round(time.time() - t0, 3)
-        if prop.get("t0_epoch") and not ctx.cfg.interactive:
-            # wall time of the whole episode, graph and checkpoint writes included (approval waits excluded).
-            # An episode redone after a resume counts from this process's start; the lost attempt is kept apart.
-            start = max(prop["t0_epoch"], _PROCESS_START)
-            c.timings["episode_wall"] = round(time.time() - start, 3)
-            if prop["t0_epoch"] < _PROCESS_START:
-                c.timings["interrupted_before_resume"] = round(_PROCESS_START - prop["t0_epoch"], 3)
-        ctx.save()
-        status = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "pruned": "[yellow]pruned[/]"}.get(c.status,
-                                                                                                    c.status)
-        on = " · [bold green]on the frontier[/]" if cid in ctx.ff.frontier else ""
-        ctx.say(f"  {cid}: {status}{on}" + (f" · retention {c.retention:.3f}" if c.retention is not None else "")
-                + (f" · {c.reason}" if c.reason and c.status != "ok" else ""))
+        E.record_in_run(_episode(ctx, state), state["proposal"], dict(state.get("outcome") or {}),
+                        state.get("decision"))
         return {"proposal": None, "outcome": None, "decision": None}
 
     def stop_node(state: EpisodeState) -> dict:
@@ -173,23 +93,33 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
 
     g = StateGraph(EpisodeState)
     for name, fn in [("spec", spec_node), ("baseline", baseline_node), ("propose", propose_node),
-                     ("approve", approve_node), ("preflight", preflight_node), ("compress", compress_node),
-                     ("evaluate", evaluate_node), ("update", update_node), ("user_stop", stop_node),
-                     ("finalize", finalize_node)]:
+                     ("approve", approve_node), *((st, stage_node(st)) for st in E.STAGES), ("update", update_node),
+                     ("user_stop", stop_node), ("finalize", finalize_node)]:
         g.add_node(name, fn)
     g.add_edge(START, "spec")
     g.add_edge("spec", "baseline")
     g.add_edge("baseline", "propose")
     g.add_conditional_edges("propose", lambda s: "finalize" if s.get("stop") else "approve", ["approve", "finalize"])
     g.add_conditional_edges("approve", _after_approve, ["preflight", "update", "approve", "user_stop"])
-    g.add_conditional_edges("preflight", lambda s: "update" if s.get("outcome") else "compress", ["compress", "update"])
-    g.add_conditional_edges("compress", lambda s: "evaluate" if s["outcome"]["status"] == "ok" else "update",
-                            ["evaluate", "update"])
-    g.add_edge("evaluate", "update")
+    # the episode's stages, routed as acf.episode.route routes a worker's: anything but ok goes to update (record)
+    for st in E.STAGES:
+        nexts = sorted({E.route(st, {"status": "ok"}), "record"})
+        g.add_conditional_edges(st, lambda s, st=st: _node(E.route(st, s["outcome"])), [_node(n) for n in nexts])
     g.add_edge("update", "propose")
     g.add_edge("user_stop", END)
     g.add_edge("finalize", END)
     return g.compile(checkpointer=checkpointer)
+
+
+def _node(stage: str) -> str:
+    """The graph node of an episode stage: recording is the update node."""
+    return "update" if stage == "record" else stage
+
+
+def _episode(ctx: P.RunContext, state: EpisodeState) -> E.Episode:
+    prop = state["proposal"]
+    return E.Episode(ctx=ctx, cid=_cid(prop), number=prop["episode"], strategy=Strategy(**prop["strategy"]),
+                     model_path=state["model_path"])
 
 
 def _after_approve(s: EpisodeState) -> str:
@@ -205,24 +135,6 @@ def _after_approve(s: EpisodeState) -> str:
 
 def _cid(prop: dict) -> str:
     return f"c{prop['episode']:03d}"
-
-
-def _parse_answer(answer: Any) -> tuple[str, Any]:
-    """Approval answers: 'approve' | 'skip' | 'stop' | {'action': 'edit', 'strategy': {...}} (or a JSON string)."""
-    if isinstance(answer, str):
-        a = answer.strip()
-        if a.startswith("{"):
-            import json
-
-            try:
-                answer = json.loads(a)
-            except ValueError:
-                return "reask", None
-        else:
-            return a.lower(), None
-    if isinstance(answer, dict):
-        return str(answer.get("action", "")).lower(), answer.get("strategy")
-    return "reask", None
 
 
 def _frontier_summary(ctx: P.RunContext) -> list[dict]:

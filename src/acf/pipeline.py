@@ -44,7 +44,6 @@ FIDELITY_MEASURED = ("kld", "top1", "kld_general")
 DEFAULT_OBJECTIVES = "kld,size,latency"
 #: default --max-kld (nats/token): chosen from experiments/results/fidelity-*.md, see SPEC.md
 DEFAULT_MAX_KLD = 0.5
-RECOVERY_METHODS = ("lora", "distill")
 RUNTIMES = ("transformers", "llamacpp")
 #: metrics that depend on the runtime: with --runtime llamacpp the baseline's come from its F16 GGUF in llama.cpp
 RUNTIME_METRICS = ("latency", "ttft", "throughput", "memory")
@@ -131,7 +130,7 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
         raise AcfError(f"--max-kld must lie in (0, 20] nats/token (got {cfg.max_kld})")
     if not cfg.recover_steps or any(not 1 <= s <= 100_000 for s in cfg.recover_steps):
         raise AcfError(f"--recover-steps: give one or more step counts in 1..100000 (got {cfg.recover_steps})")
-    from .search import ALL_QUANT_CHOICES, PRUNE_CHOICES, QUANT_CHOICES
+    from .methods.registry import choices
 
     if cfg.runtime not in RUNTIMES:
         raise AcfError(f"--runtime {cfg.runtime!r}: choose from {', '.join(RUNTIMES)}")
@@ -143,16 +142,16 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
             raise AcfError(f"--runtime llamacpp runs GGUF files only, so every candidate ends in a gguf step: "
                            f"--quant-methods {','.join(cfg.quant_methods or [])} names {', '.join(other)}; use gguf")
         cfg.quant_methods = ["gguf"]
-    for flag, given, valid in (("--quant-methods", cfg.quant_methods, ALL_QUANT_CHOICES),
-                               ("--prune-methods", cfg.prune_methods, PRUNE_CHOICES)):
+    for flag, given, valid in (("--quant-methods", cfg.quant_methods, choices("quant", everything=True)),
+                               ("--prune-methods", cfg.prune_methods, choices("prune", everything=True))):
         if given is None:
             continue
         bad = [m for m in given if m not in valid]
         if bad or not given:
             raise AcfError(f"{flag}: unknown method(s) {', '.join(bad) or '(none given)'}; choose from "
                            f"{', '.join(valid)}")
-    q = cfg.quant_methods if cfg.quant_methods is not None else QUANT_CHOICES
-    p = cfg.prune_methods if cfg.prune_methods is not None else PRUNE_CHOICES
+    q = cfg.quant_methods if cfg.quant_methods is not None else choices("quant")
+    p = cfg.prune_methods if cfg.prune_methods is not None else choices("prune")
     if all(m == "none" for m in q) and all(m == "none" for m in p):
         raise AcfError("--quant-methods and --prune-methods leave nothing to search (both only 'none')")
     # before the run dir is written: a bad value must not leave a half-made run behind
@@ -481,7 +480,11 @@ def _baseline_costs_in_llamacpp(ctx: RunContext, model_path: Path, metrics: dict
 
 
 def _objective_values(ctx: RunContext, metrics: dict[str, Measurement]) -> dict[str, float]:
-    return {o: metrics[o].value for o in ctx.cfg.objectives if o in metrics and metrics[o].value is not None}
+    return objective_values(ctx.cfg.objectives, metrics)
+
+
+def objective_values(objectives: list[str], metrics: dict[str, Measurement]) -> dict[str, float]:
+    return {o: metrics[o].value for o in objectives if o in metrics and metrics[o].value is not None}
 
 
 def _metrics_line(label: str, metrics: dict[str, Measurement], objectives: list[str]) -> str:
@@ -537,7 +540,6 @@ def propose(ctx: RunContext) -> dict:
         prop = ctx.planner.propose(ctx)
         if prop is not None:
             return {**prop, **started, "episode": episode, "t_propose": round(time.time() - t0, 3)}
-    seen = {c.strategy.key(): c for c in ctx.ff.candidates if c.status in ("ok", "pruned", "failed")}
     study = ctx.study
     for _ in range(50):
         trial = study.ask()
@@ -548,12 +550,21 @@ def propose(ctx: RunContext) -> dict:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
                     "proposed_by": _proposer(ctx, trial), "rejected": str(e), "t_propose": round(time.time() - t0, 3)}
-        prev = seen.get(strategy.key())
+        prev = evaluated_twin(ctx, strategy)
         if prev is None:
             return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
                     "proposed_by": _proposer(ctx, trial), "t_propose": round(time.time() - t0, 3)}
         _tell_like(ctx, trial, prev)
     raise AcfError("the search space is exhausted: 50 proposals in a row repeated evaluated strategies")
+
+
+def evaluated_twin(ctx: RunContext, strategy: Strategy) -> Optional[Candidate]:
+    """The latest candidate evaluated (ok, pruned or failed) with this strategy: a repeat proposal is told its
+    result (the sampler learns, no compute is spent) instead of running again."""
+    assert ctx.ff is not None
+    key = strategy.key()
+    return next((c for c in reversed(ctx.ff.candidates)
+                 if c.status in ("ok", "pruned", "failed") and c.strategy.key() == key), None)
 
 
 def _proposer(ctx: RunContext, trial: optuna.Trial) -> str:
@@ -590,24 +601,12 @@ def _kld(cand: Candidate) -> Optional[float]:
 
 
 def estimate_cost(ctx: RunContext, strategy: Strategy) -> dict:
-    """A rough estimate (not a measurement) of an episode's cost, shown before approval."""
+    """A rough estimate (not a measurement) of an episode's cost, shown before approval and read by preflight: the
+    registry's cost model per step (the same one the `estimate_cost` tool reports)."""
+    from .methods.registry import estimate_step_seconds
+
     spec = ctx.spec
-    secs = 0.0
-    per_sample = 0.02 * spec.params / 1e8 * (1 if ctx.cfg.device.startswith("cuda") else 15)
-    for s in strategy.steps:
-        n = s.params.get("calib_samples", 0) or 0
-        if s.method in ("gptq", "w8a8", "sparsegpt"):
-            secs += 5 + per_sample * n * 3
-        elif s.method == "awq":
-            secs += 10 + per_sample * n * 10
-        elif s.method in ("wanda", "drop_layers", "autoround"):
-            secs += 3 + per_sample * n * (20 if s.method == "autoround" else 1)
-        elif s.method in ("distill", "lora"):
-            secs += per_sample * s.params.get("steps", 50) * s.params.get("batch_size", 4) * 3
-        else:
-            secs += 3
-        if s.params.get("avg_bits") is not None:   # mixed precision's sensitivity pass (forward + backward)
-            secs += per_sample * s.params.get("sensitivity_samples", 16) * 3
+    secs = sum(estimate_step_seconds(s.method, s.params, spec.params, ctx.cfg.device) for s in strategy.steps)
     base_size = (ctx.ff.baseline.metrics["size"].value if ctx.ff and ctx.ff.baseline and "size" in ctx.ff.baseline.metrics
                  else spec.params * 2)
     return {"estimated_compress_seconds": round(secs, 1), "estimated_peak_disk_bytes": int(base_size * 2.2),
@@ -625,7 +624,9 @@ def preflight(ctx: RunContext, strategy: Strategy) -> Optional[str]:
         return (f"disk: {free / 2**30:.2f} GiB free under {ctx.dir}, the episode needs about "
                 f"{need_disk / 2**30:.2f} GiB (estimate)")
     spec = ctx.spec
-    teacher = any(s.method == "distill" for s in strategy.steps)
+    from .methods.registry import get as get_method
+
+    teacher = any(getattr(get_method(s.method), "needs_teacher", False) for s in strategy.steps)
     if ctx.cfg.device.startswith("cuda"):
         import torch
 
@@ -662,42 +663,6 @@ def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str, epi
     if failed:
         return records, failed[0].reason or "a step failed"
     return records, None
-
-
-def evaluate_candidate(ctx: RunContext, cid: str, strategy: Strategy, steps: list) -> dict:
-    """Proxy evaluation, then (unless pruned) the full one, from one load of the candidate; then its control.
-
-    Returns the outcome fields {status, reason, proxy_metrics, metrics, predictions, timings, control}. An
-    exception while evaluating (out of memory, a library error) fails this episode with the reason; the search
-    goes on. Used by the coordinator graph and by distributed workers alike."""
-    out: dict[str, Any] = {"status": "ok", "timings": {}}
-    t0 = time.time()
-    try:
-        proxy, prune = proxy_decision(ctx, cid)
-        out["timings"]["proxy_evaluate"] = round(time.time() - t0, 2)
-        out["proxy_metrics"] = proxy
-        if prune:
-            out.update(status="pruned", reason=prune)
-            return out
-        t1 = time.time()
-        res = full_evaluation(ctx, cid, known_sparsity=sparsity_from_steps(strategy, steps))
-        out["timings"]["evaluate"] = round(time.time() - t1, 2)
-        out.update(metrics=res.metrics, predictions=res.predictions)
-    except (KeyboardInterrupt, AcfError):
-        raise
-    except Exception as e:  # noqa: BLE001 - one candidate's evaluation failing must not end the run
-        kind = "oom" if "out of memory" in str(e).lower() or isinstance(e, MemoryError) else "evaluation"
-        log.exception("evaluation of %s failed", cid)
-        out.update(status="failed", reason=f"{kind}: evaluation failed: {type(e).__name__}: {str(e)[:300]}")
-        return out
-    finally:
-        ctx.release()
-    if ctx.cfg.controls:
-        t2 = time.time()
-        out["control"] = ensure_control(ctx, strategy)
-        if out["control"]:
-            out["timings"]["control"] = round(time.time() - t2, 2)
-    return out
 
 
 def sparsity_from_steps(strategy: Strategy, steps: list) -> Optional[Measurement]:
@@ -771,7 +736,9 @@ def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
     Returns the control's id (None when the strategy has no recovery step)."""
     ff = ctx.ff
     assert ff is not None
-    rec = [st for st in strategy.steps if st.method in RECOVERY_METHODS and not st.params.get("qlora")]
+    from .strategy import kind_of
+
+    rec = [st for st in strategy.steps if kind_of(st.method) in ("lora", "distill") and not st.params.get("qlora")]
     if not rec:
         return None
     cs = Strategy(steps=rec)
@@ -875,16 +842,7 @@ def record(ctx: RunContext, cand: Candidate, trial_number: Optional[int], predic
     assert ff is not None and ff.baseline is not None
     if any(c.id == cand.id for c in ff.candidates):
         return
-    base = ff.baseline.objectives
-    if cand.status == "ok":
-        cand.objectives = _objective_values(ctx, cand.metrics)
-        if len(cand.objectives) == len(ctx.cfg.objectives):
-            cand.retention = retention(cand.objectives, base, ctx.cfg.objectives)
-            cand.reward = reward(cand.objectives, base, ctx.cfg.objectives, ctx.cfg.preset, ctx.cfg.min_retention,
-                                 ctx.cfg.max_kld, _kld(cand)).reward
-        else:
-            cand.status, cand.reason = "failed", "evaluation produced no value for " + ", ".join(
-                o for o in ctx.cfg.objectives if o not in cand.objectives)
+    score(ctx.cfg, ff.baseline.objectives, cand)
     cand.finished_at = now()
     ff.candidates.append(cand)
     _refresh(ctx)
@@ -903,6 +861,22 @@ def record(ctx: RunContext, cand: Candidate, trial_number: Optional[int], predic
     write_text(ed / "result.json", cand.model_dump_json(indent=2))
     if predictions:
         write_json(ed / "predictions.json", predictions)
+
+
+def score(cfg: RunConfig, base: dict[str, float], cand: Candidate) -> None:
+    """An ok candidate's objectives, retention and reward against the baseline's objectives `base`; one without a
+    value for every objective is failed. One function for every recorder (frontier.json here, a trial's record in
+    acf.distributed), so both score alike."""
+    if cand.status != "ok":
+        return
+    cand.objectives = objective_values(cfg.objectives, cand.metrics)
+    if len(cand.objectives) == len(cfg.objectives):
+        cand.retention = retention(cand.objectives, base, cfg.objectives)
+        cand.reward = reward(cand.objectives, base, cfg.objectives, cfg.preset, cfg.min_retention, cfg.max_kld,
+                             _kld(cand)).reward
+    else:
+        cand.status, cand.reason = "failed", "evaluation produced no value for " + ", ".join(
+            o for o in cfg.objectives if o not in cand.objectives)
 
 
 def _tell(ctx: RunContext, number: int, cand: Candidate) -> None:

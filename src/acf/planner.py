@@ -36,8 +36,9 @@ import optuna
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import AcfError, StrategyError
-from .search import MIXED_METHODS, RECOVER_CHOICES, SearchSpace, trial_for
-from .strategy import METHODS, Strategy, method_table, validate_strategy
+from .methods.registry import SLOTS, get as get_method
+from .search import SearchSpace, trial_for
+from .strategy import METHODS, Step, Strategy, method_table, validate_strategy
 
 log = logging.getLogger(__name__)
 
@@ -112,60 +113,37 @@ def scrub(text: Any) -> str:
 def params_for(space: SearchSpace, strategy: Strategy) -> Optional[dict[str, Any]]:
     """The SearchSpace parameters whose `suggest` yields exactly `strategy` (validated), or None if none do.
 
-    The check is by construction: the params are replayed through `space.suggest(FixedTrial(params))` and the
-    result must equal the strategy after default-filling, so Optuna is never told a result for a strategy other
-    than the one that ran.
+    Each step's part comes from its method's registry fragment (`SearchFragment.trial_params`); the check is by
+    construction: the params are replayed through `space.suggest(FixedTrial(params))` and the result must equal
+    the strategy after default-filling, so Optuna is never told a result for a strategy other than the one that ran.
     """
-    steps = list(strategy.steps)
-    p: dict[str, Any] = {}
-    prune = steps[0] if steps and METHODS.get(steps[0].method) and METHODS[steps[0].method].kind == "prune" else None
-    if prune is not None:
-        steps = steps[1:]
-        m, sp = prune.method, prune.params
-        if m not in space.prune_methods:
+    slots: dict[str, Step] = {}
+    for st in strategy.steps:   # at most one step per slot, in the space's order prune -> recover -> quant
+        spec = get_method(st.method)
+        if spec is None or spec.search is None or spec.slot in slots or any(
+                SLOTS.index(s) > SLOTS.index(spec.slot) for s in slots):
             return None
-        p["prune"] = m
-        if m in ("magnitude", "wanda", "sparsegpt"):
-            pat = sp.get("pattern", "unstructured")
-            p["pattern"] = pat
-            if pat == "unstructured":
-                p["sparsity"] = sp.get("sparsity", 0.5)
-        elif m == "drop_layers":
-            if sp.get("count") is None:
-                return None
-            p["drop"] = sp["count"]
-        rec = steps[0] if steps and steps[0].method in ("lora", "distill") else None
-        if rec is not None:
-            if rec.method not in getattr(space, "recover_methods", RECOVER_CHOICES):
-                return None
-            steps = steps[1:]
-            p["recover"] = rec.method
-            p["recover_steps"] = rec.params.get("steps", METHODS[rec.method].params().steps)
-        else:
-            p["recover"] = "none"
-    else:
-        p["prune"] = "none"
-    q = steps[0] if steps else None
-    if len(steps) > 1 or (q is not None and METHODS.get(q.method) and METHODS[q.method].kind != "quantize"):
+        slots[spec.slot] = st
+    prune, rec, q = slots.get("prune"), slots.get("recover"), slots.get("quant")
+    if rec is not None and prune is None:
         return None
+    p: dict[str, Any] = {"prune": prune.method if prune is not None else "none"}
+    if prune is not None:
+        if prune.method not in space.prune_methods:
+            return None
+        p["recover"] = rec.method if rec is not None else "none"
+        if rec is not None and rec.method not in space.recover_methods:
+            return None
     qname = q.method if q is not None else "none"
     if qname not in space.quant_methods or (prune is None and qname == "none"):
         return None
     p["quant" if prune is not None else "quant_only"] = qname
-    if q is not None and qname in ("gptq", "rtn", "awq"):
-        defaults = METHODS[qname].params()
-        avg_bits = q.params.get("avg_bits")
-        if qname in MIXED_METHODS and getattr(space, "precisions", ["uniform"]) != ["uniform"]:
-            p["precision"] = "uniform" if avg_bits is None else _precision_choice(avg_bits, space.precisions)
-        elif avg_bits is not None:
-            return None
-        if avg_bits is None:
-            if qname != "awq":
-                p["bits"] = q.params.get("bits", defaults.bits)
-            gs = q.params.get("group_size", defaults.group_size)
-            p["group_size"] = "channel" if gs is None else str(gs)
-        if qname == "gptq":
-            p["act_order"] = bool(q.params.get("act_order", defaults.act_order))
+    for st in (prune, rec, q):
+        if st is not None:
+            part = get_method(st.method).search.trial_params(st.params, space)  # type: ignore[union-attr]
+            if part is None:
+                return None
+            p.update(part)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")   # FixedTrial only warns about a value outside the choices
@@ -175,14 +153,6 @@ def params_for(space: SearchSpace, strategy: Strategy) -> Optional[dict[str, Any
     except (ValueError, TypeError, StrategyError, UserWarning):
         return None
     return p if replay.key() == want.key() else None
-
-
-def _precision_choice(avg_bits: float, choices: list[str]) -> Optional[str]:
-    """The search space's precision choice for a budget ("5.0" for 5), None when the space has no such budget."""
-    for c in choices:
-        if c != "uniform" and abs(float(c) - float(avg_bits)) < 1e-9:
-            return c
-    return None
 
 
 # ---- the planner ------------------------------------------------------------------------------------------------

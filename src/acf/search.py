@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import optuna
 
 from .errors import AcfError
+from .methods.registry import choices, get as get_method, grid_methods
 from .objectives import DIRECTIONS
 from .spec import ModelSpec
 from .strategy import Strategy, Step
@@ -21,16 +22,9 @@ log = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 DEFAULT_SAMPLER = "tpe"
 
-PRUNE_CHOICES = ["none", "magnitude", "wanda", "sparsegpt", "drop_layers"]
-QUANT_CHOICES = ["none", "gptq", "awq", "rtn", "w8a8", "bnb_nf4", "bnb_int8"]
-RECOVER_CHOICES = ["none", "lora", "distill"]
 #: "uniform" (one bits/group_size for every layer) or an effective-bits budget for a per-layer allocation
 #: (acf.methods.mixed); one candidate per budget, so the search explores budgets, not layers
 PRECISION_CHOICES = ["uniform", "4.25", "4.5", "5.0", "6.0"]
-MIXED_METHODS = ("gptq", "rtn")
-#: every quantization method a run may name; "gguf" is searched when asked for (--quant-methods gguf,...) and is the
-#: only one with --runtime llamacpp (a GGUF is what that runtime runs)
-ALL_QUANT_CHOICES = QUANT_CHOICES + ["gguf"]
 #: GGUF types the search picks from (those the model's shapes admit: acf.gguf.type_problems)
 GGUF_TYPE_CHOICES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M")
 
@@ -39,14 +33,15 @@ class SearchSpace:
     """The conditional space. Every strategy it yields passes `validate_strategy` for this spec."""
 
     def __init__(self, spec: ModelSpec, device: str = "cpu", calib_samples: int = 64, seq_len: int = 512,
-                 recover_steps: Sequence[int] = (25, 50, 100), quant_methods: Sequence[str] = QUANT_CHOICES,
-                 prune_methods: Sequence[str] = PRUNE_CHOICES, *, recover_methods: Sequence[str] = RECOVER_CHOICES,
+                 recover_steps: Sequence[int] = (25, 50, 100), quant_methods: Optional[Sequence[str]] = None,
+                 prune_methods: Optional[Sequence[str]] = None, *, recover_methods: Optional[Sequence[str]] = None,
                  bits: Sequence[int] = (4, 8), group_sizes: Optional[Sequence[str]] = None,
                  sparsities: Optional[Sequence[float]] = None, patterns: Sequence[str] = ("unstructured", "2:4"),
                  drops: Optional[Sequence[int]] = None, act_order: Sequence[bool] = (False, True),
                  precisions: Sequence[str] = PRECISION_CHOICES,
                  gguf_types: Optional[Sequence[str]] = None, gguf_imatrix: Sequence[bool] = (True, False)):
-        """Defaults are acf's full space; the keyword arguments narrow it (benchmarks replay a finite space)."""
+        """Defaults are acf's full space (the registry's default choices per slot: acf.methods.registry.choices);
+        the keyword arguments narrow it (benchmarks replay a finite space)."""
         self.spec = spec
         self.device = device
         self.calib = {"calib_samples": calib_samples, "seq_len": seq_len}
@@ -54,14 +49,14 @@ class SearchSpace:
         gs = [g for g in spec.valid_group_sizes if g >= 32] or spec.valid_group_sizes
         self.group_sizes = list(group_sizes) if group_sizes else [str(g) for g in sorted(gs)[-2:]] + ["channel"]
         self.max_drop = max(1, spec.num_layers // 4)
-        self.quant_methods = list(quant_methods)
-        self.prune_methods = list(prune_methods)
+        self.quant_methods = list(quant_methods if quant_methods is not None else choices("quant"))
+        self.prune_methods = list(prune_methods if prune_methods is not None else choices("prune"))
         if not [q for q in self.quant_methods if q != "none"]:
             # without a quantization method, "no pruning" would be the baseline itself: not a candidate
             self.prune_methods = [p for p in self.prune_methods if p != "none"]
         if not self.prune_methods:
             raise ValueError("the search space is empty: choose at least one quantization or pruning method")
-        self.recover_methods = list(recover_methods)
+        self.recover_methods = list(recover_methods if recover_methods is not None else choices("recover"))
         self.bits = list(bits)
         self.sparsities = list(sparsities) if sparsities else None
         self.patterns = list(patterns)
@@ -77,59 +72,27 @@ class SearchSpace:
         self.gguf_imatrix = list(gguf_imatrix)
 
     def suggest(self, trial: optuna.Trial) -> Strategy:
+        """prune (or none) -> recovery (only after pruning) -> quantization; each chosen method's own params come
+        from its registry search fragment."""
         steps: list[Step] = []
         prune = trial.suggest_categorical("prune", self.prune_methods)
-        if prune in ("magnitude", "wanda", "sparsegpt"):
-            pattern = trial.suggest_categorical("pattern", self.patterns)
-            if pattern == "2:4":
-                sp = 0.5
-            elif self.sparsities:
-                sp = trial.suggest_categorical("sparsity", self.sparsities)
-            else:
-                sp = trial.suggest_float("sparsity", 0.2, 0.6, step=0.1)
-            params: dict[str, Any] = {"sparsity": round(sp, 2), "pattern": pattern}
-            if prune != "magnitude":
-                params.update(self.calib)
-            steps.append(Step(method=prune, params=params))
-        elif prune == "drop_layers":
-            n = (int(trial.suggest_categorical("drop", self.drops)) if self.drops
-                 else trial.suggest_int("drop", 1, self.max_drop))
-            steps.append(Step(method="drop_layers", params={"count": n, "by": "importance", **self.calib}))
         if prune != "none":
+            steps.append(self._step(prune, trial))
             rec = trial.suggest_categorical("recover", self.recover_methods)
             if rec != "none":
-                st = trial.suggest_categorical("recover_steps", self.recover_steps)
-                steps.append(Step(method=rec, params={"steps": int(st)}))
+                steps.append(self._step(rec, trial))
             quant = trial.suggest_categorical("quant", self.quant_methods)
         else:
             quant = trial.suggest_categorical("quant_only", [q for q in self.quant_methods if q != "none"])
-        if quant in ("gptq", "rtn", "awq"):
-            prec = "uniform"
-            if quant in MIXED_METHODS and self.precisions != ["uniform"]:
-                prec = trial.suggest_categorical("precision", self.precisions)
-            if prec == "uniform":
-                bits = 4 if quant == "awq" else int(trial.suggest_categorical("bits", self.bits))
-                g = trial.suggest_categorical("group_size", self.group_sizes)
-                params = {"bits": bits, "group_size": None if g == "channel" else int(g)}
-            else:
-                params = {"avg_bits": float(prec), "sensitivity_seq_len": self.calib["seq_len"],
-                          "sensitivity_samples": min(16, self.calib["calib_samples"])}
-            if quant == "gptq":
-                params["act_order"] = bool(trial.suggest_categorical("act_order", self.act_order))
-            if quant != "rtn":
-                params.update(self.calib)
-            steps.append(Step(method=quant, params=params))
-        elif quant == "w8a8":
-            steps.append(Step(method="w8a8", params=dict(self.calib)))
-        elif quant in ("bnb_nf4", "bnb_int8"):
-            steps.append(Step(method=quant, params={}))
-        elif quant == "gguf":
-            params = {"type": trial.suggest_categorical("gguf_type", self.gguf_types)}
-            params["imatrix"] = bool(trial.suggest_categorical("gguf_imatrix", self.gguf_imatrix))
-            if params["imatrix"]:
-                params.update(self.calib)
-            steps.append(Step(method="gguf", params=params))
+        if quant != "none":
+            steps.append(self._step(quant, trial))
         return Strategy(steps=steps)
+
+    def _step(self, method: str, trial: optuna.Trial) -> Step:
+        spec = get_method(method)
+        if spec is None or spec.search is None:
+            raise ValueError(f"{method!r} is not a searchable method")
+        return Step(method=method, params=spec.search.suggest(trial, self))
 
     def seeds(self) -> list[dict[str, Any]]:
         """Known-good recipes tried first (as Optuna enqueued trials, so the sampler learns from them).
@@ -184,30 +147,15 @@ class SearchSpace:
         return max(numeric, key=int) if numeric else self.group_sizes[0]
 
     def grid(self) -> list[dict[str, Any]]:
-        """The preset grid (sampler=grid): one-method recipes at standard settings, in a fixed order."""
-        g = self._largest_group()
+        """The preset grid (sampler=grid): one-method recipes at standard settings (each method's registry
+        fragment gives its entries), in a fixed order."""
         out = []
-        for q in ("gptq", "awq", "rtn"):
-            if q in self.quant_methods:
-                for b in ([4] if q == "awq" else [4, 8]):
-                    d = {"prune": "none", "quant_only": q, "group_size": g}
-                    if q != "awq":
-                        d["bits"] = b
-                    if q == "gptq":
-                        d["act_order"] = False
-                    if q in MIXED_METHODS:
-                        d["precision"] = "uniform"
-                    out.append(d)
-        for q in ("w8a8", "bnb_nf4", "bnb_int8"):
-            if q in self.quant_methods:
-                out.append({"prune": "none", "quant_only": q})
-        for p in ("sparsegpt", "wanda", "magnitude"):
-            if p in self.prune_methods:
-                out.append({"prune": p, "pattern": "unstructured", "sparsity": 0.5, "recover": "none", "quant": "none"})
-                out.append({"prune": p, "pattern": "2:4", "recover": "none", "quant": "none"})
-        if "drop_layers" in self.prune_methods:
-            for d in (1, 2):
-                out.append({"prune": "drop_layers", "drop": min(d, self.max_drop), "recover": "none", "quant": "none"})
+        for m in grid_methods():
+            if m.slot == "quant" and m.name in self.quant_methods:
+                out += [{"prune": "none", "quant_only": m.name, **d} for d in m.search.grid(self)]  # type: ignore
+            elif m.slot == "prune" and m.name in self.prune_methods:
+                out += [{"prune": m.name, **d, "recover": "none", "quant": "none"}
+                        for d in m.search.grid(self)]  # type: ignore[union-attr]
         return [d for d in out if self.inside(d)]
 
 

@@ -8,183 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import StrategyError
+from .methods.params import MixedPrecision
+from .methods.registry import all_methods
 
-
-class _P(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Calib(_P):
-    calib_samples: int = Field(64, ge=1, le=4096, description="calibration samples from the task's train split")
-    seq_len: int = Field(512, ge=16, le=8192, description="tokens per calibration sample")
-
-
-class MixedPrecision(_P):
-    """Per-layer formats under a budget (acf.methods.mixed): set `avg_bits` to allocate, or `layer_formats` to
-    replay an allocation; with neither, the step is uniform (`bits`, `group_size`)."""
-    avg_bits: Optional[float] = Field(None, ge=2, le=16, description="effective bits per weight of the quantized "
-                                      "layers (values, scales, shapes); the allocator chooses a format per layer")
-    formats: Optional[list[str]] = Field(None, description="palette for avg_bits, e.g. ['w3g64','w4g64','w8','bf16']; "
-                                         "default: 3/4 bits at the largest valid group, 4 bits at half that group "
-                                         "and per channel, 8 bits per channel, bf16 kept")
-    layer_formats: Optional[dict[str, str]] = Field(None, description="explicit format per quantizable layer "
-                                                    "(an allocation to replay)")
-    sensitivity_samples: int = Field(16, ge=1, le=1024, description="calibration windows of the Fisher "
-                                     "sensitivity pass (avg_bits)")
-    sensitivity_seq_len: int = Field(512, ge=16, le=8192, description="tokens per sensitivity window")
-
-
-class GPTQParams(Calib, MixedPrecision):
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: Optional[int] = Field(64, description="None = per output channel")
-    symmetric: bool = True
-    act_order: bool = False
-    dampening_frac: float = Field(0.01, gt=0, lt=1)
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-
-
-class AWQParams(Calib):
-    bits: Literal[4, 8] = 4
-    group_size: Optional[int] = 64
-    symmetric: bool = False
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-
-
-class RTNParams(MixedPrecision):
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: Optional[int] = 64
-    symmetric: bool = True
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-
-
-class AutoRoundParams(Calib):
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: Optional[int] = 64
-    symmetric: bool = True
-    iters: int = Field(200, ge=1, le=10000)
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-
-
-class W8A8Params(Calib):
-    smoothing_strength: float = Field(0.8, gt=0, lt=1)
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-
-
-class BnbInt8Params(_P):
-    threshold: float = Field(6.0, ge=0)
-
-
-class BnbNF4Params(_P):
-    double_quant: bool = True
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-
-
-class SparsityParams(Calib):
-    sparsity: float = Field(0.5, gt=0, lt=1)
-    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' such as '2:4'")
-
-
-class MagnitudeParams(_P):
-    sparsity: float = Field(0.5, gt=0, lt=1)
-    pattern: str = "unstructured"
-
-
-class DropLayersParams(Calib):
-    count: Optional[int] = Field(None, ge=1, description="number of decoder blocks to remove")
-    ratio: Optional[float] = Field(None, gt=0, lt=1, description="share of blocks to remove (if count is not set)")
-    by: Literal["importance", "first", "last", "weight_range", "explicit"] = "importance"
-    layers: Optional[list[int]] = Field(None, description="explicit block indices to remove (by=explicit)")
-    weight_range: Optional[tuple[float, float]] = Field(None, description="drop blocks whose mean |W| lies in [lo, hi]")
-
-
-class DistillParams(_P):
-    steps: int = Field(50, ge=1, le=100000)
-    lr: float = Field(1e-4, gt=0, lt=1)
-    temperature: float = Field(2.0, gt=0, le=20)
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term; 1-alpha weights cross-entropy")
-    batch_size: int = Field(4, ge=1, le=512)
-    seq_len: int = Field(256, ge=16, le=8192)
-    samples: int = Field(512, ge=1)
-
-
-class LoraParams(_P):
-    rank: int = Field(8, ge=1, le=1024)
-    alpha: int = Field(16, ge=1, le=4096)
-    # 0 by default: peft's dropout on every adapted layer's input doubled the forward time of a SmolLM2-135M LoRA
-    # step on the CPU (3.1 s vs 1.6 s, batch 4 x 256, bf16 autocast), and a recovery fine-tune of tens of steps
-    # does not overfit. Set it for long runs.
-    dropout: float = Field(0.0, ge=0, lt=1)
-    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                        "up_proj", "down_proj"])
-    steps: int = Field(50, ge=1, le=100000)
-    lr: float = Field(2e-4, gt=0, lt=1)
-    batch_size: int = Field(4, ge=1, le=512)
-    seq_len: int = Field(256, ge=16, le=8192)
-    samples: int = Field(512, ge=1)
-    qlora: bool = Field(False, description="train on a bnb 4-bit base (the previous step must be bnb_nf4)")
-
-
-class GGUFParams(Calib):
-    """llama.cpp GGUF export (acf.gguf): llama.cpp's converter, then its quantizer with an optional importance matrix.
-
-    calib_samples/seq_len size the importance matrix's calibration text (used only with imatrix=true)."""
-
-    type: str = Field("Q4_K_M", description="llama.cpp file type: Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_0, Q4_K_M, Q4_K_S, "
-                                            "Q4_0, IQ4_XS, IQ4_NL, Q3_K_M, Q2_K, F16, BF16")
-    imatrix: bool = Field(True, description="importance matrix from the task's calibration text, used by the "
-                                            "quantizer (IQ types and low-bit k-quants need one)")
-    overrides: dict[str, str] = Field(default_factory=dict, description="per-tensor types: regex on GGUF tensor "
-                                      "names -> ggml type, e.g. {\"output\\\\.weight\": \"Q8_0\"}")
-    strict_shapes: bool = Field(False, description="refuse a type whose block size leaves some layers to "
-                                                   "llama.cpp's fallback type")
-
-
-class MethodInfo(BaseModel):
-    name: str
-    kind: Literal["quantize", "prune", "distill", "lora"]
-    params: Any
-    description: str
-    library: str
-    needs_cuda: bool = False
-    group_sized: bool = False
-
-
-METHODS: dict[str, MethodInfo] = {m.name: m for m in [
-    MethodInfo(name="gptq", kind="quantize", params=GPTQParams, library="llmcompressor GPTQModifier", group_sized=True,
-               description="GPTQ weight quantization (second-order, calibrated)"),
-    MethodInfo(name="awq", kind="quantize", params=AWQParams, library="llmcompressor AWQModifier", group_sized=True,
-               description="activation-aware weight quantization"),
-    MethodInfo(name="rtn", kind="quantize", params=RTNParams, library="llmcompressor QuantizationModifier",
-               group_sized=True, description="round-to-nearest weight quantization (no calibration)"),
-    MethodInfo(name="autoround", kind="quantize", params=AutoRoundParams, library="llmcompressor AutoRoundModifier",
-               group_sized=True, description="AutoRound: signed-gradient rounding optimisation"),
-    MethodInfo(name="w8a8", kind="quantize", params=W8A8Params, library="llmcompressor SmoothQuant + GPTQ W8A8",
-               description="int8 weights and activations with SmoothQuant"),
-    MethodInfo(name="bnb_int8", kind="quantize", params=BnbInt8Params, library="bitsandbytes LLM.int8()",
-               description="bitsandbytes int8 (CPU and CUDA)"),
-    MethodInfo(name="bnb_nf4", kind="quantize", params=BnbNF4Params, library="bitsandbytes 4-bit",
-               description="bitsandbytes NF4/FP4 (CPU and CUDA; QLoRA base)"),
-    MethodInfo(name="gguf", kind="quantize", params=GGUFParams, library="llama.cpp (convert_hf_to_gguf.py + "
-               "llama_model_quantize via llama-cpp-python)",
-               description="GGUF export for llama.cpp (k-quants, IQ4, Q8_0/Q4_0) with an importance matrix"),
-    MethodInfo(name="magnitude", kind="prune", params=MagnitudeParams, library="llmcompressor MagnitudePruningModifier",
-               description="prune the smallest-magnitude weights"),
-    MethodInfo(name="wanda", kind="prune", params=SparsityParams, library="llmcompressor WandaPruningModifier",
-               description="Wanda: |W| x input-activation norm"),
-    MethodInfo(name="sparsegpt", kind="prune", params=SparsityParams, library="llmcompressor SparseGPTModifier",
-               description="SparseGPT: second-order one-shot pruning"),
-    MethodInfo(name="drop_layers", kind="prune", params=DropLayersParams, library="acf (hand-written: no library "
-               "removes decoder blocks by measured importance)", description="depth pruning: remove whole decoder blocks"),
-    MethodInfo(name="distill", kind="distill", params=DistillParams, library="acf + torch (KL at temperature T + CE)",
-               description="knowledge distillation from the uncompressed teacher"),
-    MethodInfo(name="lora", kind="lora", params=LoraParams, library="peft LoRA, merged with merge_and_unload",
-               description="LoRA recovery fine-tune (QLoRA on a bnb 4-bit base)"),
-]}
+#: name -> MethodSpec: the live method registry (acf.methods.registry), where every method is declared once
+METHODS = all_methods()
 
 _KIND_ORDER = {"prune": 0, "distill": 1, "lora": 1, "quantize": 2}
 
@@ -290,7 +123,8 @@ def validate_strategy(obj: Union[str, dict, Strategy], spec=None, device: str = 
             continue
         problems += _check_params(where, step.method, params, spec)
         problems += _check_mixed(where, params, spec)
-        problems += _check_architecture(where, step.method, params, spec, device)
+        if info.check is not None:   # the method's own rules (acf.methods.checks)
+            problems += info.check(where, params, spec, device)
         if info.needs_cuda and not device.startswith("cuda"):
             problems.append(f"{where}: needs CUDA, but the device is {device}")
         kinds.append(info.kind)
@@ -323,22 +157,6 @@ def _check_params(where: str, method: str, p: BaseModel, spec) -> list[str]:
                 out.append(f"{where}: pattern {pat} implies sparsity {1 - n / m:g}, but sparsity is {sp:g}")
         except ValueError:
             out.append(f"{where}: pattern {pat!r} must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4')")
-    if method == "drop_layers":
-        n_layers = spec.num_layers if spec is not None else None
-        if p.by == "explicit":
-            if not p.layers:
-                out.append(f"{where}: by=explicit needs 'layers'")
-            elif n_layers is not None and any(l < 0 or l >= n_layers for l in p.layers):
-                out.append(f"{where}: layer indices must lie in 0..{n_layers - 1}")
-            elif n_layers is not None and len(set(p.layers)) >= n_layers:
-                out.append(f"{where}: cannot drop every one of the {n_layers} layers")
-        elif p.by == "weight_range":
-            if p.weight_range is None:
-                out.append(f"{where}: by=weight_range needs 'weight_range': [lo, hi]")
-        elif p.count is None and p.ratio is None:
-            out.append(f"{where}: give 'count' or 'ratio' of blocks to drop")
-        if p.count is not None and n_layers is not None and p.count >= n_layers:
-            out.append(f"{where}: count {p.count} must be below the model's {n_layers} layers")
     return out
 
 
@@ -382,25 +200,6 @@ def _check_mixed(where: str, p: BaseModel, spec) -> list[str]:
     if p.avg_bits < lo - 1e-9:
         out.append(f"{where}: avg_bits {p.avg_bits:g} is below the smallest size the formats {', '.join(formats)} "
                    f"reach on this model ({lo:.3f} bits per weight)")
-    return out
-
-
-def _check_architecture(where: str, method: str, p: BaseModel, spec, device: str) -> list[str]:
-    """Architecture limits found by running every method family on tiny Llama, Qwen2/3, Gemma2/3, Mistral and Phi3
-    models (tests/test_architectures.py): caught here so they fail before any step runs, not inside a library."""
-    if method == "gguf":
-        from .gguf import type_problems
-
-        widths = spec.linear_widths(("lm_head",)) if spec is not None else None
-        return [f"{where}: {m}" for m in type_problems(p.type, widths, p.overrides, p.strict_shapes)]
-    if spec is None or method != "lora":
-        return []
-    out = []
-    leaves = {l.name.rsplit(".", 1)[-1] for l in spec.linears if not l.name.endswith("lm_head")}
-    if leaves and not set(p.targets) & leaves:
-        # e.g. a model whose projections are named c_attn/query_key_value: peft would adapt nothing
-        out.append(f"{where}: none of the LoRA targets {p.targets} is a Linear layer of this model; its layers are "
-                   f"named {', '.join(sorted(leaves))}")
     return out
 
 

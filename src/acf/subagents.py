@@ -57,14 +57,57 @@ def parse_card(text: str, path: Optional[str] = None) -> AgentCard:
 
 
 def load_cards(directory: Optional[Path] = None) -> dict[str, AgentCard]:
+    """The cards, each offering the methods the registry assigns to it (MethodSpec.card) with their ranges: the
+    registry is the source, the files' `methods` blocks are its generated copy (`sync_cards`, checked by a test)."""
     d = Path(directory) if directory else agents_dir()
     if not d.is_dir():
         raise AcfError(f"agent cards directory {d} does not exist")
     cards = {}
     for p in sorted(d.glob("*.md")):
         c = parse_card(p.read_text(encoding="utf-8"), str(p))
+        ranges = card_methods(c.name)
+        if ranges:
+            c.search_space = {**c.search_space, "methods": ranges}
         cards[c.name] = c
     return cards
+
+
+def card_methods(card: str) -> dict[str, dict[str, Any]]:
+    """{method: useful ranges} of the registry's methods offered by the card named `card`."""
+    from .methods.registry import all_methods
+
+    return {m.name: dict(m.card_ranges) for m in all_methods().values() if m.card == card}
+
+
+def render_methods_block(card: str) -> str:
+    """The `methods:` block of a card's front matter, generated from the registry (one flow-style line each)."""
+    lines = ["  methods:"]
+    for name, ranges in card_methods(card).items():
+        lines.append("    " + yaml.safe_dump({name: ranges}, default_flow_style=True, width=10_000,
+                                             sort_keys=False).strip().removeprefix("{").removesuffix("}"))
+    return "\n".join(lines)
+
+
+def sync_cards(directory: Optional[Path] = None) -> list[Path]:
+    """Rewrite each card's `methods:` block from the registry; returns the files that changed. Run
+    `python -m acf.subagents` after declaring a method."""
+    d = Path(directory) if directory else agents_dir()
+    changed = []
+    for p in sorted(d.glob("*.md")):
+        text = p.read_text(encoding="utf-8")
+        name = parse_card(text, str(p)).name
+        lines = text.split("\n")
+        if "  methods:" not in lines:
+            continue
+        i = lines.index("  methods:")
+        j = i + 1
+        while j < len(lines) and lines[j].startswith("    "):
+            j += 1
+        new = "\n".join(lines[:i] + render_methods_block(name).split("\n") + lines[j:])
+        if new != text:
+            p.write_text(new, encoding="utf-8")
+            changed.append(p)
+    return changed
 
 
 # --- tool argument schemas ---------------------------------------------------------------------------------------
@@ -78,11 +121,11 @@ class _RunArgs(BaseModel):
 
 
 class QuantizeArgs(_RunArgs):
-    method: str = Field(description="gptq, awq, rtn, autoround, w8a8, bnb_int8 or bnb_nf4")
+    method: str = Field(description="a quantize method (`acf methods` lists them)")
 
 
 class PruneArgs(_RunArgs):
-    method: str = Field(description="magnitude, wanda, sparsegpt or drop_layers")
+    method: str = Field(description="a prune method (`acf methods` lists them)")
 
 
 class DistillArgs(_RunArgs):
@@ -195,16 +238,10 @@ def validate_strategy_tool(strategy_json: str, model_dir: Optional[str] = None, 
     return {"ok": True, "strategy": s.model_dump(), "describe": s.describe()}
 
 
-# Rough throughput assumptions for estimate_cost (effective, not peak): CPU figures are for a few busy cores.
-_FLOPS = {"cpu": 3e10, "cuda": 5e13}
-_LOAD_SAVE_S = {"cpu": 4.0, "cuda": 6.0}     # per 100M parameters: load + save
-# Calibration passes relative to one forward over the calibration tokens (from runs on the default model).
-_CALIB_PASSES = {"gptq": 3, "awq": 20, "w8a8": 6, "sparsegpt": 4, "wanda": 2, "drop_layers": 1}
-
-
 def estimate_cost_tool(strategy_json: str, model_dir: Optional[str] = None, device: str = "cpu",
                        params_count: Optional[int] = None) -> dict:
     """A rough wall-time ESTIMATE per step from the step's params and the model's size (not a measurement)."""
+    from .methods.registry import estimate_step_seconds
     from .strategy import validate_strategy as _validate
 
     spec = _spec_or_none(model_dir)
@@ -213,31 +250,10 @@ def estimate_cost_tool(strategy_json: str, model_dir: Optional[str] = None, devi
     except StrategyError as e:
         return {"ok": False, "problems": e.problems}
     n = params_count or (spec.params if spec is not None else 135_000_000)
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    flops = _FLOPS[kind]
-    fwd_tok = 2.0 * n / flops            # seconds per token forward
-    io = _LOAD_SAVE_S[kind] * n / 1e8
-    steps = []
-    total = 0.0
-    for st in s.steps:
-        p, m = st.params, st.method
-        if m in _CALIB_PASSES:
-            secs = io + _CALIB_PASSES[m] * p["calib_samples"] * p["seq_len"] * fwd_tok
-        elif m == "autoround":
-            secs = io + p["iters"] * min(p["calib_samples"], 8) * p["seq_len"] * 3 * fwd_tok
-        elif m in ("distill", "lora"):
-            tok = p["steps"] * p["batch_size"] * p["seq_len"] * 0.6   # examples are shorter than seq_len on average
-            per = 3 * fwd_tok + (fwd_tok if m == "distill" else 0)
-            secs = io + tok * per
-        else:   # rtn, bnb, magnitude: data-free
-            secs = io + n * 2e-9
-        if p.get("avg_bits") is not None:   # mixed precision: one forward + backward per sensitivity window
-            secs += 3 * p["sensitivity_samples"] * p["sensitivity_seq_len"] * fwd_tok
-        secs = round(max(secs, 1.0), 1)
-        total += secs
-        steps.append({"method": m, "estimated_seconds": secs})
-    return {"ok": True, "estimate": True, "device": kind, "params": n, "steps": steps,
-            "total_estimated_seconds": round(total, 1),
+    steps = [{"method": st.method, "estimated_seconds": estimate_step_seconds(st.method, st.params, n, device)}
+             for st in s.steps]
+    return {"ok": True, "estimate": True, "device": "cuda" if device.startswith("cuda") else "cpu", "params": n,
+            "steps": steps, "total_estimated_seconds": round(sum(x["estimated_seconds"] for x in steps), 1),
             "note": "rough estimate from parameter count and assumed throughput; actual time is measured by the run"}
 
 
@@ -269,3 +285,8 @@ def bind_cards(directory: Optional[Path] = None) -> dict[str, tuple[AgentCard, l
     """Every card with its bound tools: {name: (card, [StructuredTool, ...])}."""
     return {n: (c, tools_for(c)) for n, c in load_cards(directory).items()}
 
+
+
+if __name__ == "__main__":
+    for _p in sync_cards():
+        print(f"updated {_p}")

@@ -1,32 +1,35 @@
-"""Compression methods. Each registered function takes (params, in_dir, out_dir, ctx) and writes a loadable model
-into out_dir (a temporary directory renamed into place only on success); it returns extra facts for the record."""
+"""Compression methods. Each implementation takes (params, in_dir, out_dir, ctx) and writes a loadable model into
+out_dir (a temporary directory renamed into place only on success); it returns extra facts for the record.
+
+Methods are declared in `acf.methods.registry` (one `MethodSpec` each, implementation included)."""
 
 from __future__ import annotations
 
 from .base import MethodFn, StepContext, StepRecord
 
-_IMPL: dict[str, str] = {
-    # name -> "module:function"; modules are imported only when a step runs (they pull in heavy libraries)
-    **{m: f"acf.methods.quantize:{m}" for m in ("gptq", "awq", "rtn", "autoround", "w8a8", "bnb_int8", "bnb_nf4")},
-    **{m: f"acf.methods.prune:{m}" for m in ("magnitude", "wanda", "sparsegpt", "drop_layers")},
-    "distill": "acf.methods.distill:distill",
-    "lora": "acf.methods.lora:lora",
-    "gguf": "acf.methods.gguf_export:gguf",
-}
+#: implementations run as steps without being declared methods (tests drive `run_strategy` with them); a declared
+#: method's implementation is its MethodSpec.impl
+_IMPL: dict[str, str] = {}
 
 
 def register(name: str, target: str) -> None:
+    """Run `target` ("module:function") for steps named `name` without declaring a method (no validation, search
+    or card): for tests. Declare real methods with `acf.methods.registry.register(MethodSpec(...))`."""
     _IMPL[name] = target
 
 
 def get_impl(name: str) -> MethodFn:
     import importlib
 
-    if name not in _IMPL:
+    from .registry import get
+
+    spec = get(name)
+    target = spec.impl if spec is not None else _IMPL.get(name)
+    if target is None:
         from ..errors import MethodFailed
 
         raise MethodFailed(name, "unavailable", f"no implementation registered for {name!r}")
-    mod, _, fn = _IMPL[name].partition(":")
+    mod, _, fn = target.partition(":")
     return getattr(importlib.import_module(mod), fn)
 
 

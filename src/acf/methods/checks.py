@@ -1,0 +1,52 @@
+"""Method-specific validation rules, referenced by their registrations (MethodSpec.check).
+
+Each check is pure: (where, filled params, model spec or None, device) -> problems. It sees only the model's shapes
+(acf.spec.ModelSpec), never its weights, so strategies are refused before any step runs, not inside a library.
+The rules every method shares (group sizes, N:M patterns, mixed precision, order, CUDA) stay in acf.strategy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+def drop_layers(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
+    """A selection of blocks that exists and leaves at least one block."""
+    out = []
+    n_layers = spec.num_layers if spec is not None else None
+    if p.by == "explicit":
+        if not p.layers:
+            out.append(f"{where}: by=explicit needs 'layers'")
+        elif n_layers is not None and any(l < 0 or l >= n_layers for l in p.layers):
+            out.append(f"{where}: layer indices must lie in 0..{n_layers - 1}")
+        elif n_layers is not None and len(set(p.layers)) >= n_layers:
+            out.append(f"{where}: cannot drop every one of the {n_layers} layers")
+    elif p.by == "weight_range":
+        if p.weight_range is None:
+            out.append(f"{where}: by=weight_range needs 'weight_range': [lo, hi]")
+    elif p.count is None and p.ratio is None:
+        out.append(f"{where}: give 'count' or 'ratio' of blocks to drop")
+    if p.count is not None and n_layers is not None and p.count >= n_layers:
+        out.append(f"{where}: count {p.count} must be below the model's {n_layers} layers")
+    return out
+
+
+def gguf(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
+    """GGUF types whose block size the layer widths admit (found by running every method family on tiny Llama,
+    Qwen2/3, Gemma2/3, Mistral and Phi3 models: tests/test_architectures.py)."""
+    from ..gguf import type_problems
+
+    widths = spec.linear_widths(("lm_head",)) if spec is not None else None
+    return [f"{where}: {m}" for m in type_problems(p.type, widths, p.overrides, p.strict_shapes)]
+
+
+def lora(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
+    """LoRA targets that name Linear layers of this model: e.g. a model whose projections are named
+    c_attn/query_key_value would have peft adapt nothing."""
+    if spec is None:
+        return []
+    leaves = {l.name.rsplit(".", 1)[-1] for l in spec.linears if not l.name.endswith("lm_head")}
+    if leaves and not set(p.targets) & leaves:
+        return [f"{where}: none of the LoRA targets {p.targets} is a Linear layer of this model; its layers are "
+                f"named {', '.join(sorted(leaves))}"]
+    return []

@@ -1,0 +1,416 @@
+"""The method registry: every compression method is declared here once, and everything else reads it.
+
+A method used to be spread over eight places (its params class and a METHODS row, an implementation table, the
+search space's choices/suggest/grid, the planner's inverse mapping, two cost models and the agent cards), and they
+drifted apart (autoround had a card but no place in the search space). A `MethodSpec` now carries all of it:
+
+* name, kind, params model (validation, `acf methods`, the planner prompt),
+* `impl`, the implementation as "module:function" (imported only when a step runs: it pulls in torch),
+* `search`, a `SearchFragment`: how the Optuna space proposes the method's params, the inverse mapping the planner
+  uses to replay a proposal as a trial, and its preset-grid entries,
+* `cost`, a `CostModel` read by the approval estimate, preflight and the `estimate_cost` tool alike,
+* `card` and `card_ranges`: which agent card (agents/*.md) offers it and the ranges that card shows,
+* `check`: its own validation rules beyond the params model (acf.methods.checks); flags read by validation and
+  preflight (needs_cuda, group_sized, needs_teacher).
+
+`register(MethodSpec(...))` is the whole contract for a new method. The module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
+
+from pydantic import BaseModel
+
+from . import checks
+from .params import (AWQParams, AutoRoundParams, BnbInt8Params, BnbNF4Params, DistillParams, DropLayersParams,
+                     GGUFParams, GPTQParams, LoraParams, MagnitudeParams, RTNParams, SparsityParams, W8A8Params)
+
+Kind = Literal["quantize", "prune", "distill", "lora"]
+KINDS: tuple[str, ...] = ("quantize", "prune", "distill", "lora")
+#: the search space's slot for each kind: prune -> recover (distill/lora) -> quant
+SLOT_OF_KIND = {"prune": "prune", "distill": "recover", "lora": "recover", "quantize": "quant"}
+SLOTS = ("prune", "recover", "quant")
+
+# ---- the cost model ------------------------------------------------------------------------------------------------
+
+#: effective (not peak) throughput; the CPU figure is for a few busy cores
+FLOPS = {"cpu": 3e10, "cuda": 5e13}
+#: seconds per 100M parameters to load and save a model
+LOAD_SAVE_S = {"cpu": 4.0, "cuda": 6.0}
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A step's compute time beyond load and save, from its filled params: `compute(params, n_params, fwd_tok)`
+    where fwd_tok is the seconds one forward token takes on the device. One model for every reader (approval
+    estimate, preflight, the `estimate_cost` tool), so the numbers they show agree."""
+
+    compute: Callable[[dict, int, float], float]
+    how: str = ""
+
+
+def calibrated(passes: float) -> CostModel:
+    """`passes` forwards over the calibration tokens (measured relative costs on the default model)."""
+    return CostModel(lambda p, n, f: passes * p["calib_samples"] * p["seq_len"] * f,
+                     f"{passes:g} forward passes over the calibration tokens")
+
+
+def data_free() -> CostModel:
+    """A pass over the weights only (RTN, bitsandbytes, magnitude pruning)."""
+    return CostModel(lambda p, n, f: n * 2e-9, "one pass over the weights")
+
+
+def training(teacher: bool) -> CostModel:
+    """Forward + backward per training token (examples are ~0.6 of seq_len on average); a teacher adds a forward."""
+    return CostModel(lambda p, n, f: p["steps"] * p["batch_size"] * p["seq_len"] * 0.6 * (4 if teacher else 3) * f,
+                     "forward + backward per training token" + (" plus the teacher's forward" if teacher else ""))
+
+
+def _autoround_cost() -> CostModel:
+    return CostModel(lambda p, n, f: p["iters"] * min(p["calib_samples"], 8) * p["seq_len"] * 3 * f,
+                     "iters x forward + backward over up to 8 calibration samples")
+
+
+def _gguf_cost() -> CostModel:
+    imatrix = calibrated(1)
+    return CostModel(lambda p, n, f: n * 2e-9 + (imatrix.compute(p, n, f) if p.get("imatrix") else 0.0),
+                     "one pass over the weights, plus a forward over the calibration text for the importance matrix")
+
+
+def estimate_step_seconds(method: str, params: dict, n_params: int, device: str) -> float:
+    """Rough wall seconds of one step (an ESTIMATE, never a measurement): load + save, the method's compute, and
+    the mixed-precision sensitivity pass when the step allocates bits (`avg_bits`)."""
+    spec = get(method)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    fwd_tok = 2.0 * n_params / FLOPS[kind]
+    secs = LOAD_SAVE_S[kind] * n_params / 1e8
+    try:
+        p = spec.params.model_validate(params).model_dump() if spec is not None else None
+    except ValueError:   # an invalid step is refused by validation, not here: count its load and save only
+        p = None
+    if spec is not None and p is not None:
+        secs += spec.cost.compute(p, n_params, fwd_tok)
+        if p.get("avg_bits") is not None:   # one forward + backward per sensitivity window
+            secs += 3 * p["sensitivity_samples"] * p["sensitivity_seq_len"] * fwd_tok
+    return round(max(secs, 1.0), 1)
+
+
+# ---- the search-space fragment -----------------------------------------------------------------------------------
+
+def _no_grid(space: Any) -> list[dict]:
+    return []
+
+
+@dataclass(frozen=True)
+class SearchFragment:
+    """How the Optuna search space (acf.search.SearchSpace) proposes one method, in its kind's slot.
+
+    suggest(trial, space) -> the step's params, asking the trial for what varies (names are Optuna parameter
+    names, shared between methods of a slot: 'group_size' means the same choices for every quantizer).
+    trial_params(step_params, space) -> the Optuna params that make `suggest` yield these step params, or None
+    when no choice of the space does (the planner replays its proposals through this; the result is checked by
+    replaying, so a wrong inverse only loses the mapping, never tells a wrong result).
+    grid(space) -> this method's entries of the preset grid (sampler=grid), as Optuna params.
+    rank orders the slot's choices (Optuna categoricals keep their order); grid_rank orders the preset grid.
+    default: part of the space when a run does not name its methods (gguf and autoround are asked for by name).
+    """
+
+    suggest: Callable[[Any, Any], dict]
+    trial_params: Callable[[dict, Any], Optional[dict]]
+    grid: Callable[[Any], list[dict]] = _no_grid
+    rank: int = 100
+    grid_rank: Optional[int] = None
+    default: bool = True
+
+
+def no_params(calib: bool = False, rank: int = 100, default: bool = True) -> SearchFragment:
+    """A method the space proposes with its defaults (plus the run's calibration settings when it calibrates)."""
+    return SearchFragment(suggest=lambda trial, space: dict(space.calib) if calib else {},
+                          trial_params=lambda params, space: {}, grid=lambda space: [{}], rank=rank, default=default)
+
+
+def weight_sparsity(calib: bool, rank: int, grid_rank: int) -> SearchFragment:
+    """Unstructured sparsity in steps of 0.1 (or the space's list), or the 2:4 pattern (sparsity 0.5)."""
+
+    def suggest(trial, space) -> dict:
+        pattern = trial.suggest_categorical("pattern", space.patterns)
+        if pattern == "2:4":
+            sp = 0.5
+        elif space.sparsities:
+            sp = trial.suggest_categorical("sparsity", space.sparsities)
+        else:
+            sp = trial.suggest_float("sparsity", 0.2, 0.6, step=0.1)
+        params: dict[str, Any] = {"sparsity": round(sp, 2), "pattern": pattern}
+        if calib:
+            params.update(space.calib)
+        return params
+
+    def trial_params(params: dict, space) -> dict:
+        pat = params.get("pattern", "unstructured")
+        return {"pattern": pat, "sparsity": params.get("sparsity", 0.5)} if pat == "unstructured" else {"pattern": pat}
+
+    return SearchFragment(suggest, trial_params, lambda space: [{"pattern": "unstructured", "sparsity": 0.5},
+                                                                {"pattern": "2:4"}], rank=rank, grid_rank=grid_rank)
+
+
+def _drop_layers_fragment() -> SearchFragment:
+    def suggest(trial, space) -> dict:
+        n = (int(trial.suggest_categorical("drop", space.drops)) if space.drops
+             else trial.suggest_int("drop", 1, space.max_drop))
+        return {"count": n, "by": "importance", **space.calib}
+
+    return SearchFragment(suggest, lambda params, space: None if params.get("count") is None else
+                          {"drop": params["count"]},
+                          lambda space: [{"drop": min(d, space.max_drop)} for d in (1, 2)], rank=3, grid_rank=13)
+
+
+def recovery(params_model: type[BaseModel], rank: int) -> SearchFragment:
+    """A recovery fine-tune (after pruning): the space chooses its number of steps."""
+    return SearchFragment(
+        suggest=lambda trial, space: {"steps": int(trial.suggest_categorical("recover_steps", space.recover_steps))},
+        trial_params=lambda params, space: {"recover_steps": params.get("steps", params_model().steps)},
+        rank=rank)
+
+
+def weight_quant(params_model: type[BaseModel], rank: int, *, mixed: bool, calib: bool, act_order: bool = False,
+                 fixed_bits: Optional[int] = None, in_grid: bool = True, default: bool = True) -> SearchFragment:
+    """Integer weight quantization: uniform (bits, group size) or, for `mixed` methods, an effective-bits budget
+    allocated per layer (acf.methods.mixed); optionally act-order (GPTQ)."""
+    defaults = params_model()
+
+    def suggest(trial, space) -> dict:
+        prec = "uniform"
+        if mixed and space.precisions != ["uniform"]:
+            prec = trial.suggest_categorical("precision", space.precisions)
+        if prec == "uniform":
+            bits = fixed_bits if fixed_bits is not None else int(trial.suggest_categorical("bits", space.bits))
+            g = trial.suggest_categorical("group_size", space.group_sizes)
+            params: dict[str, Any] = {"bits": bits, "group_size": None if g == "channel" else int(g)}
+        else:
+            params = {"avg_bits": float(prec), "sensitivity_seq_len": space.calib["seq_len"],
+                      "sensitivity_samples": min(16, space.calib["calib_samples"])}
+        if act_order:
+            params["act_order"] = bool(trial.suggest_categorical("act_order", space.act_order))
+        if calib:
+            params.update(space.calib)
+        return params
+
+    def trial_params(params: dict, space) -> Optional[dict]:
+        p: dict[str, Any] = {}
+        avg_bits = params.get("avg_bits")
+        if mixed and getattr(space, "precisions", ["uniform"]) != ["uniform"]:
+            p["precision"] = "uniform" if avg_bits is None else _precision_choice(avg_bits, space.precisions)
+        elif avg_bits is not None:
+            return None
+        if avg_bits is None:
+            if fixed_bits is None:
+                p["bits"] = params.get("bits", getattr(defaults, "bits"))
+            gs = params.get("group_size", getattr(defaults, "group_size"))
+            p["group_size"] = "channel" if gs is None else str(gs)
+        if act_order:
+            p["act_order"] = bool(params.get("act_order", getattr(defaults, "act_order")))
+        return p
+
+    def grid(space) -> list[dict]:
+        if not in_grid:
+            return []
+        out = []
+        for b in ([fixed_bits] if fixed_bits is not None else [4, 8]):
+            d: dict[str, Any] = {"group_size": space._largest_group()}
+            if fixed_bits is None:
+                d["bits"] = b
+            if act_order:
+                d["act_order"] = False
+            if mixed:
+                d["precision"] = "uniform"
+            out.append(d)
+        return out
+
+    return SearchFragment(suggest, trial_params, grid, rank=rank, default=default)
+
+
+def _precision_choice(avg_bits: float, choices: list[str]) -> Optional[str]:
+    """The search space's precision choice for a budget ("5.0" for 5), None when the space has no such budget."""
+    for c in choices:
+        if c != "uniform" and abs(float(c) - float(avg_bits)) < 1e-9:
+            return c
+    return None
+
+
+def _gguf_fragment() -> SearchFragment:
+    def suggest(trial, space) -> dict:
+        params: dict[str, Any] = {"type": trial.suggest_categorical("gguf_type", space.gguf_types)}
+        params["imatrix"] = bool(trial.suggest_categorical("gguf_imatrix", space.gguf_imatrix))
+        if params["imatrix"]:
+            params.update(space.calib)
+        return params
+
+    return SearchFragment(suggest, lambda params, space: {"gguf_type": params.get("type", GGUFParams().type),
+                                                          "gguf_imatrix": bool(params.get("imatrix", True))},
+                          rank=6, default=False)
+
+
+# ---- the spec and the registry -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One compression method, declared once (see the module docstring for who reads which field)."""
+
+    name: str
+    kind: Kind
+    params: type[BaseModel]
+    impl: str                                   # "module:function"; (params, in_dir, out_dir, StepContext) -> dict
+    description: str
+    library: str
+    cost: CostModel
+    card: str                                   # the agent card offering it: quantization | pruning | lora | ...
+    card_ranges: dict[str, Any] = field(default_factory=dict)
+    search: Optional[SearchFragment] = None     # None: runs when named, never proposed by the search
+    needs_cuda: bool = False
+    group_sized: bool = False                   # has a group_size that must divide the layer widths
+    needs_teacher: bool = False                 # loads the uncompressed model beside the student (preflight)
+    #: the method's own validation rules beyond its params model: (where, params, spec, device) -> problems
+    check: Optional[Callable[[str, Any, Any, str], list[str]]] = None
+
+    @property
+    def slot(self) -> str:
+        return SLOT_OF_KIND[self.kind]
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Declare a method (or replace one of the same name). Checked here so a bad declaration fails at import, not
+    half-way through a run."""
+    problems = []
+    if spec.kind not in KINDS:
+        problems.append(f"kind {spec.kind!r} is not one of {', '.join(KINDS)}")
+    if not (isinstance(spec.params, type) and issubclass(spec.params, BaseModel)):
+        problems.append("params must be a pydantic model class")
+    if spec.impl.count(":") != 1:
+        problems.append(f"impl {spec.impl!r} must be 'module:function'")
+    if not spec.name or not spec.name.replace("_", "").isalnum() or spec.name == "none":
+        problems.append(f"name {spec.name!r} must be a word other than 'none'")
+    if problems:
+        raise ValueError(f"method {spec.name!r}: " + "; ".join(problems))
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> Optional[MethodSpec]:
+    return _REGISTRY.get(name)
+
+
+def all_methods() -> dict[str, MethodSpec]:
+    """The live registry (name -> spec), in declaration order."""
+    return _REGISTRY
+
+
+def choices(slot: str, everything: bool = False) -> list[str]:
+    """The search space's choices for a slot, 'none' first: the default space, or every searchable method."""
+    ms = [m for m in _REGISTRY.values() if m.slot == slot and m.search is not None
+          and (everything or m.search.default)]
+    return ["none"] + [m.name for m in sorted(ms, key=lambda m: m.search.rank)]  # type: ignore[union-attr]
+
+
+def grid_methods() -> list[MethodSpec]:
+    """Searchable methods in preset-grid order."""
+    ms = [m for m in _REGISTRY.values() if m.search is not None]
+    return sorted(ms, key=lambda m: m.search.rank if m.search.grid_rank is None else m.search.grid_rank)  # type: ignore
+
+
+# ---- the built-in methods ------------------------------------------------------------------------------------------
+
+_CAL = {"calib_samples": [32, 512], "seq_len": [256, 2048]}
+_GROUPS = [32, 64, 128, None]
+
+for _spec in [
+    MethodSpec(name="gptq", kind="quantize", params=GPTQParams, impl="acf.methods.quantize:gptq",
+               library="llmcompressor GPTQModifier", group_sized=True,
+               description="GPTQ weight quantization (second-order, calibrated)", cost=calibrated(3),
+               search=weight_quant(GPTQParams, 0, mixed=True, calib=True, act_order=True), card="quantization",
+               card_ranges={"bits": [2, 3, 4, 8], "group_size": _GROUPS, "symmetric": [True, False],
+                            "act_order": [False, True], **_CAL, "avg_bits": [3.5, 6.0]}),
+    MethodSpec(name="awq", kind="quantize", params=AWQParams, impl="acf.methods.quantize:awq",
+               library="llmcompressor AWQModifier", group_sized=True, description="activation-aware weight quantization",
+               cost=calibrated(20), search=weight_quant(AWQParams, 1, mixed=False, calib=True, fixed_bits=4),
+               card="quantization", card_ranges={"bits": [4, 8], "group_size": _GROUPS, "symmetric": [False, True],
+                                                 "calib_samples": [32, 256], "seq_len": [256, 1024]}),
+    MethodSpec(name="rtn", kind="quantize", params=RTNParams, impl="acf.methods.quantize:rtn",
+               library="llmcompressor QuantizationModifier", group_sized=True,
+               description="round-to-nearest weight quantization (no calibration)", cost=data_free(),
+               search=weight_quant(RTNParams, 2, mixed=True, calib=False), card="quantization",
+               card_ranges={"bits": [4, 8], "group_size": _GROUPS, "symmetric": [True, False],
+                            "avg_bits": [3.5, 6.0]}),
+    MethodSpec(name="autoround", kind="quantize", params=AutoRoundParams, impl="acf.methods.quantize:autoround",
+               library="llmcompressor AutoRoundModifier", group_sized=True,
+               description="AutoRound: signed-gradient rounding optimisation", cost=_autoround_cost(),
+               search=weight_quant(AutoRoundParams, 7, mixed=False, calib=True, in_grid=False, default=False),
+               card="quantization", card_ranges={"bits": [2, 3, 4], "group_size": [32, 64, 128], "iters": [50, 500],
+                                                 "calib_samples": [32, 256], "seq_len": [256, 2048]}),
+    MethodSpec(name="w8a8", kind="quantize", params=W8A8Params, impl="acf.methods.quantize:w8a8",
+               library="llmcompressor SmoothQuant + GPTQ W8A8",
+               description="int8 weights and activations with SmoothQuant", cost=calibrated(6),
+               search=no_params(calib=True, rank=3), card="quantization",
+               card_ranges={"smoothing_strength": [0.5, 0.95], **_CAL}),
+    MethodSpec(name="bnb_int8", kind="quantize", params=BnbInt8Params, impl="acf.methods.quantize:bnb_int8",
+               library="bitsandbytes LLM.int8()", description="bitsandbytes int8 (CPU and CUDA)", cost=data_free(),
+               search=no_params(rank=5), card="quantization", card_ranges={"threshold": [4.0, 8.0]}),
+    MethodSpec(name="bnb_nf4", kind="quantize", params=BnbNF4Params, impl="acf.methods.quantize:bnb_nf4",
+               library="bitsandbytes 4-bit", description="bitsandbytes NF4/FP4 (CPU and CUDA; QLoRA base)",
+               cost=data_free(), search=no_params(rank=4), card="quantization",
+               card_ranges={"quant_type": ["nf4", "fp4"], "double_quant": [True, False]}),
+    MethodSpec(name="gguf", kind="quantize", params=GGUFParams, impl="acf.methods.gguf_export:gguf",
+               library="llama.cpp (convert_hf_to_gguf.py + llama_model_quantize via llama-cpp-python)",
+               description="GGUF export for llama.cpp (k-quants, IQ4, Q8_0/Q4_0) with an importance matrix",
+               cost=_gguf_cost(), search=_gguf_fragment(), card="quantization", check=checks.gguf,
+               card_ranges={"type": ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M"],
+                            "imatrix": [True, False], "calib_samples": [32, 256], "seq_len": [256, 1024]}),
+    MethodSpec(name="magnitude", kind="prune", params=MagnitudeParams, impl="acf.methods.prune:magnitude",
+               library="llmcompressor MagnitudePruningModifier", description="prune the smallest-magnitude weights",
+               cost=data_free(), search=weight_sparsity(calib=False, rank=0, grid_rank=12), card="pruning",
+               card_ranges={"sparsity": [0.1, 0.7], "pattern": ["unstructured", "2:4"]}),
+    MethodSpec(name="wanda", kind="prune", params=SparsityParams, impl="acf.methods.prune:wanda",
+               library="llmcompressor WandaPruningModifier", description="Wanda: |W| x input-activation norm",
+               cost=calibrated(2), search=weight_sparsity(calib=True, rank=1, grid_rank=11), card="pruning",
+               card_ranges={"sparsity": [0.1, 0.7], "pattern": ["unstructured", "2:4", "4:8"],
+                            "calib_samples": [16, 256], "seq_len": [256, 2048]}),
+    MethodSpec(name="sparsegpt", kind="prune", params=SparsityParams, impl="acf.methods.prune:sparsegpt",
+               library="llmcompressor SparseGPTModifier", description="SparseGPT: second-order one-shot pruning",
+               cost=calibrated(4), search=weight_sparsity(calib=True, rank=2, grid_rank=10), card="pruning",
+               card_ranges={"sparsity": [0.1, 0.7], "pattern": ["unstructured", "2:4", "4:8"],
+                            "calib_samples": [16, 256], "seq_len": [256, 2048]}),
+    MethodSpec(name="drop_layers", kind="prune", params=DropLayersParams, impl="acf.methods.prune:drop_layers",
+               library="acf (hand-written: no library removes decoder blocks by measured importance)",
+               description="depth pruning: remove whole decoder blocks", cost=calibrated(1),
+               search=_drop_layers_fragment(), card="pruning", check=checks.drop_layers,
+               card_ranges={"by": ["importance", "last", "first", "weight_range", "explicit"],
+                            "count": [1, "num_layers/2"], "ratio": [0.05, 0.5], "calib_samples": [8, 128],
+                            "seq_len": [128, 1024]}),
+    MethodSpec(name="distill", kind="distill", params=DistillParams, impl="acf.methods.distill:distill",
+               library="acf + torch (KL at temperature T + CE)",
+               description="knowledge distillation from the uncompressed teacher", cost=training(teacher=True),
+               search=recovery(DistillParams, 1), card="distillation", needs_teacher=True,
+               card_ranges={"steps": [20, 2000], "lr": [1.0e-5, 5.0e-4], "temperature": [1.0, 4.0],
+                            "alpha": [0.3, 0.9], "batch_size": [2, 16], "seq_len": [128, 512],
+                            "samples": [128, 4096]}),
+    MethodSpec(name="lora", kind="lora", params=LoraParams, impl="acf.methods.lora:lora",
+               library="peft LoRA, merged with merge_and_unload",
+               description="LoRA recovery fine-tune (QLoRA on a bnb 4-bit base)", cost=training(teacher=False),
+               search=recovery(LoraParams, 0), card="lora", check=checks.lora,
+               card_ranges={"rank": [4, 64], "alpha": [8, 128], "dropout": [0.0, 0.1], "steps": [20, 2000],
+                            "lr": [5.0e-5, 1.0e-3], "batch_size": [2, 16], "seq_len": [128, 512],
+                            "samples": [128, 4096], "qlora": [False, True],
+                            "targets": [["q_proj", "k_proj", "v_proj", "o_proj"],
+                                        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                         "down_proj"]]}),
+]:
+    register(_spec)
+del _spec
