@@ -36,8 +36,9 @@ demo: install
 	$(PY) run_pipeline.py --model smollm2-135m --dataset gsm8k --episodes 4 --limit 40 --proxy-limit 16 \
 	  --calib-samples 16 --seq-len 256 --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# Two xdist workers, whole files each (module fixtures such as a pipeline run are built once): CI's two cores.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

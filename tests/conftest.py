@@ -11,6 +11,21 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("ACF_DATA_DIR", str((ROOT / ".." / "shared" / "data").resolve()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on CI's two cores: one compute thread each (torch, OpenMP,
+    # llama.cpp, and the CLI subprocesses the tests start, which inherit this environment), so the two workers do
+    # not oversubscribe the cores with spinning thread pools.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ACF_LLAMA_THREADS"):
+        os.environ.setdefault(var, "1")
+
+
+def pytest_configure(config):
+    """With xdist, import the default model once in the controller before workers start: two workers importing it
+    into the cache at the same time would each clear the other's partial directory."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        from acf.models import resolve_model
+
+        resolve_model("smollm2-135m")
 
 
 def _has_cuda() -> bool:
