@@ -91,7 +91,7 @@ def test_default_model_integration(smol_dir, data_root, tmp_path):
     """Real SmolLM2-135M: answer NLL on 4 items and accuracy on 2, through the CLI with --json."""
     out = tmp_path / "out.json"
     r = _acf("eval", "--model", "smollm2-135m", "--dataset", "gsm8k", "--limit", "4", "--metrics",
-             "answer_nll,accuracy,size,params", "--max-new-tokens", "160", "--json", str(out))
+             "answer_nll,accuracy,size,params", "--max-new-tokens", "96", "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     nll = d["metrics"]["answer_nll"]

@@ -335,6 +335,30 @@ def quant_method(path: Path) -> Optional[str]:
     return q.get("quant_method")
 
 
+_FROZEN = False
+
+
+def freeze_library_objects() -> None:
+    """Import the heavy libraries and move every object alive now into gc's permanent generation, once a process.
+
+    Why: `free()` runs a full `gc.collect()` between steps so models are released one at a time; with torch,
+    transformers and llm-compressor loaded, each full collection walks over a million long-lived library objects
+    (measured here: 0.3 s a collection, 32 of them in a 3-episode run of the tiny test model, a quarter of its
+    time). Frozen objects are skipped by every later collection. Called before any model is loaded, so what it
+    freezes is module-level state that would never be garbage anyway (`gc.freeze`, Python >= 3.7)."""
+    global _FROZEN
+    if _FROZEN:
+        return
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    if importlib.util.find_spec("llmcompressor") is not None:
+        import llmcompressor  # noqa: F401
+    gc.collect()
+    gc.freeze()
+    _FROZEN = True
+
+
 def free(*objs: Any) -> None:
     """Release models between steps so peak memory reflects one model at a time."""
     import torch

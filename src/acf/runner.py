@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from .atomic import write_text
 from .errors import AcfError, RunDirError
+from .models import freeze_library_objects
 from .pipeline import RunConfig, RunContext, validate_config
 
 THREAD = {"configurable": {"thread_id": "acf-run"}, "recursion_limit": 100000}
@@ -107,6 +108,7 @@ class Pipeline:
 
     def start(self) -> Optional[dict]:
         """Run until the next approval request (returned) or the end (None)."""
+        freeze_library_objects()
         snap = self.graph.get_state(THREAD)
         if self.pending() is not None:
             return self.pending()

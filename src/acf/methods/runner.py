@@ -221,6 +221,9 @@ def run_strategy(strategy: Any, model_dir: str | Path, out_dir: str | Path, ctx:
     are removed at the end. Logs: `<log_dir or out_dir.logs>/step-NN-<method>.log`.
     An empty strategy (the baseline) copies the model into `out_dir` so callers always find the result there.
     """
+    from ..models import freeze_library_objects
+
+    freeze_library_objects()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     steps = list(getattr(strategy, "steps", strategy))
     log_dir = Path(log_dir) if log_dir else out_dir.with_name(out_dir.name + ".logs")
