@@ -1178,9 +1178,9 @@ def worker_cmd(
     """Join a shared search and run its episodes (one Optuna trial each) until the shared budget is used."""
     from rich.console import Console
 
-    from .cli import _setup_logging
+    from .logsetup import setup_logging
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     w = Worker(storage, study, device=device, artifacts=artifacts, console=Console(), max_episodes=max_episodes,
                heartbeat_interval=heartbeat_interval, grace_period=grace_period, connect_timeout=connect_timeout)
     n = w.run()

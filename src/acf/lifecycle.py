@@ -343,7 +343,7 @@ def _load_base(base: Path, adapter_type: str, device: str, training: bool = True
 def _plot_losses(path: Path, train: list[float], evals: list[tuple[int, float]], title: str) -> None:
     from matplotlib.figure import Figure
 
-    from .report import _save
+    from .report import save_figure
 
     fig = Figure(figsize=(6, 3.6))
     ax = fig.add_subplot(111)
@@ -355,7 +355,7 @@ def _plot_losses(path: Path, train: list[float], evals: list[tuple[int, float]],
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _answer_loss(model, b: dict, causal_ce):

@@ -28,8 +28,8 @@ from .planner import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, check_settings as check
 from .provenance import Measurement, device_string, git_commit, runtime_string
 from .reward import PRESETS, recommend, retention, reward
 from .search import SAMPLERS, SearchSpace, fail_stale_trials, open_study, trial_for
-from .state import (Candidate, FrontierFile, HVPoint, Recommendation, RunMeta, load_frontier_file, now,
-                    save_frontier_file)
+from .state import (Candidate, FrontierFile, HVPoint, Recommendation, RunMeta, episodes_recorded, load_frontier_file,
+                    now, save_frontier_file)
 from .strategy import Strategy, validate_strategy
 
 if TYPE_CHECKING:
@@ -512,7 +512,7 @@ def _fmt(name: str, v: float) -> str:
 
 
 def episodes_done(ctx: RunContext) -> int:
-    return 0 if ctx.ff is None else len(ctx.ff.candidates)
+    return episodes_recorded(ctx.ff)
 
 
 def stop_reason(ctx: RunContext) -> Optional[str]:

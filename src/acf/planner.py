@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field, ValidationError
 from .errors import AcfError, StrategyError
 from .methods.registry import SLOTS, get as get_method
 from .search import SearchSpace, trial_for
+from .state import episodes_recorded
 from .strategy import METHODS, Step, Strategy, method_table, validate_strategy
 
 log = logging.getLogger(__name__)
@@ -273,10 +274,8 @@ class Planner:
     # ---- what ---------------------------------------------------------------------------------------------------
     def propose(self, ctx) -> Optional[dict]:
         """One planner turn: ask, validate, register with Optuna. None (rejection logged) lets Optuna propose."""
-        from .pipeline import episodes_done
-
         self._restore(ctx)
-        episode = episodes_done(ctx) + 1
+        episode = episodes_recorded(ctx.ff) + 1
         self.calls += 1
         t0 = time.time()
         tool_calls: list[dict] = []

@@ -277,7 +277,7 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
                                       batch_size=batch_size, label=f"{task.name} test items",
                                       progress=(lambda k: prog.advance(tid, k)) if prog else None))
         if "kld_general" in metrics:
-            out["kld_general"] = _kld_general(model, tok, fidelity, batch_size, prog)
+            out["kld_general"] = measure_kld_general(model, tok, fidelity, batch_size, prog)
         if "accuracy" in generic:
             acc_items = items[:accuracy_limit] if accuracy_limit else items
             tid = prog.add_task("accuracy (generation)", total=len(acc_items)) if prog else None
@@ -295,7 +295,7 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
                       seconds=round(time.perf_counter() - t0, 3))
 
 
-def _kld_general(model, tok, fidelity: Fidelity, batch_size, prog) -> Measurement:
+def measure_kld_general(model, tok, fidelity: Fidelity, batch_size, prog) -> Measurement:
     from .general_text import general_note
 
     if fidelity.general is None or not fidelity.general_seqs:
