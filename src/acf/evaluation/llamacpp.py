@@ -177,7 +177,7 @@ def evaluate_gguf(model_dir: Path, task, metrics: Sequence[str], *, limit: Optio
     from ..gguf import GGUF_NAME, load_manifest, read_gguf
     from ..models import load_tokenizer
     from .fidelity import teacher_forced
-    from .runner import EvalResult, eval_items, measure_kld_general
+    from .shared import EvalResult, eval_items, measure_kld_general
     from .sequences import encode_prompt, task_sequences
 
     t0 = time.perf_counter()
