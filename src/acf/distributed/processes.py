@@ -41,7 +41,8 @@ def spawn_workers(k: int, url: str, study: str, device: str, run_dir: str | Path
         else:
             wdev = "cpu"
         cmd = [sys.executable, "-m", "acf.cli", "worker", "--storage", url, "--study", study, "--device", wdev,
-               "--artifacts", str(artifacts), "--heartbeat-interval", str(heartbeat), "--grace-period", str(grace)] + (extra or [])
+               "--artifacts", str(artifacts), "--heartbeat-interval", str(heartbeat), "--grace-period", str(grace),
+               *(extra or [])]
         f = open(logs / f"worker-{i}.log", "ab")
         procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
         f.close()

@@ -25,7 +25,8 @@ from .approval import make_pending, release, trial_proposal
 from .schema import (A_APPROVAL, A_BASELINE, A_BASELINE_CLAIM, A_CONFIG, A_RUN_META, A_SPEC, A_STARTED, A_STOP,
                      DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT, DEFAULT_GRACE, DEFAULT_HEARTBEAT, T_APPROVAL,
                      T_DUPLICATE, T_RECORD, T_WORKER)
-from .storage import Beat, fail_stale, first_line, load_study, make_storage, retry_db, study_config, trial_heartbeat, where
+from .storage import (Beat, fail_stale, first_line, load_study, make_storage, retry_db, study_config, trial_heartbeat,
+                      where)
 from .study import cid_for, frontier_from_study, prune_artifact_dirs
 
 log = logging.getLogger(__name__)
