@@ -316,23 +316,16 @@ def _load_base(base: Path, adapter_type: str, device: str, training: bool = True
 
     Evaluation loads a QLoRA adapter's base in 4-bit too: the adapter was fitted to the quantized weights.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from .models import load_model, load_tokenizer
 
     if adapter_type == "lora":
         return load_model(base, device)
     try:
         import bitsandbytes  # noqa: F401
-        from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=q, device_map={"": device})
-        if training:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        from .methods.lora import load_kbit   # the qlora method's loader: one 4-bit loading path
+
+        model = load_kbit(base, device, quantize_nf4=True, training=training)
     except Exception as e:  # noqa: BLE001 - any library failure means the same to the user
         raise AcfError(f"qlora cannot run on {device}: bitsandbytes 4-bit loading failed "
                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); use adapter_type lora") from None
@@ -394,8 +387,7 @@ def train(config: str | Path | TrainConfig, registry_path: Optional[str | Path] 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .methods._train import causal_ce, eval_loss
-    from .methods.calibration import batch_stream, collate
+    from .methods._train import NonFiniteLoss, adamw_steps, causal_ce, eval_loss
     from .models import free, resolve_device, resolve_model
 
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config)
@@ -416,7 +408,6 @@ def train(config: str | Path | TrainConfig, registry_path: Optional[str | Path] 
     tr_ex, ho_ex = _examples(tok, train_rows, cfg.seq_len), _examples(tok, held, cfg.seq_len)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     eval_curve = [(0, eval_loss(model, ho_ex, pad, device))]
     log(f"training {cfg.adapter_type} on {len(tr_ex)} rows ({len(ho_ex)} held out), base {base}, device {device}; "
         f"held-out loss {eval_curve[0][1]:.4f}")
@@ -424,24 +415,22 @@ def train(config: str | Path | TrainConfig, registry_path: Optional[str | Path] 
     t0, cap = time.perf_counter(), cfg.max_train_minutes * 60
     stopped = f"train_steps {cfg.train_steps} reached"
     model.train()
-    for step, batch in enumerate(batch_stream(tr_ex, cfg.batch_size, cfg.train_steps, cfg.seed), start=1):
-        b = collate(batch, pad, device)
-        loss = _answer_loss(model, b, causal_ce)
-        if not torch.isfinite(loss):
-            raise AcfError(f"training diverged: loss {loss.item()} at step {step} (lower lr {cfg.lr})")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        curve.append(round(float(loss.item()), 5))
-        if step % cfg.eval_steps == 0 or step == cfg.train_steps:
-            eval_curve.append((step, eval_loss(model, ho_ex, pad, device)))
-            log(f"step {step}/{cfg.train_steps} train loss {curve[-1]:.4f} held-out loss {eval_curve[-1][1]:.4f}")
-        if time.perf_counter() - t0 > cap:
-            stopped = f"max_train_minutes {cfg.max_train_minutes:g} reached at step {step}"
-            if eval_curve[-1][0] != step:
+    # the methods' AdamW loop (acf.methods._train); the loss projects only answer positions (`_answer_loss`)
+    stepper = adamw_steps(trainable, tr_ex, steps=cfg.train_steps, lr=cfg.lr, batch_size=cfg.batch_size, pad_id=pad,
+                          device=device, seed=cfg.seed, loss_of_batch=lambda b: (_answer_loss(model, b, causal_ce), {}))
+    try:
+        for step, loss, _ in stepper:
+            curve.append(round(float(loss.item()), 5))
+            if step % cfg.eval_steps == 0 or step == cfg.train_steps:
                 eval_curve.append((step, eval_loss(model, ho_ex, pad, device)))
-            break
+                log(f"step {step}/{cfg.train_steps} train loss {curve[-1]:.4f} held-out loss {eval_curve[-1][1]:.4f}")
+            if time.perf_counter() - t0 > cap:
+                stopped = f"max_train_minutes {cfg.max_train_minutes:g} reached at step {step}"
+                if eval_curve[-1][0] != step:
+                    eval_curve.append((step, eval_loss(model, ho_ex, pad, device)))
+                break
+    except NonFiniteLoss as e:
+        raise AcfError(f"training diverged: loss {e.value} at step {e.step} (lower lr {cfg.lr})") from None
     wall = time.perf_counter() - t0
     model.eval()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
