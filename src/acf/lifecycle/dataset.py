@@ -58,20 +58,22 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             with open(path, newline="", encoding="utf-8") as f:
                 return [dict(r) for r in csv.DictReader(f)]
         if suf in (".jsonl", ".ndjson"):
-            rows = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        obj = json.loads(line)
-                    except ValueError as e:
-                        raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
-                    if not isinstance(obj, dict):
-                        raise DataError(f"{path}:{i}: each line must be a JSON object")
-                    rows.append(obj)
-            return rows
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return [_jsonl_object(path, i, line) for i, line in enumerate(lines, 1) if line.strip()]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     raise DataError(f"{path}: expected a .csv or .jsonl file")
+
+
+def _jsonl_object(path: Path, i: int, line: str) -> dict:
+    """Line `i` of a .jsonl dataset as a dict, or a DataError naming the file and the line."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
+    if isinstance(obj, dict):
+        return obj
+    raise DataError(f"{path}:{i}: each line must be a JSON object")
 
 
 def row_field(row: dict, name: str) -> Any:
