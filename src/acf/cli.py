@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import AcfError
+from .logsetup import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="acf: find the best compressed version of a language model for a task.")
@@ -39,37 +39,6 @@ def _steps(value: str) -> list[int]:
     except ValueError:
         raise AcfError(f"--recover-steps takes whole numbers separated by commas, e.g. 25,50 (got {value!r})") from None
     return steps   # ranges are checked with the rest of the run's settings (pipeline.validate_config)
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "llmcompressor", "optuna", "httpx", "urllib3", "datasets", "bitsandbytes",
-                  "torch.fx._symbolic_trace"):   # the last: a deprecation notice from llm-compressor's tracing
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not verbose:
-        import warnings
-
-        warnings.filterwarnings("ignore")
-        try:
-            from transformers.utils import logging as tlog
-
-            tlog.set_verbosity_error()
-            tlog.disable_progress_bar()
-        except Exception:
-            pass
-        # llm-compressor configures loguru when it is first imported (lazily, inside the first step), replacing
-        # the sinks set below with an INFO console sink: per-module GPTQ metrics then flooded the terminal from
-        # the second episode on. Its own variable sets that sink's level: ERROR, because its METRIC level (38)
-        # ranks above WARNING. The step logs still get everything from INFO up.
-        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
-        try:
-            from loguru import logger  # llmcompressor logs through loguru
-
-            logger.remove()
-            logger.add(sys.stderr, level="WARNING")
-        except Exception:
-            pass
 
 
 @app.command()
@@ -138,7 +107,7 @@ def run(
     from .pipeline import DEFAULT_MAX_KLD, DEFAULT_OBJECTIVES, RunConfig
     from .runner import load_run_config, run_in_terminal
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     if resume is not None:
         cfg = load_run_config(resume)
         if model != "smollm2-135m" and model != cfg.model:
@@ -234,7 +203,7 @@ def eval_cmd(
     from .models import resolve_device, resolve_model
     from .tasks import get_task
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     if limit is not None and limit <= 0:
         raise AcfError(f"--limit must be a positive number of items (got {limit})")
     dev = resolve_device(device)
@@ -338,7 +307,7 @@ def spec(model: str = typer.Option("smollm2-135m"), as_json: bool = typer.Option
     from .models import resolve_model
     from .spec import infer_spec, spec_summary
 
-    _setup_logging(False)
+    setup_logging(False)
     s = infer_spec(resolve_model(model), trust_remote_code)
     d = spec_summary(s)
     if as_json:
@@ -406,7 +375,7 @@ def compress(
     from .strategy import parse_strategy, validate_strategy
     from .tasks import get_task
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     dev = resolve_device(device)
     strat = parse_strategy(strategy)
     if calib_samples:

@@ -153,7 +153,7 @@ def evaluate(ep: Episode, out: Outcome) -> Outcome:
         ctx.release()
     timings = {**out.get("timings", {}), "evaluate": round(time.time() - t0, 2)}
     out = {**out, "metrics": _dump(res.metrics), "predictions": res.predictions, "timings": timings}
-    ctx.say(P._metrics_line(ep.cid, res.metrics, ctx.cfg.objectives))
+    ctx.say(P.metrics_line(ep.cid, res.metrics, ctx.cfg.objectives))
     if ctx.cfg.controls:
         t1 = time.time()
         out["control"] = P.ensure_control(ctx, ep.strategy)

@@ -28,8 +28,8 @@ from .planner import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, check_settings as check
 from .provenance import Measurement, device_string, git_commit, runtime_string
 from .reward import PRESETS, recommend, retention, reward
 from .search import SAMPLERS, SearchSpace, fail_stale_trials, open_study, trial_for
-from .state import (Candidate, FrontierFile, HVPoint, Recommendation, RunMeta, load_frontier_file, now,
-                    save_frontier_file)
+from .state import (Candidate, FrontierFile, HVPoint, Recommendation, RunMeta, episodes_recorded, load_frontier_file,
+                    now, save_frontier_file)
 from .strategy import Strategy, validate_strategy
 
 if TYPE_CHECKING:
@@ -314,7 +314,7 @@ def init_run(ctx: RunContext) -> dict:
                        limit=cfg.limit, proxy_limit=cfg.proxy_limit, episodes=cfg.episodes, device=cfg.device,
                        device_name=device_string(cfg.device), acf_version=__version__, git_commit=git_commit(),
                        runtime=runtime_string(), created_at=now(), updated_at=now(), command=cfg.command,
-                       study_name=cfg.study(), storage=_redact(cfg.storage_url()), max_kld=cfg.max_kld,
+                       study_name=cfg.study(), storage=redact(cfg.storage_url()), max_kld=cfg.max_kld,
                        item_sets=item_sets(cfg))
         from .spec import spec_summary
 
@@ -341,7 +341,7 @@ def item_sets(cfg: RunConfig) -> dict[str, Any]:
             "calibration_and_training": "train split, in the prompt format evaluation uses"}
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """Storage URLs may carry a password; it never reaches frontier.json or logs."""
     import re
 
@@ -407,9 +407,9 @@ def evaluate_baseline(ctx: RunContext, model_path: str) -> None:
                      finished_at=now())
     ctx.ff.baseline = cand
     write_json(ctx.dir / "baseline_predictions.json", res.predictions)
-    _refresh(ctx)
+    refresh_frontier(ctx)
     ctx.save()
-    ctx.say(_metrics_line("baseline", res.metrics, ctx.cfg.objectives))
+    ctx.say(metrics_line("baseline", res.metrics, ctx.cfg.objectives))
 
 
 def recorded_sanity(ctx: RunContext) -> Optional["SanityReport"]:
@@ -487,7 +487,7 @@ def objective_values(objectives: list[str], metrics: dict[str, Measurement]) -> 
     return {o: metrics[o].value for o in objectives if o in metrics and metrics[o].value is not None}
 
 
-def _metrics_line(label: str, metrics: dict[str, Measurement], objectives: list[str]) -> str:
+def metrics_line(label: str, metrics: dict[str, Measurement], objectives: list[str]) -> str:
     parts = []
     for o in list(dict.fromkeys(objectives + ["kld", "top1", "answer_nll", "accuracy", "size"])):
         m = metrics.get(o)
@@ -512,7 +512,7 @@ def _fmt(name: str, v: float) -> str:
 
 
 def episodes_done(ctx: RunContext) -> int:
-    return 0 if ctx.ff is None else len(ctx.ff.candidates)
+    return episodes_recorded(ctx.ff)
 
 
 def stop_reason(ctx: RunContext) -> Optional[str]:
@@ -554,7 +554,7 @@ def propose(ctx: RunContext) -> dict:
         if prev is None:
             return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
                     "proposed_by": _proposer(ctx, trial), "t_propose": round(time.time() - t0, 3)}
-        _tell_like(ctx, trial, prev)
+        tell_like(ctx, trial, prev)
     raise AcfError("the search space is exhausted: 50 proposals in a row repeated evaluated strategies")
 
 
@@ -575,9 +575,9 @@ def _proposer(ctx: RunContext, trial: optuna.Trial) -> str:
     return f"optuna:{ctx.cfg.sampler}"
 
 
-def _tell_like(ctx: RunContext, trial: optuna.Trial, prev: Candidate) -> None:
+def tell_like(ctx: RunContext, trial: optuna.Trial, prev: Candidate) -> None:
     if prev.status == "ok" and len(prev.objectives) == len(ctx.cfg.objectives):
-        _set_constraint(ctx, trial, prev)
+        set_constraint(ctx, trial, prev)
         ctx.study.tell(trial, [prev.objectives[o] for o in ctx.cfg.objectives])
     elif prev.status == "pruned":
         ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -585,7 +585,7 @@ def _tell_like(ctx: RunContext, trial: optuna.Trial, prev: Candidate) -> None:
         ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
-def _set_constraint(ctx: RunContext, trial: optuna.Trial, cand: Candidate) -> None:
+def set_constraint(ctx: RunContext, trial: optuna.Trial, cand: Candidate) -> None:
     """Optuna constraints (feasible when <= 0): task-quality retention and kld, each set on every told trial."""
     if ctx.cfg.min_retention is not None:
         ret = cand.retention
@@ -776,7 +776,7 @@ def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
         cand.artifact, cand.artifact_kept = None, False
     ff.controls.append(cand)
     ctx.save()
-    ctx.say(_metrics_line(cid, cand.metrics, ctx.cfg.objectives) if cand.status == "ok"
+    ctx.say(metrics_line(cid, cand.metrics, ctx.cfg.objectives) if cand.status == "ok"
             else f"  [red]control {cid} failed[/]: {cand.reason}")
     return cid
 
@@ -814,7 +814,7 @@ def final_evaluation(ctx: RunContext) -> None:
                         known_sparsity=sparsity_from_steps(c.strategy, c.steps))
         c.final_metrics = res.metrics
         c.timings["final_evaluate"] = round(time.time() - t0, 2)
-        ctx.say(_metrics_line(cid, res.metrics, metrics))
+        ctx.say(metrics_line(cid, res.metrics, metrics))
         ctx.save()
 
 
@@ -845,7 +845,7 @@ def record(ctx: RunContext, cand: Candidate, trial_number: Optional[int], predic
     score(ctx.cfg, ff.baseline.objectives, cand)
     cand.finished_at = now()
     ff.candidates.append(cand)
-    _refresh(ctx)
+    refresh_frontier(ctx)
     # Optuna
     if trial_number is not None:
         _tell(ctx, trial_number, cand)
@@ -889,7 +889,7 @@ def _tell(ctx: RunContext, number: int, cand: Candidate) -> None:
     if cand.reason:
         trial.set_user_attr("reason", cand.reason[:500])
     if cand.status == "ok":
-        _set_constraint(ctx, trial, cand)
+        set_constraint(ctx, trial, cand)
         study.tell(trial, [cand.objectives[o] for o in ctx.cfg.objectives])
     elif cand.status == "pruned":
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -897,7 +897,7 @@ def _tell(ctx: RunContext, number: int, cand: Candidate) -> None:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
-def _refresh(ctx: RunContext) -> None:
+def refresh_frontier(ctx: RunContext) -> None:
     """Recompute frontier ids, hypervolume history and the recommended pick from the recorded candidates."""
     ff = ctx.ff
     assert ff is not None and ff.baseline is not None

@@ -473,7 +473,7 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def tensor_hashes(path: Path) -> dict[str, tuple[str, int, int]]:
     """name -> (sha256 of dtype+shape+bytes, element count, bits) read straight from safetensors (no torch)."""
-    from .evaluation.perf import _ST_BITS
+    from .evaluation.perf import ST_BITS
 
     out = {}
     for f in _safetensors_files(path):
@@ -495,7 +495,7 @@ def tensor_hashes(path: Path) -> dict[str, tuple[str, int, int]]:
                 cnt = 1
                 for d in v["shape"]:
                     cnt *= d
-                out[name] = (h.hexdigest(), cnt, cnt * _ST_BITS.get(v["dtype"], 16))
+                out[name] = (h.hexdigest(), cnt, cnt * ST_BITS.get(v["dtype"], 16))
     return out
 
 

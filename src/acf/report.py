@@ -127,7 +127,7 @@ def plot_hypervolume(df: pd.DataFrame, ax) -> None:
     ax.grid(alpha=0.3)
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     """Atomic PNG write: a killed process leaves the old plot or none."""
     import os
     import tempfile
@@ -152,12 +152,12 @@ def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
         fig = Figure(figsize=(5.5, 4.2))
         plot_projection(df, x, y, fig.add_subplot(111))
         p = out_dir / f"frontier_{x}_vs_{y}.png"
-        _save(fig, p)
+        save_figure(fig, p)
         out.append(p)
     fig = Figure(figsize=(5.5, 3.5))
     plot_hypervolume(df, fig.add_subplot(111))
     p = out_dir / "hypervolume.png"
-    _save(fig, p)
+    save_figure(fig, p)
     out.append(p)
     return out
 

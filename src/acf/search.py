@@ -100,7 +100,7 @@ class SearchSpace:
         The fixed recipes a user would otherwise run come first, so every run measures what acf must beat: GPTQ W4
         at the largest valid group, plain and with act-order (llm-compressor's recommended setting); then W8A8,
         a combination (drop 1 block -> LoRA -> GPTQ W4 act-order) and SparseGPT 50%."""
-        g = self._largest_group()
+        g = self.largest_group()
         seeds = []
         if "gguf" in self.quant_methods:
             # what llama.cpp users deploy: Q4_K_M with an importance matrix, and Q8_0
@@ -142,7 +142,7 @@ class SearchSpace:
                    "gguf_type": self.gguf_types, "gguf_imatrix": self.gguf_imatrix}
         return all(k not in choices or v in choices[k] for k, v in params.items())
 
-    def _largest_group(self) -> str:
+    def largest_group(self) -> str:
         numeric = [x for x in self.group_sizes if x != "channel"]
         return max(numeric, key=int) if numeric else self.group_sizes[0]
 

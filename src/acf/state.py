@@ -137,6 +137,11 @@ def load_frontier_file(path: str | Path) -> FrontierFile:
                           f"{first['msg']}); nothing was changed") from None
 
 
+def episodes_recorded(ff: Optional[FrontierFile]) -> int:
+    """Episodes a run has recorded (0 before its frontier file exists): the pipeline's and the planner's count."""
+    return 0 if ff is None else len(ff.candidates)
+
+
 def save_frontier_file(ff: FrontierFile, path: str | Path) -> None:
     from .atomic import write_text
 

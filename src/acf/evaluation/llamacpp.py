@@ -177,7 +177,7 @@ def evaluate_gguf(model_dir: Path, task, metrics: Sequence[str], *, limit: Optio
     from ..gguf import GGUF_NAME, load_manifest, read_gguf
     from ..models import load_tokenizer
     from .fidelity import teacher_forced
-    from .runner import EvalResult, _kld_general, eval_items
+    from .shared import EvalResult, eval_items, measure_kld_general
     from .sequences import encode_prompt, task_sequences
 
     t0 = time.perf_counter()
@@ -240,7 +240,7 @@ def evaluate_gguf(model_dir: Path, task, metrics: Sequence[str], *, limit: Optio
                     out.update(teacher_forced(lm, tok, seqs, forced, reference=fidelity.task if fidelity else None,
                                               batch_size=1, label=f"{task.name} test items"))
                 if "kld_general" in metrics:
-                    out["kld_general"] = _kld_general(lm, tok, fidelity, 1, None)
+                    out["kld_general"] = measure_kld_general(lm, tok, fidelity, 1, None)
             finally:
                 lm.close()
             for m in forced + (["kld_general"] if "kld_general" in metrics else []):

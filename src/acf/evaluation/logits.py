@@ -100,7 +100,7 @@ def chunked_head(model) -> Optional[tuple[torch.nn.Module, Head]]:
     return (dec, head) if ok else None
 
 
-def _vocab(model) -> int:
+def vocab_size(model) -> int:
     """Rows of the output head (the logits' last dimension), from the head itself where it says."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return int(getattr(head, "out_features", 0) or model.config.get_text_config().vocab_size)
@@ -109,7 +109,7 @@ def _vocab(model) -> int:
 def _check(model, dec, head: Head) -> Optional[str]:
     """None when head(decoder(x)) equals the model's own logits on a short input, else what differs."""
     device = next(model.parameters()).device
-    vocab = _vocab(model)
+    vocab = vocab_size(model)
     ids = (torch.arange(CHECK_TOKENS, device=device) * 7919 % max(vocab, 1)).unsqueeze(0)
     att = torch.ones_like(ids)
     with torch.inference_mode():
@@ -133,7 +133,7 @@ def scored_logits(model, ids: torch.Tensor, att: torch.Tensor, spans: Sequence[t
         if parts is not None:
             dec, head = parts
             hidden = dec(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
-            step = chunk_positions(_vocab(model), elements)
+            step = chunk_positions(vocab_size(model), elements)
             for r, (start, n) in enumerate(spans):
                 for a in range(0, n, step):
                     yield r, a, head(hidden[r, start + a:start + min(n, a + step)])

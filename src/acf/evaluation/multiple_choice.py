@@ -87,9 +87,9 @@ def _gather_scores(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Ten
 def _position_budget(model) -> int:
     """Scored positions one forward may return logits for: MAX_CHOICE_TOKENS, or fewer where the vocabulary is so
     large that their float32 logits would exceed acf.evaluation.logits.CHUNK_ELEMENTS (64 at 256k)."""
-    from .logits import _vocab, chunk_positions
+    from .logits import chunk_positions, vocab_size
 
-    return min(MAX_CHOICE_TOKENS, chunk_positions(_vocab(model)))
+    return min(MAX_CHOICE_TOKENS, chunk_positions(vocab_size(model)))
 
 
 def _max_len(model) -> int:

@@ -15,7 +15,7 @@ import torch
 
 from ..provenance import Measurement, device_string, runtime_string
 
-_ST_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+ST_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
             "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64}
 
 
@@ -64,7 +64,7 @@ def stored_tensor_bits(path: str | os.PathLike) -> Optional[int]:
             cnt = 1
             for d in v["shape"]:
                 cnt *= d
-            total += cnt * _ST_BITS.get(v["dtype"], 16)
+            total += cnt * ST_BITS.get(v["dtype"], 16)
     return total
 
 

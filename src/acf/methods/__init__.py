@@ -5,32 +5,9 @@ Methods are declared in `acf.methods.registry` (one `MethodSpec` each, implement
 
 from __future__ import annotations
 
-from .base import MethodFn, StepContext, StepRecord
+from .base import UNDECLARED_IMPLS, MethodFn, StepContext, StepRecord, get_impl, register  # noqa: F401
 
-#: implementations run as steps without being declared methods (tests drive `run_strategy` with them); a declared
-#: method's implementation is its MethodSpec.impl
-_IMPL: dict[str, str] = {}
-
-
-def register(name: str, target: str) -> None:
-    """Run `target` ("module:function") for steps named `name` without declaring a method (no validation, search
-    or card): for tests. Declare real methods with `acf.methods.registry.register(MethodSpec(...))`."""
-    _IMPL[name] = target
-
-
-def get_impl(name: str) -> MethodFn:
-    import importlib
-
-    from .registry import get
-
-    spec = get(name)
-    target = spec.impl if spec is not None else _IMPL.get(name)
-    if target is None:
-        from ..errors import MethodFailed
-
-        raise MethodFailed(name, "unavailable", f"no implementation registered for {name!r}")
-    mod, _, fn = target.partition(":")
-    return getattr(importlib.import_module(mod), fn)
+_IMPL = UNDECLARED_IMPLS   # the name tests use
 
 
 def run_strategy(*args, **kwargs):

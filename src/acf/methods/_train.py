@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -46,6 +46,33 @@ def train_precision(device: str) -> str:
     return "bf16 autocast, fp32 weights" if _bf16(device) else "fp32"
 
 
+class NonFiniteLoss(Exception):
+    """The loss of a step was NaN or infinite (no update was made): each caller words the error for its user."""
+
+    def __init__(self, step: int, value: float):
+        self.step, self.value = step, value
+        super().__init__(f"loss {value} at step {step}")
+
+
+def adamw_steps(trainable: list, examples: list[TrainExample], *, steps: int, lr: float, batch_size: int, pad_id: int,
+                device: str, seed: int, loss_of_batch: Callable[[dict], tuple[torch.Tensor, dict]]
+                ) -> Iterator[tuple[int, torch.Tensor, dict]]:
+    """The AdamW loop the methods (`train_loop`) and the adapter loop (acf.lifecycle) share: `steps` seeded batches,
+    `loss_of_batch(batch) -> (loss, parts)`, grad-norm clipping at 1.0. Yields (step, loss, parts) after each update;
+    raises NonFiniteLoss before updating on a NaN/inf loss. The caller may stop early by leaving the loop."""
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    for step, batch in enumerate(batch_stream(examples, batch_size, steps, seed), start=1):
+        b = collate(batch, pad_id, device)
+        loss, parts = loss_of_batch(b)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(step, loss.item())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        yield step, loss, parts
+
+
 def train_loop(method: str, model, examples: list[TrainExample], *, steps: int, lr: float, batch_size: int,
                pad_id: int, ctx: StepContext, loss_fn: Callable[[dict, dict], tuple[torch.Tensor, dict]],
                masks: Optional[dict] = None, params=None) -> dict:
@@ -53,30 +80,30 @@ def train_loop(method: str, model, examples: list[TrainExample], *, steps: int, 
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not trainable:
         raise MethodFailed(method, "config", "no trainable parameters")
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     model.train()
     curve: list[float] = []
     parts_curves: dict[str, list[float]] = {}
     dev = ctx.device
-    for step, batch in enumerate(batch_stream(examples, batch_size, steps, ctx.seed), start=1):
-        b = collate(batch, pad_id, dev)
+
+    def loss_of_batch(b: dict) -> tuple[torch.Tensor, dict]:
         with autocast(dev):
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-        loss, parts = loss_fn(b, out)
-        if not torch.isfinite(loss):
-            raise MethodFailed(method, "diverged", f"loss became {loss.item()} at step {step} (lr {lr} too high?)")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        apply_masks(model, masks or {})
-        curve.append(round(float(loss.item()), 5))
-        for k, v in parts.items():
-            parts_curves.setdefault(k, []).append(round(float(v), 5))
-        report(ctx, method, step, steps)
-        if step == 1 or step % 10 == 0 or step == steps:
-            ctx.log.info("%s step %d/%d loss %.4f %s", method, step, steps, curve[-1],
-                         " ".join(f"{k} {v[-1]:.4f}" for k, v in parts_curves.items()))
+        return loss_fn(b, out)
+
+    stepper = adamw_steps(trainable, examples, steps=steps, lr=lr, batch_size=batch_size, pad_id=pad_id, device=dev,
+                          seed=ctx.seed, loss_of_batch=loss_of_batch)
+    try:
+        for step, loss, parts in stepper:
+            apply_masks(model, masks or {})
+            curve.append(round(float(loss.item()), 5))
+            for k, v in parts.items():
+                parts_curves.setdefault(k, []).append(round(float(v), 5))
+            report(ctx, method, step, steps)
+            if step == 1 or step % 10 == 0 or step == steps:
+                ctx.log.info("%s step %d/%d loss %.4f %s", method, step, steps, curve[-1],
+                             " ".join(f"{k} {v[-1]:.4f}" for k, v in parts_curves.items()))
+    except NonFiniteLoss as e:
+        raise MethodFailed(method, "diverged", f"loss became {e.value} at step {e.step} (lr {lr} too high?)") from None
     model.eval()
     return {"loss_curve": curve, **{f"{k}_curve": v for k, v in parts_curves.items()}, "precision": train_precision(dev),
             "loss_first": curve[0], "loss_last": curve[-1],

@@ -46,3 +46,27 @@ class StepContext:
 
 
 MethodFn = Callable[[dict, Path, Path, StepContext], dict]
+
+
+#: implementations run as steps without being declared methods (tests drive `run_strategy` with them); a declared
+#: method's implementation is its MethodSpec.impl
+UNDECLARED_IMPLS: dict[str, str] = {}
+
+
+def register(name: str, target: str) -> None:
+    """Run `target` ("module:function") for steps named `name` without declaring a method (no validation, search
+    or card): for tests. Declare real methods with `acf.methods.registry.register(MethodSpec(...))`."""
+    UNDECLARED_IMPLS[name] = target
+
+
+def get_impl(name: str) -> MethodFn:
+    import importlib
+
+    from .registry import get
+
+    spec = get(name)
+    target = spec.impl if spec is not None else UNDECLARED_IMPLS.get(name)
+    if target is None:
+        raise MethodFailed(name, "unavailable", f"no implementation registered for {name!r}")
+    mod, _, fn = target.partition(":")
+    return getattr(importlib.import_module(mod), fn)

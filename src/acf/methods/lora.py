@@ -48,7 +48,8 @@ def lora(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
         if qm != "bitsandbytes" or not _is_4bit(in_dir):
             raise MethodFailed("lora", "config", f"qlora needs a bitsandbytes 4-bit input (bnb_nf4); {in_dir} is "
                                                  f"{qm or 'not quantized'}")
-        model, tok = _load_kbit(in_dir, dev, ctx)
+        model = load_kbit(in_dir, dev, trust_remote_code=ctx.trust_remote_code)
+        tok = load_tokenizer(in_dir, ctx.trust_remote_code)
     else:
         model, tok = load_dense(in_dir, dev, "lora", dtype=torch.float32, trust_remote_code=ctx.trust_remote_code)
         model.to(dev)
@@ -97,17 +98,29 @@ def _is_4bit(path: Path) -> bool:
     return bool(q.get("load_in_4bit"))
 
 
-def _load_kbit(in_dir: Path, dev: str, ctx: StepContext):
+def load_kbit(path: Path, dev: str, *, trust_remote_code: bool = False, quantize_nf4: bool = False,
+              training: bool = True):
+    """A bitsandbytes 4-bit model: `path` already stored in 4-bit (the qlora step's input) or, with `quantize_nf4`, a
+    full-precision model quantized to NF4 (double quantization) while loading (the adapter loop's QLoRA base, see
+    acf.lifecycle). With `training`, prepared for adapters on a frozen 4-bit base."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(in_dir), device_map={"": dev},
-                                                 trust_remote_code=ctx.trust_remote_code)
-    # Casts norms/embeddings to fp32 and enables input grads so adapters train on a frozen 4-bit base.
-    # Gradient checkpointing off: the models this runs on fit, and it would double the forward cost.
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    _keep_trainable_4bit_layout(model)
-    return model, load_tokenizer(in_dir, ctx.trust_remote_code)
+    kw: dict[str, Any] = {}
+    if quantize_nf4:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path), device_map={"": dev}, trust_remote_code=trust_remote_code,
+                                                 **kw)
+    if training:
+        # Casts norms/embeddings to fp32 and enables input grads so adapters train on a frozen 4-bit base.
+        # Gradient checkpointing off: the models this runs on fit, and it would double the forward cost.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_trainable_4bit_layout(model)
+    return model
 
 
 def _keep_trainable_4bit_layout(model) -> None:

@@ -218,7 +218,7 @@ def weight_quant(params_model: type[BaseModel], rank: int, *, mixed: bool, calib
             return []
         out = []
         for b in ([fixed_bits] if fixed_bits is not None else [4, 8]):
-            d: dict[str, Any] = {"group_size": space._largest_group()}
+            d: dict[str, Any] = {"group_size": space.largest_group()}
             if fixed_bits is None:
                 d["bits"] = b
             if act_order:

@@ -22,8 +22,7 @@ import torch
 from ..atomic import atomic_dir, clean_partial_dirs
 from ..errors import MethodFailed
 from ..evaluation.perf import PeakRSS, dir_size
-from . import get_impl
-from .base import StepContext, StepRecord
+from .base import StepContext, StepRecord, get_impl
 
 
 def classify(method: str, exc: BaseException) -> MethodFailed:
