@@ -283,3 +283,24 @@ def test_distill_promote_exports_gguf_and_rollback_restores_it(tmp_path, tiny_di
     r = cli.invoke(distill_app, ["rollback", id0] + R)
     assert r.exit_code == 0, r.output
     assert deploy_link(tiny_dirs["llama"].name).resolve() == (adapters[0] / "gguf-Q8_0" / "model.gguf").resolve()
+
+
+def test_llamacpp_offloads_where_the_build_can_and_says_so(monkeypatch):
+    """A CUDA build of llama.cpp puts every layer on the GPU and every Measurement says "llama.cpp CUDA"; this CPU
+    build (and ACF_LLAMA_CPU=1 on any build) stays on the CPU."""
+    import llama_cpp
+
+    from acf.evaluation import llamacpp as L
+
+    L.gpu_offload.cache_clear()
+    assert L.gpu_offload() is False and L.runtime_label() == "llama.cpp CPU"    # the build here has no GPU backend
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    try:
+        L.gpu_offload.cache_clear()
+        assert L.gpu_offload() and L.runtime_label() == "llama.cpp CUDA"
+        assert L.cpu_string().startswith("cuda (") and "offloaded" in L.cpu_string()
+        monkeypatch.setenv("ACF_LLAMA_CPU", "1")
+        L.gpu_offload.cache_clear()
+        assert not L.gpu_offload() and L.runtime_label() == "llama.cpp CPU"
+    finally:
+        L.gpu_offload.cache_clear()

@@ -29,8 +29,24 @@ import torch
 from ..provenance import Measurement, device_string
 from .perf import PeakRSS
 
-#: what a Measurement names as its runtime for GGUF candidates
-RUNTIME_LABEL = "llama.cpp CPU"
+@functools.lru_cache(maxsize=None)
+def gpu_offload() -> bool:
+    """Whether GGUF candidates run on the GPU: when this llama.cpp build can offload (built with
+    `LLAMA_CMAKE_ARGS=-DGGML_CUDA=on`, README) every layer goes to the GPU, as a user deploying on that machine
+    would run it; `ACF_LLAMA_CPU=1` keeps llama.cpp on the CPU (the edge target measured on a GPU host)."""
+    if os.environ.get("ACF_LLAMA_CPU", "").strip() not in ("", "0"):
+        return False
+    try:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception:  # an old binding without the query: CPU
+        return False
+
+
+def runtime_label() -> str:
+    """What a Measurement names as its runtime for GGUF candidates: llama.cpp and its kernel path."""
+    return "llama.cpp CUDA" if gpu_offload() else "llama.cpp CPU"
 
 
 def threads() -> int:
@@ -49,12 +65,21 @@ def threads() -> int:
 def runtime_string() -> str:
     from importlib.metadata import version
 
-    return f"{RUNTIME_LABEL} (llama-cpp-python {version('llama_cpp_python')}, {threads()} threads)"
+    return f"{runtime_label()} (llama-cpp-python {version('llama_cpp_python')}, {threads()} threads)"
 
 
 def cpu_string() -> str:
+    """The device a GGUF measurement ran on (the CPU, or the GPU with every layer offloaded)."""
     import platform
 
+    if gpu_offload():
+        try:
+            import torch
+
+            name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
+        except Exception:  # torch without CUDA beside a CUDA llama.cpp build
+            name = "GPU"
+        return f"cuda ({name}, llama.cpp all layers offloaded)"
     try:
         cores = len(os.sched_getaffinity(0))
     except Exception:  # not every platform has sched_getaffinity
@@ -63,11 +88,13 @@ def cpu_string() -> str:
 
 
 def open_llama(path: str | Path, n_ctx: int, logits_all: bool):
-    """A llama.cpp context on the CPU (every layer on the CPU, this machine's cores as threads, no log output)."""
+    """A llama.cpp context: every layer on the GPU where the build offloads (`gpu_offload`), else on the CPU with
+    this machine's cores as threads; no log output."""
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_ubatch=min(512, n_ctx),
-                 n_threads=threads(), n_threads_batch=threads(), n_gpu_layers=0, logits_all=logits_all,
+                 n_threads=threads(), n_threads_batch=threads(), n_gpu_layers=-1 if gpu_offload() else 0,
+                 logits_all=logits_all,
                  verbose=False)
 
 
@@ -189,7 +216,7 @@ def evaluate_gguf(model_dir: Path, task, metrics: Sequence[str], *, limit: Optio
     out: dict[str, Measurement] = {}
     preds: list[dict] = []
     if "size" in metrics:
-        out["size"] = Measurement(value=float(info.size_bytes), unit="bytes", device="disk", runtime=RUNTIME_LABEL,
+        out["size"] = Measurement(value=float(info.size_bytes), unit="bytes", device="disk", runtime=runtime_label(),
                                   method=f"bytes of the GGUF file ({man.type}; it holds weights and tokenizer)",
                                   extra={"tensor_types": info.tensor_types})
     if "params" in metrics:
@@ -218,7 +245,12 @@ def evaluate_gguf(model_dir: Path, task, metrics: Sequence[str], *, limit: Optio
             for k in ("latency", "ttft", "throughput"):
                 if k in metrics or k == "latency" and perf:
                     out[k] = lat[k]
-            if "memory" in metrics:
+            if "memory" in metrics and gpu_offload():
+                # llama.cpp's CUDA buffers are outside torch's allocator and the process RSS; not measured yet
+                out["memory"] = Measurement(value=None, unit="bytes", device=cpu_string(), runtime=runtime_string(),
+                                            method="not measured: llama.cpp's GPU buffers are invisible to process "
+                                                   "RSS and torch (ACF_LLAMA_CPU=1 measures the CPU deployment)")
+            elif "memory" in metrics:
                 out["memory"] = Measurement(value=float(rss.added), unit="bytes", device=cpu_string(),
                                             runtime=runtime_string(),
                                             method=f"peak process RSS increase (sampled every 5 ms) over llama.cpp "
