@@ -10,6 +10,14 @@ with N calibration samples of L tokens; decode ms/token and time to first token 
 batch B for bf16, bnb nf4 and bnb int8; size on disk of each; and the physical floor of batch-1 decode
 (weight bytes / memory bandwidth) next to each measured latency.
 
+acf's own steps and evaluation at this scale (parts lora, distill, steps_gptq, gen, tf; they need --data-dir and a
+tokenizer): LoRA 50 steps and distillation 50 steps run through acf's step runner on a saved random checkpoint,
+each with its measured peak (torch.cuda.max_memory_allocated increase) beside acf.methods.memory's estimate, as
+preflight uses it; GSM8K generation throughput of acf's engine before (padded `generate` batches) and after
+(continuous batching); the teacher-forced kld/top1/answer_nll time over 400 GSM8K items, with the baseline
+reference built once. Random weights never emit end-of-sequence, so every generation runs to its token limit:
+the throughput is of full-length sequences.
+
 GPTQ on all 32 blocks takes tens of minutes (llm-compressor's guide: ~30 min on an A100), longer than one device
 call allows, so by default it runs on the first --gptq-layers blocks of the same shape and the full-model time is
 ESTIMATED by scaling per block (labelled as such in the output). --gptq-layers 32 measures it whole.
@@ -46,11 +54,20 @@ def llama31_8b_config(layers: int | None = None, tiny: bool = False):
     from transformers import LlamaConfig
 
     if tiny:  # CPU dry run of this script's logic
-        return LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=layers or 2,
+        return LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=layers or 2,
                            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
     return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32,
                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000,
+                       eos_token_id=128001)
+
+
+def llama32_1b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000,
                        eos_token_id=128001)
 
 
@@ -144,6 +161,118 @@ def weight_bytes(model) -> int:
     return total
 
 
+def save_checkpoint(cfg, dev: str, out: Path, tokenizer_dir: Path) -> float:
+    """A random bf16 checkpoint with a real tokenizer (acf's steps read both from a folder). Returns save seconds."""
+    if (out / "config.json").exists():
+        return 0.0
+    model = build(cfg, dev)
+    t = time.perf_counter()
+    model.save_pretrained(out)
+    secs = time.perf_counter() - t
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            shutil.copy(f, out / f.name)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if dev == "cuda" else None
+    return round(secs, 1)
+
+
+def acf_step(method: str, params: dict, in_dir: Path, work: Path, task, dev: str) -> dict:
+    """One acf step through its runner: wall time, measured peak, and the estimate preflight would use."""
+    from acf.methods.base import StepContext
+    from acf.methods.memory import Shape
+    from acf.methods.registry import estimate_step_memory
+    from acf.methods.runner import run_step
+    from acf.spec import infer_spec
+
+    from acf.methods.registry import get
+
+    params = get(method).params.model_validate(params).model_dump()   # filled, as validation hands them on
+    est = estimate_step_memory(method, params, Shape.of(infer_spec(in_dir)), dev)
+    out = work / f"{method}-out"
+    shutil.rmtree(out, ignore_errors=True)
+    rec = run_step(method, params, in_dir, out, StepContext(device=dev, task=task, teacher_dir=in_dir),
+                   work / f"{method}.log")
+    shutil.rmtree(out, ignore_errors=True)
+    ex = rec.extra or {}
+    r = {"status": rec.status, "reason": rec.reason, "wall_seconds": rec.wall_seconds, "params": params,
+         "measured_peak_bytes": rec.peak_memory_bytes, "peak_how": rec.peak_memory_how,
+         "estimate_bytes": est.total if est else None, "estimate": est.describe() if est else None,
+         "plan": ex.get("plan"), "loss_first5_mean": ex.get("loss_first5_mean"),
+         "loss_last5_mean": ex.get("loss_last5_mean")}
+    if est and rec.peak_memory_bytes:
+        r["estimate_over_measured"] = round(est.total / rec.peak_memory_bytes, 3)
+    return r
+
+
+def gen_throughput(model, tok, prompts: list[str], new: int, engine: str, batch: int) -> dict:
+    import os
+
+    from acf.evaluation.generate import generate_all
+
+    os.environ["ACF_GEN_ENGINE"] = engine
+    sync("cuda")
+    t = time.perf_counter()
+    outs, how = generate_all(model, tok, prompts, new, batch_size=batch)
+    sync("cuda")
+    secs = time.perf_counter() - t
+    n_tok = sum(n for _, n in outs)
+    return {"engine": how, "prompts": len(prompts), "max_new_tokens": new, "generated_tokens": n_tok,
+            "seconds": round(secs, 2), "tokens_per_s": round(n_tok / secs, 1)}
+
+
+def acf_eval_parts(parts: list[str], model_dir: Path, task, a, res: dict, save) -> None:
+    """Generation before/after and teacher-forced metrics on one model loaded once, straight onto the GPU."""
+    from acf.evaluation.batching import auto_batch_size
+    from acf.evaluation.fidelity import build_reference, teacher_forced
+    from acf.evaluation.sequences import task_sequences
+    from acf.models import load_model
+
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    model, tok = load_model(model_dir, "cuda")
+    res["load"] = {"seconds": round(time.perf_counter() - t, 1), "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+                   "how": "acf.models.load_model, device_map straight onto the GPU"}
+    save()
+    items = task.load("test", limit=a.gen_items, seed=0)
+    prompts = [task.chat_prompt(it, tok, 0) for it in items]
+    if "gen" in parts:
+        g: dict = {}
+        # before: padded generate batches of 32 (the figure this benchmark measured before), on a subset
+        g["padded_batch32"] = gen_throughput(model, tok, prompts[:128], a.gen_new, "padded", 32)
+        save_g = lambda: (res.__setitem__("generation", g), save())  # noqa: E731
+        save_g()
+        auto = auto_batch_size(model, len(prompts), "generate", 300 + a.gen_new)
+        g["padded_auto_batch"] = gen_throughput(model, tok, prompts, a.gen_new, "padded", auto)
+        save_g()
+        g["continuous"] = gen_throughput(model, tok, prompts, a.gen_new, "continuous", auto)
+        g["speedup_vs_batch32"] = round(g["continuous"]["tokens_per_s"] / g["padded_batch32"]["tokens_per_s"], 2)
+        g["speedup_vs_auto_batch"] = round(g["continuous"]["tokens_per_s"] / g["padded_auto_batch"]["tokens_per_s"], 2)
+        save_g()
+    if "tf" in parts:
+        seqs = task_sequences(task, tok, task.load("test", limit=400, seed=0), 0)
+        sync("cuda")
+        t = time.perf_counter()
+        ref = build_reference(model, tok, seqs, batch_size=None)
+        sync("cuda")
+        ref_s = time.perf_counter() - t
+        t = time.perf_counter()
+        m = teacher_forced(model, tok, seqs, ["kld", "top1", "answer_nll"], reference=ref, batch_size=None)
+        sync("cuda")
+        res["teacher_forced"] = {"items": len(seqs), "tokens": sum(len(s.target) for s in seqs),
+                                 "reference_seconds": round(ref_s, 2),
+                                 "kld_top1_answer_nll_seconds": round(time.perf_counter() - t, 2),
+                                 "kld_of_model_to_itself": m["kld"].value,
+                                 "how": "baseline top-k reference built once per run; a candidate's kld, top1 and "
+                                        "answer_nll from one batched teacher-forced pass (batch sized from free "
+                                        "memory)"}
+        save()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="rtn,gptq,bf16,nf4,int8")
@@ -155,6 +284,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--work", default="/tmp/acf-scale")
     ap.add_argument("--tokenizer", default=None, help="any tokenizer dir (only used by llm-compressor's data path)")
+    ap.add_argument("--data-dir", default=None, help="acf data root (GSM8K) for the acf parts")
+    ap.add_argument("--gen-items", type=int, default=400)
+    ap.add_argument("--gen-new", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=50, help="training steps of the lora/distill parts")
+    ap.add_argument("--train-batch", type=int, default=4)
+    ap.add_argument("--train-seq", type=int, default=512)
+    ap.add_argument("--shape", default="8b", choices=["8b", "1b"], help="Llama-3.1-8B or Llama-3.2-1B shape")
+    ap.add_argument("--tag", default=None, help="results file suffix (default gpu / tiny-cpu)")
     ap.add_argument("--tiny", action="store_true", help="tiny config on CPU: checks the script, measures nothing useful")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
@@ -180,7 +317,47 @@ def main() -> None:
     except Exception:
         pass
     parts = a.parts.split(",")
-    full_cfg = llama31_8b_config(tiny=a.tiny)
+    full_cfg = llama31_8b_config(tiny=a.tiny) if a.shape == "8b" else llama32_1b_config()
+    tag = a.tag or ("tiny-cpu" if a.tiny else "gpu")
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (out_dir / f"scale-{tag}.json").write_text(json.dumps(res, indent=2))
+
+    acf_parts = [p for p in parts if p in ("lora", "distill", "steps_gptq", "gen", "tf")]
+    if acf_parts:
+        from acf.tasks import get_task
+
+        task = get_task("gsm8k", a.data_dir)
+        res["shape"] = a.shape
+        ck = work / f"acf-{a.shape}"
+        res["checkpoint_save_seconds"] = save_checkpoint(full_cfg, dev, ck, Path(tok.name_or_path))
+        step_params = {
+            "lora": {"steps": a.steps, "batch_size": a.train_batch, "seq_len": a.train_seq, "samples": 256},
+            "distill": {"steps": a.steps, "batch_size": a.train_batch, "seq_len": a.train_seq, "samples": 256},
+            "steps_gptq": {"bits": 4, "group_size": 128, "calib_samples": a.calib_samples, "seq_len": a.seq_len},
+        }
+        for part in ("lora", "distill", "steps_gptq"):
+            if part in parts:
+                method = "gptq" if part == "steps_gptq" else part
+                try:
+                    r = acf_step(method, step_params[part], ck, work, task, dev)
+                except Exception as e:  # noqa: BLE001 - one part failing must not lose the others' figures
+                    r = {"status": "error", "reason": f"{type(e).__name__}: {e}"[:500]}
+                res[f"acf_{part}"] = r
+                print(part, json.dumps(r), flush=True)
+                save()
+        if "gen" in parts or "tf" in parts:
+            try:
+                acf_eval_parts(parts, ck, task, a, res, save)
+            except Exception as e:  # noqa: BLE001
+                res["eval_error"] = f"{type(e).__name__}: {e}"[:500]
+            print(json.dumps({k: res.get(k) for k in ("load", "generation", "teacher_forced", "eval_error")},
+                             indent=1), flush=True)
+            save()
+        if not [p for p in parts if p not in acf_parts]:
+            return
     if "rtn" in parts:
         r = quantize("rtn", full_cfg, dev, a.calib_samples, a.seq_len, work, tok)
         r["how"] = "measured on the full model"
@@ -235,10 +412,7 @@ def main() -> None:
         del model
         gc.collect()
         torch.cuda.empty_cache() if dev == "cuda" else None
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "tiny-cpu" if a.tiny else "gpu"
-    (out / f"scale-{tag}.json").write_text(json.dumps(res, indent=2))
+    save()
     print(json.dumps(res, indent=2))
 
 

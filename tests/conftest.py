@@ -62,9 +62,16 @@ def smol_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smol_dir) -> Path:
-    """A random-init 2-layer Llama (hidden 64) with the default model's tokenizer: group sizes 16/32/64 valid."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", smol_dir)
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-init 2-layer Llama (hidden 64) with the default model's tokenizer: group sizes 16/32/64 valid.
+    ACF_TEST_TOKENIZER_DIR names a folder holding only that tokenizer's files (the GPU machine gets those, not the
+    model); otherwise the imported default model provides it."""
+    tok_dir = os.environ.get("ACF_TEST_TOKENIZER_DIR")
+    if not tok_dir:
+        from acf.models import resolve_model
+
+        tok_dir = resolve_model("smollm2-135m")
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", Path(tok_dir))
 
 
 def make_tiny_model(out: Path, tokenizer_dir: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:

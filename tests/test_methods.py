@@ -349,3 +349,25 @@ def test_compress_cli_keeps_library_chatter_in_step_logs(tiny_model_dir, tmp_pat
     assert "METRIC" not in shown and "Model config" not in shown and "Calibrating" not in shown, shown[-3000:]
     assert "model written to" in r.stdout
     assert "METRIC" in (tmp_path / "out.logs" / "step-02-gptq.log").read_text()   # kept, in its step's log
+
+
+def test_memory_lean_recovery_paths_run_on_the_cpu_too(tiny_model_dir, tmp_path, ctx):
+    """The paths an 8B model takes on a GPU (adapters on a frozen base, gradient checkpointing), forced on a tiny
+    model: the plan is recorded with its memory estimate, training lowers the loss, pruned weights stay zero and
+    the saved config keeps the KV cache on."""
+    import json
+
+    recs = run_ok([{"method": "magnitude", "params": {"sparsity": 0.5}},
+                   {"method": "distill", "params": {"adapters": True, "adapter_rank": 8, "gradient_checkpointing": True,
+                                                    "steps": 8, "batch_size": 2, "seq_len": 64, "samples": 16,
+                                                    "lr": 2e-3}},
+                   {"method": "lora", "params": {"gradient_checkpointing": True, "steps": 4, "batch_size": 2,
+                                                 "seq_len": 64, "samples": 24, "lr": 1e-3}}],
+                  tiny_model_dir, tmp_path / "lean", ctx)
+    d, lo = recs[1].extra, recs[2].extra
+    assert d["plan"] == {"adapters": True, "student_dtype": "float32", "gradient_checkpointing": True}
+    assert d["loss_last5_mean"] < d["loss_first5_mean"]
+    assert abs(d["sparsity_after"] - d["sparsity_before"]) < 1e-3 and d["sparsity_before"] > 0.4
+    assert lo["plan"]["gradient_checkpointing"] and lo["memory_estimate"]["estimated_peak_bytes"] > 0
+    assert lo["sparsity_kept"]
+    assert json.loads((tmp_path / "lean" / "config.json").read_text()).get("use_cache") is True

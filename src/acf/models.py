@@ -311,10 +311,12 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: Optional[str
     tok = load_tokenizer(path, trust_remote_code)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     qcfg = quant_method(path)
-    if qcfg == "bitsandbytes":
-        # bnb weights are placed by their own loader; forcing a dtype would fight the stored one.
+    if qcfg == "bitsandbytes" or device.startswith("cuda"):
+        # straight onto the device (a CPU copy first would cost the model's size in RAM and a second transfer);
+        # bnb weights are placed by their own loader anyway
         kwargs["device_map"] = {"": device}
-    else:
+    if qcfg != "bitsandbytes":
+        # bnb: forcing a dtype would fight the stored one
         kwargs["dtype"] = torch_dtype_for(device, dtype)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if qcfg != "bitsandbytes":

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from .sequences import prompt_text
+
+log = logging.getLogger(__name__)
 
 
 class AnswerDone:
@@ -76,6 +80,74 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
             n -= 1
         results.append((tokenizer.decode(ids[:n], skip_special_tokens=True), n))
     return results
+
+
+def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, batch_size: int,
+                 done_pattern: Optional[str] = None, stop_strings: Sequence[str] = (),
+                 progress: Optional["ProgressFn"] = None) -> tuple[list[tuple[str, int]], str]:
+    """Greedy completions of every prompt, in order, and the engine that made them (for the Measurement).
+
+    On a GPU, transformers' continuous batching (`generate_batch`: paged KV cache, CUDA graphs, a finished sequence's
+    slot refilled at once) unless ACF_GEN_ENGINE=padded; elsewhere, or if it fails, padded batches of `batch_size`
+    longest-first with per-row stopping (`generate_batch` below). Continuous batching cannot stop a row on a
+    pattern, so each completion is cut where `AnswerDone` would have stopped it (the same check at the same token
+    counts): both engines return the same text for the same greedy tokens. Measured on the GPU in
+    experiments/bench_scale.py (SPEC.md has the figures)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda" and os.environ.get("ACF_GEN_ENGINE", "continuous") != "padded":
+        try:
+            outs = _continuous(model, tokenizer, prompts, max_new_tokens, done_pattern, stop_strings)
+            if progress:
+                progress(len(prompts))
+            return outs, "transformers continuous batching (paged KV cache)"
+        except Exception as e:  # noqa: BLE001 - an architecture or format the engine does not take: padded batches
+            log.warning("continuous batching failed (%s: %s); generating in padded batches", type(e).__name__, e)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))   # similar lengths waste less padding
+    res: dict[int, tuple[str, int]] = {}
+    for chunk in batched(order, batch_size):
+        for i, o in zip(chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens,
+                                              done_pattern=done_pattern, stop_strings=stop_strings)):
+            res[i] = o
+        if progress:
+            progress(len(chunk))
+    return [res[i] for i in range(len(prompts))], f"transformers generate, padded batches of {batch_size}"
+
+
+def _continuous(model, tokenizer, prompts: list[str], max_new_tokens: int, done_pattern: Optional[str],
+                stop_strings: Sequence[str]) -> list[tuple[str, int]]:
+    from transformers import GenerationConfig
+
+    ids = [tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    eos = _eos_ids(model, tokenizer)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                           pad_token_id=tokenizer.pad_token_id)
+    with torch.inference_mode():
+        res = model.generate_batch(ids, generation_config=cfg, progress_bar=False)
+    outs = list(res.values())
+    bad = [o.request_id for o in outs if o.error is not None]
+    if len(outs) != len(prompts) or bad:
+        raise RuntimeError(f"{len(prompts) - len(outs)} requests missing, {len(bad)} failed")
+    crit = AnswerDone(tokenizer, 0, done_pattern, stop_strings)
+    results = []
+    for o in outs:
+        gen = list(o.generated_tokens)
+        n = cut_point(crit, gen)
+        while n and gen[n - 1] == tokenizer.pad_token_id:
+            n -= 1
+        results.append((tokenizer.decode(gen[:n], skip_special_tokens=True), n))
+    return results
+
+
+def cut_point(crit: AnswerDone, gen: list[int]) -> int:
+    """How many of `gen` the padded engine keeps: up to the first check (every `crit.every` new tokens, on the last
+    `crit.window`) that finds the done pattern or a stop string, or up to the first end-of-sequence token."""
+    n = len(gen)
+    if crit.pattern or crit.stops:
+        for k in range(crit.every, n + 1, crit.every):
+            t = crit.tok.decode(gen[max(0, k - crit.window):k], skip_special_tokens=True)
+            if (crit.pattern and crit.pattern.search(t)) or any(s in t for s in crit.stops):
+                return k
+    return n
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 from ..provenance import Measurement, device_string, runtime_string
 from ..tasks import Item, Task
 from .batching import auto_batch_size
-from .generate import batched, generate_batch
+from .generate import generate_all
 from .stats import wilson_interval
 
 Progress = Optional[Callable[[int], None]]
@@ -26,30 +26,26 @@ def accuracy(model, tokenizer, task: Task, items: list[Item], *, batch_size: Opt
     if batch_size is None:
         batch_size = auto_batch_size(model, len(items), "generate", lambda: max(
             (len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=1) + max_new_tokens)
-    # Longest prompts first: batches of similar length waste less padding.
-    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
+    outs, engine = generate_all(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
+                                done_pattern=getattr(task, "done_pattern", GSM8K_DONE),
+                                stop_strings=task.stop_strings(), progress=progress)
     preds: dict[int, dict] = {}
     gen_tokens = 0
-    for chunk in batched(order, batch_size):
-        outs = generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens,
-                              done_pattern=getattr(task, "done_pattern", GSM8K_DONE),
-                              stop_strings=task.stop_strings())
-        for i, (text, n) in zip(chunk, outs):
-            ok, got = task.score(text, items[i])
-            gen_tokens += n
-            preds[i] = {"id": items[i].id, "target": items[i].target, "extracted": got, "correct": bool(ok),
-                        "completion": text, "new_tokens": n}
-        if progress:
-            progress(len(chunk))
+    for i, (text, n) in enumerate(outs):
+        ok, got = task.score(text, items[i])
+        gen_tokens += n
+        preds[i] = {"id": items[i].id, "target": items[i].target, "extracted": got, "correct": bool(ok),
+                    "completion": text, "new_tokens": n}
     rows = [preds[i] for i in range(len(items))]
     k = sum(r["correct"] for r in rows)
     n = len(rows)
     secs = time.perf_counter() - t0
     m = Measurement(value=k / n if n else None, unit="fraction", device=device_string(device), runtime=runtime_string(),
                     n=n, seconds=round(secs, 3), ci95=wilson_interval(k, n),
-                    method=f"greedy generation, batch {batch_size}, max {max_new_tokens} new tokens, "
+                    method=f"greedy generation ({engine}), max {max_new_tokens} new tokens, "
                            f"{'chat template zero-shot' if fewshot == 0 else f'{fewshot}-shot plain prompt'}, exact match",
-                    extra={"correct": k, "generated_tokens": gen_tokens})
+                    extra={"correct": k, "generated_tokens": gen_tokens, "engine": engine,
+                           "generated_tokens_per_s": round(gen_tokens / secs, 1) if secs > 0 else None})
     return m, rows
 
 

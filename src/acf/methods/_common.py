@@ -28,6 +28,9 @@ def load_dense(path: Path, device: str, method: str, dtype: Optional[torch.dtype
 
     qm = quant_method(path)
     kwargs: dict[str, Any] = {"dtype": dtype or torch_dtype_for(device), "trust_remote_code": trust_remote_code}
+    if device.startswith("cuda"):
+        # straight onto the GPU: a CPU copy first would need the whole model in RAM and a second transfer (8B: 16 GB)
+        kwargs["device_map"] = {"": device}
     if qm == "compressed-tensors":
         from transformers import CompressedTensorsConfig
 
@@ -163,3 +166,24 @@ def versions(*pkgs: str) -> dict[str, str]:
 def report(ctx, label: str, done: int, total: int) -> None:
     if ctx.progress is not None:
         ctx.progress(label, done, total)
+
+
+def shape_of(path: Path, trust_remote_code: bool = False):
+    """The shape facts acf.methods.memory plans with, read from a model directory's config (meta device)."""
+    from ..spec import infer_spec
+    from .memory import Shape
+
+    return Shape.of(infer_spec(path, trust_remote_code))
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing, non-reentrant: works on a frozen base with adapters (no input-grad hook needed)."""
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_checkpointing(model) -> None:
+    """Undo `enable_checkpointing` before saving: the saved config must keep the KV cache on for generation."""
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = True

@@ -23,8 +23,9 @@ import torch
 from ..errors import MethodFailed
 from ..models import free, load_tokenizer
 from .base import StepContext
-from ._common import (apply_masks, linear_sparsity, load_dense, quant_method, save_model, sparsity_masks, stored_dtype,
-                      versions)
+from ._common import (apply_masks, disable_checkpointing, enable_checkpointing, linear_sparsity, load_dense, quant_method, save_model,
+                      shape_of, sparsity_masks, stored_dtype, versions)
+from .memory import lora_memory, lora_plan
 from ._train import causal_ce, eval_loss, train_loop
 from .calibration import training_examples
 
@@ -44,15 +45,24 @@ def lora(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
     dev = ctx.device
     qlora = bool(params.get("qlora"))
     qm = quant_method(in_dir)
+    shape = shape_of(in_dir, ctx.trust_remote_code)
+    plan = lora_plan(params, shape, dev)
     if qlora:
         if qm != "bitsandbytes" or not _is_4bit(in_dir):
             raise MethodFailed("lora", "config", f"qlora needs a bitsandbytes 4-bit input (bnb_nf4); {in_dir} is "
                                                  f"{qm or 'not quantized'}")
-        model = load_kbit(in_dir, dev, trust_remote_code=ctx.trust_remote_code)
+        model = load_kbit(in_dir, dev, trust_remote_code=ctx.trust_remote_code,
+                          checkpointing=plan["gradient_checkpointing"])
         tok = load_tokenizer(in_dir, ctx.trust_remote_code)
     else:
-        model, tok = load_dense(in_dir, dev, "lora", dtype=torch.float32, trust_remote_code=ctx.trust_remote_code)
+        # A frozen base needs no float32 master weights (AdamW updates only the adapters, which peft keeps in
+        # float32): bf16 on a GPU halves the base (8B: 16 GB instead of 32). The CPU keeps float32 (its bf16
+        # matmuls are slow without AVX-512 BF16, and small models fit).
+        model, tok = load_dense(in_dir, dev, "lora", dtype=getattr(torch, plan["base_dtype"]),
+                                trust_remote_code=ctx.trust_remote_code)
         model.to(dev)
+        if plan["gradient_checkpointing"]:
+            enable_checkpointing(model)
     targets = _present_targets(model, list(params["targets"]))
     if not targets:
         raise MethodFailed("lora", "config", f"none of the target modules {params['targets']} exist in this model")
@@ -77,10 +87,13 @@ def lora(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
     _note_adapter_base(adapter_dir, in_dir, qlora)
     merged = pm.merge_and_unload()
     apply_masks(merged, masks)
+    if plan["gradient_checkpointing"]:
+        disable_checkpointing(merged)
     loss_merged = eval_loss(merged, held, pad, dev)
     extra: dict[str, Any] = {**res, "targets": targets, "trainable_params": n_train, "train_examples": len(train),
                              "heldout_loss_before": loss_before, "heldout_loss_adapter": loss_adapter,
                              "heldout_loss_merged": loss_merged, "heldout_examples": len(held), "qlora": qlora,
+                             "plan": plan, "memory_estimate": lora_memory(params, shape, dev).as_dict(),
                              "libraries": versions("peft", "transformers", "torch", "bitsandbytes")}
     if qlora:
         extra["output_form"] = "bitsandbytes 4-bit with the LoRA delta merged (peft dequantize+add+requantize)"
@@ -99,7 +112,7 @@ def _is_4bit(path: Path) -> bool:
 
 
 def load_kbit(path: Path, dev: str, *, trust_remote_code: bool = False, quantize_nf4: bool = False,
-              training: bool = True):
+              training: bool = True, checkpointing: bool = False):
     """A bitsandbytes 4-bit model: `path` already stored in 4-bit (the qlora step's input) or, with `quantize_nf4`, a
     full-precision model quantized to NF4 (double quantization) while loading (the adapter loop's QLoRA base, see
     acf.lifecycle). With `training`, prepared for adapters on a frozen 4-bit base."""
@@ -117,8 +130,9 @@ def load_kbit(path: Path, dev: str, *, trust_remote_code: bool = False, quantize
                                                  **kw)
     if training:
         # Casts norms/embeddings to fp32 and enables input grads so adapters train on a frozen 4-bit base.
-        # Gradient checkpointing off: the models this runs on fit, and it would double the forward cost.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # Gradient checkpointing only where asked (large models): it adds a forward to every step.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
         _keep_trainable_4bit_layout(model)
     return model
 

@@ -109,6 +109,12 @@ class DistillParams(MethodParams):
     batch_size: int = Field(4, ge=1, le=512)
     seq_len: int = Field(256, ge=16, le=8192)
     samples: int = Field(512, ge=1)
+    adapters: Optional[bool] = Field(None, description="train the student through LoRA adapters on a frozen base "
+                                     "(merged after training) instead of every weight with AdamW in float32; None: "
+                                     "adapters for models of 1B+ parameters on a GPU (acf.methods.memory)")
+    adapter_rank: int = Field(64, ge=1, le=1024, description="rank of those adapters")
+    gradient_checkpointing: Optional[bool] = Field(None, description="recompute each block's activations in the "
+                                                   "backward pass; None: on for models of 1B+ parameters on a GPU")
 
 
 class LoraParams(MethodParams):
@@ -126,6 +132,8 @@ class LoraParams(MethodParams):
     seq_len: int = Field(256, ge=16, le=8192)
     samples: int = Field(512, ge=1)
     qlora: bool = Field(False, description="train on a bnb 4-bit base (the previous step must be bnb_nf4)")
+    gradient_checkpointing: Optional[bool] = Field(None, description="recompute each block's activations in the "
+                                                   "backward pass; None: on for models of 1B+ parameters on a GPU")
 
 
 class GGUFParams(Calib):

@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal, Optional
 from pydantic import BaseModel
 
 from . import checks
+from . import memory as M
 from .params import (AWQParams, AutoRoundParams, BnbInt8Params, BnbNF4Params, DistillParams, DropLayersParams,
                      GGUFParams, GPTQParams, LoraParams, MagnitudeParams, RTNParams, SparsityParams, W8A8Params)
 
@@ -95,6 +96,19 @@ def estimate_step_seconds(method: str, params: dict, n_params: int, device: str)
         if p.get("avg_bits") is not None:   # one forward + backward per sensitivity window
             secs += 3 * p["sensitivity_samples"] * p["sensitivity_seq_len"] * fwd_tok
     return round(max(secs, 1.0), 1)
+
+
+def estimate_step_memory(method: str, params: dict, shape: Any, device: str) -> Optional[Any]:
+    """The step's estimated peak memory (acf.methods.memory.Estimate), or None for an unknown method or invalid
+    params (validation refuses those, not this)."""
+    spec = get(method)
+    if spec is None:
+        return None
+    try:
+        p = spec.params.model_validate(params).model_dump()
+    except ValueError:
+        return None
+    return spec.memory(p, shape, device)
 
 
 # ---- the search-space fragment -----------------------------------------------------------------------------------
@@ -271,6 +285,9 @@ class MethodSpec:
     needs_cuda: bool = False
     group_sized: bool = False                   # has a group_size that must divide the layer widths
     needs_teacher: bool = False                 # loads the uncompressed model beside the student (preflight)
+    #: the step's peak memory: (filled params, acf.methods.memory.Shape, device) -> Estimate; preflight refuses an
+    #: episode whose largest step exceeds the free memory, and the step records carry it beside the measured peak
+    memory: Callable[[dict, Any, str], Any] = field(default_factory=lambda: M.weights_only_memory("step"))
     #: the method's own validation rules beyond its params model: (where, params, spec, device) -> problems
     check: Optional[Callable[[str, Any, Any, str], list[str]]] = None
 
@@ -333,61 +350,73 @@ _GROUPS = [32, 64, 128, None]
 
 for _spec in [
     MethodSpec(name="gptq", kind="quantize", params=GPTQParams, impl="acf.methods.quantize:gptq",
+               memory=M.calibrated_memory("gptq", hessians=True),
                library="llmcompressor GPTQModifier", group_sized=True,
                description="GPTQ weight quantization (second-order, calibrated)", cost=calibrated(3),
                search=weight_quant(GPTQParams, 0, mixed=True, calib=True, act_order=True), card="quantization",
                card_ranges={"bits": [2, 3, 4, 8], "group_size": _GROUPS, "symmetric": [True, False],
                             "act_order": [False, True], **_CAL, "avg_bits": [3.5, 6.0]}),
     MethodSpec(name="awq", kind="quantize", params=AWQParams, impl="acf.methods.quantize:awq",
+               memory=M.calibrated_memory("awq", hessians=False),
                library="llmcompressor AWQModifier", group_sized=True, description="activation-aware weight quantization",
                cost=calibrated(20), search=weight_quant(AWQParams, 1, mixed=False, calib=True, fixed_bits=4),
                card="quantization", card_ranges={"bits": [4, 8], "group_size": _GROUPS, "symmetric": [False, True],
                                                  "calib_samples": [32, 256], "seq_len": [256, 1024]}),
     MethodSpec(name="rtn", kind="quantize", params=RTNParams, impl="acf.methods.quantize:rtn",
+               memory=M.weights_only_memory("rtn"),
                library="llmcompressor QuantizationModifier", group_sized=True,
                description="round-to-nearest weight quantization (no calibration)", cost=data_free(),
                search=weight_quant(RTNParams, 2, mixed=True, calib=False), card="quantization",
                card_ranges={"bits": [4, 8], "group_size": _GROUPS, "symmetric": [True, False],
                             "avg_bits": [3.5, 6.0]}),
     MethodSpec(name="autoround", kind="quantize", params=AutoRoundParams, impl="acf.methods.quantize:autoround",
+               memory=M.calibrated_memory("autoround", hessians=False),
                library="llmcompressor AutoRoundModifier", group_sized=True,
                description="AutoRound: signed-gradient rounding optimisation", cost=_autoround_cost(),
                search=weight_quant(AutoRoundParams, 7, mixed=False, calib=True, in_grid=False, default=False),
                card="quantization", card_ranges={"bits": [2, 3, 4], "group_size": [32, 64, 128], "iters": [50, 500],
                                                  "calib_samples": [32, 256], "seq_len": [256, 2048]}),
     MethodSpec(name="w8a8", kind="quantize", params=W8A8Params, impl="acf.methods.quantize:w8a8",
+               memory=M.calibrated_memory("w8a8", hessians=True),
                library="llmcompressor SmoothQuant + GPTQ W8A8",
                description="int8 weights and activations with SmoothQuant", cost=calibrated(6),
                search=no_params(calib=True, rank=3), card="quantization",
                card_ranges={"smoothing_strength": [0.5, 0.95], **_CAL}),
     MethodSpec(name="bnb_int8", kind="quantize", params=BnbInt8Params, impl="acf.methods.quantize:bnb_int8",
+               memory=M.weights_only_memory("bnb_int8"),
                library="bitsandbytes LLM.int8()", description="bitsandbytes int8 (CPU and CUDA)", cost=data_free(),
                search=no_params(rank=5), card="quantization", card_ranges={"threshold": [4.0, 8.0]}),
     MethodSpec(name="bnb_nf4", kind="quantize", params=BnbNF4Params, impl="acf.methods.quantize:bnb_nf4",
+               memory=M.weights_only_memory("bnb_nf4"),
                library="bitsandbytes 4-bit", description="bitsandbytes NF4/FP4 (CPU and CUDA; QLoRA base)",
                cost=data_free(), search=no_params(rank=4), card="quantization",
                card_ranges={"quant_type": ["nf4", "fp4"], "double_quant": [True, False]}),
     MethodSpec(name="gguf", kind="quantize", params=GGUFParams, impl="acf.methods.gguf_export:gguf",
+               memory=M.weights_only_memory("gguf"),
                library="llama.cpp (convert_hf_to_gguf.py + llama_model_quantize via llama-cpp-python)",
                description="GGUF export for llama.cpp (k-quants, IQ4, Q8_0/Q4_0) with an importance matrix",
                cost=_gguf_cost(), search=_gguf_fragment(), card="quantization", check=checks.gguf,
                card_ranges={"type": ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M"],
                             "imatrix": [True, False], "calib_samples": [32, 256], "seq_len": [256, 1024]}),
     MethodSpec(name="magnitude", kind="prune", params=MagnitudeParams, impl="acf.methods.prune:magnitude",
+               memory=M.weights_only_memory("magnitude"),
                library="llmcompressor MagnitudePruningModifier", description="prune the smallest-magnitude weights",
                cost=data_free(), search=weight_sparsity(calib=False, rank=0, grid_rank=12), card="pruning",
                card_ranges={"sparsity": [0.1, 0.7], "pattern": ["unstructured", "2:4"]}),
     MethodSpec(name="wanda", kind="prune", params=SparsityParams, impl="acf.methods.prune:wanda",
+               memory=M.calibrated_memory("wanda", hessians=False),
                library="llmcompressor WandaPruningModifier", description="Wanda: |W| x input-activation norm",
                cost=calibrated(2), search=weight_sparsity(calib=True, rank=1, grid_rank=11), card="pruning",
                card_ranges={"sparsity": [0.1, 0.7], "pattern": ["unstructured", "2:4", "4:8"],
                             "calib_samples": [16, 256], "seq_len": [256, 2048]}),
     MethodSpec(name="sparsegpt", kind="prune", params=SparsityParams, impl="acf.methods.prune:sparsegpt",
+               memory=M.calibrated_memory("sparsegpt", hessians=True),
                library="llmcompressor SparseGPTModifier", description="SparseGPT: second-order one-shot pruning",
                cost=calibrated(4), search=weight_sparsity(calib=True, rank=2, grid_rank=10), card="pruning",
                card_ranges={"sparsity": [0.1, 0.7], "pattern": ["unstructured", "2:4", "4:8"],
                             "calib_samples": [16, 256], "seq_len": [256, 2048]}),
     MethodSpec(name="drop_layers", kind="prune", params=DropLayersParams, impl="acf.methods.prune:drop_layers",
+               memory=M.calibrated_memory("drop_layers", hessians=False),
                library="acf (hand-written: no library removes decoder blocks by measured importance)",
                description="depth pruning: remove whole decoder blocks", cost=calibrated(1),
                search=_drop_layers_fragment(), card="pruning", check=checks.drop_layers,
@@ -395,6 +424,7 @@ for _spec in [
                             "count": [1, "num_layers/2"], "ratio": [0.05, 0.5], "calib_samples": [8, 128],
                             "seq_len": [128, 1024]}),
     MethodSpec(name="distill", kind="distill", params=DistillParams, impl="acf.methods.distill:distill",
+               memory=M.distill_memory,
                library="acf + torch (KL at temperature T + CE)",
                description="knowledge distillation from the uncompressed teacher", cost=training(teacher=True),
                search=recovery(DistillParams, 1), card="distillation", needs_teacher=True,
@@ -402,6 +432,7 @@ for _spec in [
                             "alpha": [0.3, 0.9], "batch_size": [2, 16], "seq_len": [128, 512],
                             "samples": [128, 4096]}),
     MethodSpec(name="lora", kind="lora", params=LoraParams, impl="acf.methods.lora:lora",
+               memory=M.lora_memory,
                library="peft LoRA, merged with merge_and_unload",
                description="LoRA recovery fine-tune (QLoRA on a bnb 4-bit base)", cost=training(teacher=False),
                search=recovery(LoraParams, 0), card="lora", check=checks.lora,

@@ -200,7 +200,7 @@ class HumanEval(Task):
 
     def evaluate_metric(self, name: str, model, tokenizer, items: list[Item], batch_size: int = 8,
                         progress=None) -> tuple[Any, list[dict]]:
-        from ..evaluation.generate import batched, generate_batch
+        from ..evaluation.generate import generate_all
         from ..evaluation.sandbox import check_program, isolation, require_consent
         from ..evaluation.stats import wilson_interval
         from ..provenance import Measurement, device_string, runtime_string
@@ -212,16 +212,10 @@ class HumanEval(Task):
         device = str(next(model.parameters()).device)
         t0 = time.perf_counter()
         prompts = [self.chat_prompt(it, tokenizer) for it in items]
-        order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
-        comps: dict[int, tuple[str, int]] = {}
-        for chunk in batched(order, batch_size):
-            outs = generate_batch(model, tokenizer, [prompts[i] for i in chunk], self.max_new_tokens,
-                                  done_pattern=CHAT_DONE if style == "chat" else None,
-                                  stop_strings=list(STOPS) if style == "plain" else [])
-            for i, o in zip(chunk, outs):
-                comps[i] = o
-            if progress:
-                progress(len(chunk))
+        outs, engine = generate_all(model, tokenizer, prompts, self.max_new_tokens, batch_size=batch_size,
+                                    done_pattern=CHAT_DONE if style == "chat" else None,
+                                    stop_strings=list(STOPS) if style == "plain" else [], progress=progress)
+        comps = dict(enumerate(outs))
         gen_s = time.perf_counter() - t0
         rows, k = [], 0
         for i, it in enumerate(items):
@@ -243,7 +237,7 @@ class HumanEval(Task):
         m = Measurement(value=k / n if n else None, unit="fraction", device=device_string(device),
                         runtime=runtime_string(), n=n, seconds=round(time.perf_counter() - t0, 3),
                         ci95=wilson_interval(k, n),
-                        method=f"greedy completion of the function ({how}; batch {batch_size}, max "
+                        method=f"greedy completion of the function ({how}; {engine}, max "
                                f"{self.max_new_tokens} new tokens), unit tests executed in the acf sandbox "
                                f"({layers}; {self.timeout:g} s per problem); pass@1 = share passing",
                         extra={"passed": k, "generation_seconds": round(gen_s, 3), "prompt_style": style})

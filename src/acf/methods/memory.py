@@ -1,0 +1,248 @@
+"""Peak memory of a compression step, ESTIMATED from the model's shapes and the step's params (pure, no torch).
+
+Why a model per step rather than one factor on the parameter count: what a step holds differs by an order of
+magnitude between methods. At Llama-3.1-8B shape a LoRA step on a frozen bf16 base needs ~20 GB, full-parameter
+distillation with AdamW in fp32 ~150 GB, GPTQ ~20 GB plus its calibration cache; one "2 bytes x params x 1.5"
+rule passed steps that then ran out of memory and refused ones that fit. Preflight, the approval estimate and
+the step records read the same figures, and `experiments/bench_scale.py` prints each next to the measured peak
+(`torch.cuda.max_memory_allocated` increase during the step): SPEC.md keeps the measured agreement.
+
+Everything here is an estimate of the allocator's peak (tensors alive at once), not of the process's RSS or the
+CUDA context; `MARGIN` covers fragmentation. The per-token activation model follows the Llama-style block
+(RMSNorm, rotary attention through SDPA, gated MLP) in bf16, counting what autograd keeps for backward; models of
+another shape get the same order of magnitude from their hidden and intermediate widths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+GiB = 2 ** 30
+#: allocator fragmentation and small workspaces over the sum of the large tensors
+MARGIN = 1.10
+#: a model this large trains through adapters with gradient checkpointing on a GPU when a step says "auto"
+LEAN_TRAINING_PARAMS = 1_000_000_000
+
+
+@dataclass
+class Shape:
+    """The facts of a model the estimates need (from acf.spec.ModelSpec, or a config for benchmarks)."""
+
+    params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    #: in_features of each Linear inside one decoder block, by leaf name (q_proj: 4096, down_proj: 14336, ...)
+    block_linears: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: Any) -> "Shape":
+        heads = spec.num_heads or 1
+        hd = spec.head_dim or spec.hidden_size // heads
+        block: dict[str, tuple[int, int]] = {}
+        for lin in spec.linears:
+            leaf = lin.name.rsplit(".", 1)[-1]
+            if leaf != "lm_head" and leaf not in block:
+                block[leaf] = (lin.in_features, lin.out_features)
+        return cls(params=spec.params, layers=spec.num_layers, hidden=spec.hidden_size,
+                   intermediate=spec.intermediate_size or 4 * spec.hidden_size, vocab=spec.vocab_size, heads=heads,
+                   kv_heads=spec.num_kv_heads or heads, head_dim=hd, block_linears=block)
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_params(self, targets: Optional[list[str]] = None) -> int:
+        return sum(i * o for n, (i, o) in self.block_linears.items() if targets is None or n in targets) * self.layers
+
+
+@dataclass
+class Estimate:
+    """A step's estimated peak in bytes, with the parts it is made of (for the refusal message and records)."""
+
+    method: str
+    total: int
+    parts: dict[str, int]
+    how: str
+
+    def describe(self) -> str:
+        top = sorted(self.parts.items(), key=lambda kv: -kv[1])
+        return (f"{self.method} ({self.how}): about {self.total / GiB:.1f} GiB = "
+                + ", ".join(f"{k} {v / GiB:.1f}" for k, v in top if v >= 0.05 * GiB)
+                + f" (x{MARGIN} allocator margin)")
+
+    def as_dict(self) -> dict:
+        return {"estimated_peak_bytes": self.total, "parts": self.parts, "how": self.how,
+                "what": "ESTIMATE (acf.methods.memory), allocator peak increase during the step"}
+
+
+def _estimate(method: str, how: str, **parts: float) -> Estimate:
+    parts_i = {k: int(v) for k, v in parts.items() if v}
+    return Estimate(method, int(sum(parts_i.values()) * MARGIN), parts_i, how)
+
+
+# ---- activations ---------------------------------------------------------------------------------------------------
+
+def block_activation_bytes(s: Shape, tokens: int, act_bytes: int = 2) -> int:
+    """What autograd keeps for one decoder block's backward over `tokens` tokens: RMSNorm inputs (float32 copies)
+    and outputs, q/k/v and their rotary copies, the attention output, the gated MLP's gate, up, activation and
+    product (SDPA's fused kernels keep no seq x seq matrix)."""
+    h, i, kv = s.hidden, s.intermediate, s.kv_width
+    elems = 2 * (2 * h) + 2 * h + (h + 2 * kv) + (h + kv) + h + 4 * i
+    return tokens * elems * act_bytes
+
+
+def adapter_input_bytes(s: Shape, targets: list[str], tokens: int) -> int:
+    """peft casts each adapted layer's input to the adapters' float32 before the LoRA product and keeps it."""
+    return tokens * sum(i for n, (i, o) in s.block_linears.items() if n in targets) * 4
+
+
+def logits_bytes(s: Shape, tokens: int, per_element: int) -> int:
+    return tokens * s.vocab * per_element
+
+
+#: bytes per logit element of a CE training step: bf16 logits, the float32 copy, log-softmax saved for backward,
+#: and its gradient in float32 and bf16
+CE_LOGIT_BYTES = 18
+#: the distillation loss over full-vocabulary logits: teacher and student logits, float32 copies at temperature,
+#: both log-softmaxes, the masked selections, the KL's elementwise terms, the CE term and their gradients
+KD_LOGIT_BYTES = 44
+#: a no-grad forward's logits (bf16 + the float32 copy the loss reads + per-token loss workspace)
+EVAL_LOGIT_BYTES = 10
+
+
+def training_activations(s: Shape, batch: int, seq: int, checkpointing: bool, targets: Optional[list[str]],
+                         act_bytes: int = 2) -> dict[str, int]:
+    t = batch * seq
+    per_block = block_activation_bytes(s, t, act_bytes) + (adapter_input_bytes(s, targets, t) if targets else 0)
+    if checkpointing:
+        # each block's input kept; one block's activations recomputed at a time during backward
+        return {"checkpointed block inputs": s.layers * t * s.hidden * act_bytes, "one block recomputed": per_block}
+    return {"activations": s.layers * per_block}
+
+
+# ---- per method --------------------------------------------------------------------------------------------------
+
+def adapter_params(s: Shape, targets: list[str], rank: int) -> int:
+    return sum(rank * (i + o) for n, (i, o) in s.block_linears.items() if n in targets) * s.layers
+
+
+def lean(device: str, s: Shape, setting: Any) -> bool:
+    """Whether an "auto" memory-lean setting (gradient checkpointing, adapters) is on."""
+    if setting is None or setting == "auto":
+        return device.startswith("cuda") and s.params >= LEAN_TRAINING_PARAMS
+    return bool(setting)
+
+
+def lora_plan(p: dict, s: Shape, device: str) -> dict:
+    """How the lora step trains: base dtype, checkpointing (the step and its estimate read this one plan)."""
+    qlora = bool(p.get("qlora"))
+    base = "nf4" if qlora else ("bfloat16" if device.startswith("cuda") else "float32")
+    return {"base_dtype": base, "gradient_checkpointing": lean(device, s, p.get("gradient_checkpointing"))}
+
+
+def lora_memory(p: dict, s: Shape, device: str) -> Estimate:
+    plan = lora_plan(p, s, device)
+    targets = list(p.get("targets") or [])
+    if plan["base_dtype"] == "nf4":
+        # 4-bit weights (0.5 byte + scales); embeddings and norms cast to float32 by prepare_model_for_kbit_training
+        weights = s.linear_params() * 0.53 + s.vocab * s.hidden * 4 * 2
+    else:
+        weights = s.params * (2 if plan["base_dtype"] == "bfloat16" else 4)
+    train_tokens = p["batch_size"] * p["seq_len"]
+    parts = training_activations(s, p["batch_size"], p["seq_len"], plan["gradient_checkpointing"], targets)
+    parts["logits and loss"] = logits_bytes(s, train_tokens, CE_LOGIT_BYTES)
+    held_tokens = 8 * p["seq_len"]     # the held-out loss before/after runs at batch 8 without grad
+    held = logits_bytes(s, held_tokens, EVAL_LOGIT_BYTES) + block_activation_bytes(s, held_tokens) // 4
+    if held > sum(parts.values()):
+        parts = {"held-out loss pass": held}
+    how = (f"{plan['base_dtype']} base, gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, "
+           f"batch {p['batch_size']} x {p['seq_len']}")
+    return _estimate("lora", how, weights=weights,
+                     **{"adapters + AdamW": adapter_params(s, targets, p["rank"]) * 16}, **parts)
+
+
+def distill_plan(p: dict, s: Shape, device: str) -> dict:
+    adapters = lean(device, s, p.get("adapters"))
+    return {"adapters": adapters, "student_dtype": "bfloat16" if adapters and device.startswith("cuda") else "float32",
+            "gradient_checkpointing": lean(device, s, p.get("gradient_checkpointing"))}
+
+
+DISTILL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def distill_memory(p: dict, s: Shape, device: str) -> Estimate:
+    plan = distill_plan(p, s, device)
+    tokens = p["batch_size"] * p["seq_len"]
+    teacher = s.params * 2
+    if plan["adapters"]:
+        targets = [t for t in DISTILL_TARGETS if t in s.block_linears]
+        student = s.params * (2 if plan["student_dtype"] == "bfloat16" else 4)
+        trainable = adapter_params(s, targets, p.get("adapter_rank", 64)) * 16
+        how = f"student through rank-{p.get('adapter_rank', 64)} adapters on a frozen {plan['student_dtype']} base"
+    else:
+        targets = None
+        # float32 weights + gradients + AdamW's two moments, and autocast's bf16 copies of the weights
+        student, trainable = s.params * (4 + 2), s.params * (4 + 8)
+        how = "full-parameter student in float32 with AdamW"
+    acts = training_activations(s, p["batch_size"], p["seq_len"], plan["gradient_checkpointing"], targets)
+    how += (f", gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, "
+            f"batch {p['batch_size']} x {p['seq_len']}")
+    return _estimate("distill", how, teacher=teacher, student=student, **{"trainable + AdamW": trainable}, **acts,
+                     **{"logits and KD loss": logits_bytes(s, tokens, KD_LOGIT_BYTES)})
+
+
+def calibrated_memory(method: str, hessians: bool) -> Callable[[dict, Shape, str], Estimate]:
+    """llm-compressor's sequential pipeline: the model on the device, the calibration activations of the block being
+    calibrated (inputs and outputs of every sample), per-Linear Hessians of that block (GPTQ, SparseGPT) and the
+    solver's float32 copies of the widest Linear."""
+
+    def est(p: dict, s: Shape, device: str) -> Estimate:
+        wb = 2 if device.startswith("cuda") else 4
+        n, L = p.get("calib_samples", 64), p.get("seq_len", 512)
+        cache = 2 * n * L * s.hidden * wb
+        widest = max((i * o for i, o in s.block_linears.values()), default=s.hidden ** 2)
+        widest_in = max((i for i, o in s.block_linears.values()), default=s.hidden)
+        parts = {"weights": s.params * wb, "calibration activations": cache,
+                 "one block's forward": block_activation_bytes(s, L, wb) // 2}
+        if hessians:
+            parts["Hessians of one block"] = sum(i * i * 4 for i, o in s.block_linears.values())
+            parts["solver workspace"] = widest * 4 * 2 + widest_in ** 2 * 4 * 2
+        else:
+            parts["solver workspace"] = widest * 4 * 2
+        return _estimate(method, f"{n} x {L} calibration tokens, one block at a time", **parts)
+
+    return est
+
+
+def weights_only_memory(method: str) -> Callable[[dict, Shape, str], Estimate]:
+    """Data-free steps (RTN, bitsandbytes, magnitude pruning): the model plus float32 copies of the widest Linear."""
+
+    def est(p: dict, s: Shape, device: str) -> Estimate:
+        wb = 2 if device.startswith("cuda") else 4
+        widest = max((i * o for i, o in s.block_linears.values()), default=s.hidden ** 2)
+        return _estimate(method, "the weights plus one layer's float32 work copies", weights=s.params * wb,
+                         **{"one layer's work copies": widest * 4 * 3})
+
+    return est
+
+
+def estimate_steps(steps: list[tuple[str, dict, Callable[[dict, Shape, str], Estimate]]], s: Shape,
+                   device: str) -> list[Estimate]:
+    return [fn(p, s, device) for _, p, fn in steps]
+
+
+def refusal(estimates: list[Estimate], free_bytes: int, where: str) -> Optional[str]:
+    """The reason to refuse an episode whose largest step will not fit `free_bytes`, naming the figures, or None."""
+    if not estimates:
+        return None
+    worst = max(estimates, key=lambda e: e.total)
+    if worst.total <= free_bytes:
+        return None
+    return (f"{where}: {free_bytes / GiB:.1f} GiB free, step {worst.describe()} (estimate; "
+            f"acf.methods.memory, checked against measured peaks in SPEC.md)")
