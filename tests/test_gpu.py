@@ -131,3 +131,15 @@ def test_continuous_batching_returns_what_padded_batches_return(tiny_model_dir, 
     # the model still scores teacher-forced after the engine (attention implementation restored)
     out = model(input_ids=torch.tensor([[1, 2, 3]], device="cuda"))
     assert torch.isfinite(out.logits).all()
+
+
+def test_vllm_engine_where_vllm_is_installed(tiny_model_dir, data_root, monkeypatch):
+    pytest.importorskip("vllm", reason="vLLM is not installed here: the vllm engine is opt-in where it is")
+    from acf.evaluation.generate import generate_all
+    from acf.models import load_model
+
+    model, tok = load_model(tiny_model_dir, "cuda")
+    prompts = [get_task("gsm8k").chat_prompt(it, tok, 0) for it in get_task("gsm8k").load("test", limit=4, seed=0)]
+    monkeypatch.setenv("ACF_GEN_ENGINE", "vllm")
+    outs, eng = generate_all(model, tok, prompts, 16, batch_size=4)
+    assert eng.startswith("vLLM") and len(outs) == 4

@@ -52,7 +52,8 @@ class AnswerDone:
 
 
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 256,
-                   done_pattern: Optional[str] = None, stop_strings: Sequence[str] = ()) -> list[tuple[str, int]]:
+                   done_pattern: Optional[str] = None, stop_strings: Sequence[str] = (),
+                   static_cache: bool = False) -> list[tuple[str, int]]:
     """Greedy completions for a batch of already-templated prompts: [(text, n_new_tokens)]."""
     from transformers import StoppingCriteriaList
 
@@ -70,7 +71,8 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, stopping_criteria=StoppingCriteriaList([crit]),
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                             **({"cache_implementation": "static"} if static_cache else {}))
     new = out[:, plen:]
     results = []
     for row in new:
@@ -88,13 +90,21 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
     """Greedy completions of every prompt, in order, and the engine that made them (for the Measurement).
 
     On a GPU, transformers' continuous batching (`generate_batch`: paged KV cache, CUDA graphs, a finished sequence's
-    slot refilled at once) unless ACF_GEN_ENGINE=padded; elsewhere, or if it fails, padded batches of `batch_size`
+    slot refilled at once) unless ACF_GEN_ENGINE=padded, or vLLM with ACF_GEN_ENGINE=vllm where vLLM is installed
+    (it serves compressed-tensors checkpoints with its own kernels; opt-in: it loads the checkpoint a second time,
+    and no machine acf was measured on had it); elsewhere, or if it fails, padded batches of `batch_size`
     longest-first with per-row stopping (`generate_batch` below). Continuous batching cannot stop a row on a
     pattern, so each completion is cut where `AnswerDone` would have stopped it (the same check at the same token
     counts): both engines return the same text for the same greedy tokens. Measured on the GPU in
     experiments/bench_scale.py (SPEC.md has the figures)."""
     device = next(model.parameters()).device
-    if device.type == "cuda" and os.environ.get("ACF_GEN_ENGINE", "continuous") != "padded":
+    engine = os.environ.get("ACF_GEN_ENGINE", "continuous")
+    if device.type == "cuda" and engine == "vllm":
+        outs = _vllm(model, tokenizer, prompts, max_new_tokens, done_pattern, stop_strings)
+        if progress:
+            progress(len(prompts))
+        return outs, "vLLM (its own load of the same checkpoint)"
+    if device.type == "cuda" and engine != "padded":
         try:
             outs = _continuous(model, tokenizer, prompts, max_new_tokens, done_pattern, stop_strings)
             if progress:
@@ -102,15 +112,18 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
             return outs, "transformers continuous batching (paged KV cache)"
         except Exception as e:  # noqa: BLE001 - an architecture or format the engine does not take: padded batches
             log.warning("continuous batching failed (%s: %s); generating in padded batches", type(e).__name__, e)
+    static = device.type == "cuda" and engine == "static"
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))   # similar lengths waste less padding
     res: dict[int, tuple[str, int]] = {}
     for chunk in batched(order, batch_size):
         for i, o in zip(chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens,
-                                              done_pattern=done_pattern, stop_strings=stop_strings)):
+                                              done_pattern=done_pattern, stop_strings=stop_strings,
+                                              static_cache=static)):
             res[i] = o
         if progress:
             progress(len(chunk))
-    return [res[i] for i in range(len(prompts))], f"transformers generate, padded batches of {batch_size}"
+    how = "static KV cache + torch.compile, " if static else ""
+    return [res[i] for i in range(len(prompts))], f"transformers generate, {how}padded batches of {batch_size}"
 
 
 def _continuous(model, tokenizer, prompts: list[str], max_new_tokens: int, done_pattern: Optional[str],
@@ -121,8 +134,8 @@ def _continuous(model, tokenizer, prompts: list[str], max_new_tokens: int, done_
     eos = _eos_ids(model, tokenizer)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                            pad_token_id=tokenizer.pad_token_id)
-    with torch.inference_mode():
-        res = model.generate_batch(ids, generation_config=cfg, progress_bar=False)
+    # no inference_mode here: the engine's worker thread resets tensors made in this call (no_grad is its own)
+    res = model.generate_batch(ids, generation_config=cfg, progress_bar=False)
     outs = list(res.values())
     bad = [o.request_id for o in outs if o.error is not None]
     if len(outs) != len(prompts) or bad:
@@ -136,6 +149,35 @@ def _continuous(model, tokenizer, prompts: list[str], max_new_tokens: int, done_
             n -= 1
         results.append((tokenizer.decode(gen[:n], skip_special_tokens=True), n))
     return results
+
+
+def _vllm(model, tokenizer, prompts: list[str], max_new_tokens: int, done_pattern: Optional[str],
+          stop_strings: Sequence[str]) -> list[tuple[str, int]]:
+    from ..errors import AcfError
+
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise AcfError("ACF_GEN_ENGINE=vllm, but vLLM is not installed (pip install vllm), or unset it") from None
+    path = getattr(model.config, "_name_or_path", "")
+    if not path:
+        raise AcfError("ACF_GEN_ENGINE=vllm needs the model's checkpoint folder; this model was not loaded from one")
+    free_b, total = torch.cuda.mem_get_info()
+    llm = LLM(model=path, tokenizer=path, gpu_memory_utilization=round(0.85 * free_b / total, 3),
+              trust_remote_code=False)
+    try:
+        sp = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=_eos_ids(model, tokenizer))
+        res = llm.generate([prompt_text(tokenizer, p) for p in prompts], sp, use_tqdm=False)
+    finally:
+        del llm
+        torch.cuda.empty_cache()
+    crit = AnswerDone(tokenizer, 0, done_pattern, stop_strings)
+    out = []
+    for r in res:
+        gen = list(r.outputs[0].token_ids)
+        n = cut_point(crit, gen)
+        out.append((tokenizer.decode(gen[:n], skip_special_tokens=True), n))
+    return out
 
 
 def cut_point(crit: AnswerDone, gen: list[int]) -> int:

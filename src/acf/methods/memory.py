@@ -8,7 +8,8 @@ the step records read the same figures, and `experiments/bench_scale.py` prints 
 (`torch.cuda.max_memory_allocated` increase during the step): SPEC.md keeps the measured agreement.
 
 Everything here is an estimate of the allocator's peak (tensors alive at once), not of the process's RSS or the
-CUDA context; `MARGIN` covers fragmentation. The per-token activation model follows the Llama-style block
+CUDA context; `MARGIN` on the transient parts covers fragmentation. Training examples shorter than `seq_len` make
+the measured peak lower than the estimate (it assumes full-length batches, the worst case preflight must pass). The per-token activation model follows the Llama-style block
 (RMSNorm, rotary attention through SDPA, gated MLP) in bf16, counting what autograd keeps for backward; models of
 another shape get the same order of magnitude from their hidden and intermediate widths.
 """
@@ -74,16 +75,21 @@ class Estimate:
         top = sorted(self.parts.items(), key=lambda kv: -kv[1])
         return (f"{self.method} ({self.how}): about {self.total / GiB:.1f} GiB = "
                 + ", ".join(f"{k} {v / GiB:.1f}" for k, v in top if v >= 0.05 * GiB)
-                + f" (x{MARGIN} allocator margin)")
+                + f" (transient parts x{MARGIN} for the allocator)")
 
     def as_dict(self) -> dict:
         return {"estimated_peak_bytes": self.total, "parts": self.parts, "how": self.how,
                 "what": "ESTIMATE (acf.methods.memory), allocator peak increase during the step"}
 
 
+#: parts held for the whole step (exact sizes); the margin applies to the rest, the transient tensors
+RESIDENT = ("weights", "teacher", "student", "adapters + AdamW", "trainable + AdamW")
+
+
 def _estimate(method: str, how: str, **parts: float) -> Estimate:
     parts_i = {k: int(v) for k, v in parts.items() if v}
-    return Estimate(method, int(sum(parts_i.values()) * MARGIN), parts_i, how)
+    resident = sum(v for k, v in parts_i.items() if k in RESIDENT)
+    return Estimate(method, int(resident + (sum(parts_i.values()) - resident) * MARGIN), parts_i, how)
 
 
 # ---- activations ---------------------------------------------------------------------------------------------------
@@ -106,14 +112,16 @@ def logits_bytes(s: Shape, tokens: int, per_element: int) -> int:
     return tokens * s.vocab * per_element
 
 
-#: bytes per logit element of a CE training step: bf16 logits, the float32 copy, log-softmax saved for backward,
-#: and its gradient in float32 and bf16
-CE_LOGIT_BYTES = 18
-#: the distillation loss over full-vocabulary logits: teacher and student logits, float32 copies at temperature,
-#: both log-softmaxes, the masked selections, the KL's elementwise terms, the CE term and their gradients
-KD_LOGIT_BYTES = 44
-#: a no-grad forward's logits (bf16 + the float32 copy the loss reads + per-token loss workspace)
-EVAL_LOGIT_BYTES = 10
+#: bytes per logit element of a CE training step at its peak: the bf16 logits and their float32 copy (the
+#: log-softmax and gradients reuse freed blocks). Fitted: Llama-3.1-8B shape, LoRA batch 4 x 512 on an H200
+#: measured 18.0 GiB (experiments/results/scale-gpu-acf-8b.json); checked on another shape in SPEC.md.
+CE_LOGIT_BYTES = 8
+#: the distillation loss: teacher and student bf16 logits, then float32 work (temperature-scaled copies, both
+#: log-softmaxes, the KL terms, gradients) on the selected solution positions only (about half of a batch).
+#: Fitted on the same run (distillation through adapters, batch 4 x 512: 34.6 GiB measured).
+KD_LOGIT_BYTES = 12
+#: a no-grad forward's logits (bf16 + the float32 copy the loss reads)
+EVAL_LOGIT_BYTES = 6
 
 
 def training_activations(s: Shape, batch: int, seq: int, checkpointing: bool, targets: Optional[list[str]],
