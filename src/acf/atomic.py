@@ -53,6 +53,19 @@ def read_json_strict(path: str | os.PathLike, what: Optional[str], error: type[A
         raise error(f"{path}: {msg}") from None
 
 
+def validate_strict(model: Any, raw: Any, path: str | os.PathLike, what: str, error: type[AcfError]) -> Any:
+    """`model.model_validate(raw)`, or `error` naming the file, the first invalid field and that nothing changed
+    (a persisted file that parses but does not match its schema is refused the same way everywhere)."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise error(f"{path}: {what} ({'.'.join(map(str, first['loc']))}: {first['msg']}); "
+                    f"nothing was changed") from None
+
+
 @contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to `final` only when the block finishes.

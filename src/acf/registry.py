@@ -22,10 +22,10 @@ import struct
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from . import __version__
-from .atomic import read_json_strict
+from .atomic import read_json_strict, validate_strict
 from .errors import AcfError
 from .objectives import DIRECTIONS
 from .provenance import Measurement, git_commit
@@ -106,12 +106,7 @@ def _read(path: Path) -> RegistryFile:
     if not isinstance(raw, dict) or raw.get("schema_version") != REGISTRY_SCHEMA:
         ver = raw.get("schema_version") if isinstance(raw, dict) else None
         raise RegistryError(f"{path}: registry schema_version {ver!r}, this acf reads {REGISTRY_SCHEMA}; nothing was changed")
-    try:
-        return RegistryFile.model_validate(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise RegistryError(f"{path}: corrupt registry ({'.'.join(map(str, first['loc']))}: {first['msg']}); "
-                            f"nothing was changed") from None
+    return validate_strict(RegistryFile, raw, path, "corrupt registry", RegistryError)
 
 
 class Registry:

@@ -10,9 +10,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from .atomic import read_json_strict
+from .atomic import read_json_strict, validate_strict
 from .errors import RunDirError
 from .methods.base import StepRecord
 from .provenance import Measurement
@@ -129,12 +129,7 @@ def load_frontier_file(path: str | Path) -> FrontierFile:
     if ver != SCHEMA_VERSION:
         raise RunDirError(f"{path}: schema_version {ver!r}, this acf reads version {SCHEMA_VERSION}; "
                           f"use the acf version that wrote it")
-    try:
-        return FrontierFile.model_validate(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise RunDirError(f"{path}: does not match the frontier schema ({'.'.join(map(str, first['loc']))}: "
-                          f"{first['msg']}); nothing was changed") from None
+    return validate_strict(FrontierFile, raw, path, "does not match the frontier schema", RunDirError)
 
 
 def episodes_recorded(ff: Optional[FrontierFile]) -> int:
