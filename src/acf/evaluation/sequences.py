@@ -75,6 +75,17 @@ class Scored:
         return h.hexdigest()[:16]
 
 
+def cut_left(ids: list, keep: int, bos_id: Optional[int]) -> list:
+    """The last `keep` tokens of a prompt, cut from the left (the question's end matters most) without losing the
+    BOS it started with: a model trained to always see BOS keeps seeing exactly one."""
+    keep = max(0, min(len(ids), keep))
+    if keep == len(ids):
+        return list(ids)
+    if bos_id is not None and ids and ids[0] == bos_id and keep > 0:
+        return [bos_id] + list(ids[len(ids) - keep + 1:])
+    return list(ids[len(ids) - keep:])
+
+
 def task_sequences(task, tok, items: Sequence, fewshot: int = 0, max_len: Optional[int] = None) -> list[Scored]:
     """prompt (as evaluation renders it) + reference (+EOS zero-shot) for each item: what answer NLL and kld score."""
     eos = tok.eos_token or ""
@@ -83,8 +94,7 @@ def task_sequences(task, tok, items: Sequence, fewshot: int = 0, max_len: Option
         p = encode_prompt(tok, task.chat_prompt(it, tok, fewshot))
         r = encode_target(tok, it.reference + (eos if fewshot == 0 else ""))
         if max_len is not None and len(p) + len(r) > max_len:
-            keep = max(max_len - len(r), max_len // 2)
-            p = p[len(p) - min(len(p), keep):]
+            p = cut_left(p, max(max_len - len(r), max_len // 2), tok.bos_token_id)
             r = r[:max_len - len(p)]
         out.append(Scored(id=str(it.id), prompt=tuple(p), target=tuple(r)))
     return out

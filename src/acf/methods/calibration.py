@@ -62,7 +62,7 @@ def _train_token_texts(tokenizer, task: Any, k: int, seed: int) -> list[list[int
     """Train-split texts as token ids, in the prompt format evaluation uses: a task with (prompt, reference) pairs
     is rendered as evaluation renders it (chat template, BOS rule) followed by its reference, so calibration
     statistics see the text the compressed model will see; other tasks give their plain train texts."""
-    from ..evaluation.sequences import encode_prompt, task_sequences
+    from ..evaluation.sequences import cut_left, encode_prompt, task_sequences
 
     if hasattr(task, "train_pairs"):
         return [list(s.prompt + s.target) for s in task_sequences(task, tokenizer, task.train_pairs(k, seed=seed))]
@@ -92,7 +92,7 @@ def training_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0,
     evaluation renders it (`task.chat_prompt`) and the loss is taken on the solution tokens (+EOS) only:
     the model is taught to answer, not to reproduce questions. Otherwise the whole train text is the target.
     """
-    from ..evaluation.sequences import encode_prompt, task_sequences
+    from ..evaluation.sequences import cut_left, encode_prompt, task_sequences
 
     _require_task(task, method)
     eos = tokenizer.eos_token or ""
@@ -102,8 +102,7 @@ def training_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0,
             p, r = list(sq.prompt), list(sq.target)
             # Long prompts are cut from the left (the question's end and the answer matter most), keeping at
             # least half the window for the solution so truncation never leaves an example without targets.
-            keep = min(len(p), max(seq_len - len(r), seq_len // 2))
-            p = p[len(p) - keep:]
+            p = cut_left(p, max(seq_len - len(r), seq_len // 2), tokenizer.bos_token_id)
             ids = (p + r)[:seq_len]
             labels = ([-100] * len(p) + r)[:seq_len]
             if any(x != -100 for x in labels[1:]):
