@@ -240,8 +240,7 @@ def acf_eval_parts(parts: list[str], model_dir: Path, task, a, res: dict, save) 
     if "gen" in parts:
         g: dict = {}
         # before: padded generate batches of 32 (the figure this benchmark measured before), on a subset
-        g["padded_batch32"] = (gen_throughput(model, tok, prompts[:128], a.gen_new, "padded", 32)
-                               if not a.skip_batch32 else {"tokens_per_s": a.batch32_tps, "how": "earlier call"})
+        g["padded_batch32"] = gen_throughput(model, tok, prompts[:a.batch32_prompts], a.gen_new, "padded", 32)
         save_g = lambda: (res.__setitem__("generation", g), save())  # noqa: E731
         save_g()
         auto = auto_batch_size(model, len(prompts), "generate", 300 + a.gen_new)
@@ -278,6 +277,33 @@ def acf_eval_parts(parts: list[str], model_dir: Path, task, a, res: dict, save) 
     torch.cuda.empty_cache()
 
 
+def render(files: list[str]) -> str:
+    """The memory table of acf's steps from results files: measured peak beside the CURRENT estimate
+    (acf.methods.memory recomputed from the recorded params, so the table follows the code), and the wall time."""
+    from acf.methods.memory import GiB, Shape
+    from acf.methods.registry import estimate_step_memory
+
+    rows = ["| shape | step | settings | device | wall s | measured peak GiB | estimate GiB | estimate / measured |",
+            "|---|---|---|---|---:|---:|---:|---:|"]
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        cfg = llama31_8b_config() if d.get("shape", "8b") == "8b" else llama32_1b_config()
+        shape = Shape.of_config(cfg)
+        for key, method in (("acf_lora", "lora"), ("acf_distill", "distill"), ("acf_steps_gptq", "gptq")):
+            r = d.get(key)
+            if not r or r.get("status") != "ok":
+                continue
+            p = r["params"]
+            est = estimate_step_memory(method, p, shape, "cuda")
+            settings = (f"{p['calib_samples']} x {p['seq_len']} calibration, W{p['bits']} g{p['group_size']}"
+                        if method == "gptq" else f"{p['steps']} steps, batch {p['batch_size']} x {p['seq_len']}, "
+                        + ", ".join(f"{k} {v}" for k, v in (r.get("plan") or {}).items()))
+            rows.append(f"| {d.get('shape', '8b')} | {method} | {settings} | {d['device']} | {r['wall_seconds']:.0f} | "
+                        f"{r['measured_peak_bytes'] / GiB:.2f} | {est.total / GiB:.2f} | "
+                        f"{est.total / r['measured_peak_bytes']:.2f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="rtn,gptq,bf16,nf4,int8")
@@ -293,8 +319,7 @@ def main() -> None:
     ap.add_argument("--gen-items", type=int, default=400)
     ap.add_argument("--gen-new", type=int, default=256)
     ap.add_argument("--engines", default="static,continuous", help="generation engines after the padded ones")
-    ap.add_argument("--skip-batch32", action="store_true")
-    ap.add_argument("--batch32-tps", type=float, default=None, help="the batch-32 figure of an earlier call")
+    ap.add_argument("--batch32-prompts", type=int, default=128, help="prompts of the batch-32 'before' run")
     ap.add_argument("--steps", type=int, default=50, help="training steps of the lora/distill parts")
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--train-seq", type=int, default=512)
@@ -302,7 +327,11 @@ def main() -> None:
     ap.add_argument("--tag", default=None, help="results file suffix (default gpu / tiny-cpu)")
     ap.add_argument("--tiny", action="store_true", help="tiny config on CPU: checks the script, measures nothing useful")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--render", nargs="+", default=None, help="print the memory table of these results files")
     a = ap.parse_args()
+    if a.render:
+        print(render(a.render))
+        return
     dev = "cpu" if a.tiny else "cuda"
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -156,3 +156,30 @@ def test_size_counts_the_loadable_model_not_its_extras(tmp_path):
     m = size_metric(tmp_path)
     assert m.value == 1002
     assert m.extra["not_counted"] == {"adapter/": 500}
+
+
+def test_generation_engine_is_checked_and_cut_points_match_the_padded_stopping(smol_dir, monkeypatch):
+    """An unknown ACF_GEN_ENGINE is refused by name; `cut_point` (how continuous batching and vLLM completions are
+    cut) stops where AnswerDone's check would: at the first multiple of `every` whose window shows the pattern."""
+    from acf.errors import AcfError
+    from acf.evaluation.generate import AnswerDone, cut_point, generate_all
+    from acf.models import load_tokenizer
+
+    tok = load_tokenizer(smol_dir)
+    monkeypatch.setenv("ACF_GEN_ENGINE", "turbo")
+    with pytest.raises(AcfError, match="ACF_GEN_ENGINE='turbo': one of padded"):
+        generate_all(_FakeModel(), tok, ["x"], 4, batch_size=1)
+    ids = tok("The sum is 12.\n#### 12\nThen more text follows here.", add_special_tokens=False)["input_ids"]
+    crit = AnswerDone(tok, 0, r"####\s*\d+\s*\n", every=4)
+    k = cut_point(crit, ids)
+    assert k % 4 == 0 and "#### 12\n" in tok.decode(ids[:k]) and "#### 12\n" not in tok.decode(ids[:k - 4])
+    assert cut_point(AnswerDone(tok, 0, None), ids) == len(ids)
+
+
+class _FakeModel:
+    """Only what generate_all reads before choosing an engine: a parameter's device."""
+
+    def parameters(self):
+        import torch
+
+        yield torch.zeros(1)

@@ -121,6 +121,7 @@ def test_continuous_batching_returns_what_padded_batches_return(tiny_model_dir, 
     model, tok = load_model(tiny_model_dir, "cuda")
     task = get_task("gsm8k")
     prompts = [task.chat_prompt(it, tok, 0) for it in task.load("test", limit=12, seed=0)]
+    monkeypatch.setenv("ACF_GEN_ENGINE", "continuous")
     cont, eng = generate_all(model, tok, prompts, 24, batch_size=4, done_pattern=r"\n\n")
     assert "continuous" in eng
     monkeypatch.setenv("ACF_GEN_ENGINE", "padded")

@@ -13,6 +13,13 @@ from .sequences import prompt_text
 
 log = logging.getLogger(__name__)
 
+#: the GPU's generation engine unless ACF_GEN_ENGINE says otherwise: padded batches sized from free memory measured
+#: fastest of the engines transformers offers here (Llama-3.1-8B shape, 400 GSM8K prompts x 256 new tokens: H100
+#: 1863 tok/s padded vs 1516 continuous batching vs 804 static cache + compile; H200 2521 vs 1491;
+#: experiments/results/scale-gpu-acf-8b-gen*.json)
+DEFAULT_ENGINE = "padded"
+ENGINES = ("padded", "continuous", "static", "vllm")
+
 
 class AnswerDone:
     """Per-sequence stopping: a sequence is done when its new text matches `done_pattern` or a stop string.
@@ -89,22 +96,27 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
                  progress: Optional["ProgressFn"] = None) -> tuple[list[tuple[str, int]], str]:
     """Greedy completions of every prompt, in order, and the engine that made them (for the Measurement).
 
-    On a GPU, transformers' continuous batching (`generate_batch`: paged KV cache, CUDA graphs, a finished sequence's
-    slot refilled at once) unless ACF_GEN_ENGINE=padded, or vLLM with ACF_GEN_ENGINE=vllm where vLLM is installed
-    (it serves compressed-tensors checkpoints with its own kernels; opt-in: it loads the checkpoint a second time,
-    and no machine acf was measured on had it); elsewhere, or if it fails, padded batches of `batch_size`
-    longest-first with per-row stopping (`generate_batch` below). Continuous batching cannot stop a row on a
+    ACF_GEN_ENGINE picks the GPU's engine (default DEFAULT_ENGINE): `padded` — batches of `batch_size` longest-first
+    with per-row stopping (`generate_batch` below); `static` — the same with a static KV cache, which transformers
+    compiles; `continuous` — transformers' continuous batching (`generate_batch`: paged KV cache, a finished
+    sequence's slot refilled at once; padded batches if it fails); `vllm` — where vLLM is installed (it serves
+    compressed-tensors checkpoints with its own kernels; it loads the checkpoint a second time, and no machine acf
+    was measured on had it). The CPU always uses padded batches. Continuous batching cannot stop a row on a
     pattern, so each completion is cut where `AnswerDone` would have stopped it (the same check at the same token
     counts): both engines return the same text for the same greedy tokens. Measured on the GPU in
     experiments/bench_scale.py (SPEC.md has the figures)."""
     device = next(model.parameters()).device
-    engine = os.environ.get("ACF_GEN_ENGINE", "continuous")
+    engine = os.environ.get("ACF_GEN_ENGINE", DEFAULT_ENGINE)
+    if engine not in ENGINES:
+        from ..errors import AcfError
+
+        raise AcfError(f"ACF_GEN_ENGINE={engine!r}: one of {', '.join(ENGINES)}")
     if device.type == "cuda" and engine == "vllm":
         outs = _vllm(model, tokenizer, prompts, max_new_tokens, done_pattern, stop_strings)
         if progress:
             progress(len(prompts))
         return outs, "vLLM (its own load of the same checkpoint)"
-    if device.type == "cuda" and engine != "padded":
+    if device.type == "cuda" and engine == "continuous":
         try:
             outs = _continuous(model, tokenizer, prompts, max_new_tokens, done_pattern, stop_strings)
             if progress:

@@ -54,6 +54,20 @@ class Shape:
                    intermediate=spec.intermediate_size or 4 * spec.hidden_size, vocab=spec.vocab_size, heads=heads,
                    kv_heads=spec.num_kv_heads or heads, head_dim=hd, block_linears=block)
 
+    @classmethod
+    def of_config(cls, cfg: Any) -> "Shape":
+        """From a Llama-style transformers config (benchmarks with random weights; no model built)."""
+        h, i, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+        heads = cfg.num_attention_heads
+        kvh = getattr(cfg, "num_key_value_heads", None) or heads
+        hd = getattr(cfg, "head_dim", None) or h // heads
+        block = {"q_proj": (h, heads * hd), "k_proj": (h, kvh * hd), "v_proj": (h, kvh * hd),
+                 "o_proj": (heads * hd, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        per_block = sum(a * b for a, b in block.values()) + 2 * h
+        emb = V * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
+        return cls(params=L * per_block + emb + h, layers=L, hidden=h, intermediate=i, vocab=V, heads=heads,
+                   kv_heads=kvh, head_dim=hd, block_linears=block)
+
     @property
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
@@ -112,13 +126,13 @@ def logits_bytes(s: Shape, tokens: int, per_element: int) -> int:
     return tokens * s.vocab * per_element
 
 
-#: bytes per logit element of a CE training step at its peak: the bf16 logits and their float32 copy (the
-#: log-softmax and gradients reuse freed blocks). Fitted: Llama-3.1-8B shape, LoRA batch 4 x 512 on an H200
-#: measured 18.0 GiB (experiments/results/scale-gpu-acf-8b.json); checked on another shape in SPEC.md.
-CE_LOGIT_BYTES = 8
+#: bytes per logit element of a CE training step: bf16 logits, the float32 copy, log-softmax saved for backward,
+#: and its gradient in float32 and bf16. Measured against (H100/H200, random-init weights, 50 steps): Llama-3.2-1B
+#: shape batch 4 x 256 and Llama-3.1-8B shape batch 4 x 512 (SPEC.md, "Memory and large models").
+CE_LOGIT_BYTES = 18
 #: the distillation loss: teacher and student bf16 logits, then float32 work (temperature-scaled copies, both
 #: log-softmaxes, the KL terms, gradients) on the selected solution positions only (about half of a batch).
-#: Fitted on the same run (distillation through adapters, batch 4 x 512: 34.6 GiB measured).
+#: Fitted on the 8B run (distillation through adapters, batch 4 x 512: 34.6 GiB measured), checked on the 1B one.
 KD_LOGIT_BYTES = 12
 #: a no-grad forward's logits (bf16 + the float32 copy the loss reads)
 EVAL_LOGIT_BYTES = 6
@@ -206,18 +220,19 @@ def distill_memory(p: dict, s: Shape, device: str) -> Estimate:
 
 
 def calibrated_memory(method: str, hessians: bool) -> Callable[[dict, Shape, str], Estimate]:
-    """llm-compressor's sequential pipeline: the model on the device, the calibration activations of the block being
-    calibrated (inputs and outputs of every sample), per-Linear Hessians of that block (GPTQ, SparseGPT) and the
-    solver's float32 copies of the widest Linear."""
+    """llm-compressor's sequential pipeline: the model on the device, per-Linear Hessians of the block being
+    calibrated (GPTQ, SparseGPT), the solver's float32 copies of the widest Linear and one sample's forward. The
+    calibration activations between blocks (inputs and outputs of every sample) go to the CPU
+    (`sequential_offload_device`, default "cpu"): GPU memory on a GPU, RAM on the CPU."""
 
     def est(p: dict, s: Shape, device: str) -> Estimate:
         wb = 2 if device.startswith("cuda") else 4
         n, L = p.get("calib_samples", 64), p.get("seq_len", 512)
-        cache = 2 * n * L * s.hidden * wb
         widest = max((i * o for i, o in s.block_linears.values()), default=s.hidden ** 2)
         widest_in = max((i for i, o in s.block_linears.values()), default=s.hidden)
-        parts = {"weights": s.params * wb, "calibration activations": cache,
-                 "one block's forward": block_activation_bytes(s, L, wb) // 2}
+        parts = {"weights": s.params * wb, "one block's forward": block_activation_bytes(s, L, wb) // 2}
+        if not device.startswith("cuda"):
+            parts["calibration activations"] = 2 * n * L * s.hidden * wb
         if hessians:
             parts["Hessians of one block"] = sum(i * i * 4 for i, o in s.block_linears.values())
             parts["solver workspace"] = widest * 4 * 2 + widest_in ** 2 * 4 * 2
