@@ -104,7 +104,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Search compressed versions of MODEL for DATASET: propose, compress, evaluate, keep the Pareto frontier."""
-    from .pipeline import DEFAULT_MAX_KLD, DEFAULT_OBJECTIVES, RunConfig
+    from .run_context import DEFAULT_MAX_KLD, DEFAULT_OBJECTIVES, RunConfig
     from .runner import load_run_config, run_in_terminal
 
     setup_logging(verbose)
@@ -159,7 +159,8 @@ def run(
 def _run_workers(cfg, workers: int, artifacts: Optional[Path], resume: bool = False) -> None:
     """`--workers K`: the coordinator of a shared study (acf.distributed); the graph path is not used."""
     from .distributed import run_coordinator
-    from .pipeline import frontier_table, RunContext
+    from .pipeline import frontier_table
+    from .run_context import RunContext
 
     ff = run_coordinator(cfg, workers, artifacts, console, resume=resume)
     ctx = RunContext(cfg, console)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from .atomic import write_text
 from .errors import AcfError, RunDirError
 from .models import freeze_library_objects
-from .pipeline import RunConfig, RunContext, validate_config
+from .run_context import RunConfig, RunContext, validate_config
 
 THREAD = {"configurable": {"thread_id": "acf-run"}, "recursion_limit": 100000}
 

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from .. import pipeline as P
 from ..errors import AcfError
+from ..search import open_study
 from ..state import Candidate, FrontierFile, RunMeta, now, save_frontier_file
 from .schema import (A_APPROVAL, A_BASELINE, A_CONFIG, A_RUN_META, A_SPEC, A_STARTED, A_STOPPED, T_RECORD)
 from .storage import load_study, make_storage, study_config
@@ -33,7 +34,7 @@ def create_or_join(cfg: P.RunConfig, storage: BaseStorage, approval: bool = Fals
     model_path = resolve_model(cfg.model)
     spec = infer_spec(model_path, cfg.trust_remote_code)
     meta = {"model": cfg.model, "dataset": cfg.dataset, "objectives": cfg.objectives}
-    study = P.open_study(storage, cfg.study(), cfg.objectives, cfg.sampler, cfg.seed, meta)  # type: ignore[arg-type]
+    study = open_study(storage, cfg.study(), cfg.objectives, cfg.sampler, cfg.seed, meta)  # type: ignore[arg-type]
     attrs = study.user_attrs
     if A_CONFIG not in attrs:
         shared = cfg.model_copy(update={"storage": None, "interactive": False, "planner": None})
