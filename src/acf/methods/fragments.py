@@ -1,0 +1,165 @@
+"""How the Optuna search space proposes each method (`SearchFragment`) and the builders the built-in methods use:
+pure declarations read by acf.methods.registry (each MethodSpec carries one) and acf.search."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel
+
+from .params import GGUFParams
+
+# ---- the search-space fragment -----------------------------------------------------------------------------------
+
+def _no_grid(space: Any) -> list[dict]:
+    return []
+
+
+@dataclass(frozen=True)
+class SearchFragment:
+    """How the Optuna search space (acf.search.SearchSpace) proposes one method, in its kind's slot.
+
+    suggest(trial, space) -> the step's params, asking the trial for what varies (names are Optuna parameter
+    names, shared between methods of a slot: 'group_size' means the same choices for every quantizer).
+    trial_params(step_params, space) -> the Optuna params that make `suggest` yield these step params, or None
+    when no choice of the space does (the planner replays its proposals through this; the result is checked by
+    replaying, so a wrong inverse only loses the mapping, never tells a wrong result).
+    grid(space) -> this method's entries of the preset grid (sampler=grid), as Optuna params.
+    rank orders the slot's choices (Optuna categoricals keep their order); grid_rank orders the preset grid.
+    default: part of the space when a run does not name its methods (gguf and autoround are asked for by name).
+    """
+
+    suggest: Callable[[Any, Any], dict]
+    trial_params: Callable[[dict, Any], Optional[dict]]
+    grid: Callable[[Any], list[dict]] = _no_grid
+    rank: int = 100
+    grid_rank: Optional[int] = None
+    default: bool = True
+
+
+def no_params(calib: bool = False, rank: int = 100, default: bool = True) -> SearchFragment:
+    """A method the space proposes with its defaults (plus the run's calibration settings when it calibrates)."""
+    return SearchFragment(suggest=lambda trial, space: dict(space.calib) if calib else {},
+                          trial_params=lambda params, space: {}, grid=lambda space: [{}], rank=rank, default=default)
+
+
+def weight_sparsity(calib: bool, rank: int, grid_rank: int) -> SearchFragment:
+    """Unstructured sparsity in steps of 0.1 (or the space's list), or the 2:4 pattern (sparsity 0.5)."""
+
+    def suggest(trial, space) -> dict:
+        pattern = trial.suggest_categorical("pattern", space.patterns)
+        if pattern == "2:4":
+            sp = 0.5
+        elif space.sparsities:
+            sp = trial.suggest_categorical("sparsity", space.sparsities)
+        else:
+            sp = trial.suggest_float("sparsity", 0.2, 0.6, step=0.1)
+        params: dict[str, Any] = {"sparsity": round(sp, 2), "pattern": pattern}
+        if calib:
+            params.update(space.calib)
+        return params
+
+    def trial_params(params: dict, space) -> dict:
+        pat = params.get("pattern", "unstructured")
+        return {"pattern": pat, "sparsity": params.get("sparsity", 0.5)} if pat == "unstructured" else {"pattern": pat}
+
+    return SearchFragment(suggest, trial_params, lambda space: [{"pattern": "unstructured", "sparsity": 0.5},
+                                                                {"pattern": "2:4"}], rank=rank, grid_rank=grid_rank)
+
+
+def drop_layers_fragment() -> SearchFragment:
+    def suggest(trial, space) -> dict:
+        n = (int(trial.suggest_categorical("drop", space.drops)) if space.drops
+             else trial.suggest_int("drop", 1, space.max_drop))
+        return {"count": n, "by": "importance", **space.calib}
+
+    return SearchFragment(suggest, lambda params, space: None if params.get("count") is None else
+                          {"drop": params["count"]},
+                          lambda space: [{"drop": min(d, space.max_drop)} for d in (1, 2)], rank=3, grid_rank=13)
+
+
+def recovery(params_model: type[BaseModel], rank: int) -> SearchFragment:
+    """A recovery fine-tune (after pruning): the space chooses its number of steps."""
+    return SearchFragment(
+        suggest=lambda trial, space: {"steps": int(trial.suggest_categorical("recover_steps", space.recover_steps))},
+        trial_params=lambda params, space: {"recover_steps": params.get("steps", params_model().steps)},
+        rank=rank)
+
+
+def weight_quant(params_model: type[BaseModel], rank: int, *, mixed: bool, calib: bool, act_order: bool = False,
+                 fixed_bits: Optional[int] = None, in_grid: bool = True, default: bool = True) -> SearchFragment:
+    """Integer weight quantization: uniform (bits, group size) or, for `mixed` methods, an effective-bits budget
+    allocated per layer (acf.methods.mixed); optionally act-order (GPTQ)."""
+    defaults = params_model()
+
+    def suggest(trial, space) -> dict:
+        prec = "uniform"
+        if mixed and space.precisions != ["uniform"]:
+            prec = trial.suggest_categorical("precision", space.precisions)
+        if prec == "uniform":
+            bits = fixed_bits if fixed_bits is not None else int(trial.suggest_categorical("bits", space.bits))
+            g = trial.suggest_categorical("group_size", space.group_sizes)
+            params: dict[str, Any] = {"bits": bits, "group_size": None if g == "channel" else int(g)}
+        else:
+            params = {"avg_bits": float(prec), "sensitivity_seq_len": space.calib["seq_len"],
+                      "sensitivity_samples": min(16, space.calib["calib_samples"])}
+        if act_order:
+            params["act_order"] = bool(trial.suggest_categorical("act_order", space.act_order))
+        if calib:
+            params.update(space.calib)
+        return params
+
+    def trial_params(params: dict, space) -> Optional[dict]:
+        p: dict[str, Any] = {}
+        avg_bits = params.get("avg_bits")
+        if mixed and getattr(space, "precisions", ["uniform"]) != ["uniform"]:
+            p["precision"] = "uniform" if avg_bits is None else _precision_choice(avg_bits, space.precisions)
+        elif avg_bits is not None:
+            return None
+        if avg_bits is None:
+            if fixed_bits is None:
+                p["bits"] = params.get("bits", getattr(defaults, "bits"))
+            gs = params.get("group_size", getattr(defaults, "group_size"))
+            p["group_size"] = "channel" if gs is None else str(gs)
+        if act_order:
+            p["act_order"] = bool(params.get("act_order", getattr(defaults, "act_order")))
+        return p
+
+    def grid(space) -> list[dict]:
+        if not in_grid:
+            return []
+        out = []
+        for b in ([fixed_bits] if fixed_bits is not None else [4, 8]):
+            d: dict[str, Any] = {"group_size": space.largest_group()}
+            if fixed_bits is None:
+                d["bits"] = b
+            if act_order:
+                d["act_order"] = False
+            if mixed:
+                d["precision"] = "uniform"
+            out.append(d)
+        return out
+
+    return SearchFragment(suggest, trial_params, grid, rank=rank, default=default)
+
+
+def _precision_choice(avg_bits: float, choices: list[str]) -> Optional[str]:
+    """The search space's precision choice for a budget ("5.0" for 5), None when the space has no such budget."""
+    for c in choices:
+        if c != "uniform" and abs(float(c) - float(avg_bits)) < 1e-9:
+            return c
+    return None
+
+
+def gguf_fragment() -> SearchFragment:
+    def suggest(trial, space) -> dict:
+        params: dict[str, Any] = {"type": trial.suggest_categorical("gguf_type", space.gguf_types)}
+        params["imatrix"] = bool(trial.suggest_categorical("gguf_imatrix", space.gguf_imatrix))
+        if params["imatrix"]:
+            params.update(space.calib)
+        return params
+
+    return SearchFragment(suggest, lambda params, space: {"gguf_type": params.get("type", GGUFParams().type),
+                                                          "gguf_imatrix": bool(params.get("imatrix", True))},
+                          rank=6, default=False)
