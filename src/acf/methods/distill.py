@@ -4,7 +4,8 @@ loss = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) 
 on the task's train prompts + reference solutions, both terms over the solution tokens (the positions the
 evaluation's answer NLL scores). The student trains every weight (float32, AdamW), or, for models of 1B+ parameters
 on a GPU (`adapters`), through LoRA adapters on its frozen bf16 weights, merged afterwards, with the teacher
-resident in bf16: at 8B the full-parameter form would need ~150 GB (acf.methods.memory). T^2 keeps the KL gradient scale independent of T (Hinton et al., 2015).
+resident in bf16: at 8B the full-parameter form would need ~171 GiB (acf.methods.memory).
+T^2 keeps the KL gradient scale independent of T (Hinton et al., 2015).
 Hand-written loss + loop: no installed library distils into an arbitrary transformers student (llm-compressor 0.14
 ships no distillation modifier; peft/transformers have no KD loss).
 """
@@ -18,8 +19,8 @@ import torch
 from ..errors import MethodFailed
 from ..models import free
 from .base import StepContext
-from ._common import (apply_masks, disable_checkpointing, enable_checkpointing, linear_sparsity, load_dense, save_model, shape_of,
-                      sparsity_masks, stored_dtype, versions)
+from ._common import (apply_masks, disable_checkpointing, enable_checkpointing, linear_sparsity, load_dense,
+                      save_model, shape_of, sparsity_masks, stored_dtype, versions)
 from ._train import autocast, train_loop
 from .memory import DISTILL_TARGETS, distill_memory, distill_plan
 from .calibration import training_examples

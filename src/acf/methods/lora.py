@@ -23,8 +23,8 @@ import torch
 from ..errors import MethodFailed
 from ..models import free, load_tokenizer
 from .base import StepContext
-from ._common import (apply_masks, disable_checkpointing, enable_checkpointing, linear_sparsity, load_dense, quant_method, save_model,
-                      shape_of, sparsity_masks, stored_dtype, versions)
+from ._common import (apply_masks, disable_checkpointing, enable_checkpointing, linear_sparsity, load_dense,
+                      quant_method, save_model, shape_of, sparsity_masks, stored_dtype, versions)
 from .memory import lora_memory, lora_plan
 from ._train import causal_ce, eval_loss, train_loop
 from .calibration import training_examples

@@ -1,15 +1,17 @@
 """Peak memory of a compression step, ESTIMATED from the model's shapes and the step's params (pure, no torch).
 
 Why a model per step rather than one factor on the parameter count: what a step holds differs by an order of
-magnitude between methods. At Llama-3.1-8B shape a LoRA step on a frozen bf16 base needs ~20 GB, full-parameter
-distillation with AdamW in fp32 ~150 GB, GPTQ ~20 GB plus its calibration cache; one "2 bytes x params x 1.5"
-rule passed steps that then ran out of memory and refused ones that fit. Preflight, the approval estimate and
-the step records read the same figures, and `experiments/bench_scale.py` prints each next to the measured peak
-(`torch.cuda.max_memory_allocated` increase during the step): SPEC.md keeps the measured agreement.
+magnitude between methods. At Llama-3.1-8B shape a LoRA step on a frozen bf16 base measured 18.0 GiB, GPTQ W4
+18.2 GiB (its calibration cache lives in RAM), distillation through adapters 34.6 GiB, while full-parameter
+distillation with AdamW in fp32 is estimated at ~171 GiB; one "2 bytes x params x 1.5" rule passed steps that
+then ran out of memory and refused ones that fit. Preflight, the approval estimate and the step records read the
+same figures, and `experiments/bench_scale.py --render` puts each next to the measured peak
+(`torch.cuda.max_memory_allocated` increase during the step): experiments/results/scale-acf-gpu.md.
 
 Everything here is an estimate of the allocator's peak (tensors alive at once), not of the process's RSS or the
 CUDA context; `MARGIN` on the transient parts covers fragmentation. Training examples shorter than `seq_len` make
-the measured peak lower than the estimate (it assumes full-length batches, the worst case preflight must pass). The per-token activation model follows the Llama-style block
+the measured peak lower than the estimate (it assumes full-length batches, the worst case preflight must pass).
+The per-token activation model follows the Llama-style block
 (RMSNorm, rotary attention through SDPA, gated MLP) in bf16, counting what autograd keeps for backward; models of
 another shape get the same order of magnitude from their hidden and intermediate widths.
 """
