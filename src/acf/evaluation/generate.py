@@ -179,7 +179,9 @@ def _vllm(model, tokenizer, prompts: list[str], max_new_tokens: int, done_patter
               trust_remote_code=False)
     try:
         sp = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=_eos_ids(model, tokenizer))
-        res = llm.generate([prompt_text(tokenizer, p) for p in prompts], sp, use_tqdm=False)
+        # token ids, encoded as every other engine encodes them (a text prompt would get vLLM's own special tokens)
+        ids = [tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+        res = llm.generate([{"prompt_token_ids": x} for x in ids], sp, use_tqdm=False)
     finally:
         del llm
         torch.cuda.empty_cache()
