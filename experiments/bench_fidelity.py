@@ -63,14 +63,17 @@ def exact_kld(base, cand, seqs, batch: int = 8) -> float:
     from acf.evaluation.fidelity import _forward_rows
 
     pad = 0
-    rows_b = {i: lg for i, _s, lg in _forward_rows(base, seqs, batch, pad)}
-    tot, n = 0.0, 0
-    for i, s, lq in _forward_rows(cand, seqs, batch, pad):
-        lp = torch.log_softmax(rows_b.pop(i), -1)
+    # _forward_rows yields each row's scored positions in chunks (bounded memory), in position order; both models
+    # see the same sequences, batches and vocabulary, so their chunks pair up in order
+    rows_b: dict[int, list] = {}
+    for i, _s, _off, lg in _forward_rows(base, seqs, batch, pad):
+        rows_b.setdefault(i, []).append(lg)
+    tot = 0.0
+    for i, _s, _off, lq in _forward_rows(cand, seqs, batch, pad):
+        lp = torch.log_softmax(rows_b[i].pop(0), -1)
         lq = torch.log_softmax(lq, -1)
         tot += float((lp.exp() * (lp - lq)).sum())
-        n += len(s.target)
-    return tot / max(n, 1)
+    return tot / max(sum(len(s.target) for s in seqs), 1)
 
 
 def main() -> int:
