@@ -42,6 +42,10 @@ class AnswerDone:
         self.window = window
         self.done: Optional[torch.Tensor] = None
 
+    def matches(self, text: str) -> bool:
+        """The row has answered: its recent text shows the done pattern or a stop string."""
+        return bool(self.pattern and self.pattern.search(text)) or any(s in text for s in self.stops)
+
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
         if self.done is None:
             self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -51,8 +55,7 @@ class AnswerDone:
             if len(todo):
                 start = max(self.prompt_len, input_ids.shape[1] - self.window)
                 texts = self.tok.batch_decode(input_ids[todo, start:], skip_special_tokens=True)
-                hit = [i for i, t in zip(todo.tolist(), texts)
-                       if (self.pattern and self.pattern.search(t)) or any(s in t for s in self.stops)]
+                hit = [i for i, t in zip(todo.tolist(), texts) if self.matches(t)]
                 if hit:
                     self.done[hit] = True
         return self.done.clone()
@@ -142,7 +145,7 @@ def _continuous(model, tokenizer, prompts: list[str], max_new_tokens: int, done_
                 stop_strings: Sequence[str]) -> list[tuple[str, int]]:
     from transformers import GenerationConfig
 
-    ids = [tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = _encode(tokenizer, prompts)
     eos = _eos_ids(model, tokenizer)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                            pad_token_id=tokenizer.pad_token_id)
@@ -152,10 +155,20 @@ def _continuous(model, tokenizer, prompts: list[str], max_new_tokens: int, done_
     bad = [o.request_id for o in outs if o.error is not None]
     if len(outs) != len(prompts) or bad:
         raise RuntimeError(f"{len(prompts) - len(outs)} requests missing, {len(bad)} failed")
+    return _finish(tokenizer, [list(o.generated_tokens) for o in outs], done_pattern, stop_strings)
+
+
+def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Prompt token ids as the padded engine encodes them (no special tokens added beyond the rendered prompt)."""
+    return [tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def _finish(tokenizer, gens: list[list[int]], done_pattern: Optional[str],
+            stop_strings: Sequence[str]) -> list[tuple[str, int]]:
+    """Completions of an engine that runs rows to end-of-sequence, cut where the padded engine would stop them."""
     crit = AnswerDone(tokenizer, 0, done_pattern, stop_strings)
     results = []
-    for o in outs:
-        gen = list(o.generated_tokens)
+    for gen in gens:
         n = cut_point(crit, gen)
         while n and gen[n - 1] == tokenizer.pad_token_id:
             n -= 1
@@ -180,18 +193,11 @@ def _vllm(model, tokenizer, prompts: list[str], max_new_tokens: int, done_patter
     try:
         sp = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=_eos_ids(model, tokenizer))
         # token ids, encoded as every other engine encodes them (a text prompt would get vLLM's own special tokens)
-        ids = [tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-        res = llm.generate([{"prompt_token_ids": x} for x in ids], sp, use_tqdm=False)
+        res = llm.generate([{"prompt_token_ids": x} for x in _encode(tokenizer, prompts)], sp, use_tqdm=False)
     finally:
         del llm
         torch.cuda.empty_cache()
-    crit = AnswerDone(tokenizer, 0, done_pattern, stop_strings)
-    out = []
-    for r in res:
-        gen = list(r.outputs[0].token_ids)
-        n = cut_point(crit, gen)
-        out.append((tokenizer.decode(gen[:n], skip_special_tokens=True), n))
-    return out
+    return _finish(tokenizer, [list(r.outputs[0].token_ids) for r in res], done_pattern, stop_strings)
 
 
 def cut_point(crit: AnswerDone, gen: list[int]) -> int:
@@ -200,8 +206,7 @@ def cut_point(crit: AnswerDone, gen: list[int]) -> int:
     n = len(gen)
     if crit.pattern or crit.stops:
         for k in range(crit.every, n + 1, crit.every):
-            t = crit.tok.decode(gen[max(0, k - crit.window):k], skip_special_tokens=True)
-            if (crit.pattern and crit.pattern.search(t)) or any(s in t for s in crit.stops):
+            if crit.matches(crit.tok.decode(gen[max(0, k - crit.window):k], skip_special_tokens=True)):
                 return k
     return n
 
