@@ -49,7 +49,28 @@ def configs(calib: int) -> dict[str, list[dict]]:
         "gptq_w8_ao": [{"method": "gptq", "params": {"bits": 8, "group_size": None, **ao}}],
         "rtn_w4g64": [{"method": "rtn", "params": {"bits": 4, "group_size": 64}}],
         "rtn_mixed_4.25": [{"method": "rtn", "params": {"avg_bits": 4.25}}],
+        # llama.cpp (measured in llama.cpp): its mixes with an importance matrix, and per-tensor allocations (token
+        # embedding included) at exactly their sizes and at uniform GPTQ W4 g64's; avg_bits filled in at run time
+        "gguf_q4km_imat": [{"method": "gguf", "params": {"type": "Q4_K_M", "imatrix": True, **c}}],
+        "gguf_mixed@q4km": [{"method": "gguf", "params": {"avg_bits": "size_of:gguf_q4km_imat", "imatrix": True, **c}}],
+        "gguf_q5km_imat": [{"method": "gguf", "params": {"type": "Q5_K_M", "imatrix": True, **c}}],
+        "gguf_mixed@q5km": [{"method": "gguf", "params": {"avg_bits": "size_of:gguf_q5km_imat", "imatrix": True, **c}}],
+        "gguf_mixed@w4g64": [{"method": "gguf", "params": {"avg_bits": "size_of:gptq_w4g64_ao", "imatrix": True, **c}}],
     }
+
+
+def gguf_bits_for(target_bytes: int, ref_gguf: Path) -> float:
+    """avg_bits whose allocation makes a GGUF file of `target_bytes`: what is not an allocated matrix (metadata,
+    tokenizer, norms) is the same in every GGUF of this model, read off a reference file (the Q4_K_M export)."""
+    from acf.methods.gguf_mixed import _tensor_infos, allocatable, tensor_bytes
+    from gguf.constants import GGMLQuantizationType
+
+    shapes = {s.name: s for s in allocatable(ref_gguf)}
+    infos, _ = _tensor_infos(ref_gguf)
+    alloc = sum(tensor_bytes(GGMLQuantizationType(tt).name, shapes[n].rows, shapes[n].cols)
+                for n, _, tt, _ in infos if n in shapes)
+    fixed = ref_gguf.stat().st_size - alloc
+    return round((target_bytes - fixed) * 8 / sum(s.numel for s in shapes.values()) - 0.0005, 3)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -204,7 +225,20 @@ def main() -> int:
         for name in names:
             if name in done:
                 continue
-            strat = validate_strategy({"steps": cfgs[name]}, spec, device)
+            steps = json.loads(json.dumps(cfgs[name]))
+            for st in steps:
+                ab = st["params"].get("avg_bits")
+                if isinstance(ab, str) and ab.startswith("size_of:"):
+                    ref = next((r for r in res["rows"] if r["config"] == ab[8:] and r["status"] == "ok"), None)
+                    q4 = next((r for r in res["rows"] if r["config"] == "gguf_q4km_imat" and r.get("gguf_file")), None)
+                    if ref is None or q4 is None or not Path(q4["gguf_file"]).is_file():
+                        print(f"{name}: needs rows {ab[8:]} and gguf_q4km_imat (with its file) first", flush=True)
+                        st["params"]["avg_bits"] = None
+                        break
+                    st["params"]["avg_bits"] = gguf_bits_for(int(_v(ref, "size")), Path(q4["gguf_file"]))
+            if any(st["params"].get("avg_bits", 0) is None for st in steps):
+                continue
+            strat = validate_strategy({"steps": steps}, spec, device)
             out = work / name
             t = time.perf_counter()
             recs = run_strategy(strat, model_dir, out, ctx)
@@ -212,16 +246,25 @@ def main() -> int:
             mp = recs[-1].extra.get("mixed_precision") if recs else None
             if mp:
                 row["mixed"] = {k: mp.get(k) for k in ("sensitivity", "predicted_weight_file_bytes",
-                                                        "measured_weight_file_bytes", "size_prediction_error")}
+                                                        "measured_weight_file_bytes", "predicted_file_bytes",
+                                                        "measured_file_bytes", "size_prediction_error")}
                 row["mixed"]["counts"] = mp["allocation"]["counts"]
                 row["mixed"]["effective_bits"] = mp["allocation"]["effective_bits"]
-                row["mixed"]["layer_formats"] = mp["allocation"]["layer_formats"]
+                row["mixed"]["budget_bits"] = mp["allocation"]["budget_bits"]
+                row["mixed"]["layer_formats"] = (mp["allocation"].get("layer_formats")
+                                                 or mp["allocation"].get("tensor_types"))
+            gguf = any(st["method"] == "gguf" for st in steps)
             if recs and all(r.status == "ok" for r in recs):
-                ld = Loaded.load(out, device)
+                ld = None if gguf else Loaded.load(out, device)   # a GGUF is measured in llama.cpp
                 try:
                     row.update(status="ok", **measure(out, ld))
                 finally:
-                    ld.free()
+                    if ld is not None:
+                        ld.free()
+                if gguf and name == "gguf_q4km_imat":           # kept: later rows size themselves off it
+                    keep = outdir / ".bench-mixed-q4km.gguf"
+                    shutil.copy2(out / "model.gguf", keep)
+                    row["gguf_file"] = str(keep)
             else:
                 row.update(status="failed", reason=recs[-1].reason if recs else "no step ran")
             shutil.rmtree(out, ignore_errors=True)
@@ -278,11 +321,11 @@ def _markdown(res: dict) -> str:
             lines += [f"- {n}: {v['direct']:.5f} / {v['fisher']:.5f}" for n, v in d["top_direct"].items()]
         lines.append("")
     lines += ["## Quality vs size", "",
-              "| config | size MiB | eff. bits | kld | top1 | kld_general | answer NLL | formats | size pred. err | wall s |",
-              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+              "| config | size MiB | eff. bits | kld | top1 | kld_general | answer NLL | formats | size pred. err | runtime | wall s |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     for r in res["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['config']} | failed: {r.get('reason', '')} |||||||||")
+            lines.append(f"| {r['config']} | failed: {r.get('reason', '')} ||||||||||")
             continue
         mx = r.get("mixed") or {}
         counts = ", ".join(f"{k} {v}" for k, v in sorted((mx.get("counts") or {}).items()))
@@ -290,7 +333,7 @@ def _markdown(res: dict) -> str:
         lines.append(f"| {r['config']} | {_v(r, 'size') / 2**20:.2f} | {mx.get('effective_bits', '-')} | "
                      f"{_ci(r.get('kld'))} | {_ci(r.get('top1'), '{:.3f}')} | {_ci(r.get('kld_general'))} | "
                      f"{_ci(r.get('answer_nll'))} | {counts or '-'} | {'-' if err is None else f'{100 * err:+.2f}%'} | "
-                     f"{r.get('wall_seconds', 0)} |")
+                     f"{(r.get('kld') or {}).get('runtime') or '-'} | {r.get('wall_seconds', 0)} |")
     if res.get("notes"):
         lines += ["", "Notes:"] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines) + "\n"

@@ -39,7 +39,8 @@ class SearchSpace:
                  sparsities: Optional[Sequence[float]] = None, patterns: Sequence[str] = ("unstructured", "2:4"),
                  drops: Optional[Sequence[int]] = None, act_order: Sequence[bool] = (False, True),
                  precisions: Sequence[str] = PRECISION_CHOICES,
-                 gguf_types: Optional[Sequence[str]] = None, gguf_imatrix: Sequence[bool] = (True, False)):
+                 gguf_types: Optional[Sequence[str]] = None, gguf_imatrix: Sequence[bool] = (True, False),
+                 gguf_precisions: Optional[Sequence[str]] = None):
         """Defaults are acf's full space (the registry's default choices per slot: acf.methods.registry.choices);
         the keyword arguments narrow it (benchmarks replay a finite space)."""
         self.spec = spec
@@ -70,6 +71,21 @@ class SearchSpace:
         if "gguf" in self.quant_methods and not self.gguf_types:
             raise ValueError("gguf: none of the GGUF types fits this model's layer widths")
         self.gguf_imatrix = list(gguf_imatrix)
+        self.gguf_precisions = self._gguf_budgets(gguf_precisions)
+
+    def _gguf_budgets(self, given: Optional[Sequence[str]]) -> list[str]:
+        """"uniform" and the per-tensor budgets (bits per weight, embedding included) this model can reach with the
+        default palette: a budget below the palette's smallest size would only fail its episode."""
+        from .methods.gguf_mixed import DEFAULT_BUDGETS, DEFAULT_TYPES, TensorShape, min_bits
+
+        if given is not None:
+            return [str(g) for g in given] or ["uniform"]
+        spec = self.spec
+        shapes = [TensorShape(name=l.name, rows=l.out_features, cols=l.in_features) for l in spec.linears
+                  if not (l.name.endswith("lm_head") and spec.tied_embeddings)]
+        shapes.append(TensorShape(name="token_embd", rows=spec.vocab_size, cols=spec.hidden_size))
+        lo = min_bits(shapes, list(DEFAULT_TYPES))
+        return ["uniform"] + [str(b) for b in DEFAULT_BUDGETS if b >= lo]
 
     def suggest(self, trial: optuna.Trial) -> Strategy:
         """prune (or none) -> recovery (only after pruning) -> quantization; each chosen method's own params come
@@ -107,7 +123,8 @@ class SearchSpace:
             for t in ("Q4_K_M", "Q8_0"):
                 if t in self.gguf_types:
                     seeds.append({"prune": "none", "quant_only": "gguf", "gguf_type": t,
-                                  "gguf_imatrix": self.gguf_imatrix[0]})
+                                  "gguf_imatrix": self.gguf_imatrix[0],
+                                  **({"gguf_precision": "uniform"} if self.gguf_precisions != ["uniform"] else {})})
             if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "Q4_K_M" in self.gguf_types:
                 seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
                               "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
@@ -139,7 +156,8 @@ class SearchSpace:
                    "recover": self.recover_methods, "recover_steps": self.recover_steps, "bits": self.bits,
                    "group_size": self.group_sizes, "act_order": self.act_order, "pattern": self.patterns,
                    "sparsity": self.sparsities or [0.5], "drop": self.drops or [1], "precision": self.precisions,
-                   "gguf_type": self.gguf_types, "gguf_imatrix": self.gguf_imatrix}
+                   "gguf_type": self.gguf_types, "gguf_imatrix": self.gguf_imatrix,
+                   "gguf_precision": self.gguf_precisions}
         return all(k not in choices or v in choices[k] for k, v in params.items())
 
     def largest_group(self) -> str:

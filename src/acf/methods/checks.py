@@ -37,7 +37,34 @@ def gguf(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
     from ..gguf import type_problems
 
     widths = spec.linear_widths(("lm_head",)) if spec is not None else None
-    return [f"{where}: {m}" for m in type_problems(p.type, widths, p.overrides, p.strict_shapes)]
+    # with avg_bits every matrix gets its allocated type: the file type then names nothing, its widths don't matter
+    out = [f"{where}: {m}" for m in type_problems(p.type, None if p.avg_bits is not None else widths, p.overrides,
+                                                   p.strict_shapes)]
+    if p.avg_bits is None:
+        if p.types:
+            out.append(f"{where}: 'types' is the palette of avg_bits; give avg_bits too")
+        return out
+    from ..gguf import TENSOR_TYPES
+    from .gguf_mixed import DEFAULT_TYPES, TensorShape, min_bits
+
+    if p.overrides:
+        out.append(f"{where}: give avg_bits (allocate per tensor) or overrides (types by hand), not both")
+    types = list(p.types or DEFAULT_TYPES)
+    bad = [t for t in types if t not in TENSOR_TYPES or t == "F32"]
+    if bad:
+        return out + [f"{where}: unknown tensor type(s) {', '.join(bad)} in types; known: "
+                      f"{', '.join(t for t in TENSOR_TYPES if t != 'F32')}"]
+    if spec is not None and spec.linears:
+        # matrices as GGUF stores them: every Linear (lm_head only when untied) and the token embedding
+        shapes = [TensorShape(name=l.name, rows=l.out_features, cols=l.in_features) for l in spec.linears
+                  if not (l.name.endswith("lm_head") and spec.tied_embeddings)]
+        if spec.vocab_size and spec.hidden_size:
+            shapes.append(TensorShape(name="token_embd", rows=spec.vocab_size, cols=spec.hidden_size))
+        lo = min_bits(shapes, types)
+        if p.avg_bits < lo - 1e-6:
+            out.append(f"{where}: avg_bits {p.avg_bits:g} is below the smallest size the types {', '.join(types)} "
+                       f"reach on this model ({lo:.3f} bits per weight, embedding included)")
+    return out
 
 
 def lora(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:

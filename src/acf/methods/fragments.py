@@ -153,13 +153,31 @@ def _precision_choice(avg_bits: float, choices: list[str]) -> Optional[str]:
 
 
 def gguf_fragment() -> SearchFragment:
+    """A llama.cpp file type, or (where the space has budgets) per-tensor types allocated under a bits budget."""
     def suggest(trial, space) -> dict:
-        params: dict[str, Any] = {"type": trial.suggest_categorical("gguf_type", space.gguf_types)}
+        prec = "uniform"
+        if getattr(space, "gguf_precisions", ["uniform"]) != ["uniform"]:
+            prec = trial.suggest_categorical("gguf_precision", space.gguf_precisions)
+        if prec == "uniform":
+            params: dict[str, Any] = {"type": trial.suggest_categorical("gguf_type", space.gguf_types)}
+        else:
+            params = {"type": GGUFParams().type, "avg_bits": float(prec),
+                      "sensitivity_seq_len": space.calib["seq_len"],
+                      "sensitivity_samples": min(16, space.calib["calib_samples"])}
         params["imatrix"] = bool(trial.suggest_categorical("gguf_imatrix", space.gguf_imatrix))
         if params["imatrix"]:
             params.update(space.calib)
         return params
 
-    return SearchFragment(suggest, lambda params, space: {"gguf_type": params.get("type", GGUFParams().type),
-                                                          "gguf_imatrix": bool(params.get("imatrix", True))},
-                          rank=6, default=False)
+    def trial_params(params: dict, space) -> Optional[dict]:
+        p: dict[str, Any] = {"gguf_imatrix": bool(params.get("imatrix", True))}
+        avg = params.get("avg_bits")
+        if getattr(space, "gguf_precisions", ["uniform"]) != ["uniform"]:
+            p["gguf_precision"] = "uniform" if avg is None else _precision_choice(avg, space.gguf_precisions)
+        elif avg is not None:
+            return None
+        if avg is None:
+            p["gguf_type"] = params.get("type", GGUFParams().type)
+        return p
+
+    return SearchFragment(suggest, trial_params, rank=6, default=False)

@@ -40,7 +40,8 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
     src = in_dir
     try:
         qm = quant_method(in_dir)
-        need_model = params["imatrix"] or qm is not None
+        mixed = params.get("avg_bits") is not None
+        need_model = params["imatrix"] or qm is not None or mixed
         model = tok = None
         if need_model:
             # load_dense refuses a quantized input and decompresses a sparse (pruned) compressed-tensors one
@@ -70,19 +71,30 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
             facts.update(samples=n, seq_len=L, seed=ctx.seed, seconds=round(time.perf_counter() - t0, 3),
                          source=f"{getattr(ctx.task, 'name', 'task')} train split, evaluation's prompt format")
             extra["imatrix"] = facts
+        overrides, alloc = dict(params["overrides"]), None
+        if mixed:
+            from .gguf_mixed import allocation_for
+
+            alloc, extra["mixed_precision"] = allocation_for(model, tok, params, in_dir, f16, imat, ctx, work)
+            overrides = alloc.overrides()
         if model is not None:
             free(model)
             model = None
         t0 = time.perf_counter()
         dst = out_dir / G.GGUF_NAME
         try:
-            G.quantize(f16, dst, t_name, imat, dict(params["overrides"]), nthread=0)
+            # an allocation overrides every matrix; llama.cpp applies overrides only under a quantized file type
+            G.quantize(f16, dst, "Q8_0" if alloc is not None else t_name, imat, overrides, nthread=0)
         except G.GGUFError as e:
             raise MethodFailed("gguf", "library", str(e)) from None
         extra["quantize_seconds"] = round(time.perf_counter() - t0, 3)
+        if alloc is not None:
+            from .gguf_mixed import check_written
+
+            check_written(extra["mixed_precision"], alloc, dst)
         info = G.read_gguf(dst)
         main = G.GGUF_TYPES[t_name]
-        fallbacks = _fallbacks(dst, main)
+        fallbacks = {} if alloc is not None else _fallbacks(dst, main)   # an allocation types every tensor
         extra.update(gguf_size_bytes=info.size_bytes, tensor_types=info.tensor_types,
                      fallback_tensors=len(fallbacks))
     finally:
@@ -90,8 +102,9 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
     for name in _COPY:
         if (in_dir / name).is_file():
             shutil.copy2(in_dir / name, out_dir / name)
-    man = G.GGUFManifest(type=t_name, source=str(in_dir), imatrix=extra.get("imatrix"),
-                         overrides=dict(params["overrides"]), fallbacks=fallbacks, info=info,
+    label = t_name if alloc is None else f"mixed {alloc.effective_bits:.2f} bpw"
+    man = G.GGUFManifest(type=label, source=str(in_dir), imatrix=extra.get("imatrix"),
+                         overrides=overrides, fallbacks=fallbacks, info=info,
                          llama_cpp_python=v, sha256=sha256_file(dst))
     man.info.path = G.GGUF_NAME
     from ..atomic import write_text

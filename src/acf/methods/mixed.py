@@ -157,58 +157,70 @@ class Allocation(BaseModel):
 UNITS = 50_000
 
 
+def knapsack(costs: Sequence[Sequence[Optional[int]]], scores: Sequence[Sequence[float]],
+             budget: float) -> tuple[list[int], float]:
+    """Multiple-choice knapsack: one option per item (`costs[i][k]` bytes, None where option k is not offered for
+    item i; `scores[i][k]` its damage), total bytes <= `budget`, summed damage minimal. Returns (option per item,
+    summed damage). Solved by dynamic programming over byte units (exact up to the rounding of `UNITS`); shared by
+    the compressed-tensors and the GGUF allocations. ValueError when no choice meets the budget."""
+    unit = budget / UNITS
+    inf = np.inf
+    dp = np.full(UNITS + 1, inf)
+    dp[0] = 0.0
+    choice = np.zeros((len(costs), UNITS + 1), dtype=np.int8)
+    units = [[None if c is None else math.ceil(c / unit - 1e-9) for c in row] for row in costs]
+    for i, row in enumerate(units):
+        new = np.full(UNITS + 1, inf)
+        arg = np.zeros(UNITS + 1, dtype=np.int8)
+        for k, c in enumerate(row):
+            if c is None or c > UNITS:
+                continue
+            cand = np.full(UNITS + 1, inf)
+            cand[c:] = dp[:UNITS + 1 - c] + float(scores[i][k])
+            better = cand < new
+            new[better], arg[better] = cand[better], k
+        dp, choice[i] = new, arg
+    end = int(np.argmin(dp))
+    if not math.isfinite(dp[end]):
+        raise ValueError("no choice meets the budget")
+    picked = [0] * len(costs)
+    j = end
+    for i in range(len(costs) - 1, -1, -1):
+        k = int(choice[i, j])
+        picked[i] = k
+        j -= units[i][k]
+    return picked, float(dp[end])
+
+
 def allocate(layers: Sequence[LayerShape], sensitivity: dict[str, dict[str, float]], formats: Sequence[str],
              budget_bits: float, dense_bytes: int) -> Allocation:
-    """Choose one format per layer minimising the summed sensitivity with total bytes <= budget_bits/8 per weight.
-
-    A multiple-choice knapsack solved by dynamic programming over byte units (exact up to the rounding above);
-    formats that do not fit a layer's width, or have no score for it, are not offered for it. Raises ValueError
-    when the budget is below the smallest size the palette can reach."""
+    """Choose one format per layer minimising the summed sensitivity with total bytes <= budget_bits/8 per weight
+    (`knapsack`); formats that do not fit a layer's width, or have no score for it, are not offered for it. Raises
+    ValueError when the budget is below the smallest size the palette can reach."""
     fmts = [parse_format(f) for f in formats]
     lo = min_effective_bits(layers, formats, dense_bytes)
     if budget_bits < lo - 1e-9:
         raise ValueError(f"budget {budget_bits:g} bits per weight is below the smallest the formats "
                          f"{', '.join(formats)} reach on this model ({lo:.3f})")
     total_w = sum(l.numel for l in layers)
-    budget = budget_bits * total_w / 8
-    unit = budget / UNITS
-    inf = np.inf
-    dp = np.full(UNITS + 1, inf)
-    dp[0] = 0.0
-    choice = np.zeros((len(layers), UNITS + 1), dtype=np.int8)
-    for i, l in enumerate(layers):
-        new = np.full(UNITS + 1, inf)
-        arg = np.zeros(UNITS + 1, dtype=np.int8)
-        for k, f in enumerate(fmts):
-            if not f.fits(l.in_features) or (not f.keep and f.name not in sensitivity.get(l.name, {})):
-                continue
-            s = 0.0 if f.keep else float(sensitivity[l.name][f.name])
-            c = math.ceil(layer_bytes(f, l.out_features, l.in_features, dense_bytes, l.name) / unit - 1e-9)
-            if c > UNITS:
-                continue
-            cand = np.full(UNITS + 1, inf)
-            cand[c:] = dp[:UNITS + 1 - c] + s
-            better = cand < new
-            new[better], arg[better] = cand[better], k
-        dp, choice[i] = new, arg
-    end = int(np.argmin(dp))
-    if not math.isfinite(dp[end]):
-        raise ValueError(f"no allocation meets {budget_bits:g} bits per weight with formats {', '.join(formats)}")
-    picked: dict[str, str] = {}
-    j = end
-    for i in range(len(layers) - 1, -1, -1):
-        f = fmts[int(choice[i, j])]
-        picked[layers[i].name] = f.name
-        l = layers[i]
-        j -= math.ceil(layer_bytes(f, l.out_features, l.in_features, dense_bytes, l.name) / unit - 1e-9)
-    picked = {l.name: picked[l.name] for l in layers}
-    nbytes = sum(layer_bytes(parse_format(picked[l.name]), l.out_features, l.in_features, dense_bytes, l.name)
-                 for l in layers)
+    costs, scores = [], []
+    for l in layers:
+        ok = [f.fits(l.in_features) and (f.keep or f.name in sensitivity.get(l.name, {})) for f in fmts]
+        costs.append([layer_bytes(f, l.out_features, l.in_features, dense_bytes, l.name) if o else None
+                      for f, o in zip(fmts, ok)])
+        scores.append([0.0 if (f.keep or not o) else float(sensitivity[l.name][f.name]) for f, o in zip(fmts, ok)])
+    try:
+        ks, total = knapsack(costs, scores, budget_bits * total_w / 8)
+    except ValueError:
+        raise ValueError(f"no allocation meets {budget_bits:g} bits per weight with formats "
+                         f"{', '.join(formats)}") from None
+    picked = {l.name: fmts[k].name for l, k in zip(layers, ks)}
+    nbytes = sum(c[k] for c, k in zip(costs, ks))
     counts: dict[str, int] = {}
     for f in picked.values():
         counts[f] = counts.get(f, 0) + 1
     return Allocation(layer_formats=picked, budget_bits=budget_bits, effective_bits=round(8 * nbytes / total_w, 4),
-                      predicted_bytes=nbytes, sensitivity_total=float(dp[end]), counts=counts)
+                      predicted_bytes=nbytes, sensitivity_total=total, counts=counts)
 
 
 def config_groups(layer_formats: dict[str, str]) -> tuple[dict, list[str]]:
@@ -257,21 +269,22 @@ def shapes_of(model, ignore: Iterable[str] = ("lm_head",)) -> list[LayerShape]:
             for n, m in linear_layers(model, ignore)]
 
 
-def fisher_sensitivity(model, ids, formats: Sequence[str], ignore: Iterable[str] = ("lm_head",), *, seed: int = 0,
-                       progress: Optional[Callable[[int, int], None]] = None) -> dict[str, dict[str, float]]:
-    """Estimated KL increase per (layer, format): 1/2 sum_i F_ii dW_i^2 / tokens, F the diagonal Fisher of the
-    model's own next-token distribution on `ids` (n windows x L tokens), one window per backward so squared
-    gradients are per window (a batch would square the sum of its windows' gradients)."""
+def fisher_diagonal(model, ids, params: dict[str, object], *, seed: int = 0,
+                    progress: Optional[Callable[[int, int], None]] = None) -> tuple[dict[str, object], int]:
+    """Diagonal Fisher of the model's own next-token distribution for each named parameter in `params` (name ->
+    torch Parameter), summed over the tokens of `ids` (n windows x L): squared gradients of the log-likelihood of
+    tokens sampled from the model, one window per backward so they are per window (a batch would square the sum of
+    its windows' gradients). Returns (name -> float32 tensor, tokens). A tied embedding is one parameter: its
+    gradient, hence its Fisher, adds the input-lookup and output-projection uses, as the one stored table needs."""
     import torch
 
-    layers = linear_layers(model, ignore)
-    params = [p for p in model.parameters()]
-    was = [p.requires_grad for p in params]
-    for p in params:
+    all_params = [p for p in model.parameters()]
+    was = [p.requires_grad for p in all_params]
+    for p in all_params:
         p.requires_grad_(False)
-    for _, m in layers:
-        m.weight.requires_grad_(True)
-    fisher = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in layers}
+    for p in params.values():
+        p.requires_grad_(True)
+    fisher = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
     gen = torch.Generator(device="cpu").manual_seed(seed)
     dev = next(model.parameters()).device
     tokens = 0
@@ -285,15 +298,26 @@ def fisher_sensitivity(model, ids, formats: Sequence[str], ignore: Iterable[str]
             loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
             model.zero_grad(set_to_none=True)
             loss.backward()
-            for n, m in layers:
-                fisher[n] += m.weight.grad.float() ** 2
+            for n, p in params.items():
+                fisher[n] += p.grad.float() ** 2
             tokens += logits.shape[0]
             if progress:
                 progress(i + 1, ids.shape[0])
     finally:
         model.zero_grad(set_to_none=True)
-        for p, w in zip(params, was):
+        for p, w in zip(all_params, was):
             p.requires_grad_(w)
+    return fisher, tokens
+
+
+def fisher_sensitivity(model, ids, formats: Sequence[str], ignore: Iterable[str] = ("lm_head",), *, seed: int = 0,
+                       progress: Optional[Callable[[int, int], None]] = None) -> dict[str, dict[str, float]]:
+    """Estimated KL increase per (layer, format): 1/2 sum_i F_ii dW_i^2 / tokens, F the diagonal Fisher
+    (`fisher_diagonal`) and dW the RTN error of the format."""
+    import torch
+
+    layers = linear_layers(model, ignore)
+    fisher, tokens = fisher_diagonal(model, ids, {n: m.weight for n, m in layers}, seed=seed, progress=progress)
     fmts = [parse_format(f) for f in formats if f != KEEP]
     out: dict[str, dict[str, float]] = {}
     with torch.no_grad():

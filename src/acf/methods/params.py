@@ -142,13 +142,21 @@ class GGUFParams(Calib):
     calib_samples/seq_len size the importance matrix's calibration text (used only with imatrix=true)."""
 
     type: str = Field("Q4_K_M", description="llama.cpp file type: Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_0, Q4_K_M, Q4_K_S, "
-                                            "Q4_0, IQ4_XS, IQ4_NL, Q3_K_M, Q2_K, F16, BF16")
+                                            "Q4_0, IQ4_XS, IQ4_NL, Q3_K_M, Q2_K, F16, BF16 (not used with avg_bits)")
     imatrix: bool = Field(True, description="importance matrix from the task's calibration text, used by the "
                                             "quantizer (IQ types and low-bit k-quants need one)")
     overrides: dict[str, str] = Field(default_factory=dict, description="per-tensor types: regex on GGUF tensor "
                                       "names -> ggml type, e.g. {\"output\\\\.weight\": \"Q8_0\"}")
     strict_shapes: bool = Field(False, description="refuse a type whose block size leaves some layers to "
                                                    "llama.cpp's fallback type")
+    avg_bits: Optional[float] = Field(None, ge=2, le=16, description="per-tensor types under this budget (bits per "
+                                      "weight of all quantized matrices, token embedding included), allocated from a "
+                                      "Fisher estimate of llama.cpp's own quantization error (acf.methods.gguf_mixed); "
+                                      "written as overrides")
+    types: Optional[list[str]] = Field(None, description="palette for avg_bits (ggml tensor types); default: Q3_K, "
+                                       "IQ4_XS, Q4_K, Q5_K, Q6_K, IQ4_NL, Q4_0, Q5_0, Q5_1, Q8_0, F16")
+    sensitivity_samples: int = Field(16, ge=1, le=1024, description="calibration windows of the sensitivity pass")
+    sensitivity_seq_len: int = Field(512, ge=16, le=8192, description="tokens per sensitivity window")
 
 
 __all__ = ["MethodParams", "Calib", "MixedPrecision", "GPTQParams", "AWQParams", "RTNParams", "AutoRoundParams",
