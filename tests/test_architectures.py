@@ -481,7 +481,8 @@ def test_run_records_a_passing_check(smol, data_root, tmp_path):
 
     from rich.console import Console
 
-    from acf.pipeline import RunConfig, RunContext, judge_sanity, measure_sanity, recorded_sanity
+    from acf.run_context import RunConfig, RunContext
+    from acf.baseline import judge_sanity, measure_sanity, recorded_sanity
     from acf.report import _sanity_section
 
     model, tok = smol

@@ -232,7 +232,7 @@ def test_search_space_offers_gguf_types_the_shapes_allow(tiny_dirs, smol_dir):
 ])
 def test_runtime_config_is_validated(kw, want, tmp_path):
     from acf.errors import AcfError
-    from acf.pipeline import RunConfig, validate_config
+    from acf.run_context import RunConfig, validate_config
 
     with pytest.raises(AcfError, match=want.replace("(", r"\(")):
         validate_config(RunConfig(run_dir=str(tmp_path / "r"), **kw), ("accuracy", "answer_nll"))

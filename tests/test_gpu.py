@@ -76,7 +76,7 @@ def test_cuda_memory_and_synchronised_latency(tiny_model_dir, data_root):
 def test_pipeline_episode_on_cuda(tiny_model_dir, data_root, tmp_path):
     from rich.console import Console
 
-    from acf.pipeline import RunConfig
+    from acf.run_context import RunConfig
     from acf.runner import run_in_terminal
 
     cfg = RunConfig(model=str(tiny_model_dir), run_dir=str(tmp_path / "run"), episodes=2, device="cuda",

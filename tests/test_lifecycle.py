@@ -80,7 +80,8 @@ def make_frontier(run_dir: Path, run_id: str = "test-run") -> FrontierFile:
 
 
 def test_load_frontier_and_report(tmp_path):
-    from acf.report import load_frontier, write_report
+    from acf.frontier_frame import load_frontier
+    from acf.report import write_report
 
     ff = make_frontier(tmp_path)
     df = load_frontier(tmp_path)
@@ -106,7 +107,7 @@ def test_load_frontier_and_report(tmp_path):
 
 
 def test_report_refuses_other_schema(tmp_path):
-    from acf.report import load_frontier
+    from acf.frontier_frame import load_frontier
 
     make_frontier(tmp_path)
     raw = json.loads((tmp_path / "frontier.json").read_text())

@@ -64,7 +64,7 @@ def _ctx(spec, device: str, tmp_path):
 
 
 def test_preflight_refuses_a_step_that_cannot_fit_naming_its_figures(spec8b, tmp_path):
-    from acf.pipeline import preflight
+    from acf.preflight import preflight
     from acf.strategy import Strategy
 
     full = Strategy.model_validate({"steps": [{"method": "distill", "params": {"adapters": False}}]})

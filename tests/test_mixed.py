@@ -13,8 +13,9 @@ import torch
 
 from acf.errors import StrategyError
 from acf.methods.base import StepContext
-from acf.methods.mixed import (KEEP, LayerShape, allocate, cached_sensitivity, default_formats, direct_sensitivity,
-                               effective_bits, fisher_sensitivity, layer_bytes, min_effective_bits, parse_format)
+from acf.methods.mixed import (KEEP, LayerShape, allocate, default_formats, direct_sensitivity, effective_bits,
+                               fisher_sensitivity, layer_bytes, min_effective_bits, parse_format)
+from acf.methods.sensitivity_cache import cached_sensitivity
 from acf.spec import infer_spec
 from acf.strategy import validate_strategy
 from acf.tasks import get_task

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from acf.errors import AcfError, RunDirError
 from acf.pareto import pareto_front
-from acf.pipeline import RunConfig
+from acf.run_context import RunConfig
 from acf.runner import Pipeline, run_in_terminal
 from acf.state import load_frontier_file
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from acf.pipeline import RunConfig
+from acf.run_context import RunConfig
 from acf.runner import Pipeline, run_in_terminal
 from acf.state import load_frontier_file
 

@@ -22,7 +22,7 @@ from langchain_core.messages import AIMessage
 from rich.console import Console
 
 from acf.errors import AcfError
-from acf.pipeline import RunContext
+from acf.run_context import RunContext
 from acf.planner import Planner, params_for, parse_proposal_text, read_planner_log, scrub
 from acf.runner import Pipeline, load_run_config, run_in_terminal
 from acf.search import SearchSpace
@@ -202,7 +202,7 @@ def test_planner_timeout_and_retries_flow_from_the_config_and_bound_a_hung_model
 
 
 def test_planner_timeout_and_retries_are_validated(tiny_model_dir, data_root, tmp_path, capsys):
-    from acf.pipeline import validate_config
+    from acf.run_context import validate_config
 
     chat = FakeListChatModel(responses=["x"])
     for kw, needle in [({"timeout": 0}, "--planner-timeout must be a positive"),
@@ -229,7 +229,7 @@ def test_cli_planner_defaults_match_the_run_config():
     from typer.main import get_command
 
     from acf import cli
-    from acf.pipeline import RunConfig
+    from acf.run_context import RunConfig
 
     run = get_command(cli.app).commands["run"]
     defaults = {p.name: p.default for p in run.params}
@@ -333,7 +333,7 @@ def test_from_spec_errors_name_the_package():
 
 def test_omitted_calibration_takes_the_run_settings():
     from acf.planner import with_run_defaults
-    from acf.pipeline import RunConfig
+    from acf.run_context import RunConfig
 
     cfg = RunConfig(run_dir="unused", calib_samples=16, seq_len=128)
     out = with_run_defaults({"steps": [{"method": "gptq", "params": {"bits": 4}},

@@ -110,7 +110,7 @@ def test_seeds_and_grid_stay_inside_a_narrowed_space(tiny_model_dir):
 
 def test_cli_method_narrowing_is_validated_before_anything_runs(tmp_path):
     from acf.errors import AcfError
-    from acf.pipeline import RunConfig, validate_config
+    from acf.run_context import RunConfig, validate_config
 
     def cfg(**kw):
         return RunConfig(model="m", dataset="gsm8k", run_dir=str(tmp_path / "r"), objectives=["answer_nll", "size"],

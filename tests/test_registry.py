@@ -50,7 +50,7 @@ def test_a_method_registered_alone_is_seen_everywhere(toy_method, tiny_model_dir
 
     from acf.cli import app
     from acf.methods import StepContext, run_strategy
-    from acf.pipeline import RunConfig, validate_config
+    from acf.run_context import RunConfig, validate_config
     from acf.planner import params_for
     from acf.search import SearchSpace
     from acf.spec import infer_spec

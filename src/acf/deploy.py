@@ -66,7 +66,7 @@ def export_adapter(adapter_dir: Path, base_dir: Path, type_name: str, seed: int 
 
 
 def deploy_link(base_name: str) -> Path:
-    from .registry import acf_home
+    from .registry_model import acf_home
 
     return acf_home() / "deploy" / f"{base_name}.gguf"
 

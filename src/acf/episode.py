@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import pipeline as P
+from . import preflight as PF
+from . import records as REC
+from . import run_context as RC
 from .errors import AcfError, StrategyError
 from .state import Candidate, now
 from .strategy import Strategy, validate_strategy
@@ -44,7 +47,7 @@ Sink = Callable[[Candidate, Optional[list]], bool]
 class Episode:
     """What every stage needs: the run, the candidate's id and folders, its strategy and the input model."""
 
-    ctx: P.RunContext
+    ctx: RC.RunContext
     cid: str            # c001 (one process, by episode) or t001 (workers, by trial number)
     number: int         # names the episode's folders (RunContext.episode_dir)
     strategy: Strategy
@@ -56,13 +59,13 @@ class Episode:
 CHOICES = ("approve", "edit", "skip", "stop")
 
 
-def approval_request(ctx: P.RunContext, strategy: Strategy, proposed_by: str, **extra: Any) -> dict:
+def approval_request(ctx: RC.RunContext, strategy: Strategy, proposed_by: str, **extra: Any) -> dict:
     """What the user sees before an episode runs, in the graph's interrupt and in the workers' approval queue."""
     return {"strategy": strategy.model_dump(), "describe": strategy.describe(), "proposed_by": proposed_by,
-            "estimate": P.estimate_cost(ctx, strategy), **extra}
+            "estimate": PF.estimate_cost(ctx, strategy), **extra}
 
 
-def decide(ctx: P.RunContext, answer: Any) -> tuple[str, Optional[Strategy], Optional[str]]:
+def decide(ctx: RC.RunContext, answer: Any) -> tuple[str, Optional[Strategy], Optional[str]]:
     """An approval answer as (action, edited strategy, note): action is approve | edit | skip | stop, or reask with
     the note to show (an edit that does not validate, an unknown choice). Answers: 'approve' | 'skip' | 'stop' |
     {'action': 'edit', 'strategy': {...}} (or that as a JSON string)."""
@@ -99,7 +102,7 @@ def start() -> Outcome:
 
 def preflight(ep: Episode, out: Outcome) -> Outcome:
     """Refuse an episode that will not fit (disk, memory) before anything runs."""
-    reason = P.preflight(ep.ctx, ep.strategy)
+    reason = PF.preflight(ep.ctx, ep.strategy)
     if reason:
         ep.ctx.say(f"  [yellow]preflight refused[/]: {reason}")
         return {**out, "status": "rejected", "reason": "preflight: " + reason}
@@ -153,7 +156,7 @@ def evaluate(ep: Episode, out: Outcome) -> Outcome:
         ctx.release()
     timings = {**out.get("timings", {}), "evaluate": round(time.time() - t0, 2)}
     out = {**out, "metrics": _dump(res.metrics), "predictions": res.predictions, "timings": timings}
-    ctx.say(P.metrics_line(ep.cid, res.metrics, ctx.cfg.objectives))
+    ctx.say(REC.metrics_line(ep.cid, res.metrics, ctx.cfg.objectives))
     if ctx.cfg.controls:
         t1 = time.time()
         out["control"] = P.ensure_control(ctx, ep.strategy)
@@ -220,7 +223,7 @@ def run_episode(ep: Episode, sink: Sink, **meta: Any) -> tuple[Candidate, bool]:
 
 def record_in_run(ep: Episode, prop: dict, out: Outcome, decision: Optional[str]) -> Candidate:
     """The single-process run's recording (the graph's update node): frontier.json, the run's study and the
-    episode folder (`pipeline.record`), with the episode's wall time; a proposal rejected by validation or skipped
+    episode folder (`records.record`), with the episode's wall time; a proposal rejected by validation or skipped
     at approval is recorded as such."""
     ctx = ep.ctx
     if decision == "rejected":
@@ -229,11 +232,11 @@ def record_in_run(ep: Episode, prop: dict, out: Outcome, decision: Optional[str]
         out = {"status": "skipped", "reason": "skipped by the user at approval"}
     trial = prop.get("trial")
     if prop.get("edited_from_trial") is not None:
-        P.release_trial(ctx, prop["edited_from_trial"], "replaced by a user edit")
+        REC.release_trial(ctx, prop["edited_from_trial"], "replaced by a user edit")
         trial = None
 
     def sink(cand: Candidate, predictions: Optional[list]) -> bool:
-        P.record(ctx, cand, trial, predictions)
+        REC.record(ctx, cand, trial, predictions)
         return True
 
     t0 = time.time()

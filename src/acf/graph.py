@@ -18,6 +18,9 @@ from langgraph.types import interrupt
 
 from . import episode as E
 from . import pipeline as P
+from . import baseline as BL
+from . import records as REC
+from . import run_context as RC
 from .strategy import Strategy
 
 class EpisodeState(TypedDict, total=False):
@@ -29,12 +32,12 @@ class EpisodeState(TypedDict, total=False):
     stop: Optional[str]
 
 
-def build_graph(ctx: P.RunContext, checkpointer=None):
+def build_graph(ctx: RC.RunContext, checkpointer=None):
     def spec_node(state: EpisodeState) -> dict:
         return P.init_run(ctx)
 
     def baseline_node(state: EpisodeState) -> dict:
-        P.evaluate_baseline(ctx, state["model_path"])
+        BL.evaluate_baseline(ctx, state["model_path"])
         return {}
 
     def propose_node(state: EpisodeState) -> dict:
@@ -84,7 +87,7 @@ def build_graph(ctx: P.RunContext, checkpointer=None):
     def stop_node(state: EpisodeState) -> dict:
         prop = state.get("proposal")
         if prop and prop.get("trial") is not None:
-            P.release_trial(ctx, prop["trial"], "stopped by the user at approval")
+            REC.release_trial(ctx, prop["trial"], "stopped by the user at approval")
         return {"stop": "stopped by the user", "proposal": None}
 
     def finalize_node(state: EpisodeState) -> dict:
@@ -116,7 +119,7 @@ def _node(stage: str) -> str:
     return "update" if stage == "record" else stage
 
 
-def _episode(ctx: P.RunContext, state: EpisodeState) -> E.Episode:
+def _episode(ctx: RC.RunContext, state: EpisodeState) -> E.Episode:
     prop = state["proposal"]
     return E.Episode(ctx=ctx, cid=_cid(prop), number=prop["episode"], strategy=Strategy(**prop["strategy"]),
                      model_path=state["model_path"])
@@ -137,7 +140,7 @@ def _cid(prop: dict) -> str:
     return f"c{prop['episode']:03d}"
 
 
-def _frontier_summary(ctx: P.RunContext) -> list[dict]:
+def _frontier_summary(ctx: RC.RunContext) -> list[dict]:
     ff = ctx.ff
     out = []
     for cid in ff.frontier:

@@ -1,8 +1,11 @@
-"""What each episode step does: the logic behind the coordinator graph's nodes.
+"""What each episode step does: the logic behind the coordinator graph's nodes (propose, compress, proxy decision,
+controls, final evaluation).
 
 The graph (`acf.graph`) only routes between these functions. Each function reads and writes the run
 directory through `RunContext`, so a process killed at any point resumes from disk (frontier.json, the
-Optuna study) plus the LangGraph checkpoint, losing at most the episode in flight.
+Optuna study) plus the LangGraph checkpoint, losing at most the episode in flight. The baseline's measurement is
+in `acf.baseline`, recording an outcome (frontier, Optuna tell, reward) in `acf.records`, which items and metrics
+a run evaluates in `acf.run_eval`.
 """
 
 from __future__ import annotations
@@ -12,30 +15,23 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import optuna
 
 from . import __version__
-from .atomic import clean_partial_dirs, write_json, write_text
+from .atomic import clean_partial_dirs
 from .errors import AcfError, MethodFailed, StrategyError
 from .objectives import DIRECTIONS, QUALITY
-from .pareto import hypervolume, pareto_front, reference_point
 from .provenance import Measurement, device_string, git_commit, runtime_string
-from .reward import recommend, retention, reward
-from .search import trial_for
-from .state import Candidate, FrontierFile, HVPoint, Recommendation, RunMeta, episodes_recorded, now
+from .records import episodes_done, metrics_line, ok_candidates, run_objective_values, tell_like
+from .reward import retention
+from .run_context import RunConfig, RunContext
+from .run_eval import evaluate_in_run, metrics_to_measure
+from .state import Candidate, FrontierFile, RunMeta, now
 from .strategy import Strategy, validate_strategy
 
-if TYPE_CHECKING:
-    from .evaluation.runner import Loaded
-    from .sanity import SanityReport
-
 log = logging.getLogger(__name__)
-
-from .preflight import estimate_cost, free_memory, memory_estimates, preflight  # noqa: F401 (episode, tools)
-from .run_context import (CHEAP_METRICS, DEFAULT_MAX_KLD, DEFAULT_OBJECTIVES, FIDELITY_MEASURED,  # noqa: F401
-                          RUNTIME_METRICS, RUNTIMES, RunConfig, RunContext, validate_config)
 
 
 # ---- nodes' logic ----------------------------------------------------------------------------------------
@@ -90,173 +86,6 @@ def redact(url: str) -> str:
     import re
 
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
-
-
-def metrics_to_measure(ctx: RunContext) -> list[str]:
-    want = list(ctx.cfg.objectives) + list(CHEAP_METRICS) + list(FIDELITY_MEASURED)
-    if "answer_nll" in ctx.task.metrics:
-        want.append("answer_nll")
-    if "latency" in want or "memory" in want:
-        want += ["ttft", "throughput"]
-    return list(dict.fromkeys(want))
-
-
-def _evaluate(ctx: RunContext, model_dir: Path, metrics: list[str], limit: Optional[int], *, loaded=None,
-              part: str = "search", known_sparsity: Optional[Measurement] = None):
-    from .evaluation import evaluate
-
-    offset, _ = ctx.item_range(part)
-    fid = ctx.fidelity(part) if any(m in FIDELITY_MEASURED for m in metrics) else None
-    return evaluate(model_dir, ctx.task, metrics, limit=limit, seed=ctx.cfg.seed, device=ctx.cfg.device,
-                    batch_size=ctx.cfg.eval_batch_size, accuracy_limit=ctx.cfg.accuracy_limit,
-                    latency_tokens=ctx.cfg.latency_tokens, show_progress=ctx.console.is_terminal,
-                    trust_remote_code=ctx.cfg.trust_remote_code, loaded=loaded, item_offset=offset, fidelity=fid,
-                    known_sparsity=known_sparsity)
-
-
-def evaluate_baseline(ctx: RunContext, model_path: str) -> None:
-    """The uncompressed model with the same evaluator and items; its reference distributions are computed from
-    the same load and cached for every candidate."""
-    from .evaluation.runner import Loaded
-
-    assert ctx.ff is not None
-    if ctx.ff.baseline is not None:
-        return
-    recorded = recorded_sanity(ctx)
-    if recorded is not None:
-        judge_sanity(ctx, recorded)     # a resumed run: the check is not measured again
-    t0 = time.time()
-    loaded = Loaded.load(model_path, ctx.cfg.device, ctx.cfg.trust_remote_code)
-    try:
-        if recorded is None and not ctx.cfg.skip_sanity:
-            judge_sanity(ctx, measure_sanity(ctx, loaded))
-        elif recorded is None:
-            ctx.say("[yellow]baseline sanity check skipped[/] (--skip-sanity)")
-        ctx.say("[bold]baseline[/]: evaluating the uncompressed model with the same evaluator")
-        ctx.fidelity("search", loaded=loaded)
-        res = _evaluate(ctx, Path(model_path), metrics_to_measure(ctx), ctx.cfg.limit, loaded=loaded)
-        proxy = {}
-        if ctx.cfg.proxy_limit:
-            q = [m for m in ctx.cfg.objectives if m in QUALITY]
-            if q:
-                proxy = _evaluate(ctx, Path(model_path), q, ctx.cfg.proxy_limit, loaded=loaded).metrics
-    finally:
-        loaded.free()
-    if ctx.cfg.runtime == "llamacpp":
-        _baseline_costs_in_llamacpp(ctx, Path(model_path), res.metrics)
-    cand = Candidate(id="baseline", episode=0, strategy=Strategy(), description="baseline (no compression)",
-                     proposed_by="baseline", metrics=res.metrics, proxy_metrics=proxy,
-                     objectives=_objective_values(ctx, res.metrics), retention=1.0, artifact=model_path,
-                     artifact_kept=True, timings={"evaluate": round(time.time() - t0, 2)}, started_at=now(),
-                     finished_at=now())
-    ctx.ff.baseline = cand
-    write_json(ctx.dir / "baseline_predictions.json", res.predictions)
-    refresh_frontier(ctx)
-    ctx.save()
-    ctx.say(metrics_line("baseline", res.metrics, ctx.cfg.objectives))
-
-
-def recorded_sanity(ctx: RunContext) -> Optional["SanityReport"]:
-    """The sanity check this run recorded (RUN_DIR/sanity.json), or None. An unreadable record is named and
-    measured again, never taken as a pass."""
-    from .sanity import SANITY_FILE, load_report
-
-    try:
-        return load_report(ctx.dir / SANITY_FILE)
-    except AcfError as e:
-        ctx.say(f"[yellow]{e}[/]: measuring the sanity check again")
-        return None
-
-
-def measure_sanity(ctx: RunContext, loaded: "Loaded") -> "SanityReport":
-    """Check the baseline before the search spends anything (acf.sanity): a few search items' text, a greedy
-    continuation, the tokenizer's granularity; recorded atomically in RUN_DIR/sanity.json."""
-    from .evaluation.runner import eval_items
-    from .sanity import SANITY_FILE, SANITY_ITEMS, check_baseline, save_report
-
-    cfg = ctx.cfg
-    items = eval_items(ctx.task, min(SANITY_ITEMS, cfg.limit or SANITY_ITEMS), cfg.seed)
-    ctx.say("[bold]sanity check[/] of the baseline: NLL on the task's text, a greedy continuation, characters per "
-            "token")
-    rep = check_baseline(loaded.model, loaded.tokenizer, ctx.task, items, cfg.device, batch_size=cfg.eval_batch_size,
-                         model_name=cfg.model)
-    save_report(rep, ctx.dir / SANITY_FILE)
-    return rep
-
-
-def judge_sanity(ctx: RunContext, rep: "SanityReport") -> None:
-    """Stop the run (SanityFailed, exit 2) when the check found problems, unless --skip-sanity overrides them."""
-    from .sanity import SANITY_FILE, SanityFailed, failure_message, summary
-
-    ctx.say(f"  {summary(rep)}")
-    if rep.ok:
-        return
-    if ctx.cfg.skip_sanity:
-        ctx.say(f"  [yellow]going on despite it (--skip-sanity)[/]: {'; '.join(rep.problems)}")
-        return
-    raise SanityFailed(failure_message(rep, f"acf run --resume {ctx.dir} --skip-sanity (values in "
-                                            f"{ctx.dir / SANITY_FILE})"))
-
-
-def _baseline_costs_in_llamacpp(ctx: RunContext, model_path: Path, metrics: dict[str, Measurement]) -> None:
-    """--runtime llamacpp: the baseline's latency/ttft/throughput/memory (and size) measured in llama.cpp on its F16
-    GGUF (llama.cpp's converter, no quantization), so the latency objective compares one runtime. Its quality
-    metrics stay those of the HF model, which is what kld's reference is. A baseline that cannot be exported fails
-    the run: comparing llama.cpp candidates with a transformers baseline would be the mixed comparison this avoids."""
-    from .methods import StepContext, run_strategy
-    from .strategy import validate_strategy
-
-    out = ctx.dir / "baseline-gguf-f16"
-    if not (out / "model.gguf").is_file():
-        strat = validate_strategy({"steps": [{"method": "gguf", "params": {"type": "F16", "imatrix": False}}]})
-        recs = run_strategy(strat, model_path, out, StepContext(device="cpu", task=ctx.task, seed=ctx.cfg.seed),
-                            log_dir=ctx.dir / "baseline-gguf-f16.logs")
-        if not recs or recs[-1].status != "ok":
-            raise AcfError(f"--runtime llamacpp: the baseline could not be exported to GGUF F16 "
-                           f"({recs[-1].reason if recs else 'no step ran'})")
-    want = [m for m in metrics_to_measure(ctx) if m in RUNTIME_METRICS or m == "size"]
-    res = _evaluate(ctx, out, want, ctx.cfg.limit)
-    for k, m in res.metrics.items():
-        m.extra["measured_on"] = "the baseline's F16 GGUF in llama.cpp (--runtime llamacpp)"
-        if k == "size":
-            m.extra["hf_checkpoint_bytes"] = metrics["size"].value if "size" in metrics else None
-        metrics[k] = m
-
-
-def _objective_values(ctx: RunContext, metrics: dict[str, Measurement]) -> dict[str, float]:
-    return objective_values(ctx.cfg.objectives, metrics)
-
-
-def objective_values(objectives: list[str], metrics: dict[str, Measurement]) -> dict[str, float]:
-    return {o: metrics[o].value for o in objectives if o in metrics and metrics[o].value is not None}
-
-
-def metrics_line(label: str, metrics: dict[str, Measurement], objectives: list[str]) -> str:
-    parts = []
-    for o in list(dict.fromkeys(objectives + ["kld", "top1", "answer_nll", "accuracy", "size"])):
-        m = metrics.get(o)
-        if m is None or m.value is None:
-            continue
-        parts.append(f"{o}={_fmt(o, m.value)}")
-    return f"  [dim]{label}:[/] " + " · ".join(parts)
-
-
-def _fmt(name: str, v: float) -> str:
-    if name in ("size", "memory"):
-        return f"{v / 2**20:.1f} MiB"
-    if name in ("latency", "ttft"):
-        return f"{v:.1f} ms"
-    if name in ("kld", "kld_general"):
-        return f"{v:.4f}"
-    if name in ("accuracy", "sparsity", "mc1", "mc2", "accuracy_norm", "pass@1", "top1"):
-        return f"{v:.3f}"
-    if name == "params":
-        return f"{v / 1e6:.1f}M"
-    return f"{v:.4f}"
-
-
-def episodes_done(ctx: RunContext) -> int:
-    return episodes_recorded(ctx.ff)
 
 
 def stop_reason(ctx: RunContext) -> Optional[str]:
@@ -319,31 +148,6 @@ def _proposer(ctx: RunContext, trial: optuna.Trial) -> str:
     return f"optuna:{ctx.cfg.sampler}"
 
 
-def tell_like(ctx: RunContext, trial: optuna.Trial, prev: Candidate) -> None:
-    if prev.status == "ok" and len(prev.objectives) == len(ctx.cfg.objectives):
-        set_constraint(ctx, trial, prev)
-        ctx.study.tell(trial, [prev.objectives[o] for o in ctx.cfg.objectives])
-    elif prev.status == "pruned":
-        ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    else:
-        ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-
-
-def set_constraint(ctx: RunContext, trial: optuna.Trial, cand: Candidate) -> None:
-    """Optuna constraints (feasible when <= 0): task-quality retention and kld, each set on every told trial."""
-    if ctx.cfg.min_retention is not None:
-        ret = cand.retention
-        trial.set_constraint("retention", ctx.cfg.min_retention - ret if ret is not None else 0.0)
-    if ctx.cfg.max_kld is not None:
-        k = _kld(cand)
-        trial.set_constraint("kld", k - ctx.cfg.max_kld if k is not None else 0.0)
-
-
-def _kld(cand: Candidate) -> Optional[float]:
-    m = cand.metrics.get("kld")
-    return None if m is None else m.value
-
-
 def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str, episode: int,
              log_dir: Optional[Path] = None) -> tuple[list, Optional[str]]:
     """Run the strategy's steps into artifacts/<cid>. Returns (step records, failure reason or None)."""
@@ -395,7 +199,7 @@ def proxy_decision(ctx: RunContext, cid: str) -> tuple[dict[str, Measurement], O
     if not cfg.proxy_limit or not q or not ff.baseline.proxy_metrics:
         return {}, None
     art = ctx.artifact_dir(cid)
-    res = _evaluate(ctx, art, q + ["size"], cfg.proxy_limit, loaded=ctx.loaded(cid, art))
+    res = evaluate_in_run(ctx, art, q + ["size"], cfg.proxy_limit, loaded=ctx.loaded(cid, art))
     base = {o: ff.baseline.proxy_metrics[o].value for o in q if o in ff.baseline.proxy_metrics}
     vals = {o: res.metrics[o].value for o in q}
     ret = retention(vals, base, cfg.objectives)
@@ -419,7 +223,7 @@ def proxy_decision(ctx: RunContext, cid: str) -> tuple[dict[str, Measurement], O
     # Proxy quality of frontier members is compared on the same proxy items.
     from .pareto import dominates
 
-    for c in _ok_candidates(ctx):
+    for c in ok_candidates(ctx):
         if c.id not in ff.frontier or not c.proxy_metrics:
             continue
         other = dict(c.objectives)
@@ -459,11 +263,11 @@ def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
         cand.status, cand.reason = "failed", err
     else:
         try:
-            res = _evaluate(ctx, art, [m for m in metrics_to_measure(ctx) if m not in ("latency", "ttft",
+            res = evaluate_in_run(ctx, art, [m for m in metrics_to_measure(ctx) if m not in ("latency", "ttft",
                                                                                      "throughput", "memory")],
                             ctx.cfg.limit)
             cand.metrics = res.metrics
-            cand.objectives = _objective_values(ctx, res.metrics)
+            cand.objectives = run_objective_values(ctx, res.metrics)
             cand.retention = retention(cand.objectives, ff.baseline.objectives, ctx.cfg.objectives)
         except (KeyboardInterrupt, AcfError):
             raise
@@ -512,7 +316,7 @@ def final_evaluation(ctx: RunContext) -> None:
         ctx.say(f"[bold]final evaluation[/] of {cid} on {n} held-out items (test items {offset}..{offset + n - 1} "
                 f"of the permutation): {', '.join(metrics)}")
         t0 = time.time()
-        res = _evaluate(ctx, Path(c.artifact), metrics, cfg.final_limit, part="report",
+        res = evaluate_in_run(ctx, Path(c.artifact), metrics, cfg.final_limit, part="report",
                         known_sparsity=sparsity_from_steps(c.strategy, c.steps))
         c.final_metrics = res.metrics
         c.timings["final_evaluate"] = round(time.time() - t0, 2)
@@ -522,146 +326,7 @@ def final_evaluation(ctx: RunContext) -> None:
 
 def full_evaluation(ctx: RunContext, cid: str, known_sparsity: Optional[Measurement] = None):
     art = ctx.artifact_dir(cid)
-    return _evaluate(ctx, art, metrics_to_measure(ctx), ctx.cfg.limit, loaded=ctx.loaded(cid, art),
+    return evaluate_in_run(ctx, art, metrics_to_measure(ctx), ctx.cfg.limit, loaded=ctx.loaded(cid, art),
                      known_sparsity=known_sparsity)
 
 
-def _ok_candidates(ctx: RunContext) -> list[Candidate]:
-    assert ctx.ff is not None
-    out = [c for c in ctx.ff.candidates if c.status == "ok"]
-    if ctx.ff.baseline is not None:
-        out = [ctx.ff.baseline] + out
-    return out
-
-
-def record(ctx: RunContext, cand: Candidate, trial_number: Optional[int], predictions: Optional[list] = None) -> None:
-    """Record an episode's outcome: frontier.json, episode folder, Optuna tell, artifacts of non-frontier members.
-
-    Idempotent: a candidate already recorded (the process died after writing but before the checkpoint) is not
-    recorded twice, and a trial already told is not told again.
-    """
-    ff = ctx.ff
-    assert ff is not None and ff.baseline is not None
-    if any(c.id == cand.id for c in ff.candidates):
-        return
-    score(ctx.cfg, ff.baseline.objectives, cand)
-    cand.finished_at = now()
-    ff.candidates.append(cand)
-    refresh_frontier(ctx)
-    # Optuna
-    if trial_number is not None:
-        _tell(ctx, trial_number, cand)
-    # artifacts: keep frontier members (and all with --keep-all)
-    if not ctx.cfg.keep_all:
-        for c in ff.candidates:
-            if c.artifact and c.artifact_kept and c.id not in ff.frontier:
-                shutil.rmtree(c.artifact, ignore_errors=True)
-                c.artifact_kept = False
-    ctx.save()
-    ed = ctx.episode_dir(cand.episode)
-    write_json(ed / "strategy.json", cand.strategy.model_dump())
-    write_text(ed / "result.json", cand.model_dump_json(indent=2))
-    if predictions:
-        write_json(ed / "predictions.json", predictions)
-
-
-def score(cfg: RunConfig, base: dict[str, float], cand: Candidate) -> None:
-    """An ok candidate's objectives, retention and reward against the baseline's objectives `base`; one without a
-    value for every objective is failed. One function for every recorder (frontier.json here, a trial's record in
-    acf.distributed), so both score alike."""
-    if cand.status != "ok":
-        return
-    cand.objectives = objective_values(cfg.objectives, cand.metrics)
-    if len(cand.objectives) == len(cfg.objectives):
-        cand.retention = retention(cand.objectives, base, cfg.objectives)
-        cand.reward = reward(cand.objectives, base, cfg.objectives, cfg.preset, cfg.min_retention, cfg.max_kld,
-                             _kld(cand)).reward
-    else:
-        cand.status, cand.reason = "failed", "evaluation produced no value for " + ", ".join(
-            o for o in cfg.objectives if o not in cand.objectives)
-
-
-def _tell(ctx: RunContext, number: int, cand: Candidate) -> None:
-    study = ctx.study
-    t = study.get_trials(deepcopy=False)[number]
-    if t.state != optuna.trial.TrialState.RUNNING:
-        return
-    trial = trial_for(study, number)
-    trial.set_user_attr("candidate", cand.id)
-    if cand.reason:
-        trial.set_user_attr("reason", cand.reason[:500])
-    if cand.status == "ok":
-        set_constraint(ctx, trial, cand)
-        study.tell(trial, [cand.objectives[o] for o in ctx.cfg.objectives])
-    elif cand.status == "pruned":
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    else:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-
-
-def refresh_frontier(ctx: RunContext) -> None:
-    """Recompute frontier ids, hypervolume history and the recommended pick from the recorded candidates."""
-    ff = ctx.ff
-    assert ff is not None and ff.baseline is not None
-    objs = ctx.cfg.objectives
-    points = {c.id: c.objectives for c in _ok_candidates(ctx) if len(c.objectives) == len(objs)}
-    ff.frontier = pareto_front(points, objs)
-    base = ff.baseline.objectives
-    if len(base) == len(objs):
-        ref = reference_point(base, objs, fixed={"kld": ctx.cfg.max_kld} if ctx.cfg.max_kld else None)
-        ff.reference_point = ref
-        hv = hypervolume([points[k] for k in ff.frontier], objs, ref, normalise=base)
-        ep = episodes_done(ctx)
-        ff.hypervolume = [h for h in ff.hypervolume if h.episode != ep] + [HVPoint(episode=ep, hypervolume=hv)]
-        klds = {c.id: _kld(c) for c in _ok_candidates(ctx)}
-        rec = recommend(points, [k for k in ff.frontier], base, objs, ctx.cfg.preset, ctx.cfg.min_retention,
-                        ctx.cfg.max_kld, klds)
-        if rec is not None:
-            cid, r = rec
-            ff.recommended = Recommendation(id=cid, reward=r.reward, terms=r.terms, preset=ctx.cfg.preset,
-                                            why=_why(cid, r, ctx.cfg.min_retention))
-    for c in ff.candidates:
-        if c.status == "ok" and len(c.objectives) == len(objs):
-            c.reward = reward(c.objectives, base, objs, ctx.cfg.preset, ctx.cfg.min_retention, ctx.cfg.max_kld,
-                              _kld(c)).reward
-
-
-def _why(cid: str, r, min_ret: Optional[float]) -> str:
-    parts = [f"{k}: {v:+.3f}" for k, v in sorted(r.terms.items(), key=lambda kv: -abs(kv[1]))]
-    s = f"highest {('feasible ' if r.feasible else '')}reward on the frontier ({r.reward:.3f} = " + ", ".join(parts)
-    if r.penalty:
-        s += f", minus penalty {r.penalty:.3f} for retention {r.retention:.3f} < {min_ret}"
-    return s + ")"
-
-
-def frontier_table(ctx: RunContext):
-    from rich.table import Table
-
-    ff = ctx.ff
-    assert ff is not None
-    t = Table(title=f"Frontier after {episodes_done(ctx)} episodes ({len(ff.frontier)} members)")
-    t.add_column("id")
-    t.add_column("strategy", overflow="fold")
-    cols = list(dict.fromkeys(ctx.cfg.objectives + ["answer_nll", "size"]))
-    for o in cols:
-        t.add_column(o, justify="right")
-    t.add_column("retention", justify="right")
-    t.add_column("reward", justify="right")
-    for cid in ff.frontier:
-        c = ff.candidate(cid)
-        mark = " ★" if ff.recommended and ff.recommended.id == cid else ""
-        t.add_row(cid + mark, c.description or c.strategy.describe(),
-                  *[_fmt(o, c.metrics[o].value) if o in c.metrics and c.metrics[o].value is not None else "-"
-                    for o in cols],
-                  f"{c.retention:.3f}" if c.retention is not None else "-",
-                  f"{c.reward:.3f}" if c.reward is not None else "-")
-    return t
-
-
-def release_trial(ctx: RunContext, number: int, reason: str) -> None:
-    """Close a trial that will not be evaluated as proposed (user edit or stop), so it never stays RUNNING."""
-    study = ctx.study
-    t = study.get_trials(deepcopy=False)[number]
-    if t.state == optuna.trial.TrialState.RUNNING:
-        trial_for(study, number).set_user_attr("reason", reason)
-        study.tell(number, state=optuna.trial.TrialState.FAIL)

@@ -146,7 +146,7 @@ class Pipeline:
 def run_in_terminal(cfg: RunConfig, console, resume: bool = False,
                     ask: Optional[Callable[[dict], Any]] = None) -> RunContext:
     """Run (or resume) with approvals asked at the terminal; prints the frontier and where results are."""
-    from .pipeline import frontier_table
+    from .records import frontier_table
 
     pipe = Pipeline(cfg, console, resume=resume)
     try:

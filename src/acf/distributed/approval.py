@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import pipeline as P
+from .. import run_context as RC
 from ..errors import AcfError, StrategyError
 from ..state import Candidate, now
 from ..strategy import Strategy, validate_strategy
@@ -17,7 +18,7 @@ from .schema import A_STOP, T_APPROVAL, T_PROPOSAL, T_RECORD, T_RELEASED, T_STRA
 from .study import cid_for
 
 
-def _proposer(ctx: P.RunContext, system_attrs: dict) -> str:
+def _proposer(ctx: RC.RunContext, system_attrs: dict) -> str:
     """Like `pipeline._proposer`, which cannot see system attrs through Optuna 5's Trial."""
     if system_attrs.get("fixed_params"):
         return "seed recipe" if ctx.cfg.sampler != "grid" else "preset grid"
@@ -36,7 +37,7 @@ def release(study: optuna.Study, number: int, reason: str) -> None:
             pass
 
 
-def trial_proposal(ctx: P.RunContext, trial: optuna.Trial) -> tuple[Strategy, str]:
+def trial_proposal(ctx: RC.RunContext, trial: optuna.Trial) -> tuple[Strategy, str]:
     """A trial's strategy (an edited one, or the space's for its params: sampled or enqueued; not yet validated)
     and who proposed it."""
     ua = trial.user_attrs
@@ -48,7 +49,7 @@ def trial_proposal(ctx: P.RunContext, trial: optuna.Trial) -> tuple[Strategy, st
     return strategy, proposed_by
 
 
-def make_pending(ctx: P.RunContext, trial: optuna.Trial) -> None:
+def make_pending(ctx: RC.RunContext, trial: optuna.Trial) -> None:
     """Turn a RUNNING trial into a proposal waiting for approval (no heartbeat: it is never failed as stale)."""
     strategy, proposed_by = trial_proposal(ctx, trial)
     try:
@@ -69,7 +70,7 @@ class ApprovalQueue:
     `answer(number, answer)` takes the graph's answers: approve | skip | stop | {'action': 'edit', 'strategy': ...}.
     """
 
-    def __init__(self, ctx: P.RunContext):
+    def __init__(self, ctx: RC.RunContext):
         self.ctx = ctx
 
     @property

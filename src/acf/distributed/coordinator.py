@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import pipeline as P
+from .. import run_context as RC
 from ..errors import AcfError
 from ..state import FrontierFile, save_frontier_file
 from .approval import ApprovalQueue, release
@@ -31,7 +32,7 @@ class Coordinator:
     """Owns frontier.json for a shared study: holds the study's coordinator lock, creates/joins the study, starts
     local workers, serves approvals, and rebuilds frontier.json from the study periodically and at the end."""
 
-    def __init__(self, cfg: P.RunConfig, storage_url: Optional[str] = None, console=None,
+    def __init__(self, cfg: RC.RunConfig, storage_url: Optional[str] = None, console=None,
                  lock_timeout: float = 60.0, heartbeat_interval: int = DEFAULT_HEARTBEAT,
                  grace_period: int = DEFAULT_GRACE, connect_timeout: int = DEFAULT_CONNECT_TIMEOUT):
         from rich.console import Console
@@ -40,7 +41,7 @@ class Coordinator:
         from ..tasks import get_task
 
         self.console = console or Console(stderr=False)
-        P.validate_config(cfg, get_task(cfg.dataset, cfg.data_dir).metrics)
+        RC.validate_config(cfg, get_task(cfg.dataset, cfg.data_dir).metrics)
         cfg.device = resolve_device(cfg.device)
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ class Coordinator:
         self.procs: list[subprocess.Popen] = []
         self._lock_beat: Optional[Beat] = None
         self.study: Optional[optuna.Study] = None
-        self.ctx: Optional[P.RunContext] = None
+        self.ctx: Optional[RC.RunContext] = None
         self.queue: Optional[ApprovalQueue] = None
 
     # -- lock ----------------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ class Coordinator:
         from ..spec import save_spec
 
         save_spec(spec, Path(self.cfg.run_dir) / "model_spec.json")
-        ctx = P.RunContext(self.cfg, self.console)
+        ctx = RC.RunContext(self.cfg, self.console)
         ctx._study = study
         ctx._spec = spec
         self.ctx = ctx
@@ -220,7 +221,7 @@ class Coordinator:
         stop_processes(self.procs)
 
 
-def run_coordinator(cfg: P.RunConfig, workers: int, artifacts: Optional[Path] = None, console=None,
+def run_coordinator(cfg: RC.RunConfig, workers: int, artifacts: Optional[Path] = None, console=None,
                     ask: Optional[Callable[[dict], Any]] = None, resume: bool = False,
                     refresh_seconds: float = 5.0) -> FrontierFile:
     """`acf run --workers K`: the coordinator plus K local workers sharing one study (K=0: workers elsewhere)."""

@@ -16,7 +16,7 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
-from .. import pipeline as P
+from .. import run_context as RC
 from ..errors import AcfError
 from .schema import A_CONFIG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT, DEFAULT_GRACE, DEFAULT_HEARTBEAT, HB_ATTR
 
@@ -195,8 +195,8 @@ def load_study(storage: BaseStorage, url: str, study_name: str) -> optuna.Study:
     return study
 
 
-def study_config(study: optuna.Study) -> P.RunConfig:
-    return P.RunConfig.model_validate(study.user_attrs[A_CONFIG])
+def study_config(study: optuna.Study) -> RC.RunConfig:
+    return RC.RunConfig.model_validate(study.user_attrs[A_CONFIG])
 
 
 # ---- heartbeats ------------------------------------------------------------------------------------------------

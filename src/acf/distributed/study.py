@@ -15,6 +15,8 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from .. import pipeline as P
+from .. import records as REC
+from .. import run_context as RC
 from ..errors import AcfError
 from ..search import open_study
 from ..state import Candidate, FrontierFile, RunMeta, now, save_frontier_file
@@ -22,7 +24,7 @@ from .schema import (A_APPROVAL, A_BASELINE, A_CONFIG, A_RUN_META, A_SPEC, A_STA
 from .storage import load_study, make_storage, study_config
 
 
-def create_or_join(cfg: P.RunConfig, storage: BaseStorage, approval: bool = False,
+def create_or_join(cfg: RC.RunConfig, storage: BaseStorage, approval: bool = False,
                    console=None) -> tuple[optuna.Study, str, Any]:
     """Create the shared study (config, spec, run metadata, seed recipes) or join it; refuse a study made for
     another model/task/objectives (`open_study`). Returns (study, resolved model path, model spec)."""
@@ -64,7 +66,7 @@ def create_or_join(cfg: P.RunConfig, storage: BaseStorage, approval: bool = Fals
     return study, str(model_path), spec
 
 
-def _space(cfg: P.RunConfig, spec, SearchSpace) -> Any:
+def _space(cfg: RC.RunConfig, spec, SearchSpace) -> Any:
     kw = {}
     if cfg.quant_methods:
         kw["quant_methods"] = cfg.quant_methods
@@ -104,7 +106,7 @@ def frontier_from_study(study: optuna.Study, run_id: Optional[str] = None) -> Fr
     attrs = study.user_attrs
     if A_CONFIG not in attrs or A_RUN_META not in attrs:
         raise AcfError(f"study {study.study_name!r} was not made by `acf run --workers` (no acf config)")
-    cfg = P.RunConfig.model_validate(attrs[A_CONFIG])
+    cfg = RC.RunConfig.model_validate(attrs[A_CONFIG])
     meta = RunMeta.model_validate(attrs[A_RUN_META])
     meta.episodes = cfg.episodes
     if run_id:
@@ -120,8 +122,8 @@ def frontier_from_study(study: optuna.Study, run_id: Optional[str] = None) -> Fr
         c.artifact_kept = bool(c.artifact and Path(c.artifact).is_dir())
         ff.candidates.append(c)
         if ff.baseline is not None:
-            P.score(cfg, ff.baseline.objectives, c)
-            P.refresh_frontier(ns)  # type: ignore[arg-type]
+            REC.score(cfg, ff.baseline.objectives, c)
+            REC.refresh_frontier(ns)  # type: ignore[arg-type]
     if recs:
         last = max((t.datetime_complete for t, _ in recs if t.datetime_complete), default=None)
         if last is not None and A_STARTED in attrs:

@@ -18,6 +18,9 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
 from .. import pipeline as P
+from .. import baseline as BL
+from .. import records as REC
+from .. import run_context as RC
 from ..errors import AcfError, StrategyError
 from ..state import Candidate, FrontierFile, RunMeta, now
 from ..strategy import Strategy, validate_strategy
@@ -32,13 +35,13 @@ from .study import cid_for, frontier_from_study, prune_artifact_dirs
 log = logging.getLogger(__name__)
 
 
-class WorkerContext(P.RunContext):
+class WorkerContext(RC.RunContext):
     """A RunContext whose run directory is the shared artifacts folder and whose frontier comes from the study.
 
     Artifacts live at <artifacts>/<study>/<cid>/model so each trial has a private parent folder (`compress` cleans
     partial siblings of its output, which must never be another worker's work in progress)."""
 
-    def __init__(self, cfg: P.RunConfig, study: optuna.Study, console=None):
+    def __init__(self, cfg: RC.RunConfig, study: optuna.Study, console=None):
         super().__init__(cfg, console)
         self._study = study
         self.ff = None
@@ -149,7 +152,7 @@ class Worker:
             study.set_user_attr(A_BASELINE_CLAIM, {"owner": self.id, "heartbeat": time.time()})
 
         with Beat(beat, max(1.0, self.grace / 4), "baseline"):
-            P.evaluate_baseline(ctx, self.model_path)
+            BL.evaluate_baseline(ctx, self.model_path)
         assert ctx.ff.baseline is not None
         rec = json.loads(ctx.ff.baseline.model_dump_json())
         self._db(lambda: study.set_user_attr(A_BASELINE, rec), "storing the baseline")
@@ -255,7 +258,7 @@ class Worker:
         if prev is not None:
             # Same as an evaluated strategy: the sampler learns the earlier result, no compute is spent.
             trial.set_user_attr(T_DUPLICATE, prev.id)
-            P.tell_like(ctx, trial, prev)
+            REC.tell_like(ctx, trial, prev)
             return None
         for t in self._in_flight():
             if t.number != trial.number and t.user_attrs.get("acf_strategy_key") == key:
@@ -314,14 +317,14 @@ class Worker:
             return False
         ff = ctx.ff
         if ff is not None and ff.baseline is not None:
-            P.score(ctx.cfg, ff.baseline.objectives, cand)
+            REC.score(ctx.cfg, ff.baseline.objectives, cand)
         if cand.reason:
             cand.reason = cand.reason[:500]
         try:
             trial.set_user_attr(T_RECORD, json.loads(cand.model_dump_json()))
             trial.set_user_attr("candidate", cand.id)
             if cand.status == "ok" and len(cand.objectives) == len(ctx.cfg.objectives):
-                P.set_constraint(ctx, trial, cand)
+                REC.set_constraint(ctx, trial, cand)
                 study.tell(trial, [cand.objectives[o] for o in ctx.cfg.objectives])
             elif cand.status == "pruned":
                 study.tell(trial, state=TrialState.PRUNED)
@@ -341,7 +344,7 @@ class Worker:
         return any(number in t.system_attrs.get("retry_history", []) for t in self.study.get_trials(deepcopy=False))
 
 
-def _sampler(cfg: P.RunConfig, salt: int) -> optuna.samplers.BaseSampler:
+def _sampler(cfg: RC.RunConfig, salt: int) -> optuna.samplers.BaseSampler:
     from ..search import make_sampler
 
     return make_sampler(cfg.sampler, (cfg.seed * 1_000_003 + salt) % 2**31, len(cfg.objectives))

@@ -105,7 +105,7 @@ def load_base(base: Path, adapter_type: str, device: str, training: bool = True)
 def _plot_losses(path: Path, train: list[float], evals: list[tuple[int, float]], title: str) -> None:
     from matplotlib.figure import Figure
 
-    from ..report import save_figure
+    from ..frontier_frame import save_figure
 
     fig = Figure(figsize=(6, 3.6))
     ax = fig.add_subplot(111)

@@ -23,6 +23,7 @@ _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
 
 def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
     from .. import gguf as G
+    from .. import gguf_quantize as GQ
     from ..models import free
     from ._common import load_dense, quant_method, save_model, versions
 
@@ -65,7 +66,7 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
             ids = calibration_ids(tok, ctx.task, n, L, ctx.seed, "gguf")
             t0 = time.perf_counter()
             n_layers = getattr(model.config, "num_hidden_layers", 0)
-            imat, facts = G.compute_imatrix(model, ids, info16.architecture, n_layers, set(info16.widths))
+            imat, facts = GQ.compute_imatrix(model, ids, info16.architecture, n_layers, set(info16.widths))
             if not imat:
                 raise MethodFailed("gguf", "library", "the importance matrix maps to no GGUF tensor of this model")
             facts.update(samples=n, seq_len=L, seed=ctx.seed, seconds=round(time.perf_counter() - t0, 3),
@@ -84,7 +85,7 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
         dst = out_dir / G.GGUF_NAME
         try:
             # an allocation overrides every matrix; llama.cpp applies overrides only under a quantized file type
-            G.quantize(f16, dst, "Q8_0" if alloc is not None else t_name, imat, overrides, nthread=0)
+            GQ.quantize(f16, dst, "Q8_0" if alloc is not None else t_name, imat, overrides, nthread=0)
         except G.GGUFError as e:
             raise MethodFailed("gguf", "library", str(e)) from None
         extra["quantize_seconds"] = round(time.perf_counter() - t0, 3)

@@ -26,7 +26,8 @@ from typing import Any, Optional
 from pydantic import BaseModel, Field
 
 from ..errors import MethodFailed
-from .mixed import SensitivityCache, cached_sensitivity, fisher_diagonal, knapsack, weights_digest
+from .mixed import fisher_diagonal, knapsack
+from .sensitivity_cache import SensitivityCache, cached_sensitivity, weights_digest
 
 #: estimator version: part of the cache key
 GGUF_SENSITIVITY_VERSION = "gguf-fisher-llamacpp-v1"
@@ -232,7 +233,6 @@ def hf_params_by_gguf_name(model, f16: dict[str, Any]) -> dict[str, tuple[Any, O
     whose values it holds (as stored, or row-permuted for n_head / n_kv_head). A tensor matched by none is an error:
     its sensitivity would be unknown."""
     import numpy as np
-    import torch
 
     cfg = model.config
     heads = [h for h in {getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)} if h]
@@ -269,9 +269,8 @@ def gguf_sensitivity(model, ids, f16_path: Path, types: list[str], imatrix: Opti
                      seed: int = 0, progress=None) -> dict[str, dict[str, float]]:
     """Estimated KL increase per (GGUF tensor, type): 1/2 sum F dW^2 / tokens with F the diagonal Fisher of the HF
     model (`fisher_diagonal`) and dW = llama.cpp's quantization of that tensor to the type minus its F16 value."""
-    import torch
 
-    from .. import gguf as G
+    from .. import gguf_quantize as GQ
 
     f16 = {n: a for n, (_, a) in _read_f32(f16_path, {s.name for s in allocatable(f16_path)}).items()}
     match = hf_params_by_gguf_name(model, f16)
@@ -288,7 +287,7 @@ def gguf_sensitivity(model, ids, f16_path: Path, types: list[str], imatrix: Opti
         if t == "F16":
             continue
         q = work / f"probe-{t}.gguf"
-        G.quantize(f16_path, q, "Q8_0", imatrix, {"weight": t}, nthread=0)
+        GQ.quantize(f16_path, q, "Q8_0", imatrix, {"weight": t}, nthread=0)
         for g, (tt, a) in _read_f32(q, set(out)).items():
             if tt == t:
                 out[g][t] = float(0.5 * (F[g] * (a - f16[g]) ** 2).sum() / max(1, tokens))

@@ -21,13 +21,9 @@ scales to 8B models where quantizing each of ~224 layers x formats in turn and r
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -358,53 +354,3 @@ def direct_sensitivity(model, ids, layer_names: Sequence[str], fmt: Format, *, b
             with torch.no_grad():
                 w.copy_(keep)
     return out
-
-
-def sensitivity_key(weights_digest: str, task: str, n: int, seq_len: int, seed: int, formats: Sequence[str],
-                    ignore: Sequence[str]) -> str:
-    blob = json.dumps([SENSITIVITY_VERSION, weights_digest, task, n, seq_len, seed, sorted(formats), sorted(ignore)])
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def weights_digest(model_dir: Path) -> str:
-    """sha256 of the model's weight files: the cache key of a sensitivity pass (a pruned input gets its own)."""
-    from ..atomic import sha256_file
-
-    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
-    return hashlib.sha256(json.dumps([[p.name, sha256_file(p)] for p in files]).encode()).hexdigest()
-
-
-class SensitivityCache(BaseModel):
-    """What a sensitivity pass measured, cached per (weights, task, calibration, formats) and reused across episodes
-    and runs (`$ACF_CACHE/sensitivity/<key>.json`)."""
-
-    key: str
-    estimator: str = SENSITIVITY_VERSION
-    task: str
-    calib_samples: int
-    seq_len: int
-    seconds: float
-    scores: dict[str, dict[str, float]]
-
-
-def cached_sensitivity(cache_dir: Path, key: str, compute: Callable[[], dict[str, dict[str, float]]], *, task: str,
-                       n: int, seq_len: int) -> tuple[SensitivityCache, bool]:
-    """Read the cached pass for `key`, or compute and write it atomically. A corrupt cache file is recomputed
-    (and overwritten), never read as zeros. Returns (cache, hit)."""
-    from ..atomic import write_text
-
-    path = Path(cache_dir) / f"{key}.json"
-    if path.is_file():
-        try:
-            c = SensitivityCache.model_validate_json(path.read_text())
-            if c.key == key and c.scores:
-                return c, True
-        except ValueError:
-            pass
-    t = time.perf_counter()
-    scores = compute()
-    c = SensitivityCache(key=key, task=task, calib_samples=n, seq_len=seq_len,
-                         seconds=round(time.perf_counter() - t, 3), scores=scores)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, c.model_dump_json())
-    return c, False

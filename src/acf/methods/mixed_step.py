@@ -15,8 +15,9 @@ from ..models import cache_dir
 from ._common import report, stored_dtype
 from .base import StepContext
 from .calibration import calibration_ids
-from .mixed import (KEEP, Allocation, LayerShape, allocate, cached_sensitivity, default_formats, effective_bits,
-                    fisher_sensitivity, layer_bytes, parse_format, sensitivity_key, shapes_of, weights_digest)
+from .mixed import (KEEP, Allocation, LayerShape, allocate, default_formats, effective_bits, fisher_sensitivity,
+                    layer_bytes, parse_format, shapes_of)
+from .sensitivity_cache import cached_sensitivity, sensitivity_key, weights_digest
 
 
 def _dense_bytes(in_dir: Path) -> int:
