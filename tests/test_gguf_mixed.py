@@ -113,6 +113,14 @@ def test_search_offers_gguf_budgets_the_model_can_reach(smol_dir):
     space = SearchSpace(spec, quant_methods=["gguf"], prune_methods=["none"])
     assert space.gguf_precisions[0] == "uniform" and "4.5" in space.gguf_precisions
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seeds = space.seeds()
+    for p in seeds:
+        study.enqueue_trial(p)
+    for p in seeds:                  # llama.cpp's own recipes are seeded uniform, never left to the sampler
+        t = study.ask()
+        s = space.suggest(t)
+        assert t.params.get("gguf_precision") == "uniform" and s.steps[-1].params.get("avg_bits") is None
+        study.tell(t, 0.0)
     seen = set()
     for _ in range(12):
         t = study.ask()

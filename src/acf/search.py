@@ -119,16 +119,16 @@ class SearchSpace:
         g = self.largest_group()
         seeds = []
         if "gguf" in self.quant_methods:
+            uniform = {"gguf_precision": "uniform"} if self.gguf_precisions != ["uniform"] else {}
             # what llama.cpp users deploy: Q4_K_M with an importance matrix, and Q8_0
             for t in ("Q4_K_M", "Q8_0"):
                 if t in self.gguf_types:
                     seeds.append({"prune": "none", "quant_only": "gguf", "gguf_type": t,
-                                  "gguf_imatrix": self.gguf_imatrix[0],
-                                  **({"gguf_precision": "uniform"} if self.gguf_precisions != ["uniform"] else {})})
+                                  "gguf_imatrix": self.gguf_imatrix[0], **uniform})
             if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "Q4_K_M" in self.gguf_types:
                 seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
                               "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
-                              "quant": "gguf", "gguf_type": "Q4_K_M", "gguf_imatrix": self.gguf_imatrix[0]})
+                              "quant": "gguf", "gguf_type": "Q4_K_M", "gguf_imatrix": self.gguf_imatrix[0], **uniform})
         if "gptq" in self.quant_methods:
             seeds.append({"prune": "none", "quant_only": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
                           "act_order": False})
