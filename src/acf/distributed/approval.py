@@ -9,7 +9,7 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import TrialState
 
-from .. import pipeline as P
+from ..search import trial_for
 from .. import run_context as RC
 from ..errors import AcfError, StrategyError
 from ..state import Candidate, now
@@ -29,7 +29,7 @@ def release(study: optuna.Study, number: int, reason: str) -> None:
     """Close a trial that will not run (budget, duplicate, approval bookkeeping) without a candidate record."""
     t = study.get_trials(deepcopy=False)[number]
     if t.state == TrialState.RUNNING:
-        tr = P.trial_for(study, number)
+        tr = trial_for(study, number)
         tr.set_user_attr(T_RELEASED, reason[:300])
         try:
             study.tell(tr, state=TrialState.FAIL)
@@ -139,7 +139,7 @@ class ApprovalQueue:
             cand = Candidate(id=cid_for(number), episode=0, trial_number=number, strategy=s, description=s.describe(),
                              status="skipped", reason="skipped by the user at approval",
                              proposed_by=prop["proposed_by"], started_at=now(), finished_at=now())
-            tr = P.trial_for(study, number)
+            tr = trial_for(study, number)
             tr.set_user_attr(T_RECORD, json.loads(cand.model_dump_json()))
             study.tell(tr, state=TrialState.FAIL)
             return "skip"

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import optuna
 from optuna.trial import TrialState
 
-from .. import pipeline as P
+from ..objectives import DIRECTIONS
 from .. import run_context as RC
 from ..errors import AcfError
 from ..state import FrontierFile, save_frontier_file
@@ -64,7 +64,7 @@ class Coordinator:
         """A study handle for the lock before the study's config exists (creates an empty study if needed)."""
         quiet_optuna()
         return optuna.create_study(storage=self.storage, study_name=self.cfg.study(), load_if_exists=True,
-                                   directions=[P.DIRECTIONS[o] for o in self.cfg.objectives])
+                                   directions=[DIRECTIONS[o] for o in self.cfg.objectives])
 
     def acquire(self) -> None:
         """Refuse when another live coordinator holds the study; take over a lock whose heartbeat is stale."""

@@ -15,6 +15,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from .. import pipeline as P
+from ..objectives import DIRECTIONS
 from .. import records as REC
 from .. import run_context as RC
 from ..errors import AcfError
@@ -44,7 +45,7 @@ def create_or_join(cfg: RC.RunConfig, storage: BaseStorage, approval: bool = Fal
         study.set_user_attr(A_SPEC, json.loads(json.dumps(spec_summary(spec))))
         study.set_user_attr(A_STARTED, time.time())
         rm = RunMeta(run_id=cfg.study(), model=cfg.model, model_path=str(model_path), dataset=cfg.dataset,
-                     objectives=cfg.objectives, directions={o: P.DIRECTIONS[o] for o in cfg.objectives},
+                     objectives=cfg.objectives, directions={o: DIRECTIONS[o] for o in cfg.objectives},
                      preset=cfg.preset, min_retention=cfg.min_retention, sampler=cfg.sampler, seed=cfg.seed,
                      limit=cfg.limit, proxy_limit=cfg.proxy_limit, episodes=cfg.episodes, device=cfg.device,
                      device_name=device_string(cfg.device), acf_version=__version__, git_commit=git_commit(),
