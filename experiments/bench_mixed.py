@@ -10,7 +10,9 @@ correlation, and the cost of each in seconds.
 Part 2 (curve): size, kld, top1, kld_general, answer NLL on `--limit` GSM8K test items (the first of acf's seed-0
 permutation) of uniform GPTQ W4 g64 (plain, act-order), W4 g32, W8 and of mixed allocations at 4.25, 4.5, 5.0 and
 6.0 effective bits, all GPTQ with act-order, calibrated on GSM8K train; RTN uniform vs mixed at 4.25 as a control
-of the allocation without GPTQ. Writes experiments/results/mixed-<device>.json and .md after every row.
+of the allocation without GPTQ; llama.cpp's Q4_K_M / Q5_K_M with an importance matrix against acf's per-tensor GGUF
+allocation (token embedding included) at their sizes and at GPTQ W4 g64's, measured in llama.cpp (CPU only: the
+GPU image has no llama-cpp-python). Writes experiments/results/mixed-<device>.json and .md after every row.
 """
 
 from __future__ import annotations
@@ -262,7 +264,10 @@ def main() -> int:
                     if ld is not None:
                         ld.free()
                 if gguf and name == "gguf_q4km_imat":           # kept: later rows size themselves off it
-                    keep = outdir / ".bench-mixed-q4km.gguf"
+                    from acf.models import cache_dir
+
+                    keep = cache_dir() / "bench" / "mixed-q4km.gguf"      # ~100 MB: outside the repository
+                    keep.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(out / "model.gguf", keep)
                     row["gguf_file"] = str(keep)
             else:

@@ -181,13 +181,19 @@ def _runtime_section(ff: FrontierFile) -> list[str]:
 
 
 def versus_fixed(ff: FrontierFile, metric: str = "kld") -> Optional[dict[str, Any]]:
-    """The recommended pick against the best fixed recipe (single-step GPTQ seeds: W4, plain and act-order).
+    """The recommended pick against the best fixed 4-bit recipe: the single-step seeds a user would otherwise run
+    (GPTQ W4, plain and act-order; llama.cpp's Q4_K_M, with the imatrix where seeded).
 
-    "Best" is the lower `metric` of the two; the comparison holds only at no larger size, which is reported."""
-    fixed = [c for c in ff.candidates if c.status == "ok" and c.proposed_by == "seed recipe"
-             and len(c.strategy.steps) == 1 and c.strategy.steps[0].method == "gptq" and metric in c.metrics
-             and c.strategy.steps[0].params.get("avg_bits") is None      # acf's mixed-precision seed is no
-             and not c.strategy.steps[0].params.get("layer_formats")]    # fixed recipe
+    "Best" is the lowest `metric` of them; the comparison holds only at no larger size, which is reported."""
+    def is_fixed(c) -> bool:
+        if c.status != "ok" or c.proposed_by != "seed recipe" or len(c.strategy.steps) != 1 or metric not in c.metrics:
+            return False
+        st = c.strategy.steps[0]
+        if st.params.get("avg_bits") is not None or st.params.get("layer_formats"):
+            return False                      # acf's mixed-precision seeds are no fixed recipe
+        return st.method == "gptq" or (st.method == "gguf" and st.params.get("type") == "Q4_K_M")
+
+    fixed = [c for c in ff.candidates if is_fixed(c)]
     if not fixed or ff.recommended is None:
         return None
     best = min(fixed, key=lambda c: c.metrics[metric].value)

@@ -73,18 +73,25 @@ class SearchSpace:
         self.gguf_imatrix = list(gguf_imatrix)
         self.gguf_precisions = self._gguf_budgets(gguf_precisions)
 
+    def _gguf_shapes(self) -> list:
+        """The matrices a GGUF export of this model holds (every Linear, lm_head only when untied; the embedding)."""
+        from .methods.gguf_mixed import TensorShape
+
+        spec = self.spec
+        shapes = [TensorShape(name=("output" if l.name.endswith("lm_head") else l.name), rows=l.out_features,
+                              cols=l.in_features) for l in spec.linears
+                  if not (l.name.endswith("lm_head") and spec.tied_embeddings)]
+        shapes.append(TensorShape(name="token_embd", rows=spec.vocab_size, cols=spec.hidden_size))
+        return shapes
+
     def _gguf_budgets(self, given: Optional[Sequence[str]]) -> list[str]:
         """"uniform" and the per-tensor budgets (bits per weight, embedding included) this model can reach with the
         default palette: a budget below the palette's smallest size would only fail its episode."""
-        from .methods.gguf_mixed import DEFAULT_BUDGETS, DEFAULT_TYPES, TensorShape, min_bits
+        from .methods.gguf_mixed import DEFAULT_BUDGETS, DEFAULT_TYPES, min_bits
 
         if given is not None:
             return [str(g) for g in given] or ["uniform"]
-        spec = self.spec
-        shapes = [TensorShape(name=l.name, rows=l.out_features, cols=l.in_features) for l in spec.linears
-                  if not (l.name.endswith("lm_head") and spec.tied_embeddings)]
-        shapes.append(TensorShape(name="token_embd", rows=spec.vocab_size, cols=spec.hidden_size))
-        lo = min_bits(shapes, list(DEFAULT_TYPES))
+        lo = min_bits(self._gguf_shapes(), list(DEFAULT_TYPES))
         return ["uniform"] + [str(b) for b in DEFAULT_BUDGETS if b >= lo]
 
     def suggest(self, trial: optuna.Trial) -> Strategy:
@@ -125,6 +132,16 @@ class SearchSpace:
                 if t in self.gguf_types:
                     seeds.append({"prune": "none", "quant_only": "gguf", "gguf_type": t,
                                   "gguf_imatrix": self.gguf_imatrix[0], **uniform})
+            budgets = [b for b in self.gguf_precisions if b != "uniform"]
+            if budgets:
+                # acf's answer to Q4_K_M: per-tensor types at the largest budget no larger than Q4_K_M
+                from .methods.gguf_mixed import q4km_bits_estimate
+
+                est = q4km_bits_estimate(self._gguf_shapes())
+                fit = [b for b in budgets if float(b) <= est]
+                if fit:
+                    seeds.append({"prune": "none", "quant_only": "gguf", "gguf_precision": max(fit, key=float),
+                                  "gguf_imatrix": self.gguf_imatrix[0]})
             if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "Q4_K_M" in self.gguf_types:
                 seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
                               "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],

@@ -74,6 +74,24 @@ def min_bits(shapes: list[TensorShape], types: list[str]) -> float:
     return 8 * total / max(1, sum(s.numel for s in shapes))
 
 
+def q4km_bits_estimate(shapes: list[TensorShape]) -> float:
+    """A lower estimate of llama.cpp's Q4_K_M size in the same bits: Q4_K where 256-blocks fit the row, else its
+    fallback Q5_0, and Q6_K (fallback Q8_0) for the token embedding / output. llama.cpp also raises some attn_v and
+    ffn_down tensors to Q6_K, left out here, so a budget at or below this estimate is no larger than Q4_K_M. Used to
+    seed the search with acf's answer to Q4_K_M at its size."""
+    total = 0
+    for s in shapes:
+        head = s.name.startswith(("token_embd", "output"))
+        for t in (("Q6_K", "Q8_0") if head else ("Q4_K", "Q5_0")):
+            b = tensor_bytes(t, s.rows, s.cols)
+            if b is not None:
+                total += b
+                break
+        else:
+            total += s.numel * 2
+    return 8 * total / max(1, sum(s.numel for s in shapes))
+
+
 class GGUFAllocation(BaseModel):
     """The per-tensor types chosen for a budget, as stored in the step record."""
 
