@@ -52,10 +52,11 @@ class Strategy(BaseModel):
             keep = ("bits", "group_size", "sparsity", "pattern", "count", "by", "steps", "rank", "avg_bits", "type",
                     "imatrix")
             if s.params.get("avg_bits") is not None or s.params.get("layer_formats"):
-                keep = tuple(k for k in keep if k not in ("bits", "group_size"))
+                # an allocation replaces the uniform format (and a gguf file type, which then names nothing)
+                keep = tuple(k for k in keep if k not in ("bits", "group_size", "type"))
+            hide = ("ignore", "targets", "layer_formats") + (("type",) if s.params.get("avg_bits") is not None else ())
             ps = ",".join(f"{k}={v}" for k, v in s.params.items()
-                          if (k in keep and v is not None) or (k in defaults and v != defaults[k]
-                                                               and k not in ("ignore", "targets", "layer_formats")))
+                          if (k in keep and v is not None) or (k in defaults and v != defaults[k] and k not in hide))
             if s.params.get("layer_formats"):
                 ps += (",") if ps else ""
                 ps += f"layer_formats=<{len(s.params['layer_formats'])} layers>"
