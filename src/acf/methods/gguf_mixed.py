@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from ..errors import MethodFailed
-from .mixed import fisher_diagonal, knapsack
+from .mixed import BudgetAllocation, fisher_diagonal, solve
 from .sensitivity_cache import SensitivityCache, cached_sensitivity, weights_digest
 
 #: estimator version: part of the cache key
@@ -92,15 +92,10 @@ def q4km_bits_estimate(shapes: list[TensorShape]) -> float:
     return 8 * total / max(1, sum(s.numel for s in shapes))
 
 
-class GGUFAllocation(BaseModel):
-    """The per-tensor types chosen for a budget, as stored in the step record."""
+class GGUFAllocation(BudgetAllocation):
+    """The per-tensor types chosen for a budget (embedding included), as stored in the step record."""
 
     tensor_types: dict[str, str]
-    budget_bits: float
-    effective_bits: float = Field(description="bits per allocated weight, as allocated (embedding included)")
-    predicted_bytes: int = Field(description="bytes of the allocated tensors' data")
-    sensitivity_total: float
-    counts: dict[str, int]
 
     def overrides(self) -> dict[str, str]:
         """llama.cpp tensor-type overrides (regex, searched in the tensor name) giving exactly these types."""
@@ -126,16 +121,10 @@ def allocate_types(shapes: list[TensorShape], scores: dict[str, dict[str, float]
         sc.append(row_s)
     total_w = sum(s.numel for s in shapes)
     try:
-        ks, total = knapsack(costs, sc, budget_bits * total_w / 8)
+        picked, facts = solve([s.name for s in shapes], types, costs, sc, budget_bits, total_w)
     except ValueError:
         raise ValueError(f"no allocation of the types {', '.join(types)} meets {budget_bits:g} bits per weight") from None
-    picked = {s.name: types[k] for s, k in zip(shapes, ks)}
-    nbytes = sum(c[k] for c, k in zip(costs, ks))
-    counts: dict[str, int] = {}
-    for t in picked.values():
-        counts[t] = counts.get(t, 0) + 1
-    return GGUFAllocation(tensor_types=picked, budget_bits=budget_bits, effective_bits=round(8 * nbytes / total_w, 4),
-                          predicted_bytes=nbytes, sensitivity_total=total, counts=counts)
+    return GGUFAllocation(tensor_types=picked, **facts)
 
 
 # --- what needs the model and llama.cpp -----------------------------------------------------------------------------

@@ -137,15 +137,20 @@ def min_effective_bits(layers: Sequence[LayerShape], formats: Sequence[str], den
 
 # --- allocation (pure) -------------------------------------------------------------------------------------------
 
-class Allocation(BaseModel):
+class BudgetAllocation(BaseModel):
+    """What any allocation under a bits budget records (compressed-tensors formats here, GGUF types in gguf_mixed)."""
+
+    budget_bits: float
+    effective_bits: float = Field(description="bits per allocated weight, as allocated")
+    predicted_bytes: int = Field(description="bytes of the allocated tensors in the saved file")
+    sensitivity_total: float = Field(description="sum of the chosen formats' sensitivity scores (estimated KL)")
+    counts: dict[str, int]
+
+
+class Allocation(BudgetAllocation):
     """The per-layer formats chosen for a budget: stored in the step record, replayable as `layer_formats`."""
 
     layer_formats: dict[str, str]
-    budget_bits: float
-    effective_bits: float = Field(description="bits per weight of the allocated layers, as allocated")
-    predicted_bytes: int = Field(description="bytes of the allocated layers' tensors in the saved file")
-    sensitivity_total: float = Field(description="sum of the chosen formats' sensitivity scores (estimated KL)")
-    counts: dict[str, int]
 
 
 #: knapsack resolution: the budget is cut into this many units; each layer's cost is rounded *up* to whole units,
@@ -206,17 +211,25 @@ def allocate(layers: Sequence[LayerShape], sensitivity: dict[str, dict[str, floa
                       for f, o in zip(fmts, ok)])
         scores.append([0.0 if (f.keep or not o) else float(sensitivity[l.name][f.name]) for f, o in zip(fmts, ok)])
     try:
-        ks, total = knapsack(costs, scores, budget_bits * total_w / 8)
+        picked, facts = solve([l.name for l in layers], [f.name for f in fmts], costs, scores, budget_bits, total_w)
     except ValueError:
         raise ValueError(f"no allocation meets {budget_bits:g} bits per weight with formats "
                          f"{', '.join(formats)}") from None
-    picked = {l.name: fmts[k].name for l, k in zip(layers, ks)}
+    return Allocation(layer_formats=picked, **facts)
+
+
+def solve(names: Sequence[str], options: Sequence[str], costs: Sequence[Sequence[Optional[int]]],
+          scores: Sequence[Sequence[float]], budget_bits: float, weights: int) -> tuple[dict[str, str], dict]:
+    """`knapsack` at `budget_bits` per weight over `weights` weights: (name -> chosen option, the fields every
+    `BudgetAllocation` records). ValueError when nothing meets the budget."""
+    ks, total = knapsack(costs, scores, budget_bits * weights / 8)
+    picked = {n: options[k] for n, k in zip(names, ks)}
     nbytes = sum(c[k] for c, k in zip(costs, ks))
     counts: dict[str, int] = {}
-    for f in picked.values():
-        counts[f] = counts.get(f, 0) + 1
-    return Allocation(layer_formats=picked, budget_bits=budget_bits, effective_bits=round(8 * nbytes / total_w, 4),
-                      predicted_bytes=nbytes, sensitivity_total=total, counts=counts)
+    for o in picked.values():
+        counts[o] = counts.get(o, 0) + 1
+    return picked, {"budget_bits": budget_bits, "effective_bits": round(8 * nbytes / weights, 4),
+                    "predicted_bytes": nbytes, "sensitivity_total": total, "counts": counts}
 
 
 def config_groups(layer_formats: dict[str, str]) -> tuple[dict, list[str]]:
