@@ -74,15 +74,9 @@ class SearchSpace:
         self.gguf_precisions = self._gguf_budgets(gguf_precisions)
 
     def _gguf_shapes(self) -> list:
-        """The matrices a GGUF export of this model holds (every Linear, lm_head only when untied; the embedding)."""
-        from .methods.gguf_mixed import TensorShape
+        from .methods.gguf_mixed import shapes_from_spec
 
-        spec = self.spec
-        shapes = [TensorShape(name=("output" if l.name.endswith("lm_head") else l.name), rows=l.out_features,
-                              cols=l.in_features) for l in spec.linears
-                  if not (l.name.endswith("lm_head") and spec.tied_embeddings)]
-        shapes.append(TensorShape(name="token_embd", rows=spec.vocab_size, cols=spec.hidden_size))
-        return shapes
+        return shapes_from_spec(self.spec)
 
     def _gguf_budgets(self, given: Optional[Sequence[str]]) -> list[str]:
         """"uniform" and the per-tensor budgets (bits per weight, embedding included) this model can reach with the

@@ -45,7 +45,7 @@ def gguf(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
             out.append(f"{where}: 'types' is the palette of avg_bits; give avg_bits too")
         return out
     from ..gguf import TENSOR_TYPES
-    from .gguf_mixed import DEFAULT_TYPES, TensorShape, min_bits
+    from .gguf_mixed import DEFAULT_TYPES, min_bits, shapes_from_spec
 
     if p.overrides:
         out.append(f"{where}: give avg_bits (allocate per tensor) or overrides (types by hand), not both")
@@ -55,11 +55,7 @@ def gguf(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
         return out + [f"{where}: unknown tensor type(s) {', '.join(bad)} in types; known: "
                       f"{', '.join(t for t in TENSOR_TYPES if t != 'F32')}"]
     if spec is not None and spec.linears:
-        # matrices as GGUF stores them: every Linear (lm_head only when untied) and the token embedding
-        shapes = [TensorShape(name=l.name, rows=l.out_features, cols=l.in_features) for l in spec.linears
-                  if not (l.name.endswith("lm_head") and spec.tied_embeddings)]
-        if spec.vocab_size and spec.hidden_size:
-            shapes.append(TensorShape(name="token_embd", rows=spec.vocab_size, cols=spec.hidden_size))
+        shapes = shapes_from_spec(spec)
         lo = min_bits(shapes, types)
         if p.avg_bits < lo - 1e-6:
             out.append(f"{where}: avg_bits {p.avg_bits:g} is below the smallest size the types {', '.join(types)} "

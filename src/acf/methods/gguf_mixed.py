@@ -74,6 +74,17 @@ def min_bits(shapes: list[TensorShape], types: list[str]) -> float:
     return 8 * total / max(1, sum(s.numel for s in shapes))
 
 
+def shapes_from_spec(spec) -> list[TensorShape]:
+    """The matrices a GGUF export of a model holds, from its spec alone (validation and the search space use it
+    before any export exists): every Linear (lm_head, as `output`, only when untied) and the token embedding."""
+    shapes = [TensorShape(name=("output" if l.name.endswith("lm_head") else l.name), rows=l.out_features,
+                          cols=l.in_features) for l in spec.linears
+              if not (l.name.endswith("lm_head") and spec.tied_embeddings)]
+    if spec.vocab_size and spec.hidden_size:
+        shapes.append(TensorShape(name="token_embd", rows=spec.vocab_size, cols=spec.hidden_size))
+    return shapes
+
+
 def q4km_bits_estimate(shapes: list[TensorShape]) -> float:
     """A lower estimate of llama.cpp's Q4_K_M size in the same bits: Q4_K where 256-blocks fit the row, else its
     fallback Q5_0, and Q6_K (fallback Q8_0) for the token embedding / output. llama.cpp also raises some attn_v and
