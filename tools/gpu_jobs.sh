@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work of one device session, as named jobs (the device tool runs one command line per call, ≤ 10 min).
 # Run after `. tools/device_setup.sh`; every job writes its files under $OUT/<job>/ and prints its figures.
-#   bash tools/gpu_jobs.sh tests|batch|tasks|methods|search|pipeline|resume|workers
+#   bash tools/gpu_jobs.sh tests|batch|tasks|methods|search|fidelity|mixed|pipeline|resume|workers
 set -u
 job=$1
 o=$OUT/$job
@@ -25,6 +25,12 @@ case $job in
     timeout -s TERM ${BENCH_SECONDS:-540} python3 experiments/bench_fidelity.py --device cuda --limit 400 --acc-limit ${ACC_LIMIT:-1319} \
       --csqa-limit ${CSQA_LIMIT:-1221} --acc-batch ${ACC_BATCH:-1319} --out runs/bench-fidelity --resume 2>&1 | grep -v "^\[transformers\]" | tail -30
     cp runs/bench-fidelity/fidelity-cuda.* "$o/" ;;
+  mixed)    # bench_mixed's compressed-tensors rows on the GPU (the GGUF rows need llama.cpp, which the GPU image lacks);
+            # resumable across calls like fidelity
+    timeout -s TERM ${BENCH_SECONDS:-540} python3 experiments/bench_mixed.py --device cuda --limit 400 --calib-samples 64 \
+      --configs gptq_w4g64,gptq_w4g64_ao,mixed_4.25_ao,mixed_4.5_ao,gptq_w4g32_ao,mixed_5.0_ao,mixed_6.0_ao,gptq_w8_ao,rtn_w4g64,rtn_mixed_4.25 \
+      --out runs/bench-mixed --resume 2>&1 | grep -v "^\[transformers\]" | tail -30
+    cp runs/bench-mixed/mixed-cuda.* "$o/" ;;
   pipeline) # the 12-episode GSM8K run with the default objectives (kld,size,latency); killed at the call's limit
             # if need be, then `resume` finishes it. Search on 400 test items, the report on the other 919.
     timeout -s KILL ${PIPE_SECONDS:-540} python3 run_pipeline.py --model smollm2-135m --dataset gsm8k --episodes 12 \
