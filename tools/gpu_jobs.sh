@@ -31,28 +31,13 @@ case $job in
       --configs gptq_w4g64,gptq_w4g64_ao,mixed_4.25_ao,mixed_4.5_ao,gptq_w4g32_ao,mixed_5.0_ao,mixed_6.0_ao,gptq_w8_ao,rtn_w4g64,rtn_mixed_4.25 \
       --out runs/bench-mixed --resume 2>&1 | grep -v "^\[transformers\]" | tail -30
     cp runs/bench-mixed/mixed-cuda.* "$o/" ;;
-  pipeline|resume) # first the shorter jobs while they are missing (the mixed curve, then the fidelity row): a
-            # session whose device budget, after refused starts, cannot hold the 12-episode run still commits them
-    left=${PIPE_SECONDS:-540}
-    if [ -z "${NO_FIRST:-}" ] && [ ! -f runs/.short-jobs-done ]; then
-      grep -q '"complete": true' runs/bench-mixed/mixed-cuda.json 2>/dev/null \
-        || BENCH_SECONDS=$(( left - 10 )) NO_FIRST=1 bash "$0" mixed
-      left=$(( ${PIPE_SECONDS:-540} - SECONDS ))
-      if grep -q '"complete": true' runs/bench-mixed/mixed-cuda.json 2>/dev/null && [ $left -gt 60 ]; then
-        BENCH_SECONDS=$(( left - 10 )) NO_FIRST=1 bash "$0" fidelity
-        grep -q '"complete": true' runs/bench-fidelity/fidelity-cuda.json 2>/dev/null && touch runs/.short-jobs-done
-      fi
-      exit 0
-    fi
-    if [ $job = resume ] && [ ! -d runs/gpu12 ]; then job=pipeline; fi
-    PIPE_SECONDS=$left NO_FIRST=1 bash "$0" "${job}-run" ;;
-  pipeline-run) # the 12-episode GSM8K run with the default objectives (kld,size,latency); killed at the call's limit
+  pipeline) # the 12-episode GSM8K run with the default objectives (kld,size,latency); killed at the call's limit
             # if need be, then `resume` finishes it. Search on 400 test items, the report on the other 919.
     timeout -s KILL ${PIPE_SECONDS:-540} python3 run_pipeline.py --model smollm2-135m --dataset gsm8k --episodes 12 \
       --limit 400 --proxy-limit 64 --final-limit 919 --final-metrics ${FINAL_METRICS:-answer_nll} --calib-samples 64 \
       --device cuda --run-dir runs/gpu12 2>&1 | tail -40
     python3 tools/copy_run.py runs/gpu12 runs/gpu12-copy >/dev/null && tar czf "$o/gpu12.tgz" -C runs gpu12-copy ;;
-  resume-run)
+  resume)
     timeout -s KILL ${PIPE_SECONDS:-540} python3 run_pipeline.py --resume runs/gpu12 2>&1 | tail -40
     rm -rf runs/gpu12-copy; python3 tools/copy_run.py runs/gpu12 runs/gpu12-copy >/dev/null \
       && tar czf "$o/gpu12.tgz" -C runs gpu12-copy ;;
