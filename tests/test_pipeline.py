@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -77,15 +78,24 @@ def test_resume_refusals(e2e_run, tmp_path, tiny_model_dir):
         load_run_config(tmp_path)
     with pytest.raises(RunDirError, match="already holds a run"):
         Pipeline(cfg_for(tiny_model_dir, e2e_run, episodes=1), quiet())
-    # corrupt frontier.json: refused, file untouched
+    # corrupt frontier.json: derived from the study, so it is set aside (named, kept verbatim) and rebuilt
     bad = tmp_path / "bad"
     shutil.copytree(e2e_run, bad, ignore=shutil.ignore_patterns("artifacts"))
     (bad / "frontier.json").write_text("{ not json")
     cfg = load_run_config(bad)
     cfg.run_dir = str(bad)
+    buf = io.StringIO()
+    Pipeline(cfg, Console(file=buf, width=300), resume=True).close()
+    assert "frontier.json: corrupt" in buf.getvalue() and "rebuilt from the study" in buf.getvalue()
+    assert (bad / "frontier.json.corrupt").read_text() == "{ not json"
+    rebuilt, orig = load_frontier_file(bad / "frontier.json"), load_frontier_file(e2e_run / "frontier.json")
+    assert [c.id for c in rebuilt.candidates] == [c.id for c in orig.candidates] and rebuilt.frontier == orig.frontier
+    # a run from before the study held results, with a corrupt frontier.json: refused, file untouched
+    (bad / "study.db").unlink()
+    (bad / "frontier.json").write_text("{ not json")
     with pytest.raises(RunDirError, match="frontier.json: corrupt"):
         Pipeline(cfg, quiet(), resume=True)
-    assert (bad / "frontier.json").read_text() == "{ not json"
+    assert (bad / "frontier.json").read_text() == "{ not json" and not (bad / "study.db").exists()
     # corrupt study.db
     bad2 = tmp_path / "bad2"
     shutil.copytree(e2e_run, bad2, ignore=shutil.ignore_patterns("artifacts"))
@@ -160,6 +170,46 @@ def _wait_for(pred, timeout: float, proc) -> None:
             raise AssertionError(f"process ended early: {proc.stdout.read()[-3000:]}")
         time.sleep(0.2)
     raise AssertionError("timed out waiting")
+
+
+def test_the_study_is_the_runs_store(e2e_run, tmp_path, capsys):
+    """frontier.json is derived from the study alone: rebuilt the same (`acf rebuild-frontier --run-dir`), and a run whose
+    frontier.json was lost resumes with every episode it recorded."""
+    from acf.run_context import RunContext
+    from acf.run_store import frontier_from_study, open_run
+    from acf.runner import load_run_config
+    from test_evaluation import acf_inproc
+
+    ff = load_frontier_file(e2e_run / "frontier.json")
+    run = tmp_path / "copy"
+    shutil.copytree(e2e_run, run)
+    (run / "frontier.json").unlink()
+    st = optuna.load_study(study_name=ff.run.study_name, storage=f"sqlite:///{run / 'study.db'}")
+    same = {"run": {"updated_at", "run_id"}}     # the run id is its folder's name
+    assert frontier_from_study(st, e2e_run.name).model_dump(exclude=same) == ff.model_dump(exclude=same)
+    code, err = acf_inproc(capsys, "rebuild-frontier", "--run-dir", str(run))
+    assert code == 0, err
+    assert load_frontier_file(run / "frontier.json").model_dump(exclude=same) == ff.model_dump(exclude=same)
+    # a run from before the study held its results (frontier.json was the store) is adopted into its study
+    old = tmp_path / "old"
+    shutil.copytree(e2e_run, old, ignore=shutil.ignore_patterns("study.db"))
+    cfg = load_run_config(old)
+    cfg.run_dir = str(old)
+    wall = {"run": {"updated_at", "run_id", "wall_seconds"}}   # opening it counts its own (tiny) wall time
+    assert open_run(RunContext(cfg, quiet())).model_dump(exclude=wall) == ff.model_dump(exclude=wall)
+    (run / "frontier.json").unlink()
+    cfg = load_run_config(run)
+    cfg.run_dir, cfg.episodes = str(run), 4
+    cfg.keep_all = True     # the copy's records name the original run's models: never delete those
+    pipe = Pipeline(cfg, quiet(), resume=True)
+    assert pipe.start() is None
+    pipe.close()
+    again = load_frontier_file(run / "frontier.json")
+    assert [c.id for c in again.candidates] == ["c001", "c002", "c003", "c004"]
+    differ = {k for a, b in zip(again.candidates, ff.candidates) for k, v in a.model_dump().items()
+              if v != b.model_dump()[k]}
+    assert differ <= {"artifact_kept"}
+    assert again.baseline == ff.baseline and again.run.stopped_because == "episodes: 4 done"
 
 
 def _run_cmd(model_dir: Path, run_dir: Path, episodes: int) -> list[str]:

@@ -22,6 +22,7 @@ from langchain_core.messages import AIMessage
 from rich.console import Console
 
 from acf.errors import AcfError
+from acf.run_store import open_run
 from acf.run_context import RunContext
 from acf.planner import Planner, params_for, parse_proposal_text, read_planner_log, scrub
 from acf.runner import Pipeline, load_run_config, run_in_terminal
@@ -126,7 +127,9 @@ def _ctx_copy(run_dir: Path, dest: Path) -> RunContext:
     cfg = load_run_config(dest)
     cfg.study_name = load_frontier_file(dest / "frontier.json").run.study_name
     cfg.run_dir = str(dest)
-    return RunContext(cfg, Console(file=io.StringIO(), width=200))
+    ctx = RunContext(cfg, Console(file=io.StringIO(), width=200))
+    open_run(ctx)     # the copied study.db holds the results; frontier.json is derived from it
+    return ctx
 
 
 @pytest.mark.parametrize("answer,kind,needle", [

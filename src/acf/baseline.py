@@ -12,7 +12,7 @@ from .atomic import write_json
 from .errors import AcfError
 from .objectives import QUALITY
 from .provenance import Measurement
-from .records import metrics_line, refresh_frontier, run_objective_values
+from .records import metrics_line, run_objective_values
 from .run_context import RUNTIME_METRICS, RunContext
 from .run_eval import evaluate_in_run, metrics_to_measure
 from .state import Candidate, now
@@ -23,14 +23,11 @@ if TYPE_CHECKING:
     from .sanity import SanityReport
 
 
-def evaluate_baseline(ctx: RunContext, model_path: str) -> None:
+def evaluate_baseline(ctx: RunContext, model_path: str) -> Candidate:
     """The uncompressed model with the same evaluator and items; its reference distributions are computed from
-    the same load and cached for every candidate."""
+    the same load and cached for every candidate. Returns its record; the caller stores it (the single process in
+    its study, a worker in the shared one)."""
     from .evaluation.runner import Loaded
-
-    assert ctx.ff is not None
-    if ctx.ff.baseline is not None:
-        return
     recorded = recorded_sanity(ctx)
     if recorded is not None:
         judge_sanity(ctx, recorded)     # a resumed run: the check is not measured again
@@ -58,11 +55,9 @@ def evaluate_baseline(ctx: RunContext, model_path: str) -> None:
                      objectives=run_objective_values(ctx, res.metrics), retention=1.0, artifact=model_path,
                      artifact_kept=True, timings={"evaluate": round(time.time() - t0, 2)}, started_at=now(),
                      finished_at=now())
-    ctx.ff.baseline = cand
     write_json(ctx.dir / "baseline_predictions.json", res.predictions)
-    refresh_frontier(ctx)
-    ctx.save()
     ctx.say(metrics_line("baseline", res.metrics, ctx.cfg.objectives))
+    return cand
 
 
 def recorded_sanity(ctx: RunContext) -> Optional["SanityReport"]:

@@ -164,6 +164,7 @@ def _run_workers(cfg, workers: int, artifacts: Optional[Path], resume: bool = Fa
 
     ff = run_coordinator(cfg, workers, artifacts, console, resume=resume)
     ctx = RunContext(cfg, console)
+    ctx.ff = ff
     console.print(frontier_table(ctx))
     if ff.recommended:
         console.print(f"[bold]recommended[/]: {ff.recommended.id} — {ff.recommended.why}")

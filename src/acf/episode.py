@@ -21,6 +21,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import pipeline as P
@@ -222,9 +223,11 @@ def run_episode(ep: Episode, sink: Sink, **meta: Any) -> tuple[Candidate, bool]:
 
 
 def record_in_run(ep: Episode, prop: dict, out: Outcome, decision: Optional[str]) -> Candidate:
-    """The single-process run's recording (the graph's update node): frontier.json, the run's study and the
-    episode folder (`records.record`), with the episode's wall time; a proposal rejected by validation or skipped
-    at approval is recorded as such."""
+    """The single-process run's recording (the graph's update node): the candidate, with the episode's wall time,
+    into the run's study (`run_store.put_record`, which tells Optuna), the episode folder, then frontier.json
+    derived from the study; a proposal rejected by validation or skipped at approval is recorded as such."""
+    from . import run_store as RS
+
     ctx = ep.ctx
     if decision == "rejected":
         out = {"status": "rejected", "reason": prop["rejected"]}
@@ -236,26 +239,37 @@ def record_in_run(ep: Episode, prop: dict, out: Outcome, decision: Optional[str]
         trial = None
 
     def sink(cand: Candidate, predictions: Optional[list]) -> bool:
-        REC.record(ctx, cand, trial, predictions)
-        return True
+        if prop.get("t0_epoch") and not ctx.cfg.interactive:
+            # wall time of the whole episode up to its record, graph and checkpoint writes included (approval waits
+            # excluded). An episode redone after a resume counts from this process's start; the lost attempt is
+            # kept apart.
+            begun = max(prop["t0_epoch"], _PROCESS_START)
+            cand.timings["episode_wall"] = round(time.time() - begun, 3)
+            if prop["t0_epoch"] < _PROCESS_START:
+                cand.timings["interrupted_before_resume"] = round(_PROCESS_START - prop["t0_epoch"], 3)
+        stored = RS.put_record(ctx.study, ctx.cfg, cand, trial)
+        write_episode_files(ctx.episode_dir(cand.episode), cand, predictions)
+        RS.save_run(ctx)
+        return stored
 
-    t0 = time.time()
     cand, _ = record(ep, out, sink, episode=prop["episode"], trial_number=prop.get("trial"),
                      proposed_by=prop["proposed_by"], rationale=prop.get("rationale"),
                      t_propose=prop.get("t_propose", 0.0), started_at=prop.get("t0"))
     assert ctx.ff is not None
     c = ctx.ff.candidate(cand.id)
-    c.timings["update"] = round(time.time() - t0, 3)
-    if prop.get("t0_epoch") and not ctx.cfg.interactive:
-        # wall time of the whole episode, graph and checkpoint writes included (approval waits excluded).
-        # An episode redone after a resume counts from this process's start; the lost attempt is kept apart.
-        begun = max(prop["t0_epoch"], _PROCESS_START)
-        c.timings["episode_wall"] = round(time.time() - begun, 3)
-        if prop["t0_epoch"] < _PROCESS_START:
-            c.timings["interrupted_before_resume"] = round(_PROCESS_START - prop["t0_epoch"], 3)
-    ctx.save()
     status = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "pruned": "[yellow]pruned[/]"}.get(c.status, c.status)
     on = " · [bold green]on the frontier[/]" if c.id in ctx.ff.frontier else ""
     ctx.say(f"  {c.id}: {status}{on}" + (f" · retention {c.retention:.3f}" if c.retention is not None else "")
             + (f" · {c.reason}" if c.reason and c.status != "ok" else ""))
     return c
+
+
+def write_episode_files(folder: Path, cand: Candidate, predictions: Optional[list]) -> None:
+    """EPISODE_DIR/{strategy,result,predictions}.json, atomically: what a user reads of one episode (copies of the
+    study's record; neither driver reads them back)."""
+    from .atomic import write_json, write_text
+
+    write_json(folder / "strategy.json", cand.strategy.model_dump())
+    write_text(folder / "result.json", cand.model_dump_json(indent=2))
+    if predictions:
+        write_json(folder / "predictions.json", predictions)

@@ -18,7 +18,6 @@ from langgraph.types import interrupt
 
 from . import episode as E
 from . import pipeline as P
-from . import baseline as BL
 from . import records as REC
 from . import run_context as RC
 from .strategy import Strategy
@@ -37,7 +36,7 @@ def build_graph(ctx: RC.RunContext, checkpointer=None):
         return P.init_run(ctx)
 
     def baseline_node(state: EpisodeState) -> dict:
-        BL.evaluate_baseline(ctx, state["model_path"])
+        P.ensure_baseline(ctx, state["model_path"])
         return {}
 
     def propose_node(state: EpisodeState) -> dict:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import optuna
 
 from . import __version__
+from . import run_store as RS
 from .atomic import clean_partial_dirs
 from .errors import AcfError, MethodFailed, StrategyError
 from .objectives import DIRECTIONS, QUALITY
@@ -28,7 +29,7 @@ from .records import episodes_done, metrics_line, ok_candidates, run_objective_v
 from .reward import retention
 from .run_context import RunConfig, RunContext
 from .run_eval import evaluate_in_run, metrics_to_measure
-from .state import Candidate, FrontierFile, RunMeta, now
+from .state import Candidate, RunMeta, now
 from .strategy import Strategy, validate_strategy
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 # ---- nodes' logic ----------------------------------------------------------------------------------------
 
 def init_run(ctx: RunContext) -> dict:
-    """Resolve the model, infer its spec, create frontier.json and the study; seed known-good recipes."""
+    """Resolve the model, infer its spec, create the study (the run's store) and frontier.json; seed known-good
+    recipes."""
     from .models import resolve_model
     from .spec import infer_spec, save_spec
 
@@ -47,7 +49,8 @@ def init_run(ctx: RunContext) -> dict:
     spec = infer_spec(model_path, cfg.trust_remote_code)
     save_spec(spec, ctx.dir / "model_spec.json")
     ctx._spec = spec
-    if ctx.ff is None:
+    study = ctx.study
+    if not RS.has_run(study):
         meta = RunMeta(run_id=ctx.dir.name, model=cfg.model, model_path=str(model_path), dataset=cfg.dataset,
                        objectives=cfg.objectives, directions={o: DIRECTIONS[o] for o in cfg.objectives},
                        preset=cfg.preset, min_retention=cfg.min_retention, sampler=cfg.sampler, seed=cfg.seed,
@@ -58,9 +61,8 @@ def init_run(ctx: RunContext) -> dict:
                        item_sets=item_sets(cfg))
         from .spec import spec_summary
 
-        ctx.ff = FrontierFile(run=meta, spec=spec_summary(spec))
-        ctx.save()
-    study = ctx.study
+        RS.put_run(study, cfg, meta, spec_summary(spec))
+    RS.save_run(ctx)
     if not study.trials:
         for p in ctx.space.seeds() if cfg.sampler != "grid" else ctx.space.grid():
             study.enqueue_trial(p, skip_if_exists=True)
@@ -68,6 +70,16 @@ def init_run(ctx: RunContext) -> dict:
             f"sizes {spec.valid_group_sizes}) · [bold]task[/] {cfg.dataset} · [bold]objectives[/] "
             f"{', '.join(cfg.objectives)} · [bold]device[/] {device_string(cfg.device)}")
     return {"model_path": str(model_path)}
+
+
+def ensure_baseline(ctx: RunContext, model_path: str) -> None:
+    """The baseline, measured once per run and stored in the study (a resumed run keeps its measurement)."""
+    from .baseline import evaluate_baseline
+
+    assert ctx.ff is not None
+    if ctx.ff.baseline is None:
+        RS.put_baseline(ctx.study, evaluate_baseline(ctx, model_path))
+        RS.save_run(ctx)
 
 
 def item_sets(cfg: RunConfig) -> dict[str, Any]:
@@ -280,8 +292,8 @@ def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
     if cand.status != "ok" or not (ctx.cfg.keep_all or ctx.cfg.final_limit):
         shutil.rmtree(art, ignore_errors=True)
         cand.artifact, cand.artifact_kept = None, False
-    ff.controls.append(cand)
-    ctx.save()
+    RS.put_control(ctx.study, cand)
+    RS.save_run(ctx)
     ctx.say(metrics_line(cid, cand.metrics, ctx.cfg.objectives) if cand.status == "ok"
             else f"  [red]control {cid} failed[/]: {cand.reason}")
     return cid
@@ -318,10 +330,9 @@ def final_evaluation(ctx: RunContext) -> None:
         t0 = time.time()
         res = evaluate_in_run(ctx, Path(c.artifact), metrics, cfg.final_limit, part="report",
                         known_sparsity=sparsity_from_steps(c.strategy, c.steps))
-        c.final_metrics = res.metrics
-        c.timings["final_evaluate"] = round(time.time() - t0, 2)
+        RS.put_final(ctx.study, cid, res.metrics, time.time() - t0)
         ctx.say(metrics_line(cid, res.metrics, metrics))
-        ctx.save()
+        RS.save_run(ctx)
 
 
 def full_evaluation(ctx: RunContext, cid: str, known_sparsity: Optional[Measurement] = None):

@@ -1,22 +1,20 @@
-"""Recording an episode's outcome: objectives and reward against the baseline (`score`), frontier.json (Pareto
-front, hypervolume, recommended pick), the Optuna tell with its constraints, and what the console shows of it.
-Pure of compression and evaluation: every recorder (the graph's episode, a distributed worker, a study rebuild)
-scores and tells through these functions."""
+"""Scoring an episode's outcome: objectives and reward against the baseline (`score`), the Pareto front,
+hypervolume and recommended pick (`refresh_frontier`), the Optuna constraints, and what the console shows of it.
+Pure of compression, evaluation and storage (`acf.run_store` stores and derives through these functions), so every
+recorder (the graph's episode, a distributed worker, a study rebuild) scores alike."""
 
 from __future__ import annotations
 
-import shutil
 from typing import Optional
 
 import optuna
 
-from .atomic import write_json, write_text
 from .pareto import hypervolume, pareto_front, reference_point
 from .provenance import Measurement
 from .reward import recommend, retention, reward
 from .run_context import RunConfig, RunContext
 from .search import trial_for
-from .state import Candidate, HVPoint, Recommendation, episodes_recorded, now
+from .state import Candidate, HVPoint, Recommendation, episodes_recorded
 
 
 def run_objective_values(ctx: RunContext, metrics: dict[str, Measurement]) -> dict[str, float]:
@@ -65,7 +63,7 @@ def ok_candidates(ctx: RunContext) -> list[Candidate]:
 
 def tell_like(ctx: RunContext, trial: optuna.Trial, prev: Candidate) -> None:
     if prev.status == "ok" and len(prev.objectives) == len(ctx.cfg.objectives):
-        set_constraint(ctx, trial, prev)
+        set_constraint(ctx.cfg, trial, prev)
         ctx.study.tell(trial, [prev.objectives[o] for o in ctx.cfg.objectives])
     elif prev.status == "pruned":
         ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -73,50 +71,19 @@ def tell_like(ctx: RunContext, trial: optuna.Trial, prev: Candidate) -> None:
         ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
-def set_constraint(ctx: RunContext, trial: optuna.Trial, cand: Candidate) -> None:
+def set_constraint(cfg: RunConfig, trial: optuna.Trial, cand: Candidate) -> None:
     """Optuna constraints (feasible when <= 0): task-quality retention and kld, each set on every told trial."""
-    if ctx.cfg.min_retention is not None:
+    if cfg.min_retention is not None:
         ret = cand.retention
-        trial.set_constraint("retention", ctx.cfg.min_retention - ret if ret is not None else 0.0)
-    if ctx.cfg.max_kld is not None:
+        trial.set_constraint("retention", cfg.min_retention - ret if ret is not None else 0.0)
+    if cfg.max_kld is not None:
         k = kld_of(cand)
-        trial.set_constraint("kld", k - ctx.cfg.max_kld if k is not None else 0.0)
+        trial.set_constraint("kld", k - cfg.max_kld if k is not None else 0.0)
 
 
 def kld_of(cand: Candidate) -> Optional[float]:
     m = cand.metrics.get("kld")
     return None if m is None else m.value
-
-
-def record(ctx: RunContext, cand: Candidate, trial_number: Optional[int], predictions: Optional[list] = None) -> None:
-    """Record an episode's outcome: frontier.json, episode folder, Optuna tell, artifacts of non-frontier members.
-
-    Idempotent: a candidate already recorded (the process died after writing but before the checkpoint) is not
-    recorded twice, and a trial already told is not told again.
-    """
-    ff = ctx.ff
-    assert ff is not None and ff.baseline is not None
-    if any(c.id == cand.id for c in ff.candidates):
-        return
-    score(ctx.cfg, ff.baseline.objectives, cand)
-    cand.finished_at = now()
-    ff.candidates.append(cand)
-    refresh_frontier(ctx)
-    # Optuna
-    if trial_number is not None:
-        tell(ctx, trial_number, cand)
-    # artifacts: keep frontier members (and all with --keep-all)
-    if not ctx.cfg.keep_all:
-        for c in ff.candidates:
-            if c.artifact and c.artifact_kept and c.id not in ff.frontier:
-                shutil.rmtree(c.artifact, ignore_errors=True)
-                c.artifact_kept = False
-    ctx.save()
-    ed = ctx.episode_dir(cand.episode)
-    write_json(ed / "strategy.json", cand.strategy.model_dump())
-    write_text(ed / "result.json", cand.model_dump_json(indent=2))
-    if predictions:
-        write_json(ed / "predictions.json", predictions)
 
 
 def score(cfg: RunConfig, base: dict[str, float], cand: Candidate) -> None:
@@ -133,24 +100,6 @@ def score(cfg: RunConfig, base: dict[str, float], cand: Candidate) -> None:
     else:
         cand.status, cand.reason = "failed", "evaluation produced no value for " + ", ".join(
             o for o in cfg.objectives if o not in cand.objectives)
-
-
-def tell(ctx: RunContext, number: int, cand: Candidate) -> None:
-    study = ctx.study
-    t = study.get_trials(deepcopy=False)[number]
-    if t.state != optuna.trial.TrialState.RUNNING:
-        return
-    trial = trial_for(study, number)
-    trial.set_user_attr("candidate", cand.id)
-    if cand.reason:
-        trial.set_user_attr("reason", cand.reason[:500])
-    if cand.status == "ok":
-        set_constraint(ctx, trial, cand)
-        study.tell(trial, [cand.objectives[o] for o in ctx.cfg.objectives])
-    elif cand.status == "pruned":
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    else:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
 def refresh_frontier(ctx: RunContext) -> None:

@@ -1,6 +1,6 @@
 """The run's configuration (RunConfig, validated before anything runs) and its live objects (RunContext: task,
-spec, study, frontier, the baseline's references and the candidate in memory), rebuilt from the run directory on
-demand so a killed run resumes from disk."""
+spec, study, the frontier derived from it, the baseline's references and the candidate in memory), rebuilt from the
+run directory on demand so a killed run resumes from disk."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .objectives import parse_objectives
 from .planner import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, check_settings as check_planner_settings
 from .reward import PRESETS
 from .search import SAMPLERS, SearchSpace, open_study
-from .state import FrontierFile, load_frontier_file, save_frontier_file
+from .state import FrontierFile
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
 
 
 class RunContext:
-    """The run's live objects (task, spec, study, frontier) rebuilt from the run directory on demand."""
+    """The run's live objects (task, spec, study, frontier) rebuilt from the run directory on demand. `ff` is the
+    frontier derived from the study (`acf.run_store`), refreshed by every write; it is a view, never written to."""
 
     def __init__(self, cfg: RunConfig, console=None):
         from rich.console import Console
@@ -162,8 +163,6 @@ class RunContext:
         self.planner = None
         self._fidelity: dict[str, Any] = {}
         self._loaded: Optional[tuple[str, Any]] = None
-        if (self.dir / "frontier.json").exists():
-            self.ff = load_frontier_file(self.dir / "frontier.json")
 
     # ---- paths -------------------------------------------------------------------------------------------
     @property
@@ -266,12 +265,6 @@ class RunContext:
         if self._loaded is not None:
             self._loaded[1].free()
             self._loaded = None
-
-    def save(self) -> None:
-        assert self.ff is not None
-        self.ff.run.wall_seconds = round(self.ff.run.wall_seconds + (time.time() - self.t_start), 1)
-        self.t_start = time.time()
-        save_frontier_file(self.ff, self.frontier_path)
 
     def say(self, msg: str) -> None:
         self.console.print(msg)

@@ -63,6 +63,8 @@ class Pipeline:
         from .models import resolve_device
 
         cfg.device = resolve_device(cfg.device)
+        # the study's name is fixed when the run starts, so a run folder that is moved or copied still finds it
+        cfg.study_name = cfg.study()
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "run_config.json", cfg.model_dump_json(indent=2))
         self.ctx = RunContext(cfg, console)
@@ -78,8 +80,14 @@ class Pipeline:
             self._on_resume()
 
     def _on_resume(self) -> None:
+        """Results come back from the study (`run_store.open_run`); what the killed process left half-done is
+        closed: trials it left running (but the one the graph will redo) fail, partial and unrecorded model
+        folders go."""
         from .atomic import clean_partial_dirs
+        from .run_store import open_run
         from .search import fail_stale_trials
+
+        open_run(self.ctx)
 
         snap = self.graph.get_state(THREAD)
         prop = (snap.values or {}).get("proposal") if snap else None
@@ -131,10 +139,12 @@ class Pipeline:
         return None
 
     def _finish(self, out: dict) -> None:
+        from .run_store import put_stopped, save_run
+
         ctx = self.ctx
         if ctx.ff is not None:
-            ctx.ff.run.stopped_because = (out or {}).get("stop")
-            ctx.save()
+            put_stopped(ctx.study, (out or {}).get("stop"))
+            save_run(ctx)
 
     def close(self) -> None:
         try:

@@ -3,8 +3,8 @@
 Each episode is one Optuna trial: a worker asks (or takes an approved proposal), builds the strategy, runs
 preflight → compress → proxy/full evaluation with the episode engine the coordinator graph runs too
 (`acf.episode.run_episode`), then writes the whole candidate record into the trial's user attributes and tells the
-study. Everything a frontier needs therefore lives in the
-study (config, spec summary and baseline as study attributes; one record per trial), so any process can rebuild
+study. Everything a frontier needs therefore lives in the study, stored as every run stores it (`acf.run_store`:
+config, spec summary and baseline as study attributes; one record per trial), so any process can rebuild
 frontier.json from the storage alone (`rebuild_frontier`).
 
 Why these choices:
@@ -21,9 +21,9 @@ Why these choices:
   WAITING→RUNNING pop is atomic in every storage, so two workers can never take the same approved trial.
 
 The package, by concern (each module imports only those above it):
-  schema       the study/trial attribute names and heartbeat defaults (the stored format)
+  schema       the attribute names only shared runs use (claims, approvals, heartbeats) and heartbeat defaults
   storage      make_storage (RDB or journal file, with heartbeats), retry_db, load_study, Beat / trial heartbeats
-  study        create_or_join, frontier_from_study, rebuild_frontier (the study as the run's store)
+  study        create_or_join, rebuild_frontier (frontier_from_study itself is acf.run_store's, for every run)
   approval     release, trial_proposal, make_pending, ApprovalQueue (approval with several workers)
   worker       Worker: claim a trial, run acf.episode.run_episode, record into the trial
   processes    spawn_workers / stop_processes (local `acf worker` processes)
@@ -38,12 +38,14 @@ from .approval import ApprovalQueue, make_pending, release, trial_proposal
 from .commands import rebuild_cmd, worker_cmd
 from .coordinator import Coordinator, run_coordinator
 from .processes import spawn_workers, stop_processes
-from .schema import (A_APPROVAL, A_BASELINE, A_BASELINE_CLAIM, A_CONFIG, A_COORDINATOR, A_RUN_META, A_SPEC, A_STARTED,
-                     A_STOP, A_STOPPED, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT, DEFAULT_GRACE, DEFAULT_HEARTBEAT,
-                     HB_ATTR, T_APPROVAL, T_DUPLICATE, T_PROPOSAL, T_RECORD, T_RELEASED, T_STRATEGY, T_WORKER)
+from ..run_store import (A_BASELINE, A_CONFIG, A_RUN_META, A_SPEC, A_STARTED, A_STOPPED, T_RECORD,
+                         frontier_from_study, prune_artifact_dirs)
+from .schema import (A_APPROVAL, A_BASELINE_CLAIM, A_COORDINATOR, A_STOP, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT,
+                     DEFAULT_GRACE, DEFAULT_HEARTBEAT, HB_ATTR, T_APPROVAL, T_DUPLICATE, T_PROPOSAL, T_RELEASED,
+                     T_STRATEGY, T_WORKER)
 from .storage import (Beat, HeartbeatJournalStorage, fail_stale, first_line, is_db_error, journal_path, load_study,
                       make_storage, quiet_optuna, retry_db, study_config, trial_heartbeat, where)
-from .study import cid_for, create_or_join, frontier_from_study, prune_artifact_dirs, rebuild_frontier
+from .study import cid_for, create_or_join, rebuild_frontier
 from .worker import Worker, WorkerContext, check_artifacts_dir, worker_id
 
 __all__ = [

@@ -3,7 +3,6 @@ enqueues a WAITING copy that exactly one worker pops. Also `release`, which clos
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 import optuna
@@ -14,7 +13,8 @@ from .. import run_context as RC
 from ..errors import AcfError, StrategyError
 from ..state import Candidate, now
 from ..strategy import Strategy, validate_strategy
-from .schema import A_STOP, T_APPROVAL, T_PROPOSAL, T_RECORD, T_RELEASED, T_STRATEGY
+from ..run_store import write_trial_record
+from .schema import A_STOP, T_APPROVAL, T_PROPOSAL, T_RELEASED, T_STRATEGY
 from .study import cid_for
 
 
@@ -139,9 +139,7 @@ class ApprovalQueue:
             cand = Candidate(id=cid_for(number), episode=0, trial_number=number, strategy=s, description=s.describe(),
                              status="skipped", reason="skipped by the user at approval",
                              proposed_by=prop["proposed_by"], started_at=now(), finished_at=now())
-            tr = trial_for(study, number)
-            tr.set_user_attr(T_RECORD, json.loads(cand.model_dump_json()))
-            study.tell(tr, state=TrialState.FAIL)
+            write_trial_record(study, self.ctx.cfg, number, cand)   # told FAIL, as a skip
             return "skip"
         if action == "stop":
             study.set_user_attr(A_STOP, "stopped by the user")

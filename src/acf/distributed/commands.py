@@ -38,13 +38,20 @@ def worker_cmd(
 
 
 def rebuild_cmd(
-    storage: str = typer.Option(..., help="study storage URL"),
-    study: str = typer.Option(..., help="study name"),
+    storage: Optional[str] = typer.Option(None, help="study storage URL (default: the run directory's own study)"),
+    study: Optional[str] = typer.Option(None, help="study name (default: the run directory's)"),
     run_dir: Path = typer.Option(..., help="where to write frontier.json (then `acf report RUN_DIR`)"),
 ):
-    """Rebuild frontier.json from a shared study alone."""
+    """Rebuild frontier.json from a run's study alone: a shared study (--storage, --study), or a single-process
+    run's RUN_DIR/study.db."""
     from rich.console import Console
 
+    if storage is None or study is None:
+        from ..runner import load_run_config
+
+        cfg = load_run_config(run_dir)
+        storage = storage or cfg.storage or f"sqlite:///{Path(run_dir).resolve() / 'study.db'}"
+        study = study or cfg.study()
     ff = rebuild_frontier(storage, study, run_dir)
     Console().print(f"wrote {Path(run_dir) / 'frontier.json'}: {len(ff.candidates)} candidates, frontier "
                     f"{', '.join(ff.frontier)}")

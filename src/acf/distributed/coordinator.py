@@ -16,13 +16,14 @@ from optuna.trial import TrialState
 from ..objectives import DIRECTIONS
 from .. import run_context as RC
 from ..errors import AcfError
-from ..state import FrontierFile, save_frontier_file
+from ..run_store import A_STOPPED, publish
+from ..state import FrontierFile
 from .approval import ApprovalQueue, release
 from .processes import spawn_workers, stop_processes
-from .schema import (A_COORDINATOR, A_STOP, A_STOPPED, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, DEFAULT_HEARTBEAT,
+from .schema import (A_COORDINATOR, A_STOP, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, DEFAULT_HEARTBEAT,
                      T_APPROVAL, T_WORKER)
 from .storage import Beat, first_line, make_storage, quiet_optuna, retry_db, study_config, where
-from .study import create_or_join, frontier_from_study, prune_artifact_dirs
+from .study import create_or_join
 from .worker import check_artifacts_dir, worker_id
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,7 @@ class Coordinator:
 
     def rebuild(self) -> FrontierFile:
         assert self.study is not None
-        ff = frontier_from_study(self.study, Path(self.cfg.run_dir).name)
-        if not self.cfg.keep_all:
-            prune_artifact_dirs(ff)
-        save_frontier_file(ff, Path(self.cfg.run_dir) / "frontier.json")
+        ff = publish(self.study, self.cfg.run_dir, prune=not self.cfg.keep_all)
         if self.ctx is not None:
             self.ctx.ff = ff
         return ff

@@ -1,21 +1,13 @@
-"""The study-attribute schema: every name a shared study stores, and the defaults of heartbeats and waits.
-
-A study holds the whole search (config, spec summary, run metadata, baseline as study attributes; one candidate
-record per trial), so these names are the file format of a distributed run."""
+"""The study attributes only a shared run uses (claims, locks, approvals, heartbeats) and the defaults of heartbeats
+and waits. The results every run stores (config, spec, metadata, baseline, controls, one candidate record per
+trial) are named in `acf.run_store`: together they are the file format of a distributed run."""
 
 # study user attributes
-A_CONFIG = "acf_config"            # RunConfig of the search (what every worker must run)
-A_RUN_META = "acf_run_meta"        # RunMeta for the rebuilt frontier.json
-A_SPEC = "acf_spec"                # model spec summary
-A_STARTED = "acf_started_at"       # epoch seconds: the time budget counts from here
-A_BASELINE = "acf_baseline"        # baseline Candidate record
 A_BASELINE_CLAIM = "acf_baseline_claim"
 A_COORDINATOR = "acf_coordinator"  # the coordinator lock {owner, token, heartbeat}
 A_APPROVAL = "acf_approval"        # True: workers take only approved trials
 A_STOP = "acf_stop"                # set to a reason: workers stop at their next episode boundary
-A_STOPPED = "acf_stopped_because"
 # trial user attributes
-T_RECORD = "acf_record"            # the Candidate record (JSON)
 T_WORKER = "acf_worker"            # who runs the trial
 T_APPROVAL = "approval"            # pending | approved
 T_PROPOSAL = "acf_proposal"        # {strategy, proposed_by, describe, estimate} shown at approval

@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 
 from .. import run_context as RC
 from ..errors import AcfError
-from .schema import A_CONFIG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT, DEFAULT_GRACE, DEFAULT_HEARTBEAT, HB_ATTR
+from ..run_store import A_CONFIG
+from .schema import DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT, DEFAULT_GRACE, DEFAULT_HEARTBEAT, HB_ATTR
 
 log = logging.getLogger(__name__)
 

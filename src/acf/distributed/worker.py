@@ -3,7 +3,6 @@ the trial (idempotent), until the shared budget is used."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,12 +24,13 @@ from ..errors import AcfError, StrategyError
 from ..state import Candidate, FrontierFile, RunMeta, now
 from ..strategy import Strategy, validate_strategy
 from .approval import make_pending, release, trial_proposal
-from .schema import (A_APPROVAL, A_BASELINE, A_BASELINE_CLAIM, A_CONFIG, A_RUN_META, A_SPEC, A_STARTED, A_STOP,
-                     DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT, DEFAULT_GRACE, DEFAULT_HEARTBEAT, T_APPROVAL,
-                     T_DUPLICATE, T_RECORD, T_WORKER)
+from ..run_store import (A_BASELINE, A_CONFIG, A_RUN_META, A_SPEC, A_STARTED, T_RECORD, frontier_from_study,
+                         prune_artifact_dirs, put_baseline, write_trial_record)
+from .schema import (A_APPROVAL, A_BASELINE_CLAIM, A_STOP, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT, DEFAULT_GRACE,
+                     DEFAULT_HEARTBEAT, T_APPROVAL, T_DUPLICATE, T_WORKER)
 from .storage import (Beat, fail_stale, first_line, load_study, make_storage, retry_db, study_config, trial_heartbeat,
                       where)
-from .study import cid_for, frontier_from_study, prune_artifact_dirs
+from .study import cid_for
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,9 @@ class Worker:
         cfg.run_dir = str(art_root / study_name)
         cfg.storage, cfg.study_name = storage_url, study_name
         cfg.device = resolve_device(device or cfg.device)
-        # Control rows (baseline + recovery) live in the coordinator's frontier.json, which workers do not write;
-        # the study has no place for them yet (the "study as the single store" part of issue 17).
+        # Control rows (baseline + recovery) are measured by the single-process graph only: the study has a place
+        # for them (`run_store.put_control`), but several workers would need a claim per recovery, as the
+        # baseline has, not to measure the same control twice.
         cfg.controls = False
         # Each worker needs its own sampler seed, or every worker's first random proposals would be identical.
         self.study.sampler = _sampler(cfg, os.getpid())
@@ -152,11 +153,10 @@ class Worker:
             study.set_user_attr(A_BASELINE_CLAIM, {"owner": self.id, "heartbeat": time.time()})
 
         with Beat(beat, max(1.0, self.grace / 4), "baseline"):
-            BL.evaluate_baseline(ctx, self.model_path)
-        assert ctx.ff.baseline is not None
-        rec = json.loads(ctx.ff.baseline.model_dump_json())
-        self._db(lambda: study.set_user_attr(A_BASELINE, rec), "storing the baseline")
-        return ctx.ff.baseline
+            cand = BL.evaluate_baseline(ctx, self.model_path)
+        self._db(lambda: put_baseline(study, cand), "storing the baseline")
+        ctx.ff.baseline = cand
+        return cand
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -270,8 +270,7 @@ class Worker:
     def run_trial(self, trial: optuna.Trial, prop: dict) -> Optional[Candidate]:
         """The episode engine's stages (acf.episode.run_episode, as the coordinator graph runs them), recorded
         into the trial (idempotent)."""
-        from ..atomic import write_json, write_text
-        from ..episode import Episode, run_episode
+        from ..episode import Episode, run_episode, write_episode_files
 
         ctx = self.ctx
         cid = cid_for(trial.number)
@@ -281,12 +280,9 @@ class Worker:
         ed = ctx.episode_dir(trial.number)
 
         def sink(cand: Candidate, predictions: Optional[list]) -> bool:
-            write_json(ed / "strategy.json", strategy.model_dump())
-            if predictions:
-                write_json(ed / "predictions.json", predictions)
             recorded = self._db(lambda: self.record(trial, cand), f"recording trial {trial.number}")
             if recorded:
-                write_text(ed / "result.json", cand.model_dump_json(indent=2))
+                write_episode_files(ed, cand, predictions)
                 self.done += 1
                 ctx.say(f"  {cid}: {cand.status}" + (f" · {cand.reason}" if cand.reason else ""))
             return recorded
@@ -321,15 +317,7 @@ class Worker:
         if cand.reason:
             cand.reason = cand.reason[:500]
         try:
-            trial.set_user_attr(T_RECORD, json.loads(cand.model_dump_json()))
-            trial.set_user_attr("candidate", cand.id)
-            if cand.status == "ok" and len(cand.objectives) == len(ctx.cfg.objectives):
-                REC.set_constraint(ctx, trial, cand)
-                study.tell(trial, [cand.objectives[o] for o in ctx.cfg.objectives])
-            elif cand.status == "pruned":
-                study.tell(trial, state=TrialState.PRUNED)
-            else:
-                study.tell(trial, state=TrialState.FAIL)
+            write_trial_record(study, ctx.cfg, trial.number, cand)
         except optuna.exceptions.UpdateFinishedTrialError:
             ctx.say(f"  [yellow]trial {trial.number} was finished elsewhere while recording[/]; result discarded")
             return False

@@ -1,0 +1,113 @@
+"""The package layering docs/architecture.md promises, checked on the source: no import cycle among acf's modules
+(imports inside functions count: a lazy import only hides a cycle) and no private (`_name`) name imported from
+another module. Pure AST reading, no imports executed."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path, modules: set[str]) -> list[tuple[str, list[str]]]:
+    """(imported acf module, names taken from it) for every import statement in the file."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names if a.name.startswith("acf")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if not mod.startswith("acf"):
+                continue
+            names = [a.name for a in node.names]
+            # `from . import pipeline` imports the module acf.pipeline
+            subs = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in modules]
+            out += [(s, []) for s in subs] + [(mod, [n for n in names if f"{mod}.{n}" not in modules])]
+    return out
+
+
+def _graph() -> tuple[dict[str, set[str]], list[str]]:
+    files = sorted((SRC / "acf").rglob("*.py"))
+    modules = {_module_name(f) for f in files}
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    private = []
+    for f in files:
+        me = _module_name(f)
+        for mod, names in _imports(f, modules):
+            if mod in modules and mod != me:
+                edges[me].add(mod)
+            private += [f"{me} imports {mod}.{n}" for n in names if n.startswith("_") and n != "__version__"
+                        and mod != me]
+    return edges, private
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _without_package_inits(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """A package's __init__ re-exporting its modules, imported by those modules' siblings through the package
+    name, is not a cycle between modules: edges into a package are redirected to nothing it re-exports."""
+    packages = {m for m in edges if (SRC / Path(*m.split(".")) / "__init__.py").is_file()}
+    return {m: ({w for w in ws if w not in packages or not m.startswith(w + ".")}
+                if m not in packages else ws) for m, ws in edges.items()}
+
+
+def test_no_import_cycle():
+    edges, _ = _graph()
+    assert _cycles(_without_package_inits(edges)) == []
+
+
+def test_no_private_name_crosses_modules():
+    _, private = _graph()
+    assert private == []
+
+
+def test_the_checker_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
