@@ -51,21 +51,15 @@ def init_run(ctx: RunContext) -> dict:
     ctx._spec = spec
     study = ctx.study
     if not RS.has_run(study):
-        meta = RunMeta(run_id=ctx.dir.name, model=cfg.model, model_path=str(model_path), dataset=cfg.dataset,
-                       objectives=cfg.objectives, directions={o: DIRECTIONS[o] for o in cfg.objectives},
-                       preset=cfg.preset, min_retention=cfg.min_retention, sampler=cfg.sampler, seed=cfg.seed,
-                       limit=cfg.limit, proxy_limit=cfg.proxy_limit, episodes=cfg.episodes, device=cfg.device,
-                       device_name=device_string(cfg.device), acf_version=__version__, git_commit=git_commit(),
-                       runtime=runtime_string(), created_at=now(), updated_at=now(), command=cfg.command,
-                       study_name=cfg.study(), storage=redact(cfg.storage_url()), max_kld=cfg.max_kld,
-                       item_sets=item_sets(cfg))
+        meta = run_meta(cfg, str(model_path), ctx.dir.name)
         from .spec import spec_summary
 
         RS.put_run(study, cfg, meta, spec_summary(spec))
     RS.save_run(ctx)
     if not study.trials:
-        for p in ctx.space.seeds() if cfg.sampler != "grid" else ctx.space.grid():
-            study.enqueue_trial(p, skip_if_exists=True)
+        from .search import enqueue_first
+
+        enqueue_first(study, ctx.space, cfg.sampler)
     ctx.say(f"[bold]model[/] {cfg.model} ({spec.params / 1e6:.1f}M params, {spec.num_layers} layers, valid group "
             f"sizes {spec.valid_group_sizes}) · [bold]task[/] {cfg.dataset} · [bold]objectives[/] "
             f"{', '.join(cfg.objectives)} · [bold]device[/] {device_string(cfg.device)}")
@@ -80,6 +74,18 @@ def ensure_baseline(ctx: RunContext, model_path: str) -> None:
     if ctx.ff.baseline is None:
         RS.put_baseline(ctx.study, evaluate_baseline(ctx, model_path))
         RS.save_run(ctx)
+
+
+def run_meta(cfg: RunConfig, model_path: str, run_id: str) -> RunMeta:
+    """frontier.json's `run` section for a new run (a single process's or a shared study's)."""
+    return RunMeta(run_id=run_id, model=cfg.model, model_path=model_path, dataset=cfg.dataset,
+                   objectives=cfg.objectives, directions={o: DIRECTIONS[o] for o in cfg.objectives},
+                   preset=cfg.preset, min_retention=cfg.min_retention, sampler=cfg.sampler, seed=cfg.seed,
+                   limit=cfg.limit, proxy_limit=cfg.proxy_limit, episodes=cfg.episodes, device=cfg.device,
+                   device_name=device_string(cfg.device), acf_version=__version__, git_commit=git_commit(),
+                   runtime=runtime_string(), created_at=now(), updated_at=now(), command=cfg.command,
+                   study_name=cfg.study(), storage=redact(cfg.storage_url()), max_kld=cfg.max_kld,
+                   item_sets=item_sets(cfg))
 
 
 def item_sets(cfg: RunConfig) -> dict[str, Any]:

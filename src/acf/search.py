@@ -226,6 +226,12 @@ def open_study(storage: str, study_name: str, objectives: Sequence[str], sampler
     return st
 
 
+def enqueue_first(study: optuna.Study, space: SearchSpace, sampler: str) -> None:
+    """A new study's first trials: the seed recipes (the preset grid with `--sampler grid`)."""
+    for p in space.seeds() if sampler != "grid" else space.grid():
+        study.enqueue_trial(p, skip_if_exists=True)
+
+
 def fail_stale_trials(study: optuna.Study, keep: Optional[int]) -> list[int]:
     """Trials left RUNNING by a killed process (other than the one the graph will redo) are marked failed."""
     out = []

@@ -4,18 +4,16 @@ stores every run) and rebuild frontier.json from it alone."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
 
 from .. import pipeline as P
-from ..objectives import DIRECTIONS
 from .. import run_context as RC
 from ..run_store import A_CONFIG, has_run, publish, put_run
 from ..search import open_study
-from ..state import FrontierFile, RunMeta, now
+from ..state import FrontierFile
 from .schema import A_APPROVAL
 from .storage import load_study, make_storage, study_config
 
@@ -24,9 +22,7 @@ def create_or_join(cfg: RC.RunConfig, storage: BaseStorage, approval: bool = Fal
                    console=None) -> tuple[optuna.Study, str, Any]:
     """Create the shared study (config, spec, run metadata, seed recipes) or join it; refuse a study made for
     another model/task/objectives (`open_study`). Returns (study, resolved model path, model spec)."""
-    from .. import __version__
     from ..models import resolve_model
-    from ..provenance import device_string, git_commit, runtime_string
     from ..spec import infer_spec, spec_summary
 
     model_path = resolve_model(cfg.model)
@@ -35,13 +31,7 @@ def create_or_join(cfg: RC.RunConfig, storage: BaseStorage, approval: bool = Fal
     study = open_study(storage, cfg.study(), cfg.objectives, cfg.sampler, cfg.seed, meta)  # type: ignore[arg-type]
     attrs = study.user_attrs
     if not has_run(study):
-        rm = RunMeta(run_id=cfg.study(), model=cfg.model, model_path=str(model_path), dataset=cfg.dataset,
-                     objectives=cfg.objectives, directions={o: DIRECTIONS[o] for o in cfg.objectives},
-                     preset=cfg.preset, min_retention=cfg.min_retention, sampler=cfg.sampler, seed=cfg.seed,
-                     limit=cfg.limit, proxy_limit=cfg.proxy_limit, episodes=cfg.episodes, device=cfg.device,
-                     device_name=device_string(cfg.device), acf_version=__version__, git_commit=git_commit(),
-                     runtime=runtime_string(), created_at=now(), updated_at=now(), command=cfg.command,
-                     study_name=cfg.study(), storage=P.redact(cfg.storage_url()))
+        rm = P.run_meta(cfg, str(model_path), cfg.study())
         put_run(study, cfg, rm, spec_summary(spec))
     else:
         old = study_config(study)
@@ -49,12 +39,9 @@ def create_or_join(cfg: RC.RunConfig, storage: BaseStorage, approval: bool = Fal
             study.set_user_attr(A_CONFIG, {**attrs[A_CONFIG], "episodes": max(old.episodes, cfg.episodes)})
     study.set_user_attr(A_APPROVAL, bool(approval))
     if not study.trials:
-        ctx = SimpleNamespace(cfg=cfg, spec=spec)
-        from ..search import SearchSpace
+        from ..search import SearchSpace, enqueue_first
 
-        space = _space(ctx.cfg, spec, SearchSpace)
-        for p in space.seeds() if cfg.sampler != "grid" else space.grid():
-            study.enqueue_trial(p, skip_if_exists=True)
+        enqueue_first(study, _space(cfg, spec, SearchSpace), cfg.sampler)
     return study, str(model_path), spec
 
 
