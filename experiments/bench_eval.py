@@ -23,8 +23,8 @@ import torch  # noqa: E402
 
 from acf.evaluation import evaluate  # noqa: E402
 from acf.evaluation.quality import accuracy, answer_nll  # noqa: E402
-from acf.models import load_model, resolve_device, resolve_model  # noqa: E402
-from acf.provenance import device_string, runtime_string  # noqa: E402
+from acf.models.loading import load_model, resolve_device, resolve_model  # noqa: E402
+from acf.core.provenance import device_string, runtime_string  # noqa: E402
 from acf.tasks import get_task  # noqa: E402
 
 

@@ -71,18 +71,18 @@ def main() -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from acf.atomic import write_json, write_text
+    from acf.core.atomic import write_json, write_text
     from acf.evaluation import llamacpp as LC
     from acf.evaluation.fidelity import build_reference, teacher_forced
     from acf.evaluation.perf import latency as hf_latency
     from acf.evaluation.runner import Fidelity, evaluate
     from acf.evaluation.sequences import encode_prompt, task_sequences
-    from acf.gguf import GGUF_NAME, load_manifest
+    from acf.methods.gguf import GGUF_NAME, load_manifest
     from acf.methods import StepContext, run_strategy
-    from acf.models import load_model, resolve_model
-    from acf.provenance import device_string, git_commit, runtime_string
-    from acf.spec import infer_spec
-    from acf.strategy import validate_strategy
+    from acf.models.loading import load_model, resolve_model
+    from acf.core.provenance import device_string, git_commit, runtime_string
+    from acf.models.spec import infer_spec
+    from acf.methods.strategy import validate_strategy
     from acf.tasks import get_task
 
     t_start = time.time()

@@ -4,7 +4,8 @@
 Accuracy (greedy generation) and answer NLL on the same GSM8K test items, for the bf16 default model and its
 llm-compressor GPTQ W4 g64 version (compressed-tensors, run dequantized by transformers), with
 (before) the fixed batch the pipeline used (256) and (after) acf.evaluation.batching's auto size. Prints wall
-seconds and whether the extracted answers agree (batch composition changes bf16 rounding, so a few may differ). Writes experiments/results/gpu-batch.json. Needs CUDA.
+seconds and whether the extracted answers agree (batch composition changes bf16 rounding, so a few may differ). Writes
+experiments/results/gpu-batch.json. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ def main() -> None:
     from acf.evaluation.quality import accuracy, answer_nll
     from acf.methods import StepContext
     from acf.methods.runner import run_strategy
-    from acf.models import free, load_model, resolve_model
-    from acf.provenance import device_string, runtime_string
-    from acf.strategy import Strategy
+    from acf.models.loading import free, load_model, resolve_model
+    from acf.core.provenance import device_string, runtime_string
+    from acf.methods.strategy import Strategy
     from acf.tasks import get_task
 
     ap = argparse.ArgumentParser()

@@ -68,10 +68,10 @@ def main() -> int:
     from acf.evaluation import evaluate
     from acf.methods.base import StepContext
     from acf.methods.runner import run_strategy
-    from acf.models import resolve_device, resolve_model
-    from acf.provenance import device_string
-    from acf.strategy import validate_strategy
-    from acf.spec import infer_spec
+    from acf.models.loading import resolve_device, resolve_model
+    from acf.core.provenance import device_string
+    from acf.methods.strategy import validate_strategy
+    from acf.models.spec import infer_spec
     from acf.tasks import get_task
 
     device = resolve_device(args.device)

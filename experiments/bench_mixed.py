@@ -157,10 +157,10 @@ def main() -> int:
     from acf.evaluation.runner import Loaded, build_fidelity, eval_items, evaluate
     from acf.methods.base import StepContext
     from acf.methods.runner import run_strategy
-    from acf.models import resolve_device, resolve_model
-    from acf.provenance import device_string
-    from acf.spec import infer_spec
-    from acf.strategy import validate_strategy
+    from acf.models.loading import resolve_device, resolve_model
+    from acf.core.provenance import device_string
+    from acf.models.spec import infer_spec
+    from acf.methods.strategy import validate_strategy
     from acf.tasks import get_task
 
     device = resolve_device(args.device)
@@ -264,7 +264,7 @@ def main() -> int:
                     if ld is not None:
                         ld.free()
                 if gguf and name == "gguf_q4km_imat":           # kept: later rows size themselves off it
-                    from acf.models import cache_dir
+                    from acf.models.loading import cache_dir
 
                     keep = cache_dir() / "bench" / "mixed-q4km.gguf"      # ~100 MB: outside the repository
                     keep.parent.mkdir(parents=True, exist_ok=True)

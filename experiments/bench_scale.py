@@ -184,7 +184,7 @@ def acf_step(method: str, params: dict, in_dir: Path, work: Path, task, dev: str
     from acf.methods.memory import Shape
     from acf.methods.registry import estimate_step_memory
     from acf.methods.runner import run_step
-    from acf.spec import infer_spec
+    from acf.models.spec import infer_spec
 
     from acf.methods.registry import get
 
@@ -227,13 +227,13 @@ def acf_eval_parts(parts: list[str], model_dir: Path, task, a, res: dict, save) 
     from acf.evaluation.batching import auto_batch_size
     from acf.evaluation.fidelity import build_reference, teacher_forced
     from acf.evaluation.sequences import task_sequences
-    from acf.models import load_model
+    from acf.models.loading import load_model
 
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     model, tok = load_model(model_dir, "cuda")
     res["load"] = {"seconds": round(time.perf_counter() - t, 1), "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
-                   "how": "acf.models.load_model, device_map straight onto the GPU"}
+                   "how": "acf.models.loading.load_model, device_map straight onto the GPU"}
     save()
     items = task.load("test", limit=a.gen_items, seed=0)
     prompts = [task.chat_prompt(it, tok, 0) for it in items]
@@ -339,7 +339,7 @@ def main() -> None:
 
     import transformers
 
-    from acf.models import resolve_model
+    from acf.models.loading import resolve_model
 
     tok = AutoTokenizer.from_pretrained(a.tokenizer or str(resolve_model("smollm2-135m")))
     name = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"

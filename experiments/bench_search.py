@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Search benchmark: measure a table of real results once, then replay samplers against it (prints its figures).
 
-1. `--measure`: every strategy of a narrowed acf search space (acf.search.SearchSpace with finite choices) is run
+1. `--measure`: every strategy of a narrowed acf search space (acf.search.space.SearchSpace with finite choices) is run
    on the default model and measured (answer NLL on N GSM8K test items, size on disk, batch-1 decode latency).
    Prefixes (prune, prune -> recovery) are computed once and reused by the quantization steps that follow them.
    The table is saved as it grows, so the measurement resumes.
@@ -30,7 +30,7 @@ OBJ = ["answer_nll", "size", "latency"]
 
 
 def bench_space(spec, calib: int, seq_len: int, device: str = "cpu"):
-    from acf.search import SearchSpace
+    from acf.search.space import SearchSpace
 
     return SearchSpace(spec, device, calib, seq_len, recover_steps=[50], quant_methods=["none", "gptq", "rtn"],
                        prune_methods=["none", "wanda", "drop_layers"], recover_methods=["none", "lora"], bits=[4],
@@ -63,10 +63,10 @@ def measure(a) -> None:
     from acf.evaluation import evaluate
     from acf.methods import StepContext
     from acf.methods.runner import run_strategy
-    from acf.models import resolve_model
-    from acf.provenance import device_string, runtime_string
-    from acf.spec import infer_spec
-    from acf.strategy import Strategy, validate_strategy
+    from acf.models.loading import resolve_model
+    from acf.core.provenance import device_string, runtime_string
+    from acf.models.spec import infer_spec
+    from acf.methods.strategy import Strategy, validate_strategy
     from acf.tasks import get_task
 
     base = resolve_model("smollm2-135m")
@@ -144,10 +144,10 @@ def table_file(a) -> Path:
 def replay(a) -> dict:
     import optuna
 
-    from acf.pareto import hypervolume, pareto_front, reference_point
-    from acf.search import make_sampler
-    from acf.spec import infer_spec
-    from acf.models import resolve_model
+    from acf.search.pareto import hypervolume, pareto_front, reference_point
+    from acf.search.space import make_sampler
+    from acf.models.spec import infer_spec
+    from acf.models.loading import resolve_model
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     table = json.loads(table_file(a).read_text())

@@ -1,7 +1,8 @@
 """The default model's figures on every task, on this machine, with provenance.
 
     ACF_DATA_DIR=/work/shared/data HF_HUB_OFFLINE=1 .venv/bin/python experiments/bench_tasks.py \
-        [--limit 200] [--bbh-limit 2] [--humaneval-limit 20] [--gsm8k-limit 30] [--tasks ...] [--no-reference] [--no-lm-eval]
+        [--limit 200] [--bbh-limit 2] [--humaneval-limit 20] [--gsm8k-limit 30] [--tasks ...] [--no-reference]
+        [--no-lm-eval]
 
 Writes experiments/results/tasks-cpu.json and .md. Items: the first `limit` items of each task's evaluated split
 in file order (seed None), so that figures are comparable with lm-eval (which takes the first items) and with
@@ -68,8 +69,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from acf.evaluation import evaluate
-    from acf.models import load_model, resolve_model
-    from acf.provenance import device_string, git_commit, runtime_string
+    from acf.models.loading import load_model, resolve_model
+    from acf.core.provenance import device_string, git_commit, runtime_string
     from acf.tasks import get_task
 
     torch.set_num_threads(a.threads)

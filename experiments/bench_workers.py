@@ -32,7 +32,7 @@ def run_setting(args, k: int, out: Path) -> dict:
     from rich.console import Console
 
     from acf.distributed import make_storage, run_coordinator
-    from acf.run_context import RunConfig
+    from acf.coordinator.run_context import RunConfig
 
     run_dir = out / f"workers-{k}"
     url = f"journal://{(out / f'study-{k}.log').resolve()}"

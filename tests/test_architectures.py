@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from acf.errors import ModelNotFound, StrategyError
+from acf.core.errors import ModelNotFound, StrategyError
 from acf.methods import StepContext
 from acf.methods.runner import run_strategy
-from acf.models import load_model, load_tokenizer, resolve_model
-from acf.spec import infer_spec, load_spec
-from acf.strategy import validate_strategy
+from acf.models.loading import load_model, load_tokenizer, resolve_model
+from acf.models.spec import infer_spec, load_spec
+from acf.methods.strategy import validate_strategy
 from acf.tasks import get_task
 
 HIDDEN, LAYERS, WINDOW = 64, 2, 16
@@ -182,7 +182,7 @@ def sanity_items(gsm8k):
 
 
 def test_sanity_passes_the_default_model(smol, gsm8k, sanity_items):
-    from acf.sanity import SanityReport, check_baseline, format_report
+    from acf.models.sanity import SanityReport, check_baseline, format_report
 
     model, tok = smol
     rep = check_baseline(model, tok, gsm8k, sanity_items, "cpu", model_name="smollm2-135m")
@@ -194,7 +194,7 @@ def test_sanity_passes_the_default_model(smol, gsm8k, sanity_items):
 
 
 def test_sanity_stops_shuffled_embeddings(smol, gsm8k, sanity_items):
-    from acf.sanity import MAX_NLL, check_baseline, format_report
+    from acf.models.sanity import MAX_NLL, check_baseline, format_report
 
     model, tok = smol
     broken = copy.deepcopy(model)
@@ -214,7 +214,7 @@ def test_sanity_stops_degenerate_repetition_and_char_level_tokenizer(smol, smol_
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoConfig, PreTrainedTokenizerFast
 
-    from acf.sanity import check_baseline
+    from acf.models.sanity import check_baseline
 
     model, tok = smol
     spec = json.loads((smol_dir / "tokenizer.json").read_text())
@@ -243,7 +243,7 @@ def test_sanity_stops_degenerate_repetition_and_char_level_tokenizer(smol, smol_
     ([], 0.0, ()),
 ])
 def test_repetition_measure(ids, share, unit):
-    from acf.sanity import repetition
+    from acf.models.sanity import repetition
 
     got, u = repetition(ids)
     assert got == pytest.approx(share) and u == unit
@@ -393,7 +393,7 @@ def test_unreadable_tokenizer_is_named(bad_dirs):
 
 def _acf(capsys, *args) -> tuple[int, str, str]:
     """The CLI in this process: (exit code, stdout, stderr)."""
-    from acf import cli
+    from acf.cli import main as cli
 
     old = sys.argv
     sys.argv = ["acf", *args]
@@ -443,8 +443,8 @@ def test_run_stops_on_a_broken_baseline_then_skip_sanity_goes_on(tiny_model_dir,
     """A random-init model (broken by design: NLL ~ ln(vocab), a 1-token loop) stops `acf run` at exit 2 before any
     episode; a resume without the override stops again from the record; `--resume --skip-sanity` runs the search
     and the report shows the measured values and the override."""
-    from acf.sanity import MAX_NLL, SanityReport
-    from acf.state import load_frontier_file
+    from acf.models.sanity import MAX_NLL, SanityReport
+    from acf.coordinator.state import load_frontier_file
 
     run = tmp_path / "run"
     code, _, err = _acf(capsys, "run", "--model", str(tiny_model_dir), "--run-dir", str(run), *RUN_FAST)
@@ -481,9 +481,9 @@ def test_run_records_a_passing_check(smol, data_root, tmp_path):
 
     from rich.console import Console
 
-    from acf.run_context import RunConfig, RunContext
-    from acf.baseline import judge_sanity, measure_sanity, recorded_sanity
-    from acf.report import _sanity_section
+    from acf.coordinator.run_context import RunConfig, RunContext
+    from acf.coordinator.baseline import judge_sanity, measure_sanity, recorded_sanity
+    from acf.reports.report import _sanity_section
 
     model, tok = smol
     run = tmp_path / "run"

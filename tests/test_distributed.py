@@ -19,9 +19,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from acf.errors import AcfError
-from acf.pareto import pareto_front
-from acf.state import load_frontier_file
+from acf.core.errors import AcfError
+from acf.search.pareto import pareto_front
+from acf.coordinator.state import load_frontier_file
 from test_pipeline import cfg_for, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,7 +228,7 @@ def test_journal_storage_two_workers_kill_and_retry(tiny_model_dir, data_root, t
     w = Worker(url, "j", device="cpu", artifacts=tmp_path / "art", console=quiet(), heartbeat_interval=1,
                grace_period=3, poll_seconds=0.5)
     w.prepare()  # the baseline, once per study: the process below finds it
-    p = subprocess.Popen([sys.executable, "-m", "acf.cli", "worker", "--storage", url, "--study", "j", "--device",
+    p = subprocess.Popen([sys.executable, "-m", "acf.cli.main", "worker", "--storage", url, "--study", "j", "--device",
                           "cpu", "--artifacts", str(tmp_path / "art"), "--heartbeat-interval", "1",
                           "--grace-period", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})

@@ -1,9 +1,9 @@
-"""The episode engine's routing and approval decisions (acf.episode), which the coordinator graph and the
+"""The episode engine's routing and approval decisions (acf.coordinator.episode), which the coordinator graph and the
 distributed workers share; the full episodes run in test_pipeline.py and test_distributed.py."""
 
 from types import SimpleNamespace
 
-from acf import episode as E
+from acf.coordinator import episode as E
 
 
 def test_route_goes_through_every_stage_when_ok_and_to_record_otherwise():
@@ -18,7 +18,7 @@ def test_route_goes_through_every_stage_when_ok_and_to_record_otherwise():
 
 
 def test_the_graph_routes_with_the_engines_route():
-    from acf.graph import build_graph
+    from acf.coordinator.graph import build_graph
 
     g = build_graph(SimpleNamespace()).get_graph()
     edges = {(e.source, e.target) for e in g.edges}

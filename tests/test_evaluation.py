@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from acf.errors import AcfError
+from acf.core.errors import AcfError
 from acf.evaluation import evaluate
 from acf.tasks import get_task
 
@@ -36,13 +36,13 @@ def test_metric_errors(tiny_model_dir, data_root):
 
 
 def _acf(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "acf.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "acf.cli.main", *args], capture_output=True, text=True, env=env,
                           timeout=1200)
 
 
 def acf_inproc(capsys, *args) -> tuple[int, str]:
     """Run the CLI in this process (fast: no second torch import); returns (exit code, stderr)."""
-    from acf import cli
+    from acf.cli import main as cli
 
     old = sys.argv
     sys.argv = ["acf", *args]
@@ -116,7 +116,7 @@ def test_answer_done_checks_only_running_rows(tiny_model_dir):
     import torch
 
     from acf.evaluation.generate import AnswerDone
-    from acf.models import load_tokenizer
+    from acf.models.loading import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     prompt = tok(["Q"], add_special_tokens=False)["input_ids"][0]
@@ -135,7 +135,7 @@ def test_auto_batch_size_follows_memory_per_sequence(tiny_model_dir):
     from types import SimpleNamespace
 
     from acf.evaluation.batching import CPU_BATCH, auto_batch_size, kv_bytes_per_token, per_sequence_bytes
-    from acf.models import load_model
+    from acf.models.loading import load_model
 
     cfg = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
                           intermediate_size=128, vocab_size=1000)
@@ -161,9 +161,9 @@ def test_size_counts_the_loadable_model_not_its_extras(tmp_path):
 def test_generation_engine_is_checked_and_cut_points_match_the_padded_stopping(smol_dir, monkeypatch):
     """An unknown ACF_GEN_ENGINE is refused by name; `cut_point` (how continuous batching and vLLM completions are
     cut) stops where AnswerDone's check would: at the first multiple of `every` whose window shows the pattern."""
-    from acf.errors import AcfError
+    from acf.core.errors import AcfError
     from acf.evaluation.generate import AnswerDone, cut_point, generate_all
-    from acf.models import load_tokenizer
+    from acf.models.loading import load_tokenizer
 
     tok = load_tokenizer(smol_dir)
     monkeypatch.setenv("ACF_GEN_ENGINE", "turbo")

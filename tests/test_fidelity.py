@@ -77,7 +77,7 @@ def test_kld_equals_a_direct_torch_computation(base, gsm8k):
 def test_gptq_w4_tiny_model_has_positive_kld(base, gsm8k, tiny_model_dir, tmp_path):
     from acf.methods import StepContext
     from acf.methods.runner import run_strategy
-    from acf.strategy import validate_strategy
+    from acf.methods.strategy import validate_strategy
 
     out = tmp_path / "gptq"
     strategy = validate_strategy({"steps": [{"method": "gptq", "params": {"bits": 4, "group_size": 32,
@@ -95,7 +95,7 @@ def test_gptq_w4_tiny_model_has_positive_kld(base, gsm8k, tiny_model_dir, tmp_pa
 
 
 def test_fidelity_metrics_need_a_baseline(tiny_model_dir, gsm8k):
-    from acf.errors import AcfError
+    from acf.core.errors import AcfError
 
     with pytest.raises(AcfError, match="baseline"):
         evaluate(tiny_model_dir, gsm8k, ["kld"], limit=2, show_progress=False)

@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from acf.data import subset
-from acf.errors import AcfError, DataError, ModelNotFound, StrategyError
+from acf.tasks.data import subset
+from acf.core.errors import AcfError, DataError, ModelNotFound, StrategyError
 from acf.evaluation.stats import wilson_interval
-from acf.models import resolve_device, resolve_model
-from acf.spec import infer_spec
-from acf.strategy import validate_strategy
+from acf.models.loading import resolve_device, resolve_model
+from acf.models.spec import infer_spec
+from acf.methods.strategy import validate_strategy
 from acf.tasks import get_task
 from acf.tasks.gsm8k import extract_answer
 

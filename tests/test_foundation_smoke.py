@@ -1,4 +1,4 @@
-from acf.spec import infer_spec
+from acf.models.spec import infer_spec
 
 
 def test_tiny_spec(tiny_model_dir):

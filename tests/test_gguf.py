@@ -46,8 +46,8 @@ def gsm8k(data_root):
 
 def _export(model_dir: Path, out: Path, task, **params) -> Path:
     from acf.methods import StepContext, run_strategy
-    from acf.spec import infer_spec
-    from acf.strategy import validate_strategy
+    from acf.models.spec import infer_spec
+    from acf.methods.strategy import validate_strategy
 
     p = {"calib_samples": 4, "seq_len": 64, **params}
     strat = validate_strategy({"steps": [{"method": "gguf", "params": p}]}, infer_spec(model_dir))
@@ -69,7 +69,7 @@ def exports(tiny_dirs, gsm8k, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("key,arch,main", [("llama-q8", "llama", "Q8_0"), ("qwen3-q4", "qwen3", "Q4_0")])
 def test_export_quantize_reload(key, arch, main, exports):
     from acf.evaluation.llamacpp import open_llama
-    from acf.gguf import GGUF_NAME, is_gguf_dir, load_manifest, read_gguf
+    from acf.methods.gguf import GGUF_NAME, is_gguf_dir, load_manifest, read_gguf
 
     d = exports[key]
     assert is_gguf_dir(d)
@@ -103,8 +103,8 @@ def test_q8_top1_agreement_with_hf(tiny_dirs, exports, gsm8k):
     from acf.evaluation.fidelity import build_reference, teacher_forced
     from acf.evaluation.llamacpp import LlamaCppLM
     from acf.evaluation.sequences import task_sequences
-    from acf.gguf import GGUF_NAME
-    from acf.models import load_model
+    from acf.methods.gguf import GGUF_NAME
+    from acf.models.loading import load_model
 
     model, tok = load_model(tiny_dirs["llama"])
     seqs = task_sequences(gsm8k, tok, gsm8k.load("test", limit=8, seed=0))
@@ -137,7 +137,7 @@ def test_evaluate_gguf_in_llamacpp(exports, gsm8k, tiny_dirs):
 
 
 def test_model_gguf_imports_once(exports, tmp_path, monkeypatch):
-    import acf.models as M
+    import acf.models.loading as M
 
     monkeypatch.setenv("ACF_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -152,7 +152,7 @@ def test_model_gguf_imports_once(exports, tmp_path, monkeypatch):
 
 
 def _acf(capsys, *args) -> tuple[int, str, str]:
-    from acf import cli
+    from acf.cli import main as cli
 
     old = sys.argv
     sys.argv = ["acf", *args]
@@ -207,9 +207,9 @@ def test_bad_types_one_line_exit_2_nothing_written(params, want, tiny_dirs, tmp_
 def test_search_space_offers_gguf_types_the_shapes_allow(tiny_dirs, smol_dir):
     import optuna
 
-    from acf.search import SearchSpace
-    from acf.spec import infer_spec
-    from acf.strategy import validate_strategy
+    from acf.search.space import SearchSpace
+    from acf.models.spec import infer_spec
+    from acf.methods.strategy import validate_strategy
 
     tiny = infer_spec(tiny_dirs["llama"])
     sp = SearchSpace(tiny, quant_methods=["gguf"], prune_methods=["none", "drop_layers"], calib_samples=4, seq_len=64)
@@ -231,8 +231,8 @@ def test_search_space_offers_gguf_types_the_shapes_allow(tiny_dirs, smol_dir):
     ({"runtime": "tensorrt"}, "--runtime 'tensorrt'"),
 ])
 def test_runtime_config_is_validated(kw, want, tmp_path):
-    from acf.errors import AcfError
-    from acf.run_context import RunConfig, validate_config
+    from acf.core.errors import AcfError
+    from acf.coordinator.run_context import RunConfig, validate_config
 
     with pytest.raises(AcfError, match=want.replace("(", r"\(")):
         validate_config(RunConfig(run_dir=str(tmp_path / "r"), **kw), ("accuracy", "answer_nll"))
@@ -245,10 +245,10 @@ def test_distill_promote_exports_gguf_and_rollback_restores_it(tmp_path, tiny_di
     follows promote and rollback."""
     from typer.testing import CliRunner
 
-    from acf.deploy import deploy_link
-    from acf.gguf import read_gguf
-    from acf.lifecycle_cli import distill_app
-    from acf.registry import open_registry
+    from acf.lifecycle.deploy import deploy_link
+    from acf.methods.gguf import read_gguf
+    from acf.cli.lifecycle_cmd import distill_app
+    from acf.lifecycle.registry import open_registry
 
     monkeypatch.setenv("ACF_HOME", str(tmp_path / "home"))
     rows = [{"prompt": f"What is the code for {w}?", "answer": "42"} for w in ["red", "blue", "green", "cat", "dog",

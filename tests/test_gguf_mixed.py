@@ -45,8 +45,8 @@ def gsm8k(data_root):
 
 def _run(model_dir: Path, out: Path, task, **params):
     from acf.methods import StepContext, run_strategy
-    from acf.spec import infer_spec
-    from acf.strategy import validate_strategy
+    from acf.models.spec import infer_spec
+    from acf.methods.strategy import validate_strategy
 
     p = {"imatrix": False, "sensitivity_samples": 2, "sensitivity_seq_len": 32, **params}
     strat = validate_strategy({"steps": [{"method": "gguf", "params": p}]}, infer_spec(model_dir))
@@ -57,7 +57,7 @@ def test_mixed_gguf_file_holds_the_allocation_and_llamacpp_loads_it(tiny, gsm8k,
     from gguf import GGUFReader
 
     from acf.evaluation.llamacpp import open_llama
-    from acf.gguf import GGUF_NAME, load_manifest
+    from acf.methods.gguf import GGUF_NAME, load_manifest
 
     monkeypatch.setenv("ACF_CACHE", str(tmp_path / "cache"))
     rec = _run(tiny, tmp_path / "mixed", gsm8k, avg_bits=6.0, types=TYPES)
@@ -88,9 +88,9 @@ def test_mixed_gguf_file_holds_the_allocation_and_llamacpp_loads_it(tiny, gsm8k,
 
 
 def test_unreachable_budget_refused_before_running(tiny):
-    from acf.errors import StrategyError
-    from acf.spec import infer_spec
-    from acf.strategy import validate_strategy
+    from acf.core.errors import StrategyError
+    from acf.models.spec import infer_spec
+    from acf.methods.strategy import validate_strategy
 
     spec = infer_spec(tiny)
     with pytest.raises(StrategyError, match=r"avg_bits 4 is below the smallest size"):
@@ -105,9 +105,9 @@ def test_unreachable_budget_refused_before_running(tiny):
 def test_search_offers_gguf_budgets_the_model_can_reach(smol_dir):
     import optuna
 
-    from acf.search import SearchSpace
-    from acf.spec import infer_spec
-    from acf.strategy import validate_strategy
+    from acf.search.space import SearchSpace
+    from acf.models.spec import infer_spec
+    from acf.methods.strategy import validate_strategy
 
     spec = infer_spec(smol_dir)
     space = SearchSpace(spec, quant_methods=["gguf"], prune_methods=["none"])

@@ -14,7 +14,7 @@ import torch
 
 from acf.methods.base import StepContext
 from acf.methods.runner import run_strategy
-from acf.strategy import validate_strategy
+from acf.methods.strategy import validate_strategy
 from acf.tasks import get_task
 
 pytestmark = pytest.mark.gpu
@@ -33,7 +33,7 @@ def _run_ok(steps, src, out, ctx):
 
 @pytest.mark.parametrize("method,cls", [("bnb_int8", "Linear8bitLt"), ("bnb_nf4", "Linear4bit")])
 def test_bnb_on_cuda_reloads_and_generates(method, cls, tiny_model_dir, tmp_path, gctx):
-    from acf.models import load_model
+    from acf.models.loading import load_model
 
     recs = _run_ok([{"method": method}], tiny_model_dir, tmp_path / "m", gctx)
     assert recs[0].device.startswith("cuda") and recs[0].peak_memory_bytes and recs[0].peak_memory_bytes > 0
@@ -76,8 +76,8 @@ def test_cuda_memory_and_synchronised_latency(tiny_model_dir, data_root):
 def test_pipeline_episode_on_cuda(tiny_model_dir, data_root, tmp_path):
     from rich.console import Console
 
-    from acf.run_context import RunConfig
-    from acf.runner import run_in_terminal
+    from acf.coordinator.run_context import RunConfig
+    from acf.coordinator.runner import run_in_terminal
 
     cfg = RunConfig(model=str(tiny_model_dir), run_dir=str(tmp_path / "run"), episodes=2, device="cuda",
                     objectives=["answer_nll", "size"], limit=4, proxy_limit=None, calib_samples=4, seq_len=64,
@@ -116,7 +116,7 @@ def test_distill_through_adapters_on_cuda_keeps_sparsity(tiny_model_dir, tmp_pat
 
 def test_continuous_batching_returns_what_padded_batches_return(tiny_model_dir, data_root, monkeypatch):
     from acf.evaluation.generate import generate_all
-    from acf.models import load_model
+    from acf.models.loading import load_model
 
     model, tok = load_model(tiny_model_dir, "cuda")
     task = get_task("gsm8k")
@@ -138,7 +138,7 @@ def test_continuous_batching_returns_what_padded_batches_return(tiny_model_dir, 
 def test_vllm_engine_where_vllm_is_installed(tiny_model_dir, data_root, monkeypatch):
     pytest.importorskip("vllm", reason="vLLM is not installed here: the vllm engine is opt-in where it is")
     from acf.evaluation.generate import generate_all
-    from acf.models import load_model
+    from acf.models.loading import load_model
 
     model, tok = load_model(tiny_model_dir, "cuda")
     prompts = [get_task("gsm8k").chat_prompt(it, tok, 0) for it in get_task("gsm8k").load("test", limit=4, seed=0)]

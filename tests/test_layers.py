@@ -35,7 +35,7 @@ def _imports(path: Path, modules: set[str]) -> list[tuple[str, list[str]]]:
             if not mod.startswith("acf"):
                 continue
             names = [a.name for a in node.names]
-            # `from . import pipeline` imports the module acf.pipeline
+            # `from . import pipeline` imports the module acf.coordinator.pipeline
             subs = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in modules]
             out += [(s, []) for s in subs] + [(mod, [n for n in names if f"{mod}.{n}" not in modules])]
     return out

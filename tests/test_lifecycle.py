@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from acf.errors import AcfError
-from acf.objectives import DIRECTIONS
-from acf.pareto import hypervolume, pareto_front, reference_point
-from acf.provenance import Measurement
-from acf.reward import recommend, retention, reward
-from acf.state import SCHEMA_VERSION, Candidate, FrontierFile, HVPoint, Recommendation, RunMeta, now, save_frontier_file
-from acf.strategy import Strategy
+from acf.core.errors import AcfError
+from acf.core.objectives import DIRECTIONS
+from acf.search.pareto import hypervolume, pareto_front, reference_point
+from acf.core.provenance import Measurement
+from acf.search.reward import recommend, retention, reward
+from acf.coordinator.state import (SCHEMA_VERSION, Candidate, FrontierFile, HVPoint, Recommendation, RunMeta, now,
+                                   save_frontier_file)
+from acf.methods.strategy import Strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJS = ["accuracy", "size", "answer_nll"]
@@ -80,8 +81,8 @@ def make_frontier(run_dir: Path, run_id: str = "test-run") -> FrontierFile:
 
 
 def test_load_frontier_and_report(tmp_path):
-    from acf.frontier_frame import load_frontier
-    from acf.report import write_report
+    from acf.reports.frontier_frame import load_frontier
+    from acf.reports.report import write_report
 
     ff = make_frontier(tmp_path)
     df = load_frontier(tmp_path)
@@ -107,7 +108,7 @@ def test_load_frontier_and_report(tmp_path):
 
 
 def test_report_refuses_other_schema(tmp_path):
-    from acf.frontier_frame import load_frontier
+    from acf.reports.frontier_frame import load_frontier
 
     make_frontier(tmp_path)
     raw = json.loads((tmp_path / "frontier.json").read_text())
@@ -168,8 +169,8 @@ def run_with_artifacts(tmp_path, smol_dir):
 def test_registry_roundtrip_promote_rollback(run_with_artifacts, tmp_path):
     from typer.testing import CliRunner
 
-    from acf.registry import PromotionRefused, RegistryError, open_registry
-    from acf.registry_cli import registry_app
+    from acf.lifecycle.registry import PromotionRefused, RegistryError, open_registry
+    from acf.cli.registry_cmd import registry_app
 
     reg_path = tmp_path / "home" / "registry.json"
     cli = CliRunner()
@@ -240,7 +241,7 @@ def test_collect_filters_dedups_grows_and_refuses_secrets(tmp_path):
     from typer.testing import CliRunner
 
     from acf.lifecycle import collect, stats_path
-    from acf.lifecycle_cli import distill_app
+    from acf.cli.lifecycle_cmd import distill_app
 
     runs = _jsonl(tmp_path / "runs.jsonl", [
         {"id": 1, "prompt": "2+2?", "answer": "4", "score": 0.9, "approved": True},
@@ -302,8 +303,8 @@ def test_train_eval_promote_rollback(tmp_path, learnable_tiny):
 
     from typer.testing import CliRunner
 
-    from acf.lifecycle_cli import distill_app
-    from acf.registry import open_registry
+    from acf.cli.lifecycle_cmd import distill_app
+    from acf.lifecycle.registry import open_registry
 
     words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "car", "boat", "fish", "bird"]
     ds = _jsonl(tmp_path / "ds.jsonl", [{"prompt": f"What is the code for {w}?", "answer": "42"} for w in words])
@@ -376,8 +377,8 @@ def _write(path: Path, obj: dict) -> Path:
 def test_extract_by_importance_differs_from_first_n(tmp_path, smol_dir, data_root):
     from typer.testing import CliRunner
 
-    from acf.extract import extract, extract_cmd
-    from acf.registry import open_registry
+    from acf.lifecycle.extract import extract, extract_cmd
+    from acf.lifecycle.registry import open_registry
     from conftest import make_tiny_model
 
     base = make_tiny_model(tmp_path / "src", smol_dir, layers=4)

@@ -20,7 +20,7 @@ def spec8b(tmp_path_factory, tiny_model_dir):
     """The spec of a Llama-3.1-8B-shaped config (meta device: no weights) with the tiny model's tokenizer."""
     from transformers import LlamaConfig
 
-    from acf.spec import infer_spec
+    from acf.models.spec import infer_spec
 
     d = tmp_path_factory.mktemp("m8b")
     LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -64,8 +64,8 @@ def _ctx(spec, device: str, tmp_path):
 
 
 def test_preflight_refuses_a_step_that_cannot_fit_naming_its_figures(spec8b, tmp_path):
-    from acf.preflight import preflight
-    from acf.strategy import Strategy
+    from acf.coordinator.preflight import preflight
+    from acf.methods.strategy import Strategy
 
     full = Strategy.model_validate({"steps": [{"method": "distill", "params": {"adapters": False}}]})
     why = preflight(_ctx(spec8b, "cuda", tmp_path), full, free_bytes=80 * GiB)

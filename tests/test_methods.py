@@ -10,7 +10,7 @@ import torch
 
 from acf.methods.base import StepContext
 from acf.methods.runner import run_strategy
-from acf.strategy import validate_strategy
+from acf.methods.strategy import validate_strategy
 from acf.tasks import get_task
 
 CAL = {"calib_samples": 4, "seq_len": 32}
@@ -69,7 +69,7 @@ def generates(model) -> torch.Tensor:
 
 def test_calibration_from_train_split_deterministic(ctx, tiny_model_dir):
     from acf.methods.calibration import calibration_dataset, calibration_ids
-    from acf.models import load_tokenizer
+    from acf.models.loading import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     a = calibration_ids(tok, ctx.task, 3, 48, seed=0)
@@ -218,7 +218,7 @@ def test_qlora_on_nf4_base_reloads_4bit(tiny_model_dir, tmp_path, ctx):
 
     from acf.methods._train import eval_loss
     from acf.methods.calibration import training_examples
-    from acf.models import load_tokenizer
+    from acf.models.loading import load_tokenizer
 
     out = tmp_path / "qlora"
     rec = run_ok([{"method": "bnb_nf4"}, {"method": "lora", "params": {"qlora": True, "steps": 10, "lr": 2e-2,
@@ -265,7 +265,7 @@ def test_failure_kinds(tiny_model_dir, tmp_path, ctx):
 # --- subagents -----------------------------------------------------------------------------------------------------
 
 def test_subagent_cards_bind_callable_tools(tiny_model_dir, tmp_path, data_root):
-    from acf.subagents import bind_cards
+    from acf.coordinator.subagents import bind_cards
 
     bound = bind_cards()
     assert {"quantization", "pruning", "distillation", "lora", "evaluation"} <= set(bound)
@@ -341,7 +341,7 @@ def test_compress_cli_keeps_library_chatter_in_step_logs(tiny_model_dir, tmp_pat
 
     strategy = {"steps": [{"method": "wanda", "params": {"sparsity": 0.5, **CAL}},
                           {"method": "gptq", "params": {"bits": 4, "group_size": 32, **CAL}}]}
-    r = subprocess.run([sys.executable, "-m", "acf.cli", "compress", "--model", str(tiny_model_dir), "--out",
+    r = subprocess.run([sys.executable, "-m", "acf.cli.main", "compress", "--model", str(tiny_model_dir), "--out",
                         str(tmp_path / "out"), "--strategy", json.dumps(strategy)],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr[-2000:]

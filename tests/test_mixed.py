@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from acf.errors import StrategyError
+from acf.core.errors import StrategyError
 from acf.methods.base import StepContext
 from acf.methods.mixed import (KEEP, LayerShape, allocate, default_formats, direct_sensitivity, effective_bits,
                                fisher_sensitivity, layer_bytes, min_effective_bits, parse_format)
 from acf.methods.sensitivity_cache import cached_sensitivity
-from acf.spec import infer_spec
-from acf.strategy import validate_strategy
+from acf.models.spec import infer_spec
+from acf.methods.strategy import validate_strategy
 from acf.tasks import get_task
 
 # --- pure ---------------------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_exit_inside_a_step_stops_the_run_not_the_step(tiny_model_dir, tmp_path,
     """A process told to stop (SIGTERM -> SystemExit) must stop; it is not a failed method (found when a killed
     benchmark recorded 'gptq failed: SystemExit: 143' and went on to its next configuration)."""
     from acf.methods import _IMPL, register, run_strategy
-    from acf.strategy import Step
+    from acf.methods.strategy import Step
 
     register("exits_now", "test_mixed:_exits")
     try:

@@ -16,11 +16,11 @@ import optuna
 import pytest
 from rich.console import Console
 
-from acf.errors import AcfError, RunDirError
-from acf.pareto import pareto_front
-from acf.run_context import RunConfig
-from acf.runner import Pipeline, run_in_terminal
-from acf.state import load_frontier_file
+from acf.core.errors import AcfError, RunDirError
+from acf.search.pareto import pareto_front
+from acf.coordinator.run_context import RunConfig
+from acf.coordinator.runner import Pipeline, run_in_terminal
+from acf.coordinator.state import load_frontier_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(objectives=["answer_nll", "size"], limit=4, proxy_limit=None, calib_samples=4, seq_len=64,
@@ -72,7 +72,7 @@ def test_three_episodes_give_a_valid_frontier(e2e_run):
 
 
 def test_resume_refusals(e2e_run, tmp_path, tiny_model_dir):
-    from acf.runner import load_run_config
+    from acf.coordinator.runner import load_run_config
 
     with pytest.raises(RunDirError, match="not an acf run"):
         load_run_config(tmp_path)
@@ -175,9 +175,9 @@ def _wait_for(pred, timeout: float, proc) -> None:
 def test_the_study_is_the_runs_store(e2e_run, tmp_path, capsys):
     """frontier.json is derived from the study alone: rebuilt the same (`acf rebuild-frontier --run-dir`), and a run whose
     frontier.json was lost resumes with every episode it recorded."""
-    from acf.run_context import RunContext
-    from acf.run_store import frontier_from_study, open_run
-    from acf.runner import load_run_config
+    from acf.coordinator.run_context import RunContext
+    from acf.coordinator.run_store import frontier_from_study, open_run
+    from acf.coordinator.runner import load_run_config
     from test_evaluation import acf_inproc
 
     ff = load_frontier_file(e2e_run / "frontier.json")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from acf.run_context import RunConfig
-from acf.runner import Pipeline, run_in_terminal
-from acf.state import load_frontier_file
+from acf.coordinator.run_context import RunConfig
+from acf.coordinator.runner import Pipeline, run_in_terminal
+from acf.coordinator.state import load_frontier_file
 
 FAST = dict(limit=4, proxy_limit=None, calib_samples=4, seq_len=64, recover_steps=[2], latency_tokens=4,
             min_retention=None, quant_methods=["none", "rtn"], prune_methods=["none", "drop_layers"],
@@ -79,14 +79,14 @@ def test_recovery_steps_get_a_control_row(fid_run):
     ctrl = ff.controls[0]
     assert [s.method for s in ctrl.strategy.steps] == ["lora"] and ctrl.strategy.steps[0].params["steps"] == 2
     assert ctrl.status == "ok" and ctrl.metrics["kld"].value is not None and ctrl.id not in ff.frontier
-    from acf.report import write_report
+    from acf.reports.report import write_report
 
     text = write_report(fid_run).read_text()
     assert "task adaptation" in text.lower() and "ctrl01" in text
 
 
 def test_resume_reuses_the_reference_and_rebuilds_a_corrupt_one(fid_run, tiny_model_dir):
-    from acf.runner import load_run_config
+    from acf.coordinator.runner import load_run_config
 
     ref = fid_run / "reference" / "task-search.safetensors"
     before = ref.stat().st_mtime_ns

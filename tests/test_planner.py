@@ -21,14 +21,14 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel, G
 from langchain_core.messages import AIMessage
 from rich.console import Console
 
-from acf.errors import AcfError
-from acf.run_store import open_run
-from acf.run_context import RunContext
+from acf.core.errors import AcfError
+from acf.coordinator.run_store import open_run
+from acf.coordinator.run_context import RunContext
 from acf.planner import Planner, params_for, parse_proposal_text, read_planner_log, scrub
-from acf.runner import Pipeline, load_run_config, run_in_terminal
-from acf.search import SearchSpace
-from acf.state import load_frontier_file
-from acf.strategy import Strategy, validate_strategy
+from acf.coordinator.runner import Pipeline, load_run_config, run_in_terminal
+from acf.search.space import SearchSpace
+from acf.coordinator.state import load_frontier_file
+from acf.methods.strategy import Strategy, validate_strategy
 from test_pipeline import cfg_for, quiet
 
 SECRET = "sk-test-SECRET123"
@@ -205,7 +205,7 @@ def test_planner_timeout_and_retries_flow_from_the_config_and_bound_a_hung_model
 
 
 def test_planner_timeout_and_retries_are_validated(tiny_model_dir, data_root, tmp_path, capsys):
-    from acf.run_context import validate_config
+    from acf.coordinator.run_context import validate_config
 
     chat = FakeListChatModel(responses=["x"])
     for kw, needle in [({"timeout": 0}, "--planner-timeout must be a positive"),
@@ -231,8 +231,8 @@ def test_planner_timeout_and_retries_are_validated(tiny_model_dir, data_root, tm
 def test_cli_planner_defaults_match_the_run_config():
     from typer.main import get_command
 
-    from acf import cli
-    from acf.run_context import RunConfig
+    from acf.cli import main as cli
+    from acf.coordinator.run_context import RunConfig
 
     run = get_command(cli.app).commands["run"]
     defaults = {p.name: p.default for p in run.params}
@@ -336,7 +336,7 @@ def test_from_spec_errors_name_the_package():
 
 def test_omitted_calibration_takes_the_run_settings():
     from acf.planner import with_run_defaults
-    from acf.run_context import RunConfig
+    from acf.coordinator.run_context import RunConfig
 
     cfg = RunConfig(run_dir="unused", calib_samples=16, seq_len=128)
     out = with_run_defaults({"steps": [{"method": "gptq", "params": {"bits": 4}},
@@ -356,7 +356,7 @@ def test_parse_and_scrub_helpers(key_in_env):
 
 
 def test_params_for_round_trips_the_search_space(tiny_model_dir):
-    from acf.spec import infer_spec
+    from acf.models.spec import infer_spec
 
     spec = infer_spec(tiny_model_dir)
     space = SearchSpace(spec, "cpu", 4, 64, [2], quant_methods=["none", "rtn", "gptq", "bnb_int8"],

@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from acf.errors import AcfError
-from acf.objectives import parse_objectives
-from acf.pareto import crowding_distance, dominates, hypervolume, pareto_front, reference_point
-from acf.reward import recommend, reward, weights_for
+from acf.core.errors import AcfError
+from acf.core.objectives import parse_objectives
+from acf.search.pareto import crowding_distance, dominates, hypervolume, pareto_front, reference_point
+from acf.search.reward import recommend, reward, weights_for
 
 OBJ = ["answer_nll", "size"]
 
@@ -91,8 +91,8 @@ def test_seeds_and_grid_stay_inside_a_narrowed_space(tiny_model_dir):
     """Optuna refuses an enqueued value outside a categorical's choices: narrowed spaces drop such recipes."""
     import optuna
 
-    from acf.search import SearchSpace
-    from acf.spec import infer_spec
+    from acf.search.space import SearchSpace
+    from acf.models.spec import infer_spec
 
     spec = infer_spec(tiny_model_dir)
     space = SearchSpace(spec, "cpu", 4, 64, [2], quant_methods=["none", "gptq", "rtn"],
@@ -109,8 +109,8 @@ def test_seeds_and_grid_stay_inside_a_narrowed_space(tiny_model_dir):
 
 
 def test_cli_method_narrowing_is_validated_before_anything_runs(tmp_path):
-    from acf.errors import AcfError
-    from acf.run_context import RunConfig, validate_config
+    from acf.core.errors import AcfError
+    from acf.coordinator.run_context import RunConfig, validate_config
 
     def cfg(**kw):
         return RunConfig(model="m", dataset="gsm8k", run_dir=str(tmp_path / "r"), objectives=["answer_nll", "size"],
@@ -133,8 +133,8 @@ def test_cli_method_narrowing_is_validated_before_anything_runs(tmp_path):
 def test_space_without_quantization_never_proposes_the_baseline(tiny_model_dir):
     import optuna
 
-    from acf.search import SearchSpace
-    from acf.spec import infer_spec
+    from acf.search.space import SearchSpace
+    from acf.models.spec import infer_spec
 
     space = SearchSpace(infer_spec(tiny_model_dir), "cpu", 4, 64, [2], quant_methods=["none"],
                         prune_methods=["none", "magnitude"])

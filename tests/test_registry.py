@@ -48,14 +48,14 @@ def test_a_method_registered_alone_is_seen_everywhere(toy_method, tiny_model_dir
     import optuna
     from typer.testing import CliRunner
 
-    from acf.cli import app
+    from acf.cli.main import app
     from acf.methods import StepContext, run_strategy
-    from acf.run_context import RunConfig, validate_config
+    from acf.coordinator.run_context import RunConfig, validate_config
     from acf.planner import params_for
-    from acf.search import SearchSpace
-    from acf.spec import infer_spec
-    from acf.strategy import validate_strategy
-    from acf.subagents import estimate_cost_tool, load_cards, render_methods_block
+    from acf.search.space import SearchSpace
+    from acf.models.spec import infer_spec
+    from acf.methods.strategy import validate_strategy
+    from acf.coordinator.subagents import estimate_cost_tool, load_cards, render_methods_block
 
     spec = infer_spec(tiny_model_dir)
     # validation: defaults filled, bad values and misplaced steps refused like any method's
@@ -95,13 +95,13 @@ def test_a_method_registered_alone_is_seen_everywhere(toy_method, tiny_model_dir
 
 
 def test_card_files_are_the_registrys_generated_copy(tmp_path):
-    """agents/*.md list exactly the registry's methods and ranges (regenerate with `python -m acf.subagents`)."""
+    """agents/*.md list exactly the registry's methods and ranges (regenerate with `python -m acf.coordinator.subagents`)."""
     from acf.methods.registry import all_methods
-    from acf.subagents import load_cards, sync_cards
+    from acf.coordinator.subagents import load_cards, sync_cards
 
     copy = tmp_path / "agents"
     shutil.copytree(ROOT / "agents", copy)
-    assert sync_cards(copy) == [], "agents/*.md differ from the registry: run `python -m acf.subagents`"
+    assert sync_cards(copy) == [], "agents/*.md differ from the registry: run `python -m acf.coordinator.subagents`"
     offered = {m for c in load_cards(copy).values() for m in (c.search_space.get("methods") or {})}
     assert offered == set(all_methods())
 
@@ -113,9 +113,9 @@ def test_every_searchable_method_round_trips_through_its_fragment(tiny_model_dir
 
     from acf.methods.registry import choices
     from acf.planner import params_for
-    from acf.search import SearchSpace
-    from acf.spec import infer_spec
-    from acf.strategy import validate_strategy
+    from acf.search.space import SearchSpace
+    from acf.models.spec import infer_spec
+    from acf.methods.strategy import validate_strategy
 
     spec = infer_spec(tiny_model_dir)
     space = SearchSpace(spec, "cpu", 4, 64, [2], quant_methods=choices("quant", everything=True),

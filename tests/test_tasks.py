@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from acf.errors import AcfError, DataError
+from acf.core.errors import AcfError, DataError
 from acf.evaluation.multiple_choice import ChoiceScore, mc_measurements, score_choices
 from acf.evaluation.runner import check_metrics
 from acf.tasks import get_task
@@ -157,7 +157,7 @@ def test_humaneval_chat_prompt_style(smol_dir):
 
 # --- the batched scorer agrees with itself unbatched ----------------------------------------------------------
 def test_shared_and_flat_scoring_agree(tiny_model_dir):
-    from acf.models import load_model
+    from acf.models.loading import load_model
 
     model, tok = load_model(tiny_model_dir)
     reqs = [("Question: What colour is the sky?\nAnswer:", [" blue", " green", " a large red apple"]),
@@ -192,7 +192,7 @@ def test_mc_tasks_evaluate_on_tiny(tiny_model_dir, data_root, name, metrics):
 
 
 def test_bbh_one_task_and_all_on_tiny(tiny_model_dir, data_root):
-    from acf.models import load_model
+    from acf.models.loading import load_model
 
     model, tok = load_model(tiny_model_dir)
     task = get_task("bbh:boolean_expressions")
@@ -208,7 +208,7 @@ def test_bbh_one_task_and_all_on_tiny(tiny_model_dir, data_root):
 
 
 def test_humaneval_on_tiny_needs_consent(tiny_model_dir, data_root):
-    from acf.models import load_model
+    from acf.models.loading import load_model
 
     model, tok = load_model(tiny_model_dir)
     task = get_task("humaneval")

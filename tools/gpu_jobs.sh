@@ -12,9 +12,9 @@ case $job in
   batch)    # evaluation batch before/after on the bf16 baseline, all 1319 GSM8K test items
     python3 experiments/bench_gpu_batch.py --limit 1319 --models baseline --out "$o/gpu-batch.json" ;;
   tasks)    # task figures of the default model on the GPU (BBH all 27 tasks, HumanEval in the sandbox)
-    python3 -m acf.cli eval --model smollm2-135m --dataset bbh --limit ${BBH_LIMIT:-20} --device cuda \
+    python3 -m acf.cli.main eval --model smollm2-135m --dataset bbh --limit ${BBH_LIMIT:-20} --device cuda \
       --metrics accuracy,answer_nll --json "$o/eval-bbh.json" 2>&1 | tail -25
-    python3 -m acf.cli eval --model smollm2-135m --dataset humaneval --limit 144 --device cuda \
+    python3 -m acf.cli.main eval --model smollm2-135m --dataset humaneval --limit 144 --device cuda \
       --metrics pass@1 --allow-code-execution --json "$o/eval-humaneval.json" 2>&1 | tail -25 ;;
   methods)  # every method of the benchmark table on the default model
     python3 experiments/bench_methods.py --device cuda --limit 100 --out "$o" 2>&1 | grep -v "^\[transformers\]" | tail -30 ;;

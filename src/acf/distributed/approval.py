@@ -8,14 +8,14 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import TrialState
 
-from ..search import trial_for
-from .. import run_context as RC
-from ..errors import AcfError, StrategyError
-from ..state import Candidate, now
-from ..strategy import Strategy, validate_strategy
-from ..run_store import write_trial_record
-from .schema import A_STOP, T_APPROVAL, T_PROPOSAL, T_RELEASED, T_STRATEGY
-from .study import cid_for
+from acf.search.space import trial_for
+from acf.coordinator import run_context as RC
+from acf.core.errors import AcfError, StrategyError
+from acf.coordinator.state import Candidate, now
+from acf.methods.strategy import Strategy, validate_strategy
+from acf.coordinator.run_store import write_trial_record
+from acf.distributed.schema import A_STOP, T_APPROVAL, T_PROPOSAL, T_RELEASED, T_STRATEGY
+from acf.distributed.study import cid_for
 
 
 def _proposer(ctx: RC.RunContext, system_attrs: dict) -> str:
@@ -57,7 +57,7 @@ def make_pending(ctx: RC.RunContext, trial: optuna.Trial) -> None:
     except StrategyError as e:
         release(ctx.study, trial.number, f"invalid proposal: {e}")
         return
-    from ..episode import approval_request
+    from acf.coordinator.episode import approval_request
 
     trial.set_user_attr(T_PROPOSAL, approval_request(ctx, strategy, proposed_by))
     trial.set_user_attr(T_APPROVAL, "pending")
@@ -111,7 +111,7 @@ class ApprovalQueue:
 
     def answer(self, number: int, answer: Any) -> str:
         """Apply the user's answer to pending trial `number`; returns the decision taken."""
-        from ..episode import decide
+        from acf.coordinator.episode import decide
 
         study, ctx = self.study, self.ctx
         t = study.get_trials(deepcopy=False)[number]

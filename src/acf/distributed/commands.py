@@ -1,4 +1,4 @@
-"""The Typer commands `acf worker` and `acf rebuild` (registered by acf.cli)."""
+"""The Typer commands `acf worker` and `acf rebuild` (registered by acf.cli.main)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from .schema import DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, DEFAULT_HEARTBEAT
-from .study import rebuild_frontier
-from .worker import Worker
+from acf.distributed.schema import DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, DEFAULT_HEARTBEAT
+from acf.distributed.study import rebuild_frontier
+from acf.distributed.worker import Worker
 
 
 def worker_cmd(
@@ -28,7 +28,7 @@ def worker_cmd(
     """Join a shared search and run its episodes (one Optuna trial each) until the shared budget is used."""
     from rich.console import Console
 
-    from ..logsetup import setup_logging
+    from acf.core.logsetup import setup_logging
 
     setup_logging(verbose)
     w = Worker(storage, study, device=device, artifacts=artifacts, console=Console(), max_episodes=max_episodes,
@@ -47,7 +47,7 @@ def rebuild_cmd(
     from rich.console import Console
 
     if storage is None or study is None:
-        from ..runner import load_run_config
+        from acf.coordinator.runner import load_run_config
 
         cfg = load_run_config(run_dir)
         storage = storage or cfg.storage or f"sqlite:///{Path(run_dir).resolve() / 'study.db'}"

@@ -13,18 +13,18 @@ from typing import Any, Callable, Optional
 import optuna
 from optuna.trial import TrialState
 
-from ..objectives import DIRECTIONS
-from .. import run_context as RC
-from ..errors import AcfError
-from ..run_store import A_STOPPED, publish
-from ..state import FrontierFile
-from .approval import ApprovalQueue, release
-from .processes import spawn_workers, stop_processes
-from .schema import (A_COORDINATOR, A_STOP, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, DEFAULT_HEARTBEAT,
-                     T_APPROVAL, T_WORKER)
-from .storage import Beat, first_line, make_storage, quiet_optuna, retry_db, study_config, where
-from .study import create_or_join
-from .worker import check_artifacts_dir, worker_id
+from acf.core.objectives import DIRECTIONS
+from acf.coordinator import run_context as RC
+from acf.core.errors import AcfError
+from acf.coordinator.run_store import A_STOPPED, publish
+from acf.coordinator.state import FrontierFile
+from acf.distributed.approval import ApprovalQueue, release
+from acf.distributed.processes import spawn_workers, stop_processes
+from acf.distributed.schema import (A_COORDINATOR, A_STOP, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, DEFAULT_HEARTBEAT,
+                                    T_APPROVAL, T_WORKER)
+from acf.distributed.storage import Beat, first_line, make_storage, quiet_optuna, retry_db, study_config, where
+from acf.distributed.study import create_or_join
+from acf.distributed.worker import check_artifacts_dir, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ class Coordinator:
                  grace_period: int = DEFAULT_GRACE, connect_timeout: int = DEFAULT_CONNECT_TIMEOUT):
         from rich.console import Console
 
-        from ..models import resolve_device
-        from ..tasks import get_task
+        from acf.models.loading import resolve_device
+        from acf.tasks import get_task
 
         self.console = console or Console(stderr=False)
         RC.validate_config(cfg, get_task(cfg.dataset, cfg.data_dir).metrics)
@@ -123,10 +123,10 @@ class Coordinator:
             self.release_lock()
             raise
         self.study = study
-        from ..atomic import write_text
+        from acf.core.atomic import write_text
 
         write_text(Path(self.cfg.run_dir) / "run_config.json", self.cfg.model_dump_json(indent=2))
-        from ..spec import save_spec
+        from acf.models.spec import save_spec
 
         save_spec(spec, Path(self.cfg.run_dir) / "model_spec.json")
         ctx = RC.RunContext(self.cfg, self.console)
@@ -223,11 +223,11 @@ def run_coordinator(cfg: RC.RunConfig, workers: int, artifacts: Optional[Path] =
                     ask: Optional[Callable[[dict], Any]] = None, resume: bool = False,
                     refresh_seconds: float = 5.0) -> FrontierFile:
     """`acf run --workers K`: the coordinator plus K local workers sharing one study (K=0: workers elsewhere)."""
-    from ..runner import ask_terminal
+    from acf.coordinator.runner import ask_terminal
 
     run_dir = Path(cfg.run_dir)
     if not resume and (run_dir / "run_config.json").exists():
-        from ..errors import RunDirError
+        from acf.core.errors import RunDirError
 
         raise RunDirError(f"{run_dir} already holds a run: use --resume {run_dir} or another --run-dir")
     if resume and (run_dir / "checkpoints.db").exists():

@@ -40,7 +40,7 @@ def spawn_workers(k: int, url: str, study: str, device: str, run_dir: str | Path
             wdev = "cuda:0"
         else:
             wdev = "cpu"
-        cmd = [sys.executable, "-m", "acf.cli", "worker", "--storage", url, "--study", study, "--device", wdev,
+        cmd = [sys.executable, "-m", "acf.cli.main", "worker", "--storage", url, "--study", study, "--device", wdev,
                "--artifacts", str(artifacts), "--heartbeat-interval", str(heartbeat), "--grace-period", str(grace),
                *(extra or [])]
         f = open(logs / f"worker-{i}.log", "ab")

@@ -1,6 +1,6 @@
 """The study attributes only a shared run uses (claims, locks, approvals, heartbeats) and the defaults of heartbeats
 and waits. The results every run stores (config, spec, metadata, baseline, controls, one candidate record per
-trial) are named in `acf.run_store`: together they are the file format of a distributed run."""
+trial) are named in `acf.coordinator.run_store`: together they are the file format of a distributed run."""
 
 # study user attributes
 A_BASELINE_CLAIM = "acf_baseline_claim"

@@ -16,10 +16,10 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
-from .. import run_context as RC
-from ..errors import AcfError
-from ..run_store import A_CONFIG
-from .schema import DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT, DEFAULT_GRACE, DEFAULT_HEARTBEAT, HB_ATTR
+from acf.coordinator import run_context as RC
+from acf.core.errors import AcfError
+from acf.coordinator.run_store import A_CONFIG
+from acf.distributed.schema import DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT, DEFAULT_GRACE, DEFAULT_HEARTBEAT, HB_ATTR
 
 log = logging.getLogger(__name__)
 

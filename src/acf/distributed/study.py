@@ -1,4 +1,4 @@
-"""The shared study: create or join it (config, spec, run metadata and seed recipes, stored as `acf.run_store`
+"""The shared study: create or join it (config, spec, run metadata and seed recipes, stored as `acf.coordinator.run_store`
 stores every run) and rebuild frontier.json from it alone."""
 
 from __future__ import annotations
@@ -9,21 +9,21 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
-from .. import pipeline as P
-from .. import run_context as RC
-from ..run_store import A_CONFIG, has_run, publish, put_run
-from ..search import open_study
-from ..state import FrontierFile
-from .schema import A_APPROVAL
-from .storage import load_study, make_storage, study_config
+from acf.coordinator import pipeline as P
+from acf.coordinator import run_context as RC
+from acf.coordinator.run_store import A_CONFIG, has_run, publish, put_run
+from acf.search.space import open_study
+from acf.coordinator.state import FrontierFile
+from acf.distributed.schema import A_APPROVAL
+from acf.distributed.storage import load_study, make_storage, study_config
 
 
 def create_or_join(cfg: RC.RunConfig, storage: BaseStorage, approval: bool = False,
                    console=None) -> tuple[optuna.Study, str, Any]:
     """Create the shared study (config, spec, run metadata, seed recipes) or join it; refuse a study made for
     another model/task/objectives (`open_study`). Returns (study, resolved model path, model spec)."""
-    from ..models import resolve_model
-    from ..spec import infer_spec, spec_summary
+    from acf.models.loading import resolve_model
+    from acf.models.spec import infer_spec, spec_summary
 
     model_path = resolve_model(cfg.model)
     spec = infer_spec(model_path, cfg.trust_remote_code)
@@ -39,7 +39,7 @@ def create_or_join(cfg: RC.RunConfig, storage: BaseStorage, approval: bool = Fal
             study.set_user_attr(A_CONFIG, {**attrs[A_CONFIG], "episodes": max(old.episodes, cfg.episodes)})
     study.set_user_attr(A_APPROVAL, bool(approval))
     if not study.trials:
-        from ..search import SearchSpace, enqueue_first
+        from acf.search.space import SearchSpace, enqueue_first
 
         enqueue_first(study, _space(cfg, spec, SearchSpace), cfg.sampler)
     return study, str(model_path), spec

@@ -16,21 +16,21 @@ import optuna
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
-from .. import pipeline as P
-from .. import baseline as BL
-from .. import records as REC
-from .. import run_context as RC
-from ..errors import AcfError, StrategyError
-from ..state import Candidate, FrontierFile, RunMeta, now
-from ..strategy import Strategy, validate_strategy
-from .approval import make_pending, release, trial_proposal
-from ..run_store import (A_BASELINE, A_CONFIG, A_RUN_META, A_SPEC, A_STARTED, T_RECORD, frontier_from_study,
-                         prune_artifact_dirs, put_baseline, write_trial_record)
-from .schema import (A_APPROVAL, A_BASELINE_CLAIM, A_STOP, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT, DEFAULT_GRACE,
-                     DEFAULT_HEARTBEAT, T_APPROVAL, T_DUPLICATE, T_WORKER)
-from .storage import (Beat, fail_stale, first_line, load_study, make_storage, retry_db, study_config, trial_heartbeat,
-                      where)
-from .study import cid_for
+from acf.coordinator import pipeline as P
+from acf.coordinator import baseline as BL
+from acf.coordinator import records as REC
+from acf.coordinator import run_context as RC
+from acf.core.errors import AcfError, StrategyError
+from acf.coordinator.state import Candidate, FrontierFile, RunMeta, now
+from acf.methods.strategy import Strategy, validate_strategy
+from acf.distributed.approval import make_pending, release, trial_proposal
+from acf.coordinator.run_store import (A_BASELINE, A_CONFIG, A_RUN_META, A_SPEC, A_STARTED, T_RECORD,
+                                       frontier_from_study, prune_artifact_dirs, put_baseline, write_trial_record)
+from acf.distributed.schema import (A_APPROVAL, A_BASELINE_CLAIM, A_STOP, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT,
+                                    DEFAULT_GRACE, DEFAULT_HEARTBEAT, T_APPROVAL, T_DUPLICATE, T_WORKER)
+from acf.distributed.storage import (Beat, fail_stale, first_line, load_study, make_storage, retry_db, study_config,
+                                     trial_heartbeat, where)
+from acf.distributed.study import cid_for
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Worker:
                  max_episodes: Optional[int] = None, poll_seconds: float = 2.0, db_wait: float = DEFAULT_DB_WAIT):
         from rich.console import Console
 
-        from ..models import resolve_device
+        from acf.models.loading import resolve_device
 
         self.url, self.name = storage_url, study_name
         self.console = console or Console(stderr=False)
@@ -116,8 +116,8 @@ class Worker:
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        from ..models import resolve_model
-        from ..spec import infer_spec
+        from acf.models.loading import resolve_model
+        from acf.models.spec import infer_spec
 
         cfg = self.ctx.cfg
         self.model_path = str(resolve_model(cfg.model))
@@ -268,9 +268,9 @@ class Worker:
         return {"strategy": strategy.model_dump(), "proposed_by": proposed_by}
 
     def run_trial(self, trial: optuna.Trial, prop: dict) -> Optional[Candidate]:
-        """The episode engine's stages (acf.episode.run_episode, as the coordinator graph runs them), recorded
+        """The episode engine's stages (acf.coordinator.episode.run_episode, as the coordinator graph runs them), recorded
         into the trial (idempotent)."""
-        from ..episode import Episode, run_episode, write_episode_files
+        from acf.coordinator.episode import Episode, run_episode, write_episode_files
 
         ctx = self.ctx
         cid = cid_for(trial.number)
@@ -333,6 +333,6 @@ class Worker:
 
 
 def _sampler(cfg: RC.RunConfig, salt: int) -> optuna.samplers.BaseSampler:
-    from ..search import make_sampler
+    from acf.search.space import make_sampler
 
     return make_sampler(cfg.sampler, (cfg.seed * 1_000_003 + salt) % 2**31, len(cfg.objectives))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from ..errors import AcfError
+from acf.core.errors import AcfError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ SEED = 4321
 def general_texts(exclude_task: str, part: str = "search", per_source: int = PER_SOURCE) -> tuple[list[tuple[str, str]], list[str]]:
     """((id, text) pairs, sources used). `part` "search" takes the first `per_source` items of each source's
     permutation, "report" the next `per_source`: the final report never scores the text that ranked candidates."""
-    from ..tasks import get_task
+    from acf.tasks import get_task
 
     base = (exclude_task or "").partition(":")[0]
     start = 0 if part == "search" else per_source

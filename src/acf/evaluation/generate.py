@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .sequences import prompt_text
+from acf.evaluation.sequences import prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
     device = next(model.parameters()).device
     engine = os.environ.get("ACF_GEN_ENGINE", DEFAULT_ENGINE)
     if engine not in ENGINES:
-        from ..errors import AcfError
+        from acf.core.errors import AcfError
 
         raise AcfError(f"ACF_GEN_ENGINE={engine!r}: one of {', '.join(ENGINES)}")
     if device.type == "cuda" and engine == "vllm":
@@ -178,7 +178,7 @@ def _finish(tokenizer, gens: list[list[int]], done_pattern: Optional[str],
 
 def _vllm(model, tokenizer, prompts: list[str], max_new_tokens: int, done_pattern: Optional[str],
           stop_strings: Sequence[str]) -> list[tuple[str, int]]:
-    from ..errors import AcfError
+    from acf.core.errors import AcfError
 
     try:
         from vllm import LLM, SamplingParams

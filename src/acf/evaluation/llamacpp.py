@@ -26,8 +26,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..provenance import Measurement, device_string
-from .perf import PeakRSS
+from acf.core.provenance import Measurement, device_string
+from acf.evaluation.perf import PeakRSS
 
 @functools.lru_cache(maxsize=None)
 def gpu_offload() -> bool:
@@ -191,7 +191,7 @@ def latency(path: Path, prompt_ids: list[int], new_tokens: int = 32, repeats: in
 
 
 def gguf_params(path: Path) -> int:
-    from ..gguf import read_gguf
+    from acf.methods.gguf import read_gguf
 
     return read_gguf(path).params
 
@@ -201,11 +201,11 @@ def evaluate_gguf(model_dir: Path, task, metrics: Sequence[str], *, limit: Optio
                   latency_tokens: int = 32, item_offset: int = 0, fidelity=None, known_sparsity=None,
                   tokenizer=None, batch_size: Optional[int] = None, **_: Any):
     """`acf.evaluation.runner.evaluate` for a GGUF candidate directory: every metric measured in llama.cpp."""
-    from ..gguf import GGUF_NAME, load_manifest, read_gguf
-    from ..models import load_tokenizer
-    from .fidelity import teacher_forced
-    from .shared import EvalResult, eval_items, measure_kld_general
-    from .sequences import encode_prompt, task_sequences
+    from acf.methods.gguf import GGUF_NAME, load_manifest, read_gguf
+    from acf.models.loading import load_tokenizer
+    from acf.evaluation.fidelity import teacher_forced
+    from acf.evaluation.shared import EvalResult, eval_items, measure_kld_general
+    from acf.evaluation.sequences import encode_prompt, task_sequences
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -299,7 +299,7 @@ def _round_up(n: int, k: int) -> int:
 
 
 def _max_prompt(task, tok, items, fewshot: int) -> int:
-    from .sequences import encode_prompt
+    from acf.evaluation.sequences import encode_prompt
 
     if not items:
         return 0
@@ -317,10 +317,10 @@ def _eos_ids(tok) -> list[int]:
 
 def _accuracy(llm, tok, task, items, fewshot: int, max_new_tokens: int):
     """Greedy generation in llama.cpp, scored by the task (the transformers path's rules: done pattern, stops)."""
-    from ..provenance import Measurement as M
-    from .quality import GSM8K_DONE
-    from .sequences import encode_prompt
-    from .stats import wilson_interval
+    from acf.core.provenance import Measurement as M
+    from acf.evaluation.quality import GSM8K_DONE
+    from acf.evaluation.sequences import encode_prompt
+    from acf.evaluation.stats import wilson_interval
 
     t0 = time.perf_counter()
     pat = re.compile(getattr(task, "done_pattern", GSM8K_DONE) or r"$^")

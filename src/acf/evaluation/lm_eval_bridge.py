@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..data import locate
-from ..errors import AcfError
-from ..provenance import Measurement, device_string, runtime_string
-from .stats import wilson_interval
+from acf.tasks.data import locate
+from acf.core.errors import AcfError
+from acf.core.provenance import Measurement, device_string, runtime_string
+from acf.evaluation.stats import wilson_interval
 
 GSM8K_INSTRUCTION = "Solve it step by step, then give the final answer after '####'."
 
@@ -110,7 +110,7 @@ doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
 target_delimiter: " "
 """, metrics=("acc", "acc_norm"))}
     if task == "truthfulqa":
-        from ..tasks.truthfulqa import QA_PRIMER
+        from acf.tasks.truthfulqa import QA_PRIMER
 
         common = f"""\
 process_docs: !function utils.truthfulqa_docs
@@ -156,7 +156,7 @@ def run_lm_eval(model_dir: str | os.PathLike, task: str, limit: Optional[int] = 
     `limit`: the first `limit` evaluated items (file order; acf's own scorer matches with `seed=None`).
     `keep_dir`: where to leave the generated YAMLs (default: a temporary folder removed afterwards).
     """
-    from .runner import EvalResult
+    from acf.evaluation.runner import EvalResult
 
     if not lm_eval_version():
         raise AcfError("--backend lm-eval needs lm-evaluation-harness: pip install 'acf[lmeval]' (or lm-eval)")
@@ -167,7 +167,7 @@ def run_lm_eval(model_dir: str | os.PathLike, task: str, limit: Optional[int] = 
     if base not in _BUILTIN:
         raise AcfError(f"--backend lm-eval knows tasks {', '.join(sorted(_BUILTIN))}, not {task!r}")
     if base == "humaneval" and not allow_code_execution:
-        from .sandbox import CONSENT_MESSAGE
+        from acf.evaluation.sandbox import CONSENT_MESSAGE
 
         raise AcfError(CONSENT_MESSAGE)
     if limit is not None and limit <= 0:

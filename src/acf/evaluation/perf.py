@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..provenance import Measurement, device_string, runtime_string
+from acf.core.provenance import Measurement, device_string, runtime_string
 
 ST_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
             "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64}
@@ -152,7 +152,7 @@ class PeakRSS:
 
 def latency(model, tokenizer, prompt: str, *, new_tokens: int = 32, repeats: int = 3, throughput_batch: int = 8) -> dict:
     """Batch-1 time to first token and decode ms/token (after one warm-up), and throughput at a batch size."""
-    from .sequences import prompt_text
+    from acf.evaluation.sequences import prompt_text
 
     device = str(next(model.parameters()).device)
     prompt = prompt_text(tokenizer, prompt)

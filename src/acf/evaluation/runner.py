@@ -10,16 +10,16 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..errors import AcfError
-from ..models import free, load_model
-from ..provenance import Measurement, device_string, runtime_string
-from ..tasks import Task
-from .batching import CPU_BATCH, auto_batch_size
-from .perf import PeakRSS, latency, model_stats, size_metric, stored_tensor_bits
-from .fidelity import teacher_forced
-from .quality import accuracy
-from .sequences import task_sequences
-from .shared import EvalResult, Fidelity, build_fidelity, eval_items, measure_kld_general  # noqa: F401  (re-exported)
+from acf.core.errors import AcfError
+from acf.models.loading import free, load_model
+from acf.core.provenance import Measurement, device_string, runtime_string
+from acf.tasks import Task
+from acf.evaluation.batching import CPU_BATCH, auto_batch_size
+from acf.evaluation.perf import PeakRSS, latency, model_stats, size_metric, stored_tensor_bits
+from acf.evaluation.fidelity import teacher_forced
+from acf.evaluation.quality import accuracy
+from acf.evaluation.sequences import task_sequences
+from acf.evaluation.shared import EvalResult, Fidelity, build_fidelity, eval_items, measure_kld_general  # noqa: F401  (re-exported)
 
 QUALITY_METRICS = ("accuracy", "answer_nll")
 #: fidelity to the run's baseline, offered for every task (they need a baseline reference: `Fidelity`)
@@ -48,12 +48,12 @@ class Loaded:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str, trust_remote_code: bool = False) -> "Loaded":
-        from ..gguf import is_gguf_dir
+        from acf.methods.gguf import is_gguf_dir
 
         if is_gguf_dir(model_dir):
             # a GGUF candidate is measured in llama.cpp, which opens the file itself per measurement
             # (acf.evaluation.llamacpp): only the tokenizer is kept here
-            from ..models import load_tokenizer
+            from acf.models.loading import load_tokenizer
 
             return cls(model=None, tokenizer=load_tokenizer(model_dir, trust_remote_code), device="cpu")
         cuda = device.startswith("cuda")
@@ -119,11 +119,11 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise AcfError(f"model directory {model_dir} has no config.json")
-    from ..gguf import is_gguf_dir
+    from acf.methods.gguf import is_gguf_dir
 
     if is_gguf_dir(model_dir):
         # the deployment runtime of a GGUF is llama.cpp: every metric of it is measured there, on the CPU
-        from .llamacpp import evaluate_gguf
+        from acf.evaluation.llamacpp import evaluate_gguf
 
         if [m for m in metrics if m in FIDELITY_METRICS] and fidelity is None:
             raise AcfError("kld/top1/kld_general compare against the uncompressed model: give a baseline")
@@ -240,7 +240,7 @@ def _sparsity(model_dir: Path, st: dict, device: str, known: Optional[Measuremen
 
     A dequantized W4 grid holds exact zeros (about 15% for symmetric int4) that no sparse kernel can use and no
     pruning made, so counting them would report sparsity a quantize-only recipe does not have."""
-    from ..models import quant_method
+    from acf.models.loading import quant_method
 
     if quant_method(model_dir) is not None:
         if known is not None:

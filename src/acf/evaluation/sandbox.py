@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import AcfError
+from acf.core.errors import AcfError
 
 NOBODY = 65534
 CONSENT_MESSAGE = ("scoring this task executes model-written code; pass --allow-code-execution "

@@ -9,10 +9,10 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, Field
 
-from ..provenance import Measurement
-from ..tasks import Task
-from .fidelity import Reference, build_reference, teacher_forced
-from .sequences import Scored, task_sequences, text_sequences
+from acf.core.provenance import Measurement
+from acf.tasks import Task
+from acf.evaluation.fidelity import Reference, build_reference, teacher_forced
+from acf.evaluation.sequences import Scored, task_sequences, text_sequences
 
 
 @dataclass
@@ -42,7 +42,7 @@ def build_fidelity(model, tokenizer, task: Task, items: list, *, general: bool =
 
     `cache(name, seqs, build)` may return a cached reference (the pipeline keeps them in the run directory);
     `model` may be a function that loads the baseline, called only when a reference must be computed."""
-    from .general_text import general_texts
+    from acf.evaluation.general_text import general_texts
 
     def get(name: str, seqs: list[Scored]) -> Reference:
         def build() -> Reference:
@@ -76,7 +76,7 @@ class EvalResult(BaseModel):
 
 
 def measure_kld_general(model, tok, fidelity: Fidelity, batch_size, prog) -> Measurement:
-    from .general_text import general_note
+    from acf.evaluation.general_text import general_note
 
     if fidelity.general is None or not fidelity.general_seqs:
         return Measurement(value=None, unit="nats/token", method="kld_general: no general text available here "

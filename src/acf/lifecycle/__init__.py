@@ -16,13 +16,14 @@ Modules: `dataset` (collect, the held-out split), `training` (train), `evaluatio
 
 from __future__ import annotations
 
-from .dataset import (SECRET_PATTERNS, CollectStats, collect, find_secrets, load_dataset, read_rows, row_field, row_key,
-                      split_rows, stats_path)
-from .evaluation import (SCORERS, AdapterEval, EvalGroup, auto_scorer, contains, eval_table, evaluate_adapter,
-                         exact_numeric, normalise_text, register_scorer, resolve_adapter_dir, score, token_f1)
-from .promotion import MIN_GAIN, promote_adapter, rollback_adapter
-from .training import (KEEP_ADAPTERS, TrainConfig, TrainResult, keep_last_adapters, load_base, load_train_config,
-                       prompt_text, train)
+from acf.lifecycle.dataset import (SECRET_PATTERNS, CollectStats, collect, find_secrets, load_dataset, read_rows,
+                                   row_field, row_key, split_rows, stats_path)
+from acf.lifecycle.evaluation import (SCORERS, AdapterEval, EvalGroup, auto_scorer, contains, eval_table,
+                                      evaluate_adapter, exact_numeric, normalise_text, register_scorer,
+                                      resolve_adapter_dir, score, token_f1)
+from acf.lifecycle.promotion import MIN_GAIN, promote_adapter, rollback_adapter
+from acf.lifecycle.training import (KEEP_ADAPTERS, TrainConfig, TrainResult, keep_last_adapters, load_base,
+                                    load_train_config, prompt_text, train)
 
 __all__ = [
     "SECRET_PATTERNS", "CollectStats", "collect", "find_secrets", "load_dataset", "read_rows", "row_field", "row_key",

@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, Field
 
-from ..atomic import write_json, write_text
-from ..errors import DataError
-from ..state import now
+from acf.core.atomic import write_json, write_text
+from acf.core.errors import DataError
+from acf.coordinator.state import now
 
 
 SECRET_PATTERNS: dict[str, re.Pattern] = {

@@ -11,11 +11,11 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..atomic import atomic_dir, read_json_strict, write_json
-from ..errors import AcfError, DataError
-from ..provenance import Measurement, device_string, git_commit, runtime_string
-from ..state import now
-from .dataset import load_dataset, split_rows
+from acf.core.atomic import atomic_dir, read_json_strict, write_json
+from acf.core.errors import AcfError, DataError
+from acf.core.provenance import Measurement, device_string, git_commit, runtime_string
+from acf.coordinator.state import now
+from acf.lifecycle.dataset import load_dataset, split_rows
 
 
 class TrainConfig(BaseModel):
@@ -67,7 +67,7 @@ def prompt_text(tok, prompt: str) -> str:
 
 
 def _examples(tok, rows: list[dict], seq_len: int):
-    from ..methods.calibration import TrainExample
+    from acf.methods.calibration import TrainExample
 
     out = []
     eos = tok.eos_token or ""
@@ -85,14 +85,14 @@ def load_base(base: Path, adapter_type: str, device: str, training: bool = True)
 
     Evaluation loads a QLoRA adapter's base in 4-bit too: the adapter was fitted to the quantized weights.
     """
-    from ..models import load_model, load_tokenizer
+    from acf.models.loading import load_model, load_tokenizer
 
     if adapter_type == "lora":
         return load_model(base, device)
     try:
         import bitsandbytes  # noqa: F401
 
-        from ..methods.lora import load_kbit   # the qlora method's loader: one 4-bit loading path
+        from acf.methods.lora import load_kbit   # the qlora method's loader: one 4-bit loading path
 
         model = load_kbit(base, device, quantize_nf4=True, training=training)
     except Exception as e:  # noqa: BLE001 - any library failure means the same to the user
@@ -105,7 +105,7 @@ def load_base(base: Path, adapter_type: str, device: str, training: bool = True)
 def _plot_losses(path: Path, train: list[float], evals: list[tuple[int, float]], title: str) -> None:
     from matplotlib.figure import Figure
 
-    from ..frontier_frame import save_figure
+    from acf.reports.frontier_frame import save_figure
 
     fig = Figure(figsize=(6, 3.6))
     ax = fig.add_subplot(111)
@@ -156,8 +156,8 @@ def train(config: str | Path | TrainConfig, registry_path: Optional[str | Path] 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from ..methods._train import NonFiniteLoss, adamw_steps, causal_ce, eval_loss
-    from ..models import free, resolve_device, resolve_model
+    from acf.methods._train import NonFiniteLoss, adamw_steps, causal_ce, eval_loss
+    from acf.models.loading import free, resolve_device, resolve_model
 
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config)
     device = resolve_device(cfg.device)
@@ -237,7 +237,7 @@ KEEP_ADAPTERS = 3
 
 
 def _register_adapter(adapter_dir: Path, base: Path, metrics: dict, registry_path) -> str:
-    from ..registry import open_registry
+    from acf.lifecycle.registry import open_registry
 
     dev = metrics["device"]
     ms = {"heldout_loss": Measurement(value=metrics["heldout_loss_after"], unit="nats/token", device=dev,

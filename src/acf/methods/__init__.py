@@ -5,14 +5,14 @@ Methods are declared in `acf.methods.registry` (one `MethodSpec` each, implement
 
 from __future__ import annotations
 
-from .base import UNDECLARED_IMPLS, MethodFn, StepContext, StepRecord, get_impl, register  # noqa: F401
+from acf.methods.base import UNDECLARED_IMPLS, MethodFn, StepContext, StepRecord, get_impl, register  # noqa: F401
 
 _IMPL = UNDECLARED_IMPLS   # the name tests use
 
 
 def run_strategy(*args, **kwargs):
     """See `acf.methods.runner.run_strategy` (imported lazily: it pulls in torch)."""
-    from .runner import run_strategy as _run
+    from acf.methods.runner import run_strategy as _run
 
     return _run(*args, **kwargs)
 

@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import MethodFailed
-from ..models import load_tokenizer, torch_dtype_for
+from acf.core.errors import MethodFailed
+from acf.models.loading import load_tokenizer, torch_dtype_for
 
 
 def quant_method(path: Path) -> Optional[str]:
@@ -170,8 +170,8 @@ def report(ctx, label: str, done: int, total: int) -> None:
 
 def shape_of(path: Path, trust_remote_code: bool = False):
     """The shape facts acf.methods.memory plans with, read from a model directory's config (meta device)."""
-    from ..spec import infer_spec
-    from .memory import Shape
+    from acf.models.spec import infer_spec
+    from acf.methods.memory import Shape
 
     return Shape.of(infer_spec(path, trust_remote_code))
 

@@ -13,10 +13,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..errors import MethodFailed
-from .base import StepContext
-from ._common import apply_masks, report
-from .calibration import TrainExample, batch_stream, collate
+from acf.core.errors import MethodFailed
+from acf.methods.base import StepContext
+from acf.methods._common import apply_masks, report
+from acf.methods.calibration import TrainExample, batch_stream, collate
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,8 +11,8 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, Field
 
-from ..atomic import atomic_dir
-from ..errors import MethodFailed
+from acf.core.atomic import atomic_dir
+from acf.core.errors import MethodFailed
 
 
 class StepRecord(BaseModel):
@@ -62,7 +62,7 @@ def register(name: str, target: str) -> None:
 def get_impl(name: str) -> MethodFn:
     import importlib
 
-    from .registry import get
+    from acf.methods.registry import get
 
     spec = get(name)
     target = spec.impl if spec is not None else UNDECLARED_IMPLS.get(name)

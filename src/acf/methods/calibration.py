@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import MethodFailed
+from acf.core.errors import MethodFailed
 
 # Average tokens per GSM8K train text is ~150; start with a guess and double until enough tokens are packed.
 _GUESS_TOKENS_PER_TEXT = 120
@@ -62,7 +62,7 @@ def _train_token_texts(tokenizer, task: Any, k: int, seed: int) -> list[list[int
     """Train-split texts as token ids, in the prompt format evaluation uses: a task with (prompt, reference) pairs
     is rendered as evaluation renders it (chat template, BOS rule) followed by its reference, so calibration
     statistics see the text the compressed model will see; other tasks give their plain train texts."""
-    from ..evaluation.sequences import cut_left, encode_prompt, task_sequences
+    from acf.evaluation.sequences import cut_left, encode_prompt, task_sequences
 
     if hasattr(task, "train_pairs"):
         return [list(s.prompt + s.target) for s in task_sequences(task, tokenizer, task.train_pairs(k, seed=seed))]
@@ -92,7 +92,7 @@ def training_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0,
     evaluation renders it (`task.chat_prompt`) and the loss is taken on the solution tokens (+EOS) only:
     the model is taught to answer, not to reproduce questions. Otherwise the whole train text is the target.
     """
-    from ..evaluation.sequences import cut_left, encode_prompt, task_sequences
+    from acf.evaluation.sequences import cut_left, encode_prompt, task_sequences
 
     _require_task(task, method)
     eos = tokenizer.eos_token or ""

@@ -1,8 +1,8 @@
 """Method-specific validation rules, referenced by their registrations (MethodSpec.check).
 
 Each check is pure: (where, filled params, model spec or None, device) -> problems. It sees only the model's shapes
-(acf.spec.ModelSpec), never its weights, so strategies are refused before any step runs, not inside a library.
-The rules every method shares (group sizes, N:M patterns, mixed precision, order, CUDA) stay in acf.strategy.
+(acf.models.spec.ModelSpec), never its weights, so strategies are refused before any step runs, not inside a library.
+The rules every method shares (group sizes, N:M patterns, mixed precision, order, CUDA) stay in acf.methods.strategy.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def drop_layers(where: str, p: Any, spec: Optional[Any], device: str) -> list[st
 def gguf(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
     """GGUF types whose block size the layer widths admit (found by running every method family on tiny Llama,
     Qwen2/3, Gemma2/3, Mistral and Phi3 models: tests/test_architectures.py)."""
-    from ..gguf import type_problems
+    from acf.methods.gguf import type_problems
 
     widths = spec.linear_widths(("lm_head",)) if spec is not None else None
     # with avg_bits every matrix gets its allocated type: the file type then names nothing, its widths don't matter
@@ -44,8 +44,8 @@ def gguf(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
         if p.types:
             out.append(f"{where}: 'types' is the palette of avg_bits; give avg_bits too")
         return out
-    from ..gguf import TENSOR_TYPES
-    from .gguf_mixed import DEFAULT_TYPES, min_bits, shapes_from_spec
+    from acf.methods.gguf import TENSOR_TYPES
+    from acf.methods.gguf_mixed import DEFAULT_TYPES, min_bits, shapes_from_spec
 
     if p.overrides:
         out.append(f"{where}: give avg_bits (allocate per tensor) or overrides (types by hand), not both")

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MethodFailed
-from ..models import free
-from .base import StepContext
-from ._common import (apply_masks, disable_checkpointing, enable_checkpointing, linear_sparsity, load_dense,
-                      save_model, shape_of, sparsity_masks, stored_dtype, versions)
-from ._train import autocast, train_loop
-from .memory import DISTILL_TARGETS, distill_memory, distill_plan
-from .calibration import training_examples
+from acf.core.errors import MethodFailed
+from acf.models.loading import free
+from acf.methods.base import StepContext
+from acf.methods._common import (apply_masks, disable_checkpointing, enable_checkpointing, linear_sparsity,
+                                 load_dense, save_model, shape_of, sparsity_masks, stored_dtype, versions)
+from acf.methods._train import autocast, train_loop
+from acf.methods.memory import DISTILL_TARGETS, distill_memory, distill_plan
+from acf.methods.calibration import training_examples
 
 
 def distill(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:

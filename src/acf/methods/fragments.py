@@ -1,5 +1,5 @@
 """How the Optuna search space proposes each method (`SearchFragment`) and the builders the built-in methods use:
-pure declarations read by acf.methods.registry (each MethodSpec carries one) and acf.search."""
+pure declarations read by acf.methods.registry (each MethodSpec carries one) and acf.search.space."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel
 
-from .params import GGUFParams
+from acf.methods.params import GGUFParams
 
 # ---- the search-space fragment -----------------------------------------------------------------------------------
 
@@ -18,7 +18,7 @@ def _no_grid(space: Any) -> list[dict]:
 
 @dataclass(frozen=True)
 class SearchFragment:
-    """How the Optuna search space (acf.search.SearchSpace) proposes one method, in its kind's slot.
+    """How the Optuna search space (acf.search.space.SearchSpace) proposes one method, in its kind's slot.
 
     suggest(trial, space) -> the step's params, asking the trial for what varies (names are Optuna parameter
     names, shared between methods of a slot: 'group_size' means the same choices for every quantizer).

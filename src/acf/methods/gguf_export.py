@@ -1,4 +1,4 @@
-"""The `gguf` method: the previous steps' HF model -> llama.cpp GGUF of a chosen type (see acf.gguf for the chain).
+"""The `gguf` method: the previous steps' HF model -> llama.cpp GGUF of a chosen type (see acf.methods.gguf for the chain).
 
 The output directory holds `model.gguf` (what a user deploys and what the llama.cpp runtime measures), `gguf.json`
 (type, imatrix facts, overrides, the tensor types llama.cpp chose) and the input's config.json and tokenizer files:
@@ -11,9 +11,9 @@ import shutil
 import time
 from pathlib import Path
 
-from ..atomic import sha256_file
-from ..errors import MethodFailed
-from .base import StepContext
+from acf.core.atomic import sha256_file
+from acf.core.errors import MethodFailed
+from acf.methods.base import StepContext
 
 #: small files copied from the input (tokenizer, config); the weights are in model.gguf
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -22,10 +22,10 @@ _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
 
 
 def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
-    from .. import gguf as G
-    from .. import gguf_quantize as GQ
-    from ..models import free
-    from ._common import load_dense, quant_method, save_model, versions
+    from acf.methods import gguf as G
+    from acf.methods import gguf_quantize as GQ
+    from acf.models.loading import free
+    from acf.methods._common import load_dense, quant_method, save_model, versions
 
     t_name = params["type"]
     if t_name not in G.GGUF_TYPES:
@@ -60,7 +60,7 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
         info16 = G.read_gguf(f16)
         imat = None
         if params["imatrix"]:
-            from .calibration import calibration_ids
+            from acf.methods.calibration import calibration_ids
 
             n, L = params["calib_samples"], params["seq_len"]
             ids = calibration_ids(tok, ctx.task, n, L, ctx.seed, "gguf")
@@ -74,7 +74,7 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
             extra["imatrix"] = facts
         overrides, alloc = dict(params["overrides"]), None
         if mixed:
-            from .gguf_mixed import allocation_for
+            from acf.methods.gguf_mixed import allocation_for
 
             alloc, extra["mixed_precision"] = allocation_for(model, tok, params, in_dir, f16, imat, ctx, work)
             overrides = alloc.overrides()
@@ -90,7 +90,7 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
             raise MethodFailed("gguf", "library", str(e)) from None
         extra["quantize_seconds"] = round(time.perf_counter() - t0, 3)
         if alloc is not None:
-            from .gguf_mixed import check_written
+            from acf.methods.gguf_mixed import check_written
 
             check_written(extra["mixed_precision"], alloc, dst)
         info = G.read_gguf(dst)
@@ -108,7 +108,7 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
                          overrides=overrides, fallbacks=fallbacks, info=info,
                          llama_cpp_python=v, sha256=sha256_file(dst))
     man.info.path = G.GGUF_NAME
-    from ..atomic import write_text
+    from acf.core.atomic import write_text
 
     write_text(out_dir / G.MANIFEST_NAME, man.model_dump_json(indent=2) + "\n")
     return extra

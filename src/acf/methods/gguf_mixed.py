@@ -25,9 +25,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from ..errors import MethodFailed
-from .mixed import BudgetAllocation, fisher_diagonal, solve
-from .sensitivity_cache import SensitivityCache, cached_sensitivity, weights_digest
+from acf.core.errors import MethodFailed
+from acf.methods.mixed import BudgetAllocation, fisher_diagonal, solve
+from acf.methods.sensitivity_cache import SensitivityCache, cached_sensitivity, weights_digest
 
 #: estimator version: part of the cache key
 GGUF_SENSITIVITY_VERSION = "gguf-fisher-llamacpp-v1"
@@ -288,7 +288,7 @@ def gguf_sensitivity(model, ids, f16_path: Path, types: list[str], imatrix: Opti
     """Estimated KL increase per (GGUF tensor, type): 1/2 sum F dW^2 / tokens with F the diagonal Fisher of the HF
     model (`fisher_diagonal`) and dW = llama.cpp's quantization of that tensor to the type minus its F16 value."""
 
-    from .. import gguf_quantize as GQ
+    from acf.methods import gguf_quantize as GQ
 
     f16 = {n: a for n, (_, a) in _read_f32(f16_path, {s.name for s in allocatable(f16_path)}).items()}
     match = hf_params_by_gguf_name(model, f16)
@@ -322,9 +322,9 @@ def gguf_sensitivity_key(weights: str, task: str, n: int, seq_len: int, seed: in
 def allocation_for(model, tok, params: dict, in_dir: Path, f16_path: Path, imatrix: Optional[dict], ctx,
                    work: Path) -> tuple[GGUFAllocation, dict]:
     """The step's per-tensor types for `avg_bits`, from the cached (or computed) sensitivity of `in_dir`."""
-    from ..models import cache_dir
-    from ._common import report
-    from .calibration import calibration_ids
+    from acf.models.loading import cache_dir
+    from acf.methods._common import report
+    from acf.methods.calibration import calibration_ids
 
     shapes = allocatable(f16_path)
     types = list(params.get("types") or DEFAULT_TYPES)

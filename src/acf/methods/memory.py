@@ -30,7 +30,7 @@ LEAN_TRAINING_PARAMS = 1_000_000_000
 
 @dataclass
 class Shape:
-    """The facts of a model the estimates need (from acf.spec.ModelSpec, or a config for benchmarks)."""
+    """The facts of a model the estimates need (from acf.models.spec.ModelSpec, or a config for benchmarks)."""
 
     params: int
     layers: int

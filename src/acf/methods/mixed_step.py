@@ -9,15 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import MethodFailed
-from ..evaluation.perf import weight_files_size
-from ..models import cache_dir
-from ._common import report, stored_dtype
-from .base import StepContext
-from .calibration import calibration_ids
-from .mixed import (KEEP, Allocation, LayerShape, allocate, default_formats, effective_bits, fisher_sensitivity,
-                    layer_bytes, parse_format, shapes_of)
-from .sensitivity_cache import cached_sensitivity, sensitivity_key, weights_digest
+from acf.core.errors import MethodFailed
+from acf.evaluation.perf import weight_files_size
+from acf.models.loading import cache_dir
+from acf.methods._common import report, stored_dtype
+from acf.methods.base import StepContext
+from acf.methods.calibration import calibration_ids
+from acf.methods.mixed import (KEEP, Allocation, LayerShape, allocate, default_formats, effective_bits,
+                               fisher_sensitivity, layer_bytes, parse_format, shapes_of)
+from acf.methods.sensitivity_cache import cached_sensitivity, sensitivity_key, weights_digest
 
 
 def _dense_bytes(in_dir: Path) -> int:

@@ -137,7 +137,7 @@ class LoraParams(MethodParams):
 
 
 class GGUFParams(Calib):
-    """llama.cpp GGUF export (acf.gguf): llama.cpp's converter, then its quantizer with an optional importance matrix.
+    """llama.cpp GGUF export (acf.methods.gguf): llama.cpp's converter, then its quantizer with an optional importance matrix.
 
     calib_samples/seq_len size the importance matrix's calibration text (used only with imatrix=true)."""
 

@@ -15,11 +15,11 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import MethodFailed
-from ..models import free
-from .base import StepContext
-from ._common import linear_sparsity, load_dense, report, save_model, stored_dtype, versions
-from .calibration import calibration_dataset, calibration_ids
+from acf.core.errors import MethodFailed
+from acf.models.loading import free
+from acf.methods.base import StepContext
+from acf.methods._common import linear_sparsity, load_dense, report, save_model, stored_dtype, versions
+from acf.methods.calibration import calibration_dataset, calibration_ids
 
 
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:

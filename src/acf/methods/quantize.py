@@ -18,12 +18,12 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..errors import MethodFailed
-from ..models import free, torch_dtype_for
-from .base import StepContext
-from ._common import load_dense, save_model, stored_dtype, versions
-from .calibration import calibration_dataset
-from .mixed import config_groups
+from acf.core.errors import MethodFailed
+from acf.models.loading import free, torch_dtype_for
+from acf.methods.base import StepContext
+from acf.methods._common import load_dense, save_model, stored_dtype, versions
+from acf.methods.calibration import calibration_dataset
+from acf.methods.mixed import config_groups
 
 _LIBS = ("llmcompressor", "compressed-tensors", "transformers", "torch")
 
@@ -119,7 +119,7 @@ def llmcompressor_quantize(method: str, params: dict, in_dir: Path, out_dir: Pat
     extra: dict[str, Any] = {"libraries": versions(*_LIBS, *(("auto-round",) if method == "autoround" else ()))}
     mixed = None
     if params.get("avg_bits") is not None or params.get("layer_formats"):
-        from .mixed_step import allocation_for
+        from acf.methods.mixed_step import allocation_for
 
         alloc, facts = allocation_for(model, tok, params, in_dir, ctx, method)
         mixed = config_groups(alloc.layer_formats)
@@ -140,7 +140,7 @@ def llmcompressor_quantize(method: str, params: dict, in_dir: Path, out_dir: Pat
     save_model(model, tok, out_dir, dtype=stored_dtype(in_dir), save_compressed=True)
     free(model)
     if mixed is not None:
-        from .mixed_step import record_measured_size
+        from acf.methods.mixed_step import record_measured_size
 
         record_measured_size(extra["mixed_precision"], out_dir)
     return extra
@@ -171,8 +171,8 @@ def w8a8(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
 def _bnb(method: str, cfg, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from ..models import load_tokenizer
-    from ._common import quant_method
+    from acf.models.loading import load_tokenizer
+    from acf.methods._common import quant_method
 
     qm = quant_method(in_dir)
     if qm is not None:

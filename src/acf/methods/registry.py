@@ -23,12 +23,13 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel
 
-from . import checks
-from . import memory as M
-from .fragments import (SearchFragment, drop_layers_fragment, gguf_fragment, no_params, recovery,  # noqa: F401
-                        weight_quant, weight_sparsity)
-from .params import (AWQParams, AutoRoundParams, BnbInt8Params, BnbNF4Params, DistillParams, DropLayersParams,
-                     GGUFParams, GPTQParams, LoraParams, MagnitudeParams, RTNParams, SparsityParams, W8A8Params)
+from acf.methods import checks
+from acf.methods import memory as M
+from acf.methods.fragments import (SearchFragment, drop_layers_fragment, gguf_fragment, no_params, recovery,
+                                   weight_quant, weight_sparsity)
+from acf.methods.params import (AWQParams, AutoRoundParams, BnbInt8Params, BnbNF4Params, DistillParams,
+                                DropLayersParams, GGUFParams, GPTQParams, LoraParams, MagnitudeParams, RTNParams,
+                                SparsityParams, W8A8Params)
 
 Kind = Literal["quantize", "prune", "distill", "lora"]
 KINDS: tuple[str, ...] = ("quantize", "prune", "distill", "lora")

@@ -19,10 +19,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..atomic import atomic_dir, clean_partial_dirs
-from ..errors import MethodFailed
-from ..evaluation.perf import PeakRSS, dir_size
-from .base import StepContext, StepRecord, get_impl
+from acf.core.atomic import atomic_dir, clean_partial_dirs
+from acf.core.errors import MethodFailed
+from acf.evaluation.perf import PeakRSS, dir_size
+from acf.methods.base import StepContext, StepRecord, get_impl
 
 
 def classify(method: str, exc: BaseException) -> MethodFailed:
@@ -220,7 +220,7 @@ def run_strategy(strategy: Any, model_dir: str | Path, out_dir: str | Path, ctx:
     are removed at the end. Logs: `<log_dir or out_dir.logs>/step-NN-<method>.log`.
     An empty strategy (the baseline) copies the model into `out_dir` so callers always find the result there.
     """
-    from ..models import freeze_library_objects
+    from acf.models.loading import freeze_library_objects
 
     freeze_library_objects()
     model_dir, out_dir = Path(model_dir), Path(out_dir)

@@ -25,13 +25,13 @@ Every public name stays importable from `acf.planner`.
 
 from __future__ import annotations
 
-from .answer import Proposal, ProposedStep, ProposedStrategy, Rejected, parse_proposal_text
-from .chat import PROVIDER_PACKAGES
-from .core import (DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, MAX_REJECTIONS_IN_A_ROW, MAX_TOOL_ROUNDS, READ_ONLY_TOOLS,
-                   Planner, check_settings)
-from .log import LOG_NAME, append_log, read_planner_log, scrub
-from .prompt import EXAMPLE_RATIONALE, PLACEHOLDERS, SYSTEM, build_messages, build_prompt, planner_tools
-from .space import params_for, with_run_defaults
+from acf.planner.answer import Proposal, ProposedStep, ProposedStrategy, Rejected, parse_proposal_text
+from acf.planner.chat import PROVIDER_PACKAGES
+from acf.planner.core import (DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, MAX_REJECTIONS_IN_A_ROW, MAX_TOOL_ROUNDS,
+                              READ_ONLY_TOOLS, Planner, check_settings)
+from acf.planner.log import LOG_NAME, append_log, read_planner_log, scrub
+from acf.planner.prompt import EXAMPLE_RATIONALE, PLACEHOLDERS, SYSTEM, build_messages, build_prompt, planner_tools
+from acf.planner.space import params_for, with_run_defaults
 
 __all__ = [
     "Proposal", "ProposedStep", "ProposedStrategy", "Rejected", "parse_proposal_text", "PROVIDER_PACKAGES",

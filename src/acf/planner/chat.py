@@ -7,7 +7,7 @@ import importlib.util
 import threading
 from typing import Any, Callable
 
-from ..errors import AcfError
+from acf.core.errors import AcfError
 
 # provider (as init_chat_model names it) -> pip package that implements it
 PROVIDER_PACKAGES = {
@@ -56,7 +56,7 @@ def local_hf_chat(model: str, timeout: float, max_new_tokens: int = 320):
     from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-    from ..models import resolve_model
+    from acf.models.loading import resolve_model
 
     path = resolve_model(model)
     tok = AutoTokenizer.from_pretrained(str(path))

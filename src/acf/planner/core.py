@@ -12,15 +12,15 @@ from typing import Any, Optional
 
 import optuna
 
-from ..errors import AcfError, StrategyError
-from ..search import trial_for
-from ..state import episodes_recorded, now
-from ..strategy import METHODS, Strategy, validate_strategy
-from .answer import Proposal, Rejected, message_text, parse_proposal_text, proposal_from_obj
-from .chat import PROVIDER_PACKAGES, call_with_timeout, implements_tools, local_hf_chat
-from .log import LOG_NAME, append_log, read_log, scrub
-from .prompt import PLACEHOLDERS, build_messages, planner_tools
-from .space import params_for, with_run_defaults
+from acf.core.errors import AcfError, StrategyError
+from acf.search.space import trial_for
+from acf.coordinator.state import episodes_recorded, now
+from acf.methods.strategy import METHODS, Strategy, validate_strategy
+from acf.planner.answer import Proposal, Rejected, message_text, parse_proposal_text, proposal_from_obj
+from acf.planner.chat import PROVIDER_PACKAGES, call_with_timeout, implements_tools, local_hf_chat
+from acf.planner.log import LOG_NAME, append_log, read_log, scrub
+from acf.planner.prompt import PLACEHOLDERS, build_messages, planner_tools
+from acf.planner.space import params_for, with_run_defaults
 
 log = logging.getLogger(__name__)
 

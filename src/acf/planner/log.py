@@ -46,7 +46,7 @@ _LOG_LOCK = threading.Lock()
 
 def append_log(run_dir: str | Path, record: dict) -> None:
     """Append one JSON line to run_dir/planner_log.jsonl atomically (rewrite + rename: never half a line)."""
-    from ..atomic import write_text
+    from acf.core.atomic import write_text
 
     path = Path(run_dir) / LOG_NAME
     line = scrub(json.dumps(record, default=str))

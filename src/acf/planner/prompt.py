@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ..errors import AcfError
-from ..strategy import METHODS, Strategy, method_table
+from acf.core.errors import AcfError
+from acf.methods.strategy import METHODS, Strategy, method_table
 
 
 EXAMPLE_RATIONALE = "<why this strategy, given the history>"
@@ -114,7 +114,7 @@ def _allowed_methods(ctx) -> set[str]:
 def _card_hints() -> dict[str, Any]:
     """Per-method ranges and notes from the subagent cards (agents/*.md); missing cards only lose hints."""
     try:
-        from ..subagents import load_cards
+        from acf.coordinator.subagents import load_cards
 
         cards = load_cards()
     except AcfError:
@@ -166,7 +166,7 @@ def planner_tools(ctx) -> list:
     """The read-only subagent helpers, bound to this run's model and device; nothing else is exposed."""
     from langchain_core.tools import StructuredTool
 
-    from ..subagents import estimate_cost_tool, validate_strategy_tool
+    from acf.coordinator.subagents import estimate_cost_tool, validate_strategy_tool
 
     model_dir = str(Path(ctx.spec.path))
     device = ctx.cfg.device

@@ -7,10 +7,10 @@ from typing import Any, Optional
 
 import optuna
 
-from ..errors import StrategyError
-from ..methods.registry import SLOTS, get as get_method
-from ..search import SearchSpace
-from ..strategy import METHODS, Step, Strategy, validate_strategy
+from acf.core.errors import StrategyError
+from acf.methods.registry import SLOTS, get as get_method
+from acf.search.space import SearchSpace
+from acf.methods.strategy import METHODS, Step, Strategy, validate_strategy
 
 
 def params_for(space: SearchSpace, strategy: Strategy) -> Optional[dict[str, Any]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..errors import DataError
-from .base import Item, Task
+from acf.core.errors import DataError
+from acf.tasks.base import Item, Task
 
 _REGISTRY: dict[str, str] = {
     "gsm8k": "acf.tasks.gsm8k:GSM8K",

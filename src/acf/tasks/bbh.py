@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ..data import load_hub, locate, subset
-from ..errors import AcfError, DataError
-from .base import Item, Task
+from acf.tasks.data import load_hub, locate, subset
+from acf.core.errors import AcfError, DataError
+from acf.tasks.base import Item, Task
 
 BBH_TASKS = (
     "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
@@ -182,8 +182,8 @@ class BBH(Task):
         raise AcfError(f"task bbh does not offer metric {name!r} (it offers accuracy, answer_nll)")
 
     def _accuracy(self, model, tokenizer, items, batch_size, progress):
-        from ..evaluation.quality import accuracy
-        from ..evaluation.stats import wilson_interval
+        from acf.evaluation.quality import accuracy
+        from acf.evaluation.stats import wilson_interval
 
         m, rows = accuracy(model, tokenizer, self, items, batch_size=batch_size, max_new_tokens=self.max_new_tokens,
                            fewshot=3, progress=progress)
@@ -205,8 +205,8 @@ class BBH(Task):
         return m, rows
 
     def _answer_nll(self, model, tokenizer, items, batch_size, progress):
-        from ..evaluation.multiple_choice import score_choices
-        from ..provenance import Measurement, device_string, runtime_string
+        from acf.evaluation.multiple_choice import score_choices
+        from acf.core.provenance import Measurement, device_string, runtime_string
 
         t0 = time.perf_counter()
         reqs = [(self.plain_prompt(it).rsplit("A: Let's think step by step.", 1)[0] + "A: So the answer is",

@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..data import load_hub, locate, read_jsonl, subset
-from ..errors import DataError
-from .base import Item
-from .mc import MultipleChoiceTask
+from acf.tasks.data import load_hub, locate, read_jsonl, subset
+from acf.core.errors import DataError
+from acf.tasks.base import Item
+from acf.tasks.mc import MultipleChoiceTask
 
 DEV_FILE = "dev_rand_split.jsonl"
 TRAIN_FILE = "train_rand_split.jsonl"

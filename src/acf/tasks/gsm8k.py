@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from ..data import load_hub, locate, read_jsonl, subset
-from .base import Item, Task
+from acf.tasks.data import load_hub, locate, read_jsonl, subset
+from acf.tasks.base import Item, Task
 
 _CALC = re.compile(r"<<[^>]*>>")
 _NUM = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -56,7 +56,7 @@ class GSM8K(Task):
         if d is not None:
             path = d / f"{split}.jsonl"
             if not path.is_file():
-                from ..errors import DataError
+                from acf.core.errors import DataError
 
                 raise DataError(f"{d}: no {split}.jsonl (GSM8K needs train.jsonl for calibration and test.jsonl)")
             return read_jsonl(path, ("question", "answer"))

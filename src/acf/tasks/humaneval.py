@@ -37,9 +37,9 @@ import textwrap
 import time
 from typing import Any, Optional
 
-from ..data import load_hub, locate, read_jsonl, subset
-from ..errors import AcfError, DataError
-from .base import Item, Task
+from acf.tasks.data import load_hub, locate, read_jsonl, subset
+from acf.core.errors import AcfError, DataError
+from acf.tasks.base import Item, Task
 
 FILES = ("HumanEval.jsonl.gz", "HumanEval.jsonl")
 KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
@@ -191,7 +191,7 @@ class HumanEval(Task):
         return item.prompt, chat_completion(item.meta["entry_point"], generated)
 
     def score(self, completion: str, item: Item) -> tuple[bool, Any]:
-        from ..evaluation.sandbox import check_program
+        from acf.evaluation.sandbox import check_program
 
         head, comp = self.assemble(item, completion)
         res = check_program(build_program(item, comp, head), allow_code_execution=self.allow_code_execution,
@@ -200,10 +200,10 @@ class HumanEval(Task):
 
     def evaluate_metric(self, name: str, model, tokenizer, items: list[Item], batch_size: int = 8,
                         progress=None) -> tuple[Any, list[dict]]:
-        from ..evaluation.generate import generate_all
-        from ..evaluation.sandbox import check_program, isolation, require_consent
-        from ..evaluation.stats import wilson_interval
-        from ..provenance import Measurement, device_string, runtime_string
+        from acf.evaluation.generate import generate_all
+        from acf.evaluation.sandbox import check_program, isolation, require_consent
+        from acf.evaluation.stats import wilson_interval
+        from acf.core.provenance import Measurement, device_string, runtime_string
 
         if name != "pass@1":
             raise AcfError(f"task humaneval does not offer metric {name!r} (it offers pass@1)")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import AcfError
-from .base import Item, Task
+from acf.core.errors import AcfError
+from acf.tasks.base import Item, Task
 
 
 class MultipleChoiceTask(Task):
@@ -31,7 +31,7 @@ class MultipleChoiceTask(Task):
 
     def evaluate_metrics(self, names: list[str], model, tokenizer, items: list[Item], batch_size: int = 8,
                          progress=None) -> tuple[dict[str, Any], list[dict]]:
-        from ..evaluation.multiple_choice import evaluate_mc
+        from acf.evaluation.multiple_choice import evaluate_mc
 
         bad = [n for n in names if n not in self.task_metrics]
         if bad:

@@ -1,0 +1,351 @@
+"""The `acf` command line. Thin: parse options, call the library, print results; errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+if not sys.stderr.isatty():
+    # Libraries' tqdm bars (compressed-tensors decompressing 210 modules per model load, calibration loops)
+    # turn a redirected log into pages of carriage returns; in a terminal they stay. Must precede tqdm's import:
+    # tqdm reads TQDM_* defaults when it is imported.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+import typer
+from rich.table import Table
+
+from acf.core.errors import AcfError
+from acf.core.logsetup import setup_logging
+
+from acf.cli.console import console, err_console
+from acf.cli.eval_cmd import eval_cmd
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="acf: find the best compressed version of a language model for a task.")
+app.command("eval")(eval_cmd)
+
+
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _steps(value: str) -> list[int]:
+    try:
+        steps = [int(v) for v in _csv(value) or []]
+    except ValueError:
+        raise AcfError(f"--recover-steps takes whole numbers separated by commas, e.g. 25,50 (got {value!r})") from None
+    return steps   # ranges are checked with the rest of the run's settings (run_context.validate_config)
+
+
+@app.command()
+def run(
+    model: str = typer.Option("smollm2-135m", help="alias (smollm2-135m), local HF directory, or hub id"),
+    dataset: str = typer.Option("gsm8k", help="task name (gsm8k, ...)"),
+    episodes: Optional[int] = typer.Option(None, help="compression episodes to run (default 4; with --resume: "
+                                           "a larger number extends the run)"),
+    run_dir: Optional[Path] = typer.Option(None, help="default runs/<model>-<dataset>-<time>"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run in this directory"),
+    interactive: bool = typer.Option(False, help="approve / edit / skip / stop each strategy before it runs"),
+    sampler: str = typer.Option("tpe", help="tpe | nsga2 | random | grid"),
+    preset: str = typer.Option("balanced", help="accuracy_focused | latency_focused | balanced | memory_constrained"),
+    objectives: Optional[str] = typer.Option(None, help="comma list, >= 2 (default: kld,size,latency; kld, top1 and "
+                                             "kld_general are fidelity to the uncompressed model, on any task)"),
+    min_retention: Optional[float] = typer.Option(0.9, help="hard constraint on task-quality retention (when a task "
+                                                  "quality metric such as answer_nll or accuracy is an objective)"),
+    max_kld: Optional[float] = typer.Option(None, help="hard constraint: kld to the uncompressed model at most this "
+                                            "many nats/token (default 0.5; see SPEC.md)"),
+    controls: bool = typer.Option(True, help="measure 'baseline + the same recovery, no compression' once per "
+                                  "recovery recipe, so task adaptation is reported apart from compression"),
+    limit: Optional[int] = typer.Option(100, help="evaluation items per candidate"),
+    proxy_limit: Optional[int] = typer.Option(24, help="items for the cheap proxy evaluation that prunes candidates"),
+    accuracy_limit: Optional[int] = typer.Option(None, help="cap on items for generation accuracy (slow on CPU)"),
+    final_limit: Optional[int] = typer.Option(None, help="at the end, evaluate the baseline and frontier members on "
+                                              "this many held-out test items (after the --limit search items)"),
+    final_metrics: Optional[str] = typer.Option(None, help="metrics for the final evaluation (default: the task's)"),
+    budget_minutes: Optional[float] = typer.Option(None, help="stop starting episodes after this much wall time"),
+    patience: Optional[int] = typer.Option(None, help="stop after K episodes without frontier change"),
+    seed: int = typer.Option(0),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default SQLite in the run dir)"),
+    study: Optional[str] = typer.Option(None, help="study name (default from the run dir)"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda if present)"),
+    keep_all: bool = typer.Option(False, help="keep every candidate's model, not only frontier members"),
+    calib_samples: int = typer.Option(64, help="calibration samples for calibrated methods"),
+    seq_len: int = typer.Option(512, help="tokens per calibration sample"),
+    recover_steps: str = typer.Option("25,50,100", help="training-step choices for LoRA/distillation recovery; the "
+                                      "seeded combination uses the middle one (the only one if one is given)"),
+    data_dir: Optional[Path] = typer.Option(None, help="local folder of the task's data"),
+    eval_batch_size: Optional[int] = typer.Option(None, help="evaluation batch (default: from free GPU memory; 8 on "
+                                                  "CPU)"),
+    quant_methods: Optional[str] = typer.Option(None, help="narrow the search: quantization methods to try, e.g. "
+                                                "none,rtn,gptq,bnb_nf4,gguf (default: all but gguf; "
+                                                "--runtime llamacpp: gguf)"),
+    runtime: str = typer.Option("transformers", help="deployment target where latency/memory are measured: "
+                                "transformers, or llamacpp (every candidate exported to GGUF and measured in "
+                                "llama.cpp on the CPU, the baseline as its F16 GGUF)"),
+    prune_methods: Optional[str] = typer.Option(None, help="narrow the search: pruning methods to try, e.g. "
+                                                "none,wanda,drop_layers (default: all)"),
+    planner: Optional[str] = typer.Option(None, help="optional LLM planner provider:model"),
+    planner_share: float = typer.Option(0.5, help="share of episodes proposed by the planner"),
+    planner_max_calls: int = typer.Option(50),
+    planner_timeout: float = typer.Option(120.0, help="seconds one planner call may take before it is abandoned "
+                                          "(the episode falls back to Optuna)"),
+    planner_retries: int = typer.Option(1, help="extra attempts after a planner call fails or times out"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    skip_sanity: bool = typer.Option(False, "--skip-sanity", help="go on although the baseline sanity check finds "
+                                     "the model implausible (NLL, repetition, characters per token; see SPEC.md); "
+                                     "with --resume it overrides a recorded failure"),
+    workers: Optional[int] = typer.Option(None, help="K local worker processes share the study (one per GPU); 0: "
+                                          "only coordinate workers started with `acf worker`"),
+    artifacts: Optional[Path] = typer.Option(None, help="with --workers: shared folder for compressed models"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Search compressed versions of MODEL for DATASET: propose, compress, evaluate, keep the Pareto frontier."""
+    from acf.coordinator.run_context import DEFAULT_MAX_KLD, DEFAULT_OBJECTIVES, RunConfig
+    from acf.coordinator.runner import load_run_config, run_in_terminal
+
+    setup_logging(verbose)
+    if resume is not None:
+        cfg = load_run_config(resume)
+        if model != "smollm2-135m" and model != cfg.model:
+            raise AcfError(f"--resume {resume}: that run is for model {cfg.model!r}, not {model!r}")
+        if dataset != "gsm8k" and dataset != cfg.dataset:
+            raise AcfError(f"--resume {resume}: that run is for dataset {cfg.dataset!r}, not {dataset!r}")
+        if episodes is not None and episodes > cfg.episodes:
+            cfg.episodes = episodes  # resuming with more episodes extends the run
+        cfg.interactive = interactive or cfg.interactive
+        if device:
+            cfg.device = device
+        cfg.skip_sanity = skip_sanity or cfg.skip_sanity   # an override given on resume is kept in run_config.json
+        if workers is not None:
+            return _run_workers(cfg, workers, artifacts, resume=True)
+        ctx = run_in_terminal(cfg, console, resume=True)
+    else:
+        from acf.tasks import get_task
+
+        get_task(dataset, str(data_dir) if data_dir else None)  # an unknown task fails before a run dir is made
+        objs = objectives or DEFAULT_OBJECTIVES
+        rd = run_dir or Path("runs") / f"{Path(model).name}-{dataset.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = RunConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, episodes=4 if episodes is None else episodes,
+                        run_dir=str(rd), interactive=interactive, sampler=sampler, preset=preset,
+                        objectives=objs.split(","), min_retention=min_retention, limit=limit, proxy_limit=proxy_limit,
+                        max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld, controls=controls,
+                        accuracy_limit=accuracy_limit, final_limit=final_limit,
+                        final_metrics=final_metrics.split(",") if final_metrics else None, budget_minutes=budget_minutes, patience=patience, seed=seed,
+                        storage=storage, study_name=study, device=device or "auto", keep_all=keep_all,
+                        calib_samples=calib_samples, seq_len=seq_len, eval_batch_size=eval_batch_size, planner=planner,
+                        planner_share=planner_share, planner_max_calls=planner_max_calls,
+                        planner_timeout=planner_timeout, planner_retries=planner_retries,
+                        quant_methods=_csv(quant_methods), prune_methods=_csv(prune_methods), runtime=runtime,
+                        recover_steps=_steps(recover_steps),
+                        trust_remote_code=trust_remote_code, skip_sanity=skip_sanity, command=[Path(sys.argv[0]).name] + sys.argv[1:])
+        if workers is not None:
+            return _run_workers(cfg, workers, artifacts)
+        ctx = run_in_terminal(cfg, console)
+    console.print(f"\nfrontier JSON: {ctx.frontier_path}")
+    from acf.reports.report import write_report
+
+    try:
+        rep = write_report(ctx.dir)
+        console.print(f"report:        {rep}")
+    except Exception as e:  # the run's results are safe on disk; the report can be redone with `acf report`
+        err_console.print(f"[yellow]report not written[/] ({type(e).__name__}: {e}); retry with `acf report {ctx.dir}`")
+    console.print(f"notebook:      examples/inspect_frontier.ipynb (ACF_RUN_DIR={ctx.dir})")
+
+
+def _run_workers(cfg, workers: int, artifacts: Optional[Path], resume: bool = False) -> None:
+    """`--workers K`: the coordinator of a shared study (acf.distributed); the graph path is not used."""
+    from acf.distributed import run_coordinator
+    from acf.coordinator.records import frontier_table
+    from acf.coordinator.run_context import RunContext
+
+    ff = run_coordinator(cfg, workers, artifacts, console, resume=resume)
+    ctx = RunContext(cfg, console)
+    ctx.ff = ff
+    console.print(frontier_table(ctx))
+    if ff.recommended:
+        console.print(f"[bold]recommended[/]: {ff.recommended.id} — {ff.recommended.why}")
+    console.print(f"\nfrontier JSON: {ctx.frontier_path}  (stopped: {ff.run.stopped_because})")
+    from acf.reports.report import write_report
+
+    try:
+        console.print(f"report:        {write_report(ctx.dir)}")
+    except Exception as e:  # the results are safe in the study and frontier.json; `acf report` can redo this
+        err_console.print(f"[yellow]report not written[/] ({type(e).__name__}: {e}); retry with `acf report {ctx.dir}`")
+
+
+@app.command()
+def spec(model: str = typer.Option("smollm2-135m"), as_json: bool = typer.Option(False, "--json"),
+         trust_remote_code: bool = typer.Option(False)):
+    """Model spec: sizes, layers, valid quantization group sizes, memory estimates, and the tokenizer facts acf uses."""
+    from acf.models.loading import resolve_model
+    from acf.models.spec import infer_spec, spec_summary
+
+    setup_logging(False)
+    s = infer_spec(resolve_model(model), trust_remote_code)
+    d = spec_summary(s)
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    tok_fields = ("adds_bos", "bos_token", "eos_token", "chat_template", "tokenizer_vocab_size")
+    t = Table(title=f"spec of {model}")
+    t.add_column("field")
+    t.add_column("value", overflow="fold")
+    for k, v in d.items():
+        if k not in tok_fields:
+            t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    console.print(t)
+    # The facts that decide how every prompt is tokenized, said in words: a wrong BOS or a missing chat template
+    # is the usual reason a model a user brings scores far below what it should.
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
+    t = Table(title="tokenizer (as acf uses it)")
+    t.add_column("fact")
+    t.add_column("value")
+    t.add_column("what acf does", overflow="fold")
+    t.add_row("adds BOS", yes(s.adds_bos), f"every prompt starts with {s.bos_token} exactly once" if s.adds_bos
+              else "prompts are encoded without a BOS token (the tokenizer adds none)")
+    t.add_row("chat template", yes(s.chat_template), "zero-shot prompts are rendered with it" if s.chat_template
+              else "plain 'Question: ... Answer:' prompts")
+    t.add_row("vocabulary", f"{s.tokenizer_vocab_size:,}" if s.tokenizer_vocab_size is not None else "-",
+              f"tokenizer entries; the embedding has {s.vocab_size:,} rows")
+    t.add_row("tied embeddings", yes(s.tied_embeddings), "lm_head shares the input embedding (stored once)"
+              if s.tied_embeddings else "lm_head is a separate matrix")
+    t.add_row("eos token", str(s.eos_token), "ends reference answers in teacher-forced scoring")
+    console.print(t)
+
+
+@app.command()
+def methods():
+    """The compression methods, their libraries and parameters."""
+    from acf.methods.strategy import method_table
+
+    t = Table(title="methods")
+    for c in ("method", "kind", "library", "parameters (default)"):
+        t.add_column(c, overflow="fold")
+    for row in method_table():
+        ps = ", ".join(f"{k}={v.get('default')}" for k, v in row["params"].items())
+        t.add_row(row["method"], row["kind"], row["library"], ps)
+    console.print(t)
+
+
+@app.command()
+def compress(
+    strategy: str = typer.Option(..., help="strategy JSON (inline) or a path to a JSON file"),
+    model: str = typer.Option("smollm2-135m"),
+    out: Path = typer.Option(..., help="output model directory"),
+    dataset: str = typer.Option("gsm8k", help="task whose train split gives calibration/training text"),
+    data_dir: Optional[Path] = typer.Option(None),
+    calib_samples: Optional[int] = typer.Option(None, help="override calib_samples of every calibrated step"),
+    device: Optional[str] = typer.Option(None),
+    seed: int = typer.Option(0),
+    trust_remote_code: bool = typer.Option(False),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Run one strategy directly and print each step's record."""
+    from acf.methods import StepContext
+    from acf.methods.runner import run_strategy
+    from acf.models.loading import resolve_device, resolve_model
+    from acf.models.spec import infer_spec
+    from acf.methods.strategy import parse_strategy, validate_strategy
+    from acf.tasks import get_task
+
+    setup_logging(verbose)
+    dev = resolve_device(device)
+    strat = parse_strategy(strategy)
+    if calib_samples:
+        from acf.methods.registry import get as get_method
+
+        for s in strat.steps:   # the calibrated steps: those whose params take calib_samples
+            m = get_method(s.method)
+            if m is not None and "calib_samples" in m.params.model_fields:
+                s.params["calib_samples"] = calib_samples
+    path = resolve_model(model)
+    strat = validate_strategy(strat, infer_spec(path, trust_remote_code), dev)
+    if out.exists() and any(out.iterdir()):
+        raise AcfError(f"--out {out} exists and is not empty: choose a new directory")
+    task = get_task(dataset, str(data_dir) if data_dir else None)
+    console.print(f"[bold]strategy[/]: {strat.describe()}")
+    records = run_strategy(strat, path, out, StepContext(device=dev, task=task, teacher_dir=path, seed=seed,
+                                                           trust_remote_code=trust_remote_code))
+    t = Table(title="steps")
+    for c in ("method", "status", "wall s", "peak memory MiB", "output MiB", "notes"):
+        t.add_column(c, overflow="fold")
+    for r in records:
+        t.add_row(r.method, r.status, f"{r.wall_seconds:.1f}",
+                  "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
+                  "-" if r.output_size_bytes is None else f"{r.output_size_bytes / 2**20:.1f}", r.reason or "")
+    console.print(t)
+    if any(r.status != "ok" for r in records):
+        raise AcfError(next(r.reason for r in records if r.status != "ok") or "a step failed")
+    console.print(f"model written to {out}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run directory")):
+    """Write report.md and plots for a run."""
+    from acf.reports.report import write_report
+
+    p = write_report(run_dir)
+    console.print(f"wrote {p}")
+
+
+def _mount_optional() -> None:
+    """Sub-apps from modules that own them; absent modules simply add no command."""
+    import importlib
+
+    for mod, attr, name in (("acf.cli.registry_cmd", "registry_app", "registry"),
+                            ("acf.cli.lifecycle_cmd", "distill_app", "distill")):
+        try:
+            app.add_typer(getattr(importlib.import_module(mod), attr), name=name)
+        except (ImportError, AttributeError):
+            pass
+    try:
+        from acf.lifecycle.extract import extract_cmd
+
+        app.command("extract")(extract_cmd)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from acf.distributed import rebuild_cmd, worker_cmd
+
+        app.command("worker")(worker_cmd)
+        app.command("rebuild-frontier")(rebuild_cmd)
+    except (ImportError, AttributeError):
+        pass
+
+
+_mount_optional()
+
+
+def main() -> None:
+    try:
+        rv = app(standalone_mode=False)
+        # typer turns Ctrl-C into a returned 130 when not in standalone mode
+        if rv == 130:
+            raise KeyboardInterrupt
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+    except AcfError as e:
+        err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("\n[yellow]interrupted[/]: what was recorded is kept; continue with `acf run --resume RUN_DIR`")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors come here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

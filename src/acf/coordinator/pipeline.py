@@ -1,0 +1,349 @@
+"""What each episode step does: the logic behind the coordinator graph's nodes (propose, compress, proxy decision,
+controls, final evaluation).
+
+The graph (`acf.coordinator.graph`) only routes between these functions. Each function reads and writes the run
+directory through `RunContext`, so a process killed at any point resumes from disk (frontier.json, the
+Optuna study) plus the LangGraph checkpoint, losing at most the episode in flight. The baseline's measurement is
+in `acf.coordinator.baseline`, recording an outcome (frontier, Optuna tell, reward) in `acf.coordinator.records`,
+which items and metrics a run evaluates in `acf.coordinator.run_eval`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+
+from acf import __version__
+from acf.coordinator import run_store as RS
+from acf.core.atomic import clean_partial_dirs
+from acf.core.errors import AcfError, MethodFailed, StrategyError
+from acf.core.objectives import DIRECTIONS, QUALITY
+from acf.core.provenance import Measurement, device_string, git_commit, runtime_string
+from acf.coordinator.records import episodes_done, metrics_line, ok_candidates, run_objective_values, tell_like
+from acf.search.reward import retention
+from acf.coordinator.run_context import RunConfig, RunContext
+from acf.coordinator.run_eval import evaluate_in_run, metrics_to_measure
+from acf.coordinator.state import Candidate, RunMeta, now
+from acf.methods.strategy import Strategy, validate_strategy
+
+log = logging.getLogger(__name__)
+
+
+# ---- nodes' logic ----------------------------------------------------------------------------------------
+
+def init_run(ctx: RunContext) -> dict:
+    """Resolve the model, infer its spec, create the study (the run's store) and frontier.json; seed known-good
+    recipes."""
+    from acf.models.loading import resolve_model
+    from acf.models.spec import infer_spec, save_spec
+
+    cfg = ctx.cfg
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    model_path = resolve_model(cfg.model)
+    spec = infer_spec(model_path, cfg.trust_remote_code)
+    save_spec(spec, ctx.dir / "model_spec.json")
+    ctx._spec = spec
+    study = ctx.study
+    if not RS.has_run(study):
+        meta = run_meta(cfg, str(model_path), ctx.dir.name)
+        from acf.models.spec import spec_summary
+
+        RS.put_run(study, cfg, meta, spec_summary(spec))
+    RS.save_run(ctx)
+    if not study.trials:
+        from acf.search.space import enqueue_first
+
+        enqueue_first(study, ctx.space, cfg.sampler)
+    ctx.say(f"[bold]model[/] {cfg.model} ({spec.params / 1e6:.1f}M params, {spec.num_layers} layers, valid group "
+            f"sizes {spec.valid_group_sizes}) · [bold]task[/] {cfg.dataset} · [bold]objectives[/] "
+            f"{', '.join(cfg.objectives)} · [bold]device[/] {device_string(cfg.device)}")
+    return {"model_path": str(model_path)}
+
+
+def ensure_baseline(ctx: RunContext, model_path: str) -> None:
+    """The baseline, measured once per run and stored in the study (a resumed run keeps its measurement)."""
+    from acf.coordinator.baseline import evaluate_baseline
+
+    assert ctx.ff is not None
+    if ctx.ff.baseline is None:
+        RS.put_baseline(ctx.study, evaluate_baseline(ctx, model_path))
+        RS.save_run(ctx)
+
+
+def run_meta(cfg: RunConfig, model_path: str, run_id: str) -> RunMeta:
+    """frontier.json's `run` section for a new run (a single process's or a shared study's)."""
+    return RunMeta(run_id=run_id, model=cfg.model, model_path=model_path, dataset=cfg.dataset,
+                   objectives=cfg.objectives, directions={o: DIRECTIONS[o] for o in cfg.objectives},
+                   preset=cfg.preset, min_retention=cfg.min_retention, sampler=cfg.sampler, seed=cfg.seed,
+                   limit=cfg.limit, proxy_limit=cfg.proxy_limit, episodes=cfg.episodes, device=cfg.device,
+                   device_name=device_string(cfg.device), acf_version=__version__, git_commit=git_commit(),
+                   runtime=runtime_string(), created_at=now(), updated_at=now(), command=cfg.command,
+                   study_name=cfg.study(), storage=redact(cfg.storage_url()), max_kld=cfg.max_kld,
+                   item_sets=item_sets(cfg))
+
+
+def item_sets(cfg: RunConfig) -> dict[str, Any]:
+    """What frontier.json says about which items rank candidates and which the report uses (disjoint)."""
+    lim = cfg.limit
+    return {"split": "test", "permutation_seed": cfg.seed,
+            "search": {"offset": 0, "count": lim, "proxy_count": cfg.proxy_limit,
+                       "use": "ranks candidates (proxy = its first proxy_count items)"},
+            "report": {"offset": lim or 0, "count": cfg.final_limit,
+                       "use": "final evaluation of frontier members (--final-limit), never seen by the search"},
+            "calibration_and_training": "train split, in the prompt format evaluation uses"}
+
+
+def redact(url: str) -> str:
+    """Storage URLs may carry a password; it never reaches frontier.json or logs."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def stop_reason(ctx: RunContext) -> Optional[str]:
+    cfg, ff = ctx.cfg, ctx.ff
+    assert ff is not None
+    if episodes_done(ctx) >= cfg.episodes:
+        return f"episodes: {cfg.episodes} done"
+    if cfg.budget_minutes is not None and ff.run.wall_seconds + (time.time() - ctx.t_start) >= cfg.budget_minutes * 60:
+        return f"time budget of {cfg.budget_minutes:g} min used"
+    if cfg.patience is not None and len(ff.hypervolume) > cfg.patience:
+        last = [h.hypervolume for h in ff.hypervolume[-(cfg.patience + 1):]]
+        if max(last) - last[0] <= 1e-12:
+            return f"patience: frontier unchanged for {cfg.patience} episodes"
+    return None
+
+
+def propose(ctx: RunContext) -> dict:
+    """Ask Optuna (or the planner) for the next strategy. Duplicates of evaluated strategies are told the earlier
+    result at once (the sampler learns, no compute is spent) and asked again."""
+    assert ctx.ff is not None
+    episode = episodes_done(ctx) + 1
+    t0 = time.time()
+    started = {"t0_epoch": t0, "t0": now()}
+    if ctx.planner is not None and ctx.planner.wants_turn(episode, ctx):
+        prop = ctx.planner.propose(ctx)
+        if prop is not None:
+            return {**prop, **started, "episode": episode, "t_propose": round(time.time() - t0, 3)}
+    study = ctx.study
+    for _ in range(50):
+        trial = study.ask()
+        strategy = ctx.space.suggest(trial)
+        try:
+            strategy = validate_strategy(strategy, ctx.spec, ctx.cfg.device)
+        except StrategyError as e:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
+                    "proposed_by": _proposer(ctx, trial), "rejected": str(e), "t_propose": round(time.time() - t0, 3)}
+        prev = evaluated_twin(ctx, strategy)
+        if prev is None:
+            return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
+                    "proposed_by": _proposer(ctx, trial), "t_propose": round(time.time() - t0, 3)}
+        tell_like(ctx, trial, prev)
+    raise AcfError("the search space is exhausted: 50 proposals in a row repeated evaluated strategies")
+
+
+def evaluated_twin(ctx: RunContext, strategy: Strategy) -> Optional[Candidate]:
+    """The latest candidate evaluated (ok, pruned or failed) with this strategy: a repeat proposal is told its
+    result (the sampler learns, no compute is spent) instead of running again."""
+    assert ctx.ff is not None
+    key = strategy.key()
+    return next((c for c in reversed(ctx.ff.candidates)
+                 if c.status in ("ok", "pruned", "failed") and c.strategy.key() == key), None)
+
+
+def _proposer(ctx: RunContext, trial: optuna.Trial) -> str:
+    # Optuna 5's Trial has no system_attrs; the stored trial does (enqueued trials carry fixed_params).
+    fixed = ctx.study.get_trials(deepcopy=False)[trial.number].system_attrs.get("fixed_params")
+    if fixed:
+        return "seed recipe" if ctx.cfg.sampler != "grid" else "preset grid"
+    return f"optuna:{ctx.cfg.sampler}"
+
+
+def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str, episode: int,
+             log_dir: Optional[Path] = None) -> tuple[list, Optional[str]]:
+    """Run the strategy's steps into artifacts/<cid>. Returns (step records, failure reason or None)."""
+    from acf.methods import StepContext
+    from acf.methods.runner import run_strategy
+
+    out = ctx.artifact_dir(cid)
+    clean_partial_dirs(out.parent)
+    if out.exists():
+        shutil.rmtree(out)  # an earlier attempt of this episode died half-way: redo it
+    sctx = StepContext(device=ctx.cfg.device, task=ctx.task, teacher_dir=Path(model_path), seed=ctx.cfg.seed,
+                       trust_remote_code=ctx.cfg.trust_remote_code)
+    try:
+        records = run_strategy(strategy, Path(model_path), out, sctx,
+                               log_dir=log_dir or ctx.episode_dir(episode) / "logs")
+    except MethodFailed as e:
+        return getattr(e, "records", []), str(e)
+    failed = [r for r in records if r.status != "ok"]
+    if failed:
+        return records, failed[0].reason or "a step failed"
+    return records, None
+
+
+def sparsity_from_steps(strategy: Strategy, steps: list) -> Optional[Measurement]:
+    """For a quantized result: the sparsity its pruning steps measured before quantization (0 without one)."""
+    from acf.methods.strategy import kind_of
+
+    if not any(kind_of(s.method) == "quantize" for s in strategy.steps):
+        return None
+    measured = None
+    for r in steps:
+        extra = r.get("extra", {}) if isinstance(r, dict) else r.extra
+        method = r.get("method") if isinstance(r, dict) else r.method
+        if "measured_sparsity" in extra:
+            measured = (float(extra["measured_sparsity"]), method)
+    if measured is None:
+        return Measurement(value=0.0, unit="fraction", device="", method="no pruning step: no sparsity (the exact "
+                                                                         "zeros of a quantized grid are not sparsity)")
+    return Measurement(value=measured[0], unit="fraction", device="",
+                       method=f"share of exact zeros in Linear weights measured after the {measured[1]} step, before "
+                              f"quantization (a dequantized grid's zeros are not counted)")
+
+
+def proxy_decision(ctx: RunContext, cid: str) -> tuple[dict[str, Measurement], Optional[str]]:
+    """Cheap evaluation on --proxy-limit items; returns (proxy metrics, prune reason or None)."""
+    cfg, ff = ctx.cfg, ctx.ff
+    assert ff is not None and ff.baseline is not None
+    q = [m for m in cfg.objectives if m in QUALITY]
+    if not cfg.proxy_limit or not q or not ff.baseline.proxy_metrics:
+        return {}, None
+    art = ctx.artifact_dir(cid)
+    res = evaluate_in_run(ctx, art, q + ["size"], cfg.proxy_limit, loaded=ctx.loaded(cid, art))
+    base = {o: ff.baseline.proxy_metrics[o].value for o in q if o in ff.baseline.proxy_metrics}
+    vals = {o: res.metrics[o].value for o in q}
+    ret = retention(vals, base, cfg.objectives)
+    if ret is not None and cfg.min_retention is not None and ret < cfg.min_retention - 0.1:
+        return res.metrics, (f"proxy retention {ret:.3f} on {cfg.proxy_limit} items is far below the "
+                             f"--min-retention {cfg.min_retention} (margin 0.1)")
+    pk = vals.get("kld")
+    if pk is not None and cfg.max_kld is not None and pk > 2 * cfg.max_kld:
+        return res.metrics, (f"proxy kld {pk:.3f} on {cfg.proxy_limit} items is more than twice the --max-kld "
+                             f"{cfg.max_kld}")
+    # Optimistic full-evaluation estimate: quality 5% better than the proxy, costs not yet measured as ideal.
+    est: dict[str, float] = {}
+    for o in cfg.objectives:
+        if o in q:
+            v = vals[o]
+            est[o] = v * 0.95 if DIRECTIONS[o] == "minimize" else v * 1.05 + 0.02
+        elif o == "size":
+            est[o] = res.metrics["size"].value
+        else:
+            est[o] = 0.0 if DIRECTIONS[o] == "minimize" else math.inf
+    # Proxy quality of frontier members is compared on the same proxy items.
+    from acf.search.pareto import dominates
+
+    for c in ok_candidates(ctx):
+        if c.id not in ff.frontier or not c.proxy_metrics:
+            continue
+        other = dict(c.objectives)
+        for o in q:
+            if o in c.proxy_metrics and c.proxy_metrics[o].value is not None:
+                other[o] = c.proxy_metrics[o].value
+        if all(o in other for o in cfg.objectives) and dominates(other, est, cfg.objectives):
+            return res.metrics, f"dominated by {c.id} even with an optimistic estimate from the proxy evaluation"
+    return res.metrics, None
+
+
+def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
+    """The control row for a strategy with recovery steps: the uncompressed model given the same recovery
+    (LoRA/distillation steps and their params) and no compression, measured once per distinct recovery and
+    reused. Its quality change is task adaptation; the candidate's change beyond it is compression.
+    Returns the control's id (None when the strategy has no recovery step)."""
+    ff = ctx.ff
+    assert ff is not None
+    from acf.methods.strategy import kind_of
+
+    rec = [st for st in strategy.steps if kind_of(st.method) in ("lora", "distill") and not st.params.get("qlora")]
+    if not rec:
+        return None
+    cs = Strategy(steps=rec)
+    for c in ff.controls:
+        if c.strategy.key() == cs.key():
+            return c.id
+    cid = f"ctrl{len(ff.controls) + 1:02d}"
+    ctx.say(f"  [bold]control[/] {cid}: baseline + {cs.describe()} (no compression), to measure task adaptation "
+            f"apart")
+    t0 = time.time()
+    records, err = compress(ctx, cid, cs, ff.run.model_path, 0, log_dir=ctx.dir / "controls" / cid / "logs")
+    cand = Candidate(id=cid, episode=0, strategy=cs, description=cs.describe() + " (control: no compression)",
+                     proposed_by="control", steps=records, started_at=now())
+    art = ctx.artifact_dir(cid)
+    if err:
+        cand.status, cand.reason = "failed", err
+    else:
+        try:
+            res = evaluate_in_run(ctx, art, [m for m in metrics_to_measure(ctx) if m not in ("latency", "ttft",
+                                                                                     "throughput", "memory")],
+                            ctx.cfg.limit)
+            cand.metrics = res.metrics
+            cand.objectives = run_objective_values(ctx, res.metrics)
+            cand.retention = retention(cand.objectives, ff.baseline.objectives, ctx.cfg.objectives)
+        except (KeyboardInterrupt, AcfError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed control leaves the candidate without its split
+            cand.status, cand.reason = "failed", f"evaluation: {type(e).__name__}: {str(e)[:300]}"
+    cand.timings = {"control": round(time.time() - t0, 2)}
+    cand.finished_at = now()
+    cand.artifact = str(art) if art.exists() and cand.status == "ok" else None
+    cand.artifact_kept = cand.artifact is not None
+    if cand.status != "ok" or not (ctx.cfg.keep_all or ctx.cfg.final_limit):
+        shutil.rmtree(art, ignore_errors=True)
+        cand.artifact, cand.artifact_kept = None, False
+    RS.put_control(ctx.study, cand)
+    RS.save_run(ctx)
+    ctx.say(metrics_line(cid, cand.metrics, ctx.cfg.objectives) if cand.status == "ok"
+            else f"  [red]control {cid} failed[/]: {cand.reason}")
+    return cid
+
+
+def final_evaluation(ctx: RunContext) -> None:
+    """Measure the baseline, every frontier member and their controls on --final-limit held-out items.
+
+    These items come after the search items in the test split's permutation: the search never saw them, so the
+    numbers a user quotes are not selected on the items they are measured on. Already-done members are skipped,
+    so a resumed run does not redo them.
+    """
+    cfg, ff = ctx.cfg, ctx.ff
+    assert ff is not None
+    if not cfg.final_limit:
+        return
+    metrics = list(dict.fromkeys((cfg.final_metrics or list(ctx.task.metrics)) + ["kld", "top1", "kld_general"]))
+    offset, _ = ctx.item_range("report")
+    from acf.evaluation.runner import eval_items
+
+    n = len(eval_items(ctx.task, cfg.final_limit, cfg.seed, offset))
+    if n == 0:
+        ctx.say(f"[yellow]final evaluation skipped[/]: the test split has no items left after the {cfg.limit} "
+                f"search items (lower --limit to hold some out)")
+        return
+    ids = ["baseline"] + [c for c in ff.frontier if c != "baseline"]
+    ids += [c.control for c in (ff.candidate(i) for i in ids) if c.control]
+    for cid in dict.fromkeys(ids):
+        c = ff.candidate(cid)
+        if c.final_metrics or not c.artifact or not Path(c.artifact).exists():
+            continue
+        ctx.say(f"[bold]final evaluation[/] of {cid} on {n} held-out items (test items {offset}..{offset + n - 1} "
+                f"of the permutation): {', '.join(metrics)}")
+        t0 = time.time()
+        res = evaluate_in_run(ctx, Path(c.artifact), metrics, cfg.final_limit, part="report",
+                        known_sparsity=sparsity_from_steps(c.strategy, c.steps))
+        RS.put_final(ctx.study, cid, res.metrics, time.time() - t0)
+        ctx.say(metrics_line(cid, res.metrics, metrics))
+        RS.save_run(ctx)
+
+
+def full_evaluation(ctx: RunContext, cid: str, known_sparsity: Optional[Measurement] = None):
+    art = ctx.artifact_dir(cid)
+    return evaluate_in_run(ctx, art, metrics_to_measure(ctx), ctx.cfg.limit, loaded=ctx.loaded(cid, art),
+                     known_sparsity=known_sparsity)
+
+

@@ -1,0 +1,171 @@
+"""Scoring an episode's outcome: objectives and reward against the baseline (`score`), the Pareto front,
+hypervolume and recommended pick (`refresh_frontier`), the Optuna constraints, and what the console shows of it.
+Pure of compression, evaluation and storage (`acf.coordinator.run_store` stores and derives through these functions),
+so every
+recorder (the graph's episode, a distributed worker, a study rebuild) scores alike."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import optuna
+
+from acf.search.pareto import hypervolume, pareto_front, reference_point
+from acf.core.provenance import Measurement
+from acf.search.reward import recommend, retention, reward
+from acf.coordinator.run_context import RunConfig, RunContext
+from acf.search.space import trial_for
+from acf.coordinator.state import Candidate, HVPoint, Recommendation, episodes_recorded
+
+
+def run_objective_values(ctx: RunContext, metrics: dict[str, Measurement]) -> dict[str, float]:
+    return objective_values(ctx.cfg.objectives, metrics)
+
+
+def objective_values(objectives: list[str], metrics: dict[str, Measurement]) -> dict[str, float]:
+    return {o: metrics[o].value for o in objectives if o in metrics and metrics[o].value is not None}
+
+
+def metrics_line(label: str, metrics: dict[str, Measurement], objectives: list[str]) -> str:
+    parts = []
+    for o in list(dict.fromkeys(objectives + ["kld", "top1", "answer_nll", "accuracy", "size"])):
+        m = metrics.get(o)
+        if m is None or m.value is None:
+            continue
+        parts.append(f"{o}={fmt_value(o, m.value)}")
+    return f"  [dim]{label}:[/] " + " · ".join(parts)
+
+
+def fmt_value(name: str, v: float) -> str:
+    if name in ("size", "memory"):
+        return f"{v / 2**20:.1f} MiB"
+    if name in ("latency", "ttft"):
+        return f"{v:.1f} ms"
+    if name in ("kld", "kld_general"):
+        return f"{v:.4f}"
+    if name in ("accuracy", "sparsity", "mc1", "mc2", "accuracy_norm", "pass@1", "top1"):
+        return f"{v:.3f}"
+    if name == "params":
+        return f"{v / 1e6:.1f}M"
+    return f"{v:.4f}"
+
+
+def episodes_done(ctx: RunContext) -> int:
+    return episodes_recorded(ctx.ff)
+
+
+def ok_candidates(ctx: RunContext) -> list[Candidate]:
+    assert ctx.ff is not None
+    out = [c for c in ctx.ff.candidates if c.status == "ok"]
+    if ctx.ff.baseline is not None:
+        out = [ctx.ff.baseline] + out
+    return out
+
+
+def tell_like(ctx: RunContext, trial: optuna.Trial, prev: Candidate) -> None:
+    if prev.status == "ok" and len(prev.objectives) == len(ctx.cfg.objectives):
+        set_constraint(ctx.cfg, trial, prev)
+        ctx.study.tell(trial, [prev.objectives[o] for o in ctx.cfg.objectives])
+    elif prev.status == "pruned":
+        ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def set_constraint(cfg: RunConfig, trial: optuna.Trial, cand: Candidate) -> None:
+    """Optuna constraints (feasible when <= 0): task-quality retention and kld, each set on every told trial."""
+    if cfg.min_retention is not None:
+        ret = cand.retention
+        trial.set_constraint("retention", cfg.min_retention - ret if ret is not None else 0.0)
+    if cfg.max_kld is not None:
+        k = kld_of(cand)
+        trial.set_constraint("kld", k - cfg.max_kld if k is not None else 0.0)
+
+
+def kld_of(cand: Candidate) -> Optional[float]:
+    m = cand.metrics.get("kld")
+    return None if m is None else m.value
+
+
+def score(cfg: RunConfig, base: dict[str, float], cand: Candidate) -> None:
+    """An ok candidate's objectives, retention and reward against the baseline's objectives `base`; one without a
+    value for every objective is failed. One function for every recorder (frontier.json here, a trial's record in
+    acf.distributed), so both score alike."""
+    if cand.status != "ok":
+        return
+    cand.objectives = objective_values(cfg.objectives, cand.metrics)
+    if len(cand.objectives) == len(cfg.objectives):
+        cand.retention = retention(cand.objectives, base, cfg.objectives)
+        cand.reward = reward(cand.objectives, base, cfg.objectives, cfg.preset, cfg.min_retention, cfg.max_kld,
+                             kld_of(cand)).reward
+    else:
+        cand.status, cand.reason = "failed", "evaluation produced no value for " + ", ".join(
+            o for o in cfg.objectives if o not in cand.objectives)
+
+
+def refresh_frontier(ctx: RunContext) -> None:
+    """Recompute frontier ids, hypervolume history and the recommended pick from the recorded candidates."""
+    ff = ctx.ff
+    assert ff is not None and ff.baseline is not None
+    objs = ctx.cfg.objectives
+    points = {c.id: c.objectives for c in ok_candidates(ctx) if len(c.objectives) == len(objs)}
+    ff.frontier = pareto_front(points, objs)
+    base = ff.baseline.objectives
+    if len(base) == len(objs):
+        ref = reference_point(base, objs, fixed={"kld": ctx.cfg.max_kld} if ctx.cfg.max_kld else None)
+        ff.reference_point = ref
+        hv = hypervolume([points[k] for k in ff.frontier], objs, ref, normalise=base)
+        ep = episodes_done(ctx)
+        ff.hypervolume = [h for h in ff.hypervolume if h.episode != ep] + [HVPoint(episode=ep, hypervolume=hv)]
+        klds = {c.id: kld_of(c) for c in ok_candidates(ctx)}
+        rec = recommend(points, [k for k in ff.frontier], base, objs, ctx.cfg.preset, ctx.cfg.min_retention,
+                        ctx.cfg.max_kld, klds)
+        if rec is not None:
+            cid, r = rec
+            ff.recommended = Recommendation(id=cid, reward=r.reward, terms=r.terms, preset=ctx.cfg.preset,
+                                            why=why(cid, r, ctx.cfg.min_retention))
+    for c in ff.candidates:
+        if c.status == "ok" and len(c.objectives) == len(objs):
+            c.reward = reward(c.objectives, base, objs, ctx.cfg.preset, ctx.cfg.min_retention, ctx.cfg.max_kld,
+                              kld_of(c)).reward
+
+
+def why(cid: str, r, min_ret: Optional[float]) -> str:
+    parts = [f"{k}: {v:+.3f}" for k, v in sorted(r.terms.items(), key=lambda kv: -abs(kv[1]))]
+    s = f"highest {('feasible ' if r.feasible else '')}reward on the frontier ({r.reward:.3f} = " + ", ".join(parts)
+    if r.penalty:
+        s += f", minus penalty {r.penalty:.3f} for retention {r.retention:.3f} < {min_ret}"
+    return s + ")"
+
+
+def frontier_table(ctx: RunContext):
+    from rich.table import Table
+
+    ff = ctx.ff
+    assert ff is not None
+    t = Table(title=f"Frontier after {episodes_done(ctx)} episodes ({len(ff.frontier)} members)")
+    t.add_column("id")
+    t.add_column("strategy", overflow="fold")
+    cols = list(dict.fromkeys(ctx.cfg.objectives + ["answer_nll", "size"]))
+    for o in cols:
+        t.add_column(o, justify="right")
+    t.add_column("retention", justify="right")
+    t.add_column("reward", justify="right")
+    for cid in ff.frontier:
+        c = ff.candidate(cid)
+        mark = " ★" if ff.recommended and ff.recommended.id == cid else ""
+        t.add_row(cid + mark, c.description or c.strategy.describe(),
+                  *[fmt_value(o, c.metrics[o].value) if o in c.metrics and c.metrics[o].value is not None else "-"
+                    for o in cols],
+                  f"{c.retention:.3f}" if c.retention is not None else "-",
+                  f"{c.reward:.3f}" if c.reward is not None else "-")
+    return t
+
+
+def release_trial(ctx: RunContext, number: int, reason: str) -> None:
+    """Close a trial that will not be evaluated as proposed (user edit or stop), so it never stays RUNNING."""
+    study = ctx.study
+    t = study.get_trials(deepcopy=False)[number]
+    if t.state == optuna.trial.TrialState.RUNNING:
+        trial_for(study, number).set_user_attr("reason", reason)
+        study.tell(number, state=optuna.trial.TrialState.FAIL)

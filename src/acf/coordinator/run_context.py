@@ -1,0 +1,271 @@
+"""The run's configuration (RunConfig, validated before anything runs) and its live objects (RunContext: task,
+spec, study, the frontier derived from it, the baseline's references and the candidate in memory), rebuilt from the
+run directory on demand so a killed run resumes from disk."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from pydantic import BaseModel, Field
+
+from acf.core.errors import AcfError
+from acf.core.objectives import parse_objectives
+from acf.planner import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, check_settings as check_planner_settings
+from acf.search.reward import PRESETS
+from acf.search.space import SAMPLERS, SearchSpace, open_study
+from acf.coordinator.state import FrontierFile
+
+log = logging.getLogger(__name__)
+
+CHEAP_METRICS = ("size", "params", "bits_per_weight", "sparsity")
+#: fidelity to the baseline, measured for every candidate of every run (the search ranks by kld by default)
+FIDELITY_MEASURED = ("kld", "top1", "kld_general")
+DEFAULT_OBJECTIVES = "kld,size,latency"
+#: default --max-kld (nats/token): chosen from experiments/results/fidelity-*.md, see SPEC.md
+DEFAULT_MAX_KLD = 0.5
+RUNTIMES = ("transformers", "llamacpp")
+#: metrics that depend on the runtime: with --runtime llamacpp the baseline's come from its F16 GGUF in llama.cpp
+RUNTIME_METRICS = ("latency", "ttft", "throughput", "memory")
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a run; saved as run_config.json so `--resume` needs only the directory."""
+
+    model: str = "smollm2-135m"
+    dataset: str = "gsm8k"
+    data_dir: Optional[str] = None
+    episodes: int = 4
+    run_dir: str
+    interactive: bool = False
+    sampler: str = "tpe"
+    preset: str = "balanced"
+    objectives: list[str] = Field(default_factory=lambda: DEFAULT_OBJECTIVES.split(","))
+    min_retention: Optional[float] = 0.9
+    max_kld: Optional[float] = DEFAULT_MAX_KLD
+    controls: bool = True
+    limit: Optional[int] = 100
+    proxy_limit: Optional[int] = 24
+    accuracy_limit: Optional[int] = None
+    final_limit: Optional[int] = None
+    final_metrics: Optional[list[str]] = None
+    budget_minutes: Optional[float] = None
+    patience: Optional[int] = None
+    seed: int = 0
+    storage: Optional[str] = None
+    study_name: Optional[str] = None
+    device: str = "cpu"
+    keep_all: bool = False
+    calib_samples: int = 64
+    seq_len: int = 512
+    recover_steps: list[int] = Field(default_factory=lambda: [25, 50, 100])
+    eval_batch_size: Optional[int] = None
+    latency_tokens: int = 32
+    trust_remote_code: bool = False
+    #: go on although the baseline sanity check (acf.models.sanity) finds the model implausible (experts: e.g. a model
+    #: that is meant to be odd); the check is then not run, or its recorded failure is overridden on resume
+    skip_sanity: bool = False
+    min_free_disk_bytes: Optional[int] = None
+    quant_methods: Optional[list[str]] = None
+    prune_methods: Optional[list[str]] = None
+    #: deployment target: where latency/ttft/throughput/memory are measured. llamacpp: every candidate ends in a
+    #: GGUF measured in llama.cpp on the CPU, and the baseline's cost metrics come from its F16 GGUF there too
+    runtime: str = "transformers"
+    planner: Optional[str] = None
+    planner_share: float = 0.5
+    planner_max_calls: int = 50
+    planner_timeout: float = DEFAULT_TIMEOUT_S
+    planner_retries: int = DEFAULT_RETRIES
+    command: list[str] = Field(default_factory=list)
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{Path(self.run_dir).resolve() / 'study.db'}"
+
+    def study(self) -> str:
+        return self.study_name or f"acf-{Path(self.run_dir).name}"
+
+
+def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
+    if cfg.episodes < 1:
+        raise AcfError(f"--episodes must be at least 1 (got {cfg.episodes})")
+    if cfg.sampler not in SAMPLERS:
+        raise AcfError(f"unknown sampler {cfg.sampler!r}: choose from {', '.join(SAMPLERS)}")
+    if cfg.preset not in PRESETS:
+        raise AcfError(f"unknown preset {cfg.preset!r}: choose from {', '.join(PRESETS)}")
+    cfg.objectives = parse_objectives(cfg.objectives, task_metrics)
+    for name in ("limit", "proxy_limit", "accuracy_limit"):
+        v = getattr(cfg, name)
+        if v is not None and v <= 0:
+            raise AcfError(f"--{name.replace('_', '-')} must be positive (got {v})")
+    if cfg.final_limit is not None and cfg.final_limit <= 0:
+        raise AcfError(f"--final-limit must be positive (got {cfg.final_limit})")
+    if cfg.final_limit and not cfg.limit:
+        raise AcfError("--final-limit reports on test items the search did not see, which needs a --limit for the "
+                       "search (with no --limit the search uses every test item)")
+    if cfg.proxy_limit and cfg.limit and cfg.proxy_limit >= cfg.limit:
+        cfg.proxy_limit = None  # a proxy as large as the full evaluation saves nothing
+    if cfg.min_retention is not None and not (0 < cfg.min_retention <= 1.5):
+        raise AcfError(f"--min-retention must lie in (0, 1.5] (got {cfg.min_retention})")
+    if cfg.max_kld is not None and not (0 < cfg.max_kld <= 20):
+        raise AcfError(f"--max-kld must lie in (0, 20] nats/token (got {cfg.max_kld})")
+    if not cfg.recover_steps or any(not 1 <= s <= 100_000 for s in cfg.recover_steps):
+        raise AcfError(f"--recover-steps: give one or more step counts in 1..100000 (got {cfg.recover_steps})")
+    from acf.methods.registry import choices
+
+    if cfg.runtime not in RUNTIMES:
+        raise AcfError(f"--runtime {cfg.runtime!r}: choose from {', '.join(RUNTIMES)}")
+    if cfg.runtime == "llamacpp":
+        if cfg.device.startswith("cuda"):
+            raise AcfError("--runtime llamacpp measures on the CPU (this llama.cpp build has no CUDA): use --device cpu")
+        other = [m for m in (cfg.quant_methods or []) if m != "gguf"]
+        if other:
+            raise AcfError(f"--runtime llamacpp runs GGUF files only, so every candidate ends in a gguf step: "
+                           f"--quant-methods {','.join(cfg.quant_methods or [])} names {', '.join(other)}; use gguf")
+        cfg.quant_methods = ["gguf"]
+    for flag, given, valid in (("--quant-methods", cfg.quant_methods, choices("quant", everything=True)),
+                               ("--prune-methods", cfg.prune_methods, choices("prune", everything=True))):
+        if given is None:
+            continue
+        bad = [m for m in given if m not in valid]
+        if bad or not given:
+            raise AcfError(f"{flag}: unknown method(s) {', '.join(bad) or '(none given)'}; choose from "
+                           f"{', '.join(valid)}")
+    q = cfg.quant_methods if cfg.quant_methods is not None else choices("quant")
+    p = cfg.prune_methods if cfg.prune_methods is not None else choices("prune")
+    if all(m == "none" for m in q) and all(m == "none" for m in p):
+        raise AcfError("--quant-methods and --prune-methods leave nothing to search (both only 'none')")
+    # before the run dir is written: a bad value must not leave a half-made run behind
+    check_planner_settings(cfg.planner_share, cfg.planner_max_calls, cfg.planner_timeout, cfg.planner_retries)
+    return cfg
+
+
+class RunContext:
+    """The run's live objects (task, spec, study, frontier) rebuilt from the run directory on demand. `ff` is the
+    frontier derived from the study (`acf.coordinator.run_store`), refreshed by every write; it is a view, never
+    written to."""
+
+    def __init__(self, cfg: RunConfig, console=None):
+        from rich.console import Console
+
+        from acf.tasks import get_task
+
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir)
+        self.console = console or Console(stderr=False)
+        self.task = get_task(cfg.dataset, cfg.data_dir)
+        self._study: Optional[optuna.Study] = None
+        self._space: Optional[SearchSpace] = None
+        self._spec = None
+        self.ff: Optional[FrontierFile] = None
+        self.t_start = time.time()
+        self.planner = None
+        self._fidelity: dict[str, Any] = {}
+        self._loaded: Optional[tuple[str, Any]] = None
+
+    # ---- paths -------------------------------------------------------------------------------------------
+    @property
+    def frontier_path(self) -> Path:
+        return self.dir / "frontier.json"
+
+    def episode_dir(self, episode: int) -> Path:
+        return self.dir / "episodes" / f"{episode:03d}"
+
+    def artifact_dir(self, cid: str) -> Path:
+        return self.dir / "artifacts" / cid
+
+    # ---- lazily rebuilt objects --------------------------------------------------------------------------
+    @property
+    def spec(self):
+        if self._spec is None:
+            from acf.models.spec import load_spec
+
+            self._spec = load_spec(self.dir / "model_spec.json")
+        return self._spec
+
+    @property
+    def space(self) -> SearchSpace:
+        if self._space is None:
+            kw = {}
+            if self.cfg.quant_methods:
+                kw["quant_methods"] = self.cfg.quant_methods
+            if self.cfg.prune_methods:
+                kw["prune_methods"] = self.cfg.prune_methods
+            self._space = SearchSpace(self.spec, self.cfg.device, self.cfg.calib_samples, self.cfg.seq_len,
+                                      self.cfg.recover_steps, **kw)
+        return self._space
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            meta = {"model": self.cfg.model, "dataset": self.cfg.dataset, "objectives": self.cfg.objectives}
+            self._study = open_study(self.cfg.storage_url(), self.cfg.study(), self.cfg.objectives, self.cfg.sampler,
+                                     self.cfg.seed, meta)
+        return self._study
+
+    # ---- the baseline's references and the candidate in memory ------------------------------------------------
+    def fidelity(self, part: str = "search", loaded=None):
+        """The baseline references for the search items (`part="search"`) or the final report's held-out items
+        ("report"): built once from the baseline, cached under RUN_DIR/reference/, reused by every candidate and
+        after a resume (a corrupt or mismatched cache is named and rebuilt, never read as zeros)."""
+        if part in self._fidelity:
+            return self._fidelity[part]
+        from acf.evaluation.fidelity import cached_reference
+        from acf.evaluation.runner import Loaded, build_fidelity
+        from acf.models.loading import load_tokenizer
+
+        assert self.ff is not None
+        base_path = self.ff.run.model_path
+        offset, limit = self.item_range(part)
+        from acf.evaluation.runner import eval_items
+
+        items = eval_items(self.task, limit, self.cfg.seed, offset)
+        holder: dict[str, Any] = {}
+
+        def model():
+            if loaded is not None:
+                return loaded.model
+            if "m" not in holder:
+                self.say(f"  [dim]loading the baseline to compute its reference distributions ({part} items)[/]")
+                holder["m"] = Loaded.load(base_path, self.cfg.device, self.cfg.trust_remote_code)
+            return holder["m"].model
+
+        tok = loaded.tokenizer if loaded is not None else load_tokenizer(base_path, self.cfg.trust_remote_code)
+
+        def cache(name, seqs, build):
+            return cached_reference(self.dir / "reference" / f"{name}.safetensors", seqs, build,
+                                    say=lambda m: self.say(f"  [yellow]{m}[/]"))
+
+        fid = build_fidelity(model, tok, self.task, items, general=True, general_part=part,
+                             batch_size=self.cfg.eval_batch_size, model_name=base_path, cache=cache)
+        if "m" in holder:
+            holder["m"].free()
+        self._fidelity[part] = fid
+        return fid
+
+    def item_range(self, part: str) -> tuple[int, Optional[int]]:
+        """(offset, count) in the test split's seeded permutation: search items first, the report's after them."""
+        if part == "search":
+            return 0, self.cfg.limit
+        return (self.cfg.limit or 0), self.cfg.final_limit
+
+    def loaded(self, cid: str, path: Path):
+        """The candidate `cid` in memory, loaded once per episode for its proxy and its full evaluation."""
+        from acf.evaluation.runner import Loaded
+
+        if self._loaded is not None and self._loaded[0] == cid:
+            return self._loaded[1]
+        self.release()
+        ld = Loaded.load(path, self.cfg.device, self.cfg.trust_remote_code)
+        self._loaded = (cid, ld)
+        return ld
+
+    def release(self) -> None:
+        if self._loaded is not None:
+            self._loaded[1].free()
+            self._loaded = None
+
+    def say(self, msg: str) -> None:
+        self.console.print(msg)

@@ -1,0 +1,144 @@
+"""Persisted records: the frontier JSON schema (versioned) and the per-episode result.
+
+Everything a run writes to disk is one of these pydantic models, so a notebook, `acf report` and `--resume`
+read back exactly what was written, and a corrupt or foreign file is refused with its name.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+from acf.core.atomic import read_json_strict, validate_strict
+from acf.core.errors import RunDirError
+from acf.methods.base import StepRecord
+from acf.core.provenance import Measurement
+from acf.methods.strategy import Strategy
+
+SCHEMA_VERSION = 1
+
+Status = Literal["ok", "failed", "pruned", "rejected", "skipped"]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Candidate(BaseModel):
+    id: str
+    episode: int
+    trial_number: Optional[int] = None
+    strategy: Strategy
+    description: str = ""
+    status: Status = "ok"
+    reason: Optional[str] = None
+    proposed_by: str = "optuna"
+    rationale: Optional[str] = None
+    metrics: dict[str, Measurement] = Field(default_factory=dict)
+    proxy_metrics: dict[str, Measurement] = Field(default_factory=dict)
+    final_metrics: dict[str, Measurement] = Field(default_factory=dict)   # frontier members, --final-limit items
+    objectives: dict[str, float] = Field(default_factory=dict)
+    retention: Optional[float] = None
+    reward: Optional[float] = None
+    artifact: Optional[str] = None          # model directory (absolute), None once deleted or never made
+    artifact_kept: bool = False
+    steps: list[StepRecord] = Field(default_factory=list)
+    #: id of the control row "baseline + this candidate's recovery steps, no compression" (task adaptation apart)
+    control: Optional[str] = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+
+
+class RunMeta(BaseModel):
+    run_id: str
+    model: str
+    model_path: str
+    dataset: str
+    objectives: list[str]
+    directions: dict[str, str]
+    preset: str
+    min_retention: Optional[float]
+    sampler: str
+    seed: int
+    limit: Optional[int]
+    proxy_limit: Optional[int]
+    episodes: int
+    device: str
+    device_name: str = ""
+    acf_version: str
+    git_commit: Optional[str]
+    runtime: str
+    created_at: str
+    updated_at: str
+    command: list[str] = Field(default_factory=list)
+    wall_seconds: float = 0.0
+    stopped_because: Optional[str] = None
+    study_name: str = ""
+    storage: str = ""
+    max_kld: Optional[float] = None
+    #: which test items rank candidates (search, its first proxy_limit the proxy) and which the final report uses
+    item_sets: dict[str, Any] = Field(default_factory=dict)
+
+
+class HVPoint(BaseModel):
+    episode: int
+    hypervolume: float
+
+
+class Recommendation(BaseModel):
+    id: str
+    reward: float
+    terms: dict[str, float]
+    preset: str
+    why: str
+
+
+class FrontierFile(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    run: RunMeta
+    spec: dict[str, Any]
+    baseline: Optional[Candidate] = None
+    candidates: list[Candidate] = Field(default_factory=list)
+    #: reference rows, never frontier members: the baseline given a candidate's recovery steps and no compression
+    controls: list[Candidate] = Field(default_factory=list)
+    frontier: list[str] = Field(default_factory=list)
+    hypervolume: list[HVPoint] = Field(default_factory=list)
+    reference_point: dict[str, float] = Field(default_factory=dict)
+    recommended: Optional[Recommendation] = None
+
+    def candidate(self, cid: str) -> Candidate:
+        if self.baseline is not None and self.baseline.id == cid:
+            return self.baseline
+        for c in self.candidates + self.controls:
+            if c.id == cid:
+                return c
+        raise KeyError(cid)
+
+
+def load_frontier_file(path: str | Path) -> FrontierFile:
+    """Read and validate a frontier.json; refuse (naming the file) a corrupt or other-version file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "frontier.json"
+    raw = read_json_strict(path, "corrupt frontier file", RunDirError, missing="no such file (is this a run directory?)")
+    ver = raw.get("schema_version") if isinstance(raw, dict) else None
+    if ver != SCHEMA_VERSION:
+        raise RunDirError(f"{path}: schema_version {ver!r}, this acf reads version {SCHEMA_VERSION}; "
+                          f"use the acf version that wrote it")
+    return validate_strict(FrontierFile, raw, path, "does not match the frontier schema", RunDirError)
+
+
+def episodes_recorded(ff: Optional[FrontierFile]) -> int:
+    """Episodes a run has recorded (0 before its frontier file exists): the pipeline's and the planner's count."""
+    return 0 if ff is None else len(ff.candidates)
+
+
+def save_frontier_file(ff: FrontierFile, path: str | Path) -> None:
+    from acf.core.atomic import write_text
+
+    ff.run.updated_at = now()
+    write_text(path, ff.model_dump_json(indent=2))

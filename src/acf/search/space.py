@@ -1,0 +1,248 @@
+"""The Optuna side of the search: a conditional space built from the model spec, samplers, seeds, ask/tell.
+
+One study per run (SQLite in the run dir by default; any Optuna storage URL works), so a killed run resumes
+with the sampler's full history, and several processes could share one study.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import optuna
+
+from acf.core.errors import AcfError
+from acf.methods.registry import choices, get as get_method, grid_methods
+from acf.core.objectives import DIRECTIONS
+from acf.models.spec import ModelSpec
+from acf.methods.strategy import Strategy, Step
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+DEFAULT_SAMPLER = "tpe"
+
+#: "uniform" (one bits/group_size for every layer) or an effective-bits budget for a per-layer allocation
+#: (acf.methods.mixed); one candidate per budget, so the search explores budgets, not layers
+PRECISION_CHOICES = ["uniform", "4.25", "4.5", "5.0", "6.0"]
+#: GGUF types the search picks from (those the model's shapes admit: acf.methods.gguf.type_problems)
+GGUF_TYPE_CHOICES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M")
+
+
+class SearchSpace:
+    """The conditional space. Every strategy it yields passes `validate_strategy` for this spec."""
+
+    def __init__(self, spec: ModelSpec, device: str = "cpu", calib_samples: int = 64, seq_len: int = 512,
+                 recover_steps: Sequence[int] = (25, 50, 100), quant_methods: Optional[Sequence[str]] = None,
+                 prune_methods: Optional[Sequence[str]] = None, *, recover_methods: Optional[Sequence[str]] = None,
+                 bits: Sequence[int] = (4, 8), group_sizes: Optional[Sequence[str]] = None,
+                 sparsities: Optional[Sequence[float]] = None, patterns: Sequence[str] = ("unstructured", "2:4"),
+                 drops: Optional[Sequence[int]] = None, act_order: Sequence[bool] = (False, True),
+                 precisions: Sequence[str] = PRECISION_CHOICES,
+                 gguf_types: Optional[Sequence[str]] = None, gguf_imatrix: Sequence[bool] = (True, False),
+                 gguf_precisions: Optional[Sequence[str]] = None):
+        """Defaults are acf's full space (the registry's default choices per slot: acf.methods.registry.choices);
+        the keyword arguments narrow it (benchmarks replay a finite space)."""
+        self.spec = spec
+        self.device = device
+        self.calib = {"calib_samples": calib_samples, "seq_len": seq_len}
+        self.recover_steps = list(recover_steps)
+        gs = [g for g in spec.valid_group_sizes if g >= 32] or spec.valid_group_sizes
+        self.group_sizes = list(group_sizes) if group_sizes else [str(g) for g in sorted(gs)[-2:]] + ["channel"]
+        self.max_drop = max(1, spec.num_layers // 4)
+        self.quant_methods = list(quant_methods if quant_methods is not None else choices("quant"))
+        self.prune_methods = list(prune_methods if prune_methods is not None else choices("prune"))
+        if not [q for q in self.quant_methods if q != "none"]:
+            # without a quantization method, "no pruning" would be the baseline itself: not a candidate
+            self.prune_methods = [p for p in self.prune_methods if p != "none"]
+        if not self.prune_methods:
+            raise ValueError("the search space is empty: choose at least one quantization or pruning method")
+        self.recover_methods = list(recover_methods if recover_methods is not None else choices("recover"))
+        self.bits = list(bits)
+        self.sparsities = list(sparsities) if sparsities else None
+        self.patterns = list(patterns)
+        self.drops = list(drops) if drops else None
+        self.act_order = list(act_order)
+        self.precisions = [str(p) for p in precisions] or ["uniform"]
+        from acf.methods.gguf import type_problems
+
+        widths = spec.linear_widths(("lm_head",))
+        self.gguf_types = [t for t in (gguf_types or GGUF_TYPE_CHOICES) if not type_problems(t, widths, {})]
+        if "gguf" in self.quant_methods and not self.gguf_types:
+            raise ValueError("gguf: none of the GGUF types fits this model's layer widths")
+        self.gguf_imatrix = list(gguf_imatrix)
+        self.gguf_precisions = self._gguf_budgets(gguf_precisions)
+
+    def _gguf_shapes(self) -> list:
+        from acf.methods.gguf_mixed import shapes_from_spec
+
+        return shapes_from_spec(self.spec)
+
+    def _gguf_budgets(self, given: Optional[Sequence[str]]) -> list[str]:
+        """"uniform" and the per-tensor budgets (bits per weight, embedding included) this model can reach with the
+        default palette: a budget below the palette's smallest size would only fail its episode."""
+        from acf.methods.gguf_mixed import DEFAULT_BUDGETS, DEFAULT_TYPES, min_bits
+
+        if given is not None:
+            return [str(g) for g in given] or ["uniform"]
+        lo = min_bits(self._gguf_shapes(), list(DEFAULT_TYPES))
+        return ["uniform"] + [str(b) for b in DEFAULT_BUDGETS if b >= lo]
+
+    def suggest(self, trial: optuna.Trial) -> Strategy:
+        """prune (or none) -> recovery (only after pruning) -> quantization; each chosen method's own params come
+        from its registry search fragment."""
+        steps: list[Step] = []
+        prune = trial.suggest_categorical("prune", self.prune_methods)
+        if prune != "none":
+            steps.append(self._step(prune, trial))
+            rec = trial.suggest_categorical("recover", self.recover_methods)
+            if rec != "none":
+                steps.append(self._step(rec, trial))
+            quant = trial.suggest_categorical("quant", self.quant_methods)
+        else:
+            quant = trial.suggest_categorical("quant_only", [q for q in self.quant_methods if q != "none"])
+        if quant != "none":
+            steps.append(self._step(quant, trial))
+        return Strategy(steps=steps)
+
+    def _step(self, method: str, trial: optuna.Trial) -> Step:
+        spec = get_method(method)
+        if spec is None or spec.search is None:
+            raise ValueError(f"{method!r} is not a searchable method")
+        return Step(method=method, params=spec.search.suggest(trial, self))
+
+    def seeds(self) -> list[dict[str, Any]]:
+        """Known-good recipes tried first (as Optuna enqueued trials, so the sampler learns from them).
+
+        The fixed recipes a user would otherwise run come first, so every run measures what acf must beat: GPTQ W4
+        at the largest valid group, plain and with act-order (llm-compressor's recommended setting); then W8A8,
+        a combination (drop 1 block -> LoRA -> GPTQ W4 act-order) and SparseGPT 50%."""
+        g = self.largest_group()
+        seeds = []
+        if "gguf" in self.quant_methods:
+            uniform = {"gguf_precision": "uniform"} if self.gguf_precisions != ["uniform"] else {}
+            # what llama.cpp users deploy: Q4_K_M with an importance matrix, and Q8_0
+            for t in ("Q4_K_M", "Q8_0"):
+                if t in self.gguf_types:
+                    seeds.append({"prune": "none", "quant_only": "gguf", "gguf_type": t,
+                                  "gguf_imatrix": self.gguf_imatrix[0], **uniform})
+            budgets = [b for b in self.gguf_precisions if b != "uniform"]
+            if budgets:
+                # acf's answer to Q4_K_M: per-tensor types at the largest budget no larger than Q4_K_M
+                from acf.methods.gguf_mixed import q4km_bits_estimate
+
+                est = q4km_bits_estimate(self._gguf_shapes())
+                fit = [b for b in budgets if float(b) <= est]
+                if fit:
+                    seeds.append({"prune": "none", "quant_only": "gguf", "gguf_precision": max(fit, key=float),
+                                  "gguf_imatrix": self.gguf_imatrix[0]})
+            if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "Q4_K_M" in self.gguf_types:
+                seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
+                              "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
+                              "quant": "gguf", "gguf_type": "Q4_K_M", "gguf_imatrix": self.gguf_imatrix[0], **uniform})
+        if "gptq" in self.quant_methods:
+            seeds.append({"prune": "none", "quant_only": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
+                          "act_order": False})
+            if True in self.act_order:
+                seeds.append({"prune": "none", "quant_only": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
+                              "act_order": True})
+            # acf's own answer to the fixed recipe: the same GPTQ, bits allocated per layer at no larger a size
+            seeds.append({"prune": "none", "quant_only": "gptq", "precision": "4.25", "act_order": self.act_order[-1]})
+        if "w8a8" in self.quant_methods:
+            seeds.append({"prune": "none", "quant_only": "w8a8"})
+        if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "gptq" in self.quant_methods:
+            seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
+                          "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
+                          "quant": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
+                          "act_order": self.act_order[-1]})
+        if "sparsegpt" in self.prune_methods and "unstructured" in self.patterns:
+            seeds.append({"prune": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5, "recover": "none",
+                          "quant": "none"})
+        return [s for s in seeds if self.inside(s)]
+
+    def inside(self, params: dict[str, Any]) -> bool:
+        """Whether fixed params only use values of this (possibly narrowed) space: seeds and grid entries that
+        are not must not be enqueued (Optuna refuses a fixed value outside a categorical's choices)."""
+        choices = {"prune": self.prune_methods, "quant_only": self.quant_methods, "quant": self.quant_methods,
+                   "recover": self.recover_methods, "recover_steps": self.recover_steps, "bits": self.bits,
+                   "group_size": self.group_sizes, "act_order": self.act_order, "pattern": self.patterns,
+                   "sparsity": self.sparsities or [0.5], "drop": self.drops or [1], "precision": self.precisions,
+                   "gguf_type": self.gguf_types, "gguf_imatrix": self.gguf_imatrix,
+                   "gguf_precision": self.gguf_precisions}
+        return all(k not in choices or v in choices[k] for k, v in params.items())
+
+    def largest_group(self) -> str:
+        numeric = [x for x in self.group_sizes if x != "channel"]
+        return max(numeric, key=int) if numeric else self.group_sizes[0]
+
+    def grid(self) -> list[dict[str, Any]]:
+        """The preset grid (sampler=grid): one-method recipes at standard settings (each method's registry
+        fragment gives its entries), in a fixed order."""
+        out = []
+        for m in grid_methods():
+            if m.slot == "quant" and m.name in self.quant_methods:
+                out += [{"prune": "none", "quant_only": m.name, **d} for d in m.search.grid(self)]  # type: ignore
+            elif m.slot == "prune" and m.name in self.prune_methods:
+                out += [{"prune": m.name, **d, "recover": "none", "quant": "none"}
+                        for d in m.search.grid(self)]  # type: ignore[union-attr]
+        return [d for d in out if self.inside(d)]
+
+
+def make_sampler(name: str, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:
+    # Constraints are set per trial with Trial.set_constraint (Optuna >= 5), which both samplers read.
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=4)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=6)
+    if name in ("random", "grid"):
+        # grid: the preset recipes are enqueued in order; random covers anything asked beyond them.
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise AcfError(f"unknown sampler {name!r}: choose from {', '.join(SAMPLERS)}")
+
+
+def open_study(storage: str, study_name: str, objectives: Sequence[str], sampler: str, seed: int,
+               meta: dict[str, Any]) -> optuna.Study:
+    """Create or join the run's study; a study made for another model/task/objectives is refused."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        st = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
+                                 directions=[DIRECTIONS[o] for o in objectives],
+                                 sampler=make_sampler(sampler, seed, len(objectives)))
+    except optuna.exceptions.StorageInternalError as e:
+        raise AcfError(f"cannot open the study storage {storage}: {e}") from None
+    except ValueError as e:  # directions differ from the existing study
+        raise AcfError(f"study {study_name!r} in {storage} does not match this run: {e}") from None
+    old = st.user_attrs.get("acf_meta")
+    if old is None:
+        st.set_user_attr("acf_meta", meta)
+    else:
+        diff = [k for k in ("model", "dataset", "objectives") if old.get(k) != meta.get(k)]
+        if diff:
+            raise AcfError(f"study {study_name!r} was made for {', '.join(f'{k}={old.get(k)}' for k in diff)}; "
+                           f"this run has {', '.join(f'{k}={meta.get(k)}' for k in diff)}: refusing to mix them")
+    return st
+
+
+def enqueue_first(study: optuna.Study, space: SearchSpace, sampler: str) -> None:
+    """A new study's first trials: the seed recipes (the preset grid with `--sampler grid`)."""
+    for p in space.seeds() if sampler != "grid" else space.grid():
+        study.enqueue_trial(p, skip_if_exists=True)
+
+
+def fail_stale_trials(study: optuna.Study, keep: Optional[int]) -> list[int]:
+    """Trials left RUNNING by a killed process (other than the one the graph will redo) are marked failed."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.number != keep:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            out.append(t.number)
+    return out
+
+
+def trial_for(study: optuna.Study, number: int) -> optuna.Trial:
+    """Re-attach to a RUNNING trial by number (after a resume) so its suggested params can be re-read."""
+    t = study.get_trials(deepcopy=False)[number]
+    return optuna.Trial(study, t._trial_id)
