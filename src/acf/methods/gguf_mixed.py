@@ -214,28 +214,42 @@ def allocatable(f16_path: Path) -> list[TensorShape]:
     return out
 
 
-def _read_f32(path: Path, names: Optional[set[str]] = None) -> dict[str, tuple[str, Any]]:
-    """GGUF tensor name -> (type name, float32 numpy array rows x cols), dequantized with gguf-py."""
-    import numpy as np
-    from gguf.constants import GGMLQuantizationType
-    from gguf.quants import dequantize
+class GGUFTensors:
+    """A GGUF file's 2-D tensors, read one at a time as float32 (dequantized with gguf-py) from a memory map: the
+    sensitivity pass holds one tensor of a file at once, not a float32 copy of the whole model (32 GB at 8B)."""
 
-    infos, start = _tensor_infos(path)
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    out = {}
-    for name, ne, tt, toff in infos:
-        if len(ne) != 2 or (names is not None and name not in names):
-            continue
+    def __init__(self, path: Path, names: Optional[set[str]] = None):
+        import numpy as np
+
+        infos, self._start = _tensor_infos(path)
+        self._infos = {n: (ne, tt, off) for n, ne, tt, off in infos
+                       if len(ne) == 2 and (names is None or n in names)}
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def type_name(self, name: str) -> str:
+        from gguf.constants import GGMLQuantizationType
+
+        return GGMLQuantizationType(self._infos[name][1]).name
+
+    def get(self, name: str):
+        import numpy as np
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        ne, tt, off = self._infos[name]
         qt = GGMLQuantizationType(tt)
         rows, cols = ne[1], ne[0]
-        nbytes = tensor_bytes(qt.name, rows, cols) if qt.name not in ("F32",) else rows * cols * 4
-        raw = np.asarray(mm[start + toff: start + toff + nbytes]).reshape(rows, -1)
+        nbytes = tensor_bytes(qt.name, rows, cols) if qt.name != "F32" else rows * cols * 4
+        raw = np.asarray(self._mm[self._start + off: self._start + off + nbytes]).reshape(rows, -1)
         if qt.name in ("F32", "F16", "BF16"):
             raw = raw.view({"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[qt.name])
-        a = dequantize(raw, qt).astype(np.float32, copy=False)
-        out[name] = (qt.name, a.reshape(rows, cols))
-    del mm
-    return out
+        return dequantize(raw, qt).astype(np.float32, copy=False).reshape(rows, cols)
+
+    def close(self) -> None:
+        del self._mm
 
 
 def _permute(w, n_head: int):
@@ -245,7 +259,7 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_params_by_gguf_name(model, f16: dict[str, Any]) -> dict[str, tuple[Any, Optional[int]]]:
+def hf_params_by_gguf_name(model, f16: GGUFTensors) -> dict[str, tuple[Any, Optional[int]]]:
     """GGUF tensor name -> (HF parameter, heads of the row permutation or None), found by matching values: the
     converter's name map and q/k reordering are its own, so each allocatable GGUF tensor is matched to the HF weight
     whose values it holds (as stored, or row-permuted for n_head / n_kv_head). A tensor matched by none is an error:
@@ -261,7 +275,8 @@ def hf_params_by_gguf_name(model, f16: dict[str, Any]) -> dict[str, tuple[Any, O
             seen.add(id(p))
             by_shape.setdefault(tuple(p.shape), []).append((n, p))
     out = {}
-    for g, w16 in f16.items():
+    for g in f16.names():
+        w16 = f16.get(g)
         found = None
         probe = w16[: min(64, w16.shape[0])]
         for n, p in by_shape.get(tuple(w16.shape), []):
@@ -290,7 +305,7 @@ def gguf_sensitivity(model, ids, f16_path: Path, types: list[str], imatrix: Opti
 
     from acf.methods import gguf_quantize as GQ
 
-    f16 = {n: a for n, (_, a) in _read_f32(f16_path, {s.name for s in allocatable(f16_path)}).items()}
+    f16 = GGUFTensors(f16_path, {s.name for s in allocatable(f16_path)})
     match = hf_params_by_gguf_name(model, f16)
     uniq = {id(p): p for p, _ in match.values()}
     names = {id(p): f"p{i}" for i, p in enumerate(uniq.values())}
@@ -300,16 +315,19 @@ def gguf_sensitivity(model, ids, f16_path: Path, types: list[str], imatrix: Opti
         f = fisher[names[id(p)]].cpu()
         F[g] = (f if h is None else _permute(f, h)).numpy()
     del fisher
-    out: dict[str, dict[str, float]] = {g: {} for g in f16}
+    out: dict[str, dict[str, float]] = {g: {} for g in f16.names()}
     for t in types:
         if t == "F16":
             continue
         q = work / f"probe-{t}.gguf"
         GQ.quantize(f16_path, q, "Q8_0", imatrix, {"weight": t}, nthread=0)
-        for g, (tt, a) in _read_f32(q, set(out)).items():
-            if tt == t:
-                out[g][t] = float(0.5 * (F[g] * (a - f16[g]) ** 2).sum() / max(1, tokens))
+        probe = GGUFTensors(q, set(out))
+        for g in probe.names():
+            if probe.type_name(g) == t:
+                out[g][t] = float(0.5 * (F[g] * (probe.get(g) - f16.get(g)) ** 2).sum() / max(1, tokens))
+        probe.close()
         q.unlink()
+    f16.close()
     return out
 
 
