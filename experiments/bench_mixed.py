@@ -33,6 +33,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+NO_Q51 = ["Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q4_0", "Q5_0", "Q8_0", "F16"]
+
+
 def configs(calib: int) -> dict[str, list[dict]]:
     c = {"calib_samples": calib, "seq_len": 512}
     ao = {"act_order": True, **c}
@@ -58,6 +61,10 @@ def configs(calib: int) -> dict[str, list[dict]]:
         "gguf_q5km_imat": [{"method": "gguf", "params": {"type": "Q5_K_M", "imatrix": True, **c}}],
         "gguf_mixed@q5km": [{"method": "gguf", "params": {"avg_bits": "size_of:gguf_q5km_imat", "imatrix": True, **c}}],
         "gguf_mixed@w4g64": [{"method": "gguf", "params": {"avg_bits": "size_of:gptq_w4g64_ao", "imatrix": True, **c}}],
+        # control: the default model's weights were dequantized from a Q4_1 GGUF, so Q5_1 (whose grid holds Q4_1's)
+        # reproduces them almost exactly; without it in the palette, what is left is the allocation's own gain
+        "gguf_mixed@q4km_noq51": [{"method": "gguf", "params": {"avg_bits": "size_of:gguf_q4km_imat", "imatrix": True,
+                                                                "types": NO_Q51, **c}}],
     }
 
 
