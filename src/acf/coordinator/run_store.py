@@ -115,8 +115,8 @@ def write_trial_record(study: optuna.Study, cfg: RunConfig, number: int, cand: C
 
 def put_record(study: optuna.Study, cfg: RunConfig, cand: Candidate, trial_number: Optional[int]) -> bool:
     """Score and store a single-process episode's candidate: on its trial while the trial runs, else as a study
-    attribute. Idempotent: returns False when this candidate is already stored (the process died after writing,
-    before the graph's checkpoint, and the update node runs again)."""
+    attribute. Idempotent: returns False when this candidate is already stored and told (the process died after
+    that, before the graph's checkpoint, and the update node runs again)."""
     base = study.user_attrs.get(A_BASELINE)
     if base is not None:
         score(cfg, Candidate.model_validate(base).objectives, cand)
@@ -124,11 +124,11 @@ def put_record(study: optuna.Study, cfg: RunConfig, cand: Candidate, trial_numbe
         cand.reason = cand.reason[:500]
     if trial_number is not None:
         t = study.get_trials(deepcopy=False)[trial_number]
-        if (t.user_attrs.get(T_RECORD) or {}).get("id") == cand.id:
-            return False
-        if t.state == TrialState.RUNNING:
+        if t.state == TrialState.RUNNING:   # also when a killed process wrote the record but had not told yet
             write_trial_record(study, cfg, trial_number, cand)
             return True
+        if (t.user_attrs.get(T_RECORD) or {}).get("id") == cand.id:
+            return False
     if A_RECORD + cand.id in study.user_attrs:
         return False
     study.set_user_attr(A_RECORD + cand.id, _json(cand))
