@@ -142,6 +142,16 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
     return cfg
 
 
+def space_for(cfg: RunConfig, spec) -> SearchSpace:
+    """The run's search space: the model's spec narrowed by --quant-methods / --prune-methods."""
+    kw = {}
+    if cfg.quant_methods:
+        kw["quant_methods"] = cfg.quant_methods
+    if cfg.prune_methods:
+        kw["prune_methods"] = cfg.prune_methods
+    return SearchSpace(spec, cfg.device, cfg.calib_samples, cfg.seq_len, cfg.recover_steps, **kw)
+
+
 class RunContext:
     """The run's live objects (task, spec, study, frontier) rebuilt from the run directory on demand. `ff` is the
     frontier derived from the study (`acf.coordinator.run_store`), refreshed by every write; it is a view, never
@@ -188,13 +198,7 @@ class RunContext:
     @property
     def space(self) -> SearchSpace:
         if self._space is None:
-            kw = {}
-            if self.cfg.quant_methods:
-                kw["quant_methods"] = self.cfg.quant_methods
-            if self.cfg.prune_methods:
-                kw["prune_methods"] = self.cfg.prune_methods
-            self._space = SearchSpace(self.spec, self.cfg.device, self.cfg.calib_samples, self.cfg.seq_len,
-                                      self.cfg.recover_steps, **kw)
+            self._space = space_for(self.cfg, self.spec)
         return self._space
 
     @property

@@ -12,7 +12,7 @@ from optuna.storages import BaseStorage
 from acf.coordinator import pipeline as P
 from acf.coordinator import run_context as RC
 from acf.coordinator.run_store import A_CONFIG, has_run, publish, put_run
-from acf.search.space import open_study
+from acf.search.space import enqueue_first, open_study
 from acf.coordinator.state import FrontierFile
 from acf.distributed.schema import A_APPROVAL
 from acf.distributed.storage import load_study, make_storage, study_config
@@ -39,19 +39,8 @@ def create_or_join(cfg: RC.RunConfig, storage: BaseStorage, approval: bool = Fal
             study.set_user_attr(A_CONFIG, {**attrs[A_CONFIG], "episodes": max(old.episodes, cfg.episodes)})
     study.set_user_attr(A_APPROVAL, bool(approval))
     if not study.trials:
-        from acf.search.space import SearchSpace, enqueue_first
-
-        enqueue_first(study, _space(cfg, spec, SearchSpace), cfg.sampler)
+        enqueue_first(study, RC.space_for(cfg, spec), cfg.sampler)
     return study, str(model_path), spec
-
-
-def _space(cfg: RC.RunConfig, spec, SearchSpace) -> Any:
-    kw = {}
-    if cfg.quant_methods:
-        kw["quant_methods"] = cfg.quant_methods
-    if cfg.prune_methods:
-        kw["prune_methods"] = cfg.prune_methods
-    return SearchSpace(spec, cfg.device, cfg.calib_samples, cfg.seq_len, cfg.recover_steps, **kw)
 
 
 def cid_for(number: int) -> str:

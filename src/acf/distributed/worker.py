@@ -52,9 +52,6 @@ class WorkerContext(RC.RunContext):
     def episode_dir(self, episode: int) -> Path:
         return self.dir / cid_for(episode)
 
-    def save(self) -> None:  # frontier.json is the coordinator's; workers keep theirs in memory
-        pass
-
 
 def check_artifacts_dir(path: str | Path) -> Path:
     """The shared artifacts dir must exist (or be creatable) and be writable before any compute is spent."""
