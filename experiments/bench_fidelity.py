@@ -135,6 +135,9 @@ def main() -> int:
         old = json.loads(stem.with_suffix(".json").read_text())
         rows = list(old.get("rows", []))   # every earlier row stays, --configs only chooses what runs now
         started = old.get("date", started)
+        for r in rows:   # rows from before rows carried their own machine were all measured on the file's
+            r.setdefault("device", old.get("device"))
+            r.setdefault("measured", old.get("date"))
     done = {r["config"] for r in rows}
 
     def write(complete: bool) -> None:
@@ -189,7 +192,8 @@ def main() -> int:
         if "baseline" not in done:
             brow = measure(model_dir, base, "baseline")
             brow.update(config="baseline", status="ok", strategy="baseline (no compression)", wall_seconds=0.0,
-                        reference_seconds=round(ref_s, 2))
+                        reference_seconds=round(ref_s, 2), device=device_string(device),
+                        measured=time.strftime("%Y-%m-%d %H:%M:%S"))
             rows.insert(0, brow)
             _print(brow)
             write(False)
@@ -201,7 +205,8 @@ def main() -> int:
             t = time.perf_counter()
             recs = run_strategy(strat, model_dir, out, ctx)
             row = {"config": name, "strategy": strat.describe(), "wall_seconds": round(time.perf_counter() - t, 1),
-                   "steps": [r.model_dump() for r in recs]}
+                   "steps": [r.model_dump() for r in recs], "device": device_string(device),
+                   "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
             if recs and all(r.status == "ok" for r in recs):
                 ld = Loaded.load(out, device)
                 try:
@@ -257,7 +262,11 @@ def _ci(m: dict, fmt: str = "{:.4f}") -> str:
 def _markdown(res: dict) -> str:
     rows = res["rows"]
     base = rows[0] if rows else {}
-    lines = [f"# Fidelity of fixed recipes on {Path(res['model']).name} ({res['device']})"
+    # a resumed table may hold rows of several machines: then each row names its own
+    machines = list(dict.fromkeys(r.get("device") or res["device"] for r in rows))
+    per_row = len(machines) > 1
+    where = ", ".join(machines) if per_row else res["device"]
+    lines = [f"# Fidelity of fixed recipes on {Path(res['model']).name} ({where})"
              + ("" if res["complete"] else " — INCOMPLETE"), "",
              f"Date {res['date']}. GSM8K test items: {res['limit']} for answer NLL / kld / top1 (the first of acf's "
              f"seed-0 permutation), {res['acc_limit']} for accuracy (greedy, zero-shot chat); CommonsenseQA "
@@ -267,8 +276,8 @@ def _markdown(res: dict) -> str:
              "Intervals are 95% (kld/top1/NLL: items as clusters; accuracy: Wilson).", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()), "",
              "| config | size MiB | answer NLL | kld | kld p99 | top1 | kld_general | GSM8K acc | CSQA acc | "
-             "exact KL | t(kld)/t(nll) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "exact KL | t(kld)/t(nll) |" + (" measured on |" if per_row else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if per_row else "")]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['config']} | failed: {r.get('reason', '')} |||||||||")
@@ -280,7 +289,8 @@ def _markdown(res: dict) -> str:
             f"| {r['config']} | {_v(r, 'size') / 2**20:.1f} | {_ci(r.get('answer_nll'))} | {_ci(k)} | "
             f"{'-' if p99 is None else f'{p99:.3f}'} | {_ci(r.get('top1'), '{:.3f}')} | {_ci(r.get('kld_general'))} | "
             f"{_ci(r.get('gsm8k_accuracy'), '{:.3f}')} | {_ci(r.get('csqa_accuracy'), '{:.3f}')} | "
-            f"{'-' if ex is None else f'{ex:.4f}'} | {r['timing']['ratio']} |")
+            f"{'-' if ex is None else f'{ex:.4f}'} | {r['timing']['ratio']} |"
+            + (f" {r.get('device') or res['device']}, {str(r.get('measured') or res['date'])[:10]} |" if per_row else ""))
     if base:
         lines += ["", f"Baseline reference (top-128 + tail of the uncompressed model) built in "
                       f"{base.get('reference_seconds')} s."]
@@ -290,7 +300,11 @@ def _markdown(res: dict) -> str:
               "- exact KL: full-vocabulary KL with the baseline resident, on the same items; the cached top-128 + tail "
               "figure is a lower bound of it.",
               "- t(kld)/t(nll): wall time of kld alone over answer NLL alone, same items and load; in a run both "
-              "come from one pass.", ""]
+              "come from one pass."]
+    if per_row:
+        lines.append("- rows of different machines were measured in separate processes, each with its own baseline "
+                     "reference built there.")
+    lines.append("")
     return "\n".join(lines)
 
 
