@@ -34,7 +34,7 @@ install: $(VENV)/.installed
 # took and what it finds).
 demo: install
 	$(PY) run_pipeline.py --model smollm2-135m --dataset gsm8k --episodes 4 --limit 40 --proxy-limit 16 \
-	  --calib-samples 16 --seq-len 256 --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+	  --calib-samples 16 --seq-len 256 --tune-steps 50 --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # Two xdist workers, whole files each (module fixtures such as a pipeline run are built once): CI's two cores.
 test: install

@@ -110,7 +110,8 @@ def test_valid_proposal_is_used_with_its_rationale(planner_run):
     st = optuna.load_study(study_name=ff.run.study_name, storage=f"sqlite:///{planner_run / 'study.db'}")
     t = st.trials[c1.trial_number]
     assert t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["proposed_by"] == "planner:fake:scripted"
-    assert t.params == {"prune": "none", "quant_only": "rtn", "precision": "uniform", "bits": 8, "group_size": "32"}
+    assert t.params == {"prune": "none", "quant_only": "rtn", "precision": "uniform", "bits": 8, "group_size": "32",
+                        "tune": "none"}
     # episode 2: prose was rejected, Optuna proposed
     assert not c2.proposed_by.startswith("planner") and c2.rationale is None
     # episode 3: valid but off the Optuna grid: it ran, recorded without a trial

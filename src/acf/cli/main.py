@@ -33,11 +33,11 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _steps(value: str) -> list[int]:
+def _steps(value: str, flag: str = "--recover-steps") -> list[int]:
     try:
         steps = [int(v) for v in _csv(value) or []]
     except ValueError:
-        raise AcfError(f"--recover-steps takes whole numbers separated by commas, e.g. 25,50 (got {value!r})") from None
+        raise AcfError(f"{flag} takes whole numbers separated by commas, e.g. 25,50 (got {value!r})") from None
     return steps   # ranges are checked with the rest of the run's settings (run_context.validate_config)
 
 
@@ -77,6 +77,10 @@ def run(
     seq_len: int = typer.Option(512, help="tokens per calibration sample"),
     recover_steps: str = typer.Option("25,50,100", help="training-step choices for LoRA/distillation recovery; the "
                                       "seeded combination uses the middle one (the only one if one is given)"),
+    tune_steps: str = typer.Option("50,100,200", help="training-step choices for kd_tune after a weight-only "
+                                   "quantizer (the seeded combination uses 100 if offered, else the middle one)"),
+    tune_methods: Optional[str] = typer.Option(None, help="narrow the tune slot after weight-only quantizers: "
+                                               "none,kd_tune (default); 'none' turns it off"),
     data_dir: Optional[Path] = typer.Option(None, help="local folder of the task's data"),
     eval_batch_size: Optional[int] = typer.Option(None, help="evaluation batch (default: from free GPU memory; 8 on "
                                                   "CPU)"),
@@ -140,7 +144,8 @@ def run(
                         planner_share=planner_share, planner_max_calls=planner_max_calls,
                         planner_timeout=planner_timeout, planner_retries=planner_retries,
                         quant_methods=_csv(quant_methods), prune_methods=_csv(prune_methods), runtime=runtime,
-                        recover_steps=_steps(recover_steps),
+                        recover_steps=_steps(recover_steps), tune_steps=_steps(tune_steps, "--tune-steps"),
+                        tune_methods=_csv(tune_methods),
                         trust_remote_code=trust_remote_code, skip_sanity=skip_sanity, command=[Path(sys.argv[0]).name] + sys.argv[1:])
         if workers is not None:
             return _run_workers(cfg, workers, artifacts)

@@ -62,6 +62,9 @@ class RunConfig(BaseModel):
     calib_samples: int = 64
     seq_len: int = 512
     recover_steps: list[int] = Field(default_factory=lambda: [25, 50, 100])
+    #: step choices of kd_tune after a weight-only quantizer; tune_methods narrows the tune slot ("none" only: off)
+    tune_steps: list[int] = Field(default_factory=lambda: [50, 100, 200])
+    tune_methods: Optional[list[str]] = None
     eval_batch_size: Optional[int] = None
     latency_tokens: int = 32
     trust_remote_code: bool = False
@@ -113,6 +116,8 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
         raise AcfError(f"--max-kld must lie in (0, 20] nats/token (got {cfg.max_kld})")
     if not cfg.recover_steps or any(not 1 <= s <= 100_000 for s in cfg.recover_steps):
         raise AcfError(f"--recover-steps: give one or more step counts in 1..100000 (got {cfg.recover_steps})")
+    if not cfg.tune_steps or any(not 1 <= s <= 100_000 for s in cfg.tune_steps):
+        raise AcfError(f"--tune-steps: give one or more step counts in 1..100000 (got {cfg.tune_steps})")
     from acf.methods.registry import choices
 
     if cfg.runtime not in RUNTIMES:
@@ -126,7 +131,8 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
                            f"--quant-methods {','.join(cfg.quant_methods or [])} names {', '.join(other)}; use gguf")
         cfg.quant_methods = ["gguf"]
     for flag, given, valid in (("--quant-methods", cfg.quant_methods, choices("quant", everything=True)),
-                               ("--prune-methods", cfg.prune_methods, choices("prune", everything=True))):
+                               ("--prune-methods", cfg.prune_methods, choices("prune", everything=True)),
+                               ("--tune-methods", cfg.tune_methods, choices("tune", everything=True))):
         if given is None:
             continue
         bad = [m for m in given if m not in valid]
@@ -149,7 +155,10 @@ def space_for(cfg: RunConfig, spec) -> SearchSpace:
         kw["quant_methods"] = cfg.quant_methods
     if cfg.prune_methods:
         kw["prune_methods"] = cfg.prune_methods
-    return SearchSpace(spec, cfg.device, cfg.calib_samples, cfg.seq_len, cfg.recover_steps, **kw)
+    if cfg.tune_methods:
+        kw["tune_methods"] = cfg.tune_methods
+    return SearchSpace(spec, cfg.device, cfg.calib_samples, cfg.seq_len, cfg.recover_steps, tune_steps=cfg.tune_steps,
+                       **kw)
 
 
 class RunContext:

@@ -55,12 +55,13 @@ class NonFiniteLoss(Exception):
 
 
 def adamw_steps(trainable: list, examples: list[TrainExample], *, steps: int, lr: float, batch_size: int, pad_id: int,
-                device: str, seed: int, loss_of_batch: Callable[[dict], tuple[torch.Tensor, dict]]
-                ) -> Iterator[tuple[int, torch.Tensor, dict]]:
+                device: str, seed: int, loss_of_batch: Callable[[dict], tuple[torch.Tensor, dict]],
+                groups: Optional[list[dict]] = None) -> Iterator[tuple[int, torch.Tensor, dict]]:
     """The AdamW loop the methods (`train_loop`) and the adapter loop (acf.lifecycle) share: `steps` seeded batches,
     `loss_of_batch(batch) -> (loss, parts)`, grad-norm clipping at 1.0. Yields (step, loss, parts) after each update;
-    raises NonFiniteLoss before updating on a NaN/inf loss. The caller may stop early by leaving the loop."""
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    raises NonFiniteLoss before updating on a NaN/inf loss. The caller may stop early by leaving the loop.
+    `groups`: AdamW parameter groups with their own learning rates (the same tensors as `trainable`)."""
+    opt = torch.optim.AdamW(groups or trainable, lr=lr, weight_decay=0.0)
     for step, batch in enumerate(batch_stream(examples, batch_size, steps, seed), start=1):
         b = collate(batch, pad_id, device)
         loss, parts = loss_of_batch(b)
@@ -75,8 +76,11 @@ def adamw_steps(trainable: list, examples: list[TrainExample], *, steps: int, lr
 
 def train_loop(method: str, model, examples: list[TrainExample], *, steps: int, lr: float, batch_size: int,
                pad_id: int, ctx: StepContext, loss_fn: Callable[[dict, dict], tuple[torch.Tensor, dict]],
-               masks: Optional[dict] = None, params=None) -> dict:
-    """Run `steps` AdamW steps; `loss_fn(batch, outputs) -> (loss, parts)`; returns loss curves (floats)."""
+               masks: Optional[dict] = None, params=None, groups: Optional[list[dict]] = None) -> dict:
+    """Run `steps` AdamW steps; `loss_fn(batch, outputs) -> (loss, parts)`; returns loss curves (floats).
+    `groups`: AdamW parameter groups with their own learning rates; their tensors are the ones trained."""
+    if groups:
+        params = [p for g in groups for p in g["params"]]
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not trainable:
         raise MethodFailed(method, "config", "no trainable parameters")
@@ -91,7 +95,7 @@ def train_loop(method: str, model, examples: list[TrainExample], *, steps: int, 
         return loss_fn(b, out)
 
     stepper = adamw_steps(trainable, examples, steps=steps, lr=lr, batch_size=batch_size, pad_id=pad_id, device=dev,
-                          seed=ctx.seed, loss_of_batch=loss_of_batch)
+                          seed=ctx.seed, loss_of_batch=loss_of_batch, groups=groups)
     try:
         for step, loss, parts in stepper:
             apply_masks(model, masks or {})

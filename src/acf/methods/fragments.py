@@ -87,6 +87,14 @@ def recovery(params_model: type[BaseModel], rank: int) -> SearchFragment:
         rank=rank)
 
 
+def tune_fragment(rank: int) -> SearchFragment:
+    """A step after quantization (kd_tune): the space chooses its number of steps."""
+    return SearchFragment(
+        suggest=lambda trial, space: {"steps": int(trial.suggest_categorical("tune_steps", space.tune_steps))},
+        trial_params=lambda params, space: {"tune_steps": params.get("steps", 100)},
+        rank=rank)
+
+
 def weight_quant(params_model: type[BaseModel], rank: int, *, mixed: bool, calib: bool, act_order: bool = False,
                  fixed_bits: Optional[int] = None, in_grid: bool = True, default: bool = True) -> SearchFragment:
     """Integer weight quantization: uniform (bits, group size) or, for `mixed` methods, an effective-bits budget

@@ -221,6 +221,23 @@ def distill_memory(p: dict, s: Shape, device: str) -> Estimate:
                      **{"logits and KD loss": logits_bytes(s, tokens, KD_LOGIT_BYTES)})
 
 
+def kd_tune_memory(p: dict, s: Shape, device: str) -> Estimate:
+    """A dense student whose quantized weights are frozen (float32 on the CPU, bf16 on a GPU), the teacher, AdamW
+    on the norms (and the embedding table when `embedding_lr` > 0) in float32, full activations (frozen weights
+    still pass activation gradients back), and the KD logits of every position."""
+    ckpt = lean(device, s, p.get("gradient_checkpointing"))
+    student = s.params * (2 if device.startswith("cuda") else 4)
+    table = s.vocab * s.hidden if p.get("embedding_lr") else 0
+    trainable = (table + (2 * s.layers + 1) * s.hidden) * (4 + 8)
+    tokens = p["batch_size"] * p["seq_len"]
+    acts = training_activations(s, p["batch_size"], p["seq_len"], ckpt, None)
+    how = (f"frozen dense student, AdamW on the embedding and norms, gradient checkpointing {'on' if ckpt else 'off'}, "
+           f"batch {p['batch_size']} x {p['seq_len']}")
+    teacher = s.params * (2 if device.startswith("cuda") else 4)   # the teacher loads in the inference dtype
+    return _estimate("kd_tune", how, teacher=teacher, student=student, **{"trainable + AdamW": trainable},
+                     **acts, **{"logits and KD loss": logits_bytes(s, tokens, KD_LOGIT_BYTES)})
+
+
 def calibrated_memory(method: str, hessians: bool) -> Callable[[dict, Shape, str], Estimate]:
     """llm-compressor's sequential pipeline: the model on the device, per-Linear Hessians of the block being
     calibrated (GPTQ, SparseGPT), the solver's float32 copies of the widest Linear and one sample's forward. The

@@ -117,6 +117,23 @@ class DistillParams(MethodParams):
                                                    "backward pass; None: on for models of 1B+ parameters on a GPU")
 
 
+class KDTuneParams(MethodParams):
+    """Distillation after quantization into the parameters the quantizer kept in 16 bits (acf.methods.kd_tune)."""
+    steps: int = Field(100, ge=1, le=100000)
+    lr: float = Field(1e-3, gt=0, lt=1, description="learning rate of the norm weights (and biases)")
+    # 0 by default: on the default model (H100, GPTQ 4.25 bits, 100 steps) training the 28M-entry table as well
+    # reached the same kld as the norms alone (0.0661 vs 0.0667, intervals overlapping) in twice the time
+    # (experiments/results/mixed-cuda.md); at 8B the table with AdamW would add ~6 GB
+    embedding_lr: float = Field(0.0, ge=0, lt=1, description="learning rate of the 16-bit embedding / lm_head "
+                                "table (tied or not); 0 keeps it frozen")
+    batch_size: int = Field(4, ge=1, le=512)
+    seq_len: int = Field(256, ge=16, le=8192)
+    samples: int = Field(512, ge=1, description="train-split examples (prompt + reference, the chat format "
+                         "evaluation uses); every token is scored against the teacher, none against the reference")
+    gradient_checkpointing: Optional[bool] = Field(None, description="recompute each block's activations in the "
+                                                   "backward pass; None: on for models of 1B+ parameters on a GPU")
+
+
 class LoraParams(MethodParams):
     rank: int = Field(8, ge=1, le=1024)
     alpha: int = Field(16, ge=1, le=4096)

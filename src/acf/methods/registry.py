@@ -26,16 +26,16 @@ from pydantic import BaseModel
 from acf.methods import checks
 from acf.methods import memory as M
 from acf.methods.fragments import (SearchFragment, drop_layers_fragment, gguf_fragment, no_params, recovery,
-                                   weight_quant, weight_sparsity)
+                                   tune_fragment, weight_quant, weight_sparsity)
 from acf.methods.params import (AWQParams, AutoRoundParams, BnbInt8Params, BnbNF4Params, DistillParams,
-                                DropLayersParams, GGUFParams, GPTQParams, LoraParams, MagnitudeParams, RTNParams,
-                                SparsityParams, W8A8Params)
+                                DropLayersParams, GGUFParams, GPTQParams, KDTuneParams, LoraParams, MagnitudeParams,
+                                RTNParams, SparsityParams, W8A8Params)
 
-Kind = Literal["quantize", "prune", "distill", "lora"]
-KINDS: tuple[str, ...] = ("quantize", "prune", "distill", "lora")
-#: the search space's slot for each kind: prune -> recover (distill/lora) -> quant
-SLOT_OF_KIND = {"prune": "prune", "distill": "recover", "lora": "recover", "quantize": "quant"}
-SLOTS = ("prune", "recover", "quant")
+Kind = Literal["quantize", "prune", "distill", "lora", "tune"]
+KINDS: tuple[str, ...] = ("quantize", "prune", "distill", "lora", "tune")
+#: the search space's slot for each kind: prune -> recover (distill/lora) -> quant -> tune (after quantization)
+SLOT_OF_KIND = {"prune": "prune", "distill": "recover", "lora": "recover", "quantize": "quant", "tune": "tune"}
+SLOTS = ("prune", "recover", "quant", "tune")
 
 # ---- the cost model ------------------------------------------------------------------------------------------------
 
@@ -133,6 +133,8 @@ class MethodSpec:
     needs_cuda: bool = False
     group_sized: bool = False                   # has a group_size that must divide the layer widths
     needs_teacher: bool = False                 # loads the uncompressed model beside the student (preflight)
+    #: a quantizer whose output (weight-only compressed-tensors) keeps 16-bit tensors a `tune` step may train
+    tunable: bool = False
     #: the step's peak memory: (filled params, acf.methods.memory.Shape, device) -> Estimate; preflight refuses an
     #: episode whose largest step exceeds the free memory, and the step records carry it beside the measured peak
     memory: Callable[[dict, Any, str], Any] = field(default_factory=lambda: M.weights_only_memory("step"))
@@ -197,27 +199,27 @@ _CAL = {"calib_samples": [32, 512], "seq_len": [256, 2048]}
 _GROUPS = [32, 64, 128, None]
 
 for _spec in [
-    MethodSpec(name="gptq", kind="quantize", params=GPTQParams, impl="acf.methods.quantize:gptq",
+    MethodSpec(name="gptq", kind="quantize", tunable=True, params=GPTQParams, impl="acf.methods.quantize:gptq",
                memory=M.calibrated_memory("gptq", hessians=True),
                library="llmcompressor GPTQModifier", group_sized=True,
                description="GPTQ weight quantization (second-order, calibrated)", cost=calibrated(3),
                search=weight_quant(GPTQParams, 0, mixed=True, calib=True, act_order=True), card="quantization",
                card_ranges={"bits": [2, 3, 4, 8], "group_size": _GROUPS, "symmetric": [True, False],
                             "act_order": [False, True], **_CAL, "avg_bits": [3.5, 6.0]}),
-    MethodSpec(name="awq", kind="quantize", params=AWQParams, impl="acf.methods.quantize:awq",
+    MethodSpec(name="awq", kind="quantize", tunable=True, params=AWQParams, impl="acf.methods.quantize:awq",
                memory=M.calibrated_memory("awq", hessians=False),
                library="llmcompressor AWQModifier", group_sized=True, description="activation-aware weight quantization",
                cost=calibrated(20), search=weight_quant(AWQParams, 1, mixed=False, calib=True, fixed_bits=4),
                card="quantization", card_ranges={"bits": [4, 8], "group_size": _GROUPS, "symmetric": [False, True],
                                                  "calib_samples": [32, 256], "seq_len": [256, 1024]}),
-    MethodSpec(name="rtn", kind="quantize", params=RTNParams, impl="acf.methods.quantize:rtn",
+    MethodSpec(name="rtn", kind="quantize", tunable=True, params=RTNParams, impl="acf.methods.quantize:rtn",
                memory=M.weights_only_memory("rtn"),
                library="llmcompressor QuantizationModifier", group_sized=True,
                description="round-to-nearest weight quantization (no calibration)", cost=data_free(),
                search=weight_quant(RTNParams, 2, mixed=True, calib=False), card="quantization",
                card_ranges={"bits": [4, 8], "group_size": _GROUPS, "symmetric": [True, False],
                             "avg_bits": [3.5, 6.0]}),
-    MethodSpec(name="autoround", kind="quantize", params=AutoRoundParams, impl="acf.methods.quantize:autoround",
+    MethodSpec(name="autoround", kind="quantize", tunable=True, params=AutoRoundParams, impl="acf.methods.quantize:autoround",
                memory=M.calibrated_memory("autoround", hessians=False),
                library="llmcompressor AutoRoundModifier", group_sized=True,
                description="AutoRound: signed-gradient rounding optimisation", cost=_autoround_cost(),
@@ -279,6 +281,15 @@ for _spec in [
                card_ranges={"steps": [20, 2000], "lr": [1.0e-5, 5.0e-4], "temperature": [1.0, 4.0],
                             "alpha": [0.3, 0.9], "batch_size": [2, 16], "seq_len": [128, 512],
                             "samples": [128, 4096]}),
+    MethodSpec(name="kd_tune", kind="tune", params=KDTuneParams, impl="acf.methods.kd_tune:kd_tune",
+               memory=M.kd_tune_memory,
+               library="acf + torch + safetensors (hand-written: no library trains a quantized checkpoint's 16-bit "
+                       "tensors)",
+               description="after weight-only quantization, distil the uncompressed teacher into the tensors kept "
+                           "in 16 bits (embedding / lm_head, norms); quantized weights frozen, size unchanged",
+               cost=training(teacher=True), search=tune_fragment(0), card="distillation", needs_teacher=True,
+               card_ranges={"steps": [20, 2000], "lr": [1.0e-4, 5.0e-3], "embedding_lr": [0.0, 1.0e-4],
+                            "batch_size": [2, 16], "seq_len": [128, 512], "samples": [128, 4096]}),
     MethodSpec(name="lora", kind="lora", params=LoraParams, impl="acf.methods.lora:lora",
                memory=M.lora_memory,
                library="peft LoRA, merged with merge_and_unload",

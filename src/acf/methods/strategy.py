@@ -19,7 +19,7 @@ from acf.methods.registry import all_methods
 #: name -> MethodSpec: the live method registry (acf.methods.registry), where every method is declared once
 METHODS = all_methods()
 
-_KIND_ORDER = {"prune": 0, "distill": 1, "lora": 1, "quantize": 2}
+_KIND_ORDER = {"prune": 0, "distill": 1, "lora": 1, "quantize": 2, "tune": 3}
 
 
 def kind_of(method: str) -> Optional[str]:
@@ -98,8 +98,9 @@ def validate_strategy(obj: Union[str, dict, Strategy], spec=None, device: str = 
     """Return the strategy with every parameter filled with its default, or raise StrategyError listing all problems.
 
     Checks: known method; parameter names, types and ranges; group sizes dividing every targeted layer width;
-    N:M patterns; layer counts; order (prune -> distill/lora -> quantize, one quantization step, QLoRA only
-    right after bnb_nf4); methods that need CUDA.
+    N:M patterns; layer counts; order (prune -> distill/lora -> quantize -> tune, one quantization step, QLoRA
+    only right after bnb_nf4, a tune step only right after a weight-only compressed-tensors quantizer); methods that
+    need CUDA.
     """
     strat = parse_strategy(obj)
     problems: list[str] = []
@@ -221,10 +222,16 @@ def _check_order(steps: list[Step], kinds: list[str]) -> list[str]:
                 out.append(f"step {i + 1} (lora): qlora needs a bnb 4-bit base, so the step before must be bnb_nf4"
                            f" (got {prev or 'nothing'})")
             continue
+        if k == "tune":
+            prev = METHODS.get(steps[i - 1].method) if i > 0 else None
+            if prev is None or prev.kind != "quantize" or not prev.tunable:
+                ok = ", ".join(m for m, inf in METHODS.items() if inf.tunable)
+                out.append(f"step {i + 1} ({s.method}): trains what a weight-only quantization kept in 16 bits, so "
+                           f"the step before must be one of {ok} (got {steps[i - 1].method if i > 0 else 'nothing'})")
         rank = _KIND_ORDER[k]
         if rank < last:
-            out.append(f"step {i + 1} ({s.method}): order must be prune -> distill/lora -> quantize; a {k} step "
-                       f"cannot follow a later stage")
+            out.append(f"step {i + 1} ({s.method}): order must be prune -> distill/lora -> quantize -> tune; a {k} "
+                       f"step cannot follow a later stage")
         last = max(last, rank)
     return out
 

@@ -21,13 +21,13 @@ def params_for(space: SearchSpace, strategy: Strategy) -> Optional[dict[str, Any
     the strategy after default-filling, so Optuna is never told a result for a strategy other than the one that ran.
     """
     slots: dict[str, Step] = {}
-    for st in strategy.steps:   # at most one step per slot, in the space's order prune -> recover -> quant
+    for st in strategy.steps:   # at most one step per slot, in the space's order prune -> recover -> quant -> tune
         spec = get_method(st.method)
         if spec is None or spec.search is None or spec.slot in slots or any(
                 SLOTS.index(s) > SLOTS.index(spec.slot) for s in slots):
             return None
         slots[spec.slot] = st
-    prune, rec, q = slots.get("prune"), slots.get("recover"), slots.get("quant")
+    prune, rec, q, tune = slots.get("prune"), slots.get("recover"), slots.get("quant"), slots.get("tune")
     if rec is not None and prune is None:
         return None
     p: dict[str, Any] = {"prune": prune.method if prune is not None else "none"}
@@ -41,7 +41,13 @@ def params_for(space: SearchSpace, strategy: Strategy) -> Optional[dict[str, Any
     if qname not in space.quant_methods or (prune is None and qname == "none"):
         return None
     p["quant" if prune is not None else "quant_only"] = qname
-    for st in (prune, rec, q):
+    if space.tunes(qname):
+        p["tune"] = tune.method if tune is not None else "none"
+        if p["tune"] not in space.tune_methods:
+            return None
+    elif tune is not None:
+        return None
+    for st in (prune, rec, q, tune):
         if st is not None:
             part = get_method(st.method).search.trial_params(st.params, space)  # type: ignore[union-attr]
             if part is None:
@@ -69,7 +75,7 @@ def with_run_defaults(strategy: dict, cfg) -> dict:
         st = dict(st)
         info = METHODS.get(st.get("method"))
         params = dict(st.get("params") or {})
-        if info is not None and info.kind != "lora" and info.kind != "distill":
+        if info is not None and info.kind in ("quantize", "prune"):
             fields = info.params.model_fields
             for k, v in (("calib_samples", cfg.calib_samples), ("seq_len", cfg.seq_len)):
                 if k in fields and k not in params:

@@ -256,11 +256,14 @@ def _adaptation_section(ff: FrontierFile) -> list[str]:
     with_ctrl = [c for c in ff.candidates if c.status == "ok" and c.control]
     md = ["## Task adaptation vs compression", ""]
     if not with_ctrl:
-        return md + ["No candidate trained on the task (no LoRA or distillation step), so no control was needed.", ""]
+        return md + ["No candidate trained on the task (no LoRA or distillation step), so no control was needed. "
+                     "kd_tune needs none: it trains toward the uncompressed model's own distributions, so the "
+                     "uncompressed model given the same step is the baseline.", ""]
     md += ["LoRA and distillation train on the task's train split. Their control rows are the uncompressed model "
            "given the same recovery steps and no compression: control − baseline is task adaptation, candidate − "
            "control is what compression did. A lower answer NLL than the baseline's is adaptation, not compression "
-           "quality.", ""]
+           "quality. kd_tune needs no control: it trains toward the uncompressed model's own distributions (its "
+           "control would be the baseline).", ""]
     base = ff.baseline
     rows = []
     for c in with_ctrl:

@@ -40,7 +40,8 @@ class SearchSpace:
                  drops: Optional[Sequence[int]] = None, act_order: Sequence[bool] = (False, True),
                  precisions: Sequence[str] = PRECISION_CHOICES,
                  gguf_types: Optional[Sequence[str]] = None, gguf_imatrix: Sequence[bool] = (True, False),
-                 gguf_precisions: Optional[Sequence[str]] = None):
+                 gguf_precisions: Optional[Sequence[str]] = None, tune_methods: Optional[Sequence[str]] = None,
+                 tune_steps: Sequence[int] = (50, 100, 200)):
         """Defaults are acf's full space (the registry's default choices per slot: acf.methods.registry.choices);
         the keyword arguments narrow it (benchmarks replay a finite space)."""
         self.spec = spec
@@ -58,6 +59,9 @@ class SearchSpace:
         if not self.prune_methods:
             raise ValueError("the search space is empty: choose at least one quantization or pruning method")
         self.recover_methods = list(recover_methods if recover_methods is not None else choices("recover"))
+        # after a weight-only quantizer (MethodSpec.tunable): train what it kept in 16 bits (kd_tune), or not
+        self.tune_methods = list(tune_methods if tune_methods is not None else choices("tune"))
+        self.tune_steps = list(tune_steps)
         self.bits = list(bits)
         self.sparsities = list(sparsities) if sparsities else None
         self.patterns = list(patterns)
@@ -89,8 +93,8 @@ class SearchSpace:
         return ["uniform"] + [str(b) for b in DEFAULT_BUDGETS if b >= lo]
 
     def suggest(self, trial: optuna.Trial) -> Strategy:
-        """prune (or none) -> recovery (only after pruning) -> quantization; each chosen method's own params come
-        from its registry search fragment."""
+        """prune (or none) -> recovery (only after pruning) -> quantization -> tune (only after a weight-only
+        quantizer); each chosen method's own params come from its registry search fragment."""
         steps: list[Step] = []
         prune = trial.suggest_categorical("prune", self.prune_methods)
         if prune != "none":
@@ -103,7 +107,16 @@ class SearchSpace:
             quant = trial.suggest_categorical("quant_only", [q for q in self.quant_methods if q != "none"])
         if quant != "none":
             steps.append(self._step(quant, trial))
+            if self.tunes(quant):
+                tune = trial.suggest_categorical("tune", self.tune_methods)
+                if tune != "none":
+                    steps.append(self._step(tune, trial))
         return Strategy(steps=steps)
+
+    def tunes(self, quant: str) -> bool:
+        """Whether the space asks for a tune step after this quantizer."""
+        info = get_method(quant)
+        return info is not None and info.tunable and any(t != "none" for t in self.tune_methods)
 
     def _step(self, method: str, trial: optuna.Trial) -> Step:
         spec = get_method(method)
@@ -116,7 +129,8 @@ class SearchSpace:
 
         The fixed recipes a user would otherwise run come first, so every run measures what acf must beat: GPTQ W4
         at the largest valid group, plain and with act-order (llm-compressor's recommended setting); then W8A8,
-        a combination (drop 1 block -> LoRA -> GPTQ W4 act-order) and SparseGPT 50%."""
+        a combination (drop 1 block -> LoRA -> GPTQ W4 act-order) and SparseGPT 50%. acf's own answers follow the
+        fixed recipes: GPTQ with bits allocated per layer at no larger a size, then the same with kd_tune."""
         g = self.largest_group()
         seeds = []
         if "gguf" in self.quant_methods:
@@ -141,20 +155,27 @@ class SearchSpace:
                               "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
                               "quant": "gguf", "gguf_type": "Q4_K_M", "gguf_imatrix": self.gguf_imatrix[0], **uniform})
         if "gptq" in self.quant_methods:
+            # the fixed recipes stay what they are: no tune step after them
+            plain = {"tune": "none"} if self.tunes("gptq") else {}
             seeds.append({"prune": "none", "quant_only": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
-                          "act_order": False})
+                          "act_order": False, **plain})
             if True in self.act_order:
                 seeds.append({"prune": "none", "quant_only": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
-                              "act_order": True})
-            # acf's own answer to the fixed recipe: the same GPTQ, bits allocated per layer at no larger a size
-            seeds.append({"prune": "none", "quant_only": "gptq", "precision": "4.25", "act_order": self.act_order[-1]})
+                              "act_order": True, **plain})
+            # acf's own answer to the fixed recipe: the same GPTQ, bits allocated per layer at no larger a size,
+            # then the norms distilled from the uncompressed model with the quantized weights frozen (kd_tune)
+            mixed = {"prune": "none", "quant_only": "gptq", "precision": "4.25", "act_order": self.act_order[-1]}
+            seeds.append({**mixed, **plain})
+            if "kd_tune" in self.tune_methods:
+                seeds.append({**mixed, "tune": "kd_tune", "tune_steps": 100 if 100 in self.tune_steps
+                              else self.tune_steps[len(self.tune_steps) // 2]})
         if "w8a8" in self.quant_methods:
             seeds.append({"prune": "none", "quant_only": "w8a8"})
         if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "gptq" in self.quant_methods:
             seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
                           "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
                           "quant": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
-                          "act_order": self.act_order[-1]})
+                          "act_order": self.act_order[-1], **({"tune": "none"} if self.tunes("gptq") else {})})
         if "sparsegpt" in self.prune_methods and "unstructured" in self.patterns:
             seeds.append({"prune": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5, "recover": "none",
                           "quant": "none"})
@@ -168,7 +189,7 @@ class SearchSpace:
                    "group_size": self.group_sizes, "act_order": self.act_order, "pattern": self.patterns,
                    "sparsity": self.sparsities or [0.5], "drop": self.drops or [1], "precision": self.precisions,
                    "gguf_type": self.gguf_types, "gguf_imatrix": self.gguf_imatrix,
-                   "gguf_precision": self.gguf_precisions}
+                   "gguf_precision": self.gguf_precisions, "tune": self.tune_methods, "tune_steps": self.tune_steps}
         return all(k not in choices or v in choices[k] for k, v in params.items())
 
     def largest_group(self) -> str:
@@ -181,7 +202,9 @@ class SearchSpace:
         out = []
         for m in grid_methods():
             if m.slot == "quant" and m.name in self.quant_methods:
-                out += [{"prune": "none", "quant_only": m.name, **d} for d in m.search.grid(self)]  # type: ignore
+                plain = {"tune": "none"} if self.tunes(m.name) else {}
+                out += [{"prune": "none", "quant_only": m.name, **d, **plain}
+                        for d in m.search.grid(self)]  # type: ignore[union-attr]
             elif m.slot == "prune" and m.name in self.prune_methods:
                 out += [{"prune": m.name, **d, "recover": "none", "quant": "none"}
                         for d in m.search.grid(self)]  # type: ignore[union-attr]
