@@ -43,6 +43,9 @@ def configs(calib: int) -> dict[str, list[dict]]:
     def mixed(b):
         return [{"method": "gptq", "params": {"avg_bits": b, **ao}}]
 
+    def kd(steps, **kw):
+        return {"method": "kd_tune", "params": {"steps": steps, **kw}}
+
     return {
         "gptq_w4g64": [{"method": "gptq", "params": {"bits": 4, "group_size": 64, **c}}],
         "gptq_w4g64_ao": [{"method": "gptq", "params": {"bits": 4, "group_size": 64, **ao}}],
@@ -53,6 +56,13 @@ def configs(calib: int) -> dict[str, list[dict]]:
         "mixed_6.0_ao": mixed(6.0),
         "gptq_w8_ao": [{"method": "gptq", "params": {"bits": 8, "group_size": None, **ao}}],
         "rtn_w4g64": [{"method": "rtn", "params": {"bits": 4, "group_size": 64}}],
+        # distillation after quantization into the 16-bit tensors (acf.methods.kd_tune): acf's allocation with it,
+        # the fixed recipe given the same step (what the step alone buys), and its parts
+        "mixed_4.25_ao+kd100": mixed(4.25) + [kd(100)],
+        "gptq_w4g64_ao+kd100": [{"method": "gptq", "params": {"bits": 4, "group_size": 64, **ao}}, kd(100)],
+        "mixed_4.25_ao+kd300": mixed(4.25) + [kd(300)],
+        "mixed_4.25_ao+kd100_norms": mixed(4.25) + [kd(100, embedding_lr=0.0)],
+        "rtn_w4g64+kd100": [{"method": "rtn", "params": {"bits": 4, "group_size": 64}}, kd(100)],
         "rtn_mixed_4.25": [{"method": "rtn", "params": {"avg_bits": 4.25}}],
         # llama.cpp (measured in llama.cpp): its mixes with an importance matrix, and per-tensor allocations (token
         # embedding included) at exactly their sizes and at uniform GPTQ W4 g64's; avg_bits filled in at run time
@@ -252,7 +262,12 @@ def main() -> int:
             t = time.perf_counter()
             recs = run_strategy(strat, model_dir, out, ctx)
             row: dict = {"config": name, "strategy": strat.describe(), "wall_seconds": round(time.perf_counter() - t, 1)}
-            mp = recs[-1].extra.get("mixed_precision") if recs else None
+            mp = next((r.extra["mixed_precision"] for r in recs if r.extra.get("mixed_precision")), None)
+            kd = next((r for r in recs if r.method == "kd_tune" and r.status == "ok"), None)
+            if kd is not None:
+                row["kd_tune"] = {k: kd.extra.get(k) for k in ("loss_first5_mean", "loss_last5_mean", "trained_params",
+                                                               "trained_tensors")}
+                row["kd_tune"]["wall_seconds"] = kd.wall_seconds
             if mp:
                 row["mixed"] = {k: mp.get(k) for k in ("sensitivity", "predicted_weight_file_bytes",
                                                         "measured_weight_file_bytes", "predicted_file_bytes",
@@ -346,6 +361,14 @@ def _markdown(res: dict) -> str:
                      f"{_ci(r.get('kld'))} | {_ci(r.get('top1'), '{:.3f}')} | {_ci(r.get('kld_general'))} | "
                      f"{_ci(r.get('answer_nll'))} | {counts or '-'} | {'-' if err is None else f'{100 * err:+.2f}%'} | "
                      f"{(r.get('kld') or {}).get('runtime') or '-'} | {r.get('wall_seconds', 0)} |")
+    kd = [r for r in res["rows"] if r.get("kd_tune")]
+    if kd:
+        lines += ["", "`+kdN`: N steps of `kd_tune` after the quantization (batch 4 x 256 GSM8K-train tokens; KL to the "
+                  "uncompressed model, quantized weights frozen; `_norms`: the embedding table frozen too). Same file "
+                  "size; the KL of the training batches, mean of the first and last 5 steps:", ""]
+        lines += [f"- {r['config']}: {r['kd_tune']['loss_first5_mean']} -> {r['kd_tune']['loss_last5_mean']} "
+                  f"({r['kd_tune']['trained_params']:,} parameters trained, {r['kd_tune']['wall_seconds']} s)"
+                  for r in kd]
     if res.get("notes"):
         lines += ["", "Notes:"] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ case $job in
   mixed)    # bench_mixed's compressed-tensors rows on the GPU (the GGUF rows need llama.cpp, which the GPU image lacks);
             # resumable across calls like fidelity
     timeout -s TERM ${BENCH_SECONDS:-540} python3 experiments/bench_mixed.py --device cuda --limit 400 --calib-samples 64 \
-      --configs gptq_w4g64,gptq_w4g64_ao,mixed_4.25_ao,mixed_4.5_ao,gptq_w4g32_ao,mixed_5.0_ao,mixed_6.0_ao,gptq_w8_ao,rtn_w4g64,rtn_mixed_4.25 \
+      --configs ${MIXED_CONFIGS:-gptq_w4g64,gptq_w4g64_ao,mixed_4.25_ao,mixed_4.5_ao,gptq_w4g32_ao,mixed_5.0_ao,mixed_6.0_ao,gptq_w8_ao,rtn_w4g64,rtn_mixed_4.25,mixed_4.25_ao+kd100,gptq_w4g64_ao+kd100,mixed_4.25_ao+kd100_norms,rtn_w4g64+kd100,mixed_4.25_ao+kd300} \
       --out runs/bench-mixed --resume 2>&1 | grep -v "^\[transformers\]" | tail -30
     cp runs/bench-mixed/mixed-cuda.* "$o/" ;;
   pipeline) # the 12-episode GSM8K run with the default objectives (kld,size,latency); killed at the call's limit
