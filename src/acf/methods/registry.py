@@ -219,7 +219,8 @@ for _spec in [
                search=weight_quant(RTNParams, 2, mixed=True, calib=False), card="quantization",
                card_ranges={"bits": [4, 8], "group_size": _GROUPS, "symmetric": [True, False],
                             "avg_bits": [3.5, 6.0]}),
-    MethodSpec(name="autoround", kind="quantize", tunable=True, params=AutoRoundParams, impl="acf.methods.quantize:autoround",
+    MethodSpec(name="autoround", kind="quantize", tunable=True, params=AutoRoundParams,
+               impl="acf.methods.quantize:autoround",
                memory=M.calibrated_memory("autoround", hessians=False),
                library="llmcompressor AutoRoundModifier", group_sized=True,
                description="AutoRound: signed-gradient rounding optimisation", cost=_autoround_cost(),
@@ -286,7 +287,8 @@ for _spec in [
                library="acf + torch + safetensors (hand-written: no library trains a quantized checkpoint's 16-bit "
                        "tensors)",
                description="after weight-only quantization, distil the uncompressed teacher into the tensors kept "
-                           "in 16 bits (embedding / lm_head, norms); quantized weights frozen, size unchanged",
+                           "in 16 bits (norms; the embedding table with embedding_lr > 0); quantized weights frozen, "
+                           "size unchanged",
                cost=training(teacher=True), search=tune_fragment(0), card="distillation", needs_teacher=True,
                card_ranges={"steps": [20, 2000], "lr": [1.0e-4, 5.0e-3], "embedding_lr": [0.0, 1.0e-4],
                             "batch_size": [2, 16], "seq_len": [128, 512], "samples": [128, 4096]}),
