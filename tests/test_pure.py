@@ -6,7 +6,7 @@ import pytest
 
 from acf.core.errors import AcfError
 from acf.core.objectives import parse_objectives
-from acf.search.pareto import crowding_distance, dominates, hypervolume, pareto_front, reference_point
+from acf.search.pareto import crowding_distance, dominates, frontier_stalled, hypervolume, pareto_front, reference_point
 from acf.search.reward import recommend, reward, weights_for
 
 OBJ = ["answer_nll", "size"]
@@ -141,3 +141,23 @@ def test_space_without_quantization_never_proposes_the_baseline(tiny_model_dir):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(10):
         assert space.suggest(study.ask()).steps
+
+
+def test_patience_counts_frontier_members_not_hypervolume():
+    """A candidate outside the hypervolume's reference box still changes the frontier: patience must not stop."""
+    base = {"kld": 0.0, "size": 100.0, "latency": 10.0}
+    objs = ["kld", "size", "latency"]
+    pts = {"base": base,
+           "c1": {"kld": 0.30, "size": 40.0, "latency": 12.0},     # slower than the baseline's +10%: no volume
+           "c2": {"kld": 0.15, "size": 40.0, "latency": 12.0},     # better kld, same cost: joins, pushes c1 off
+           "c3": {"kld": 0.40, "size": 41.0, "latency": 12.0}}     # dominated
+    ref = reference_point(base, objs, fixed={"kld": 0.5})
+    front = pareto_front(pts, objs)
+    assert set(front) == {"base", "c2"}
+    assert hypervolume([pts[k] for k in front], objs, ref, normalise=base) == \
+        hypervolume([base], objs, ref, normalise=base)                         # the volume did not move
+    order = ["c1", "c2", "c3"]
+    assert not frontier_stalled(order, front, 2)        # c2, two episodes back, joined
+    assert frontier_stalled(order + ["c4"], front, 2)   # c3 and c4 did not
+    assert not frontier_stalled(order, front, 3) and not frontier_stalled(order[:1], front, 1)   # too few yet
+    assert not frontier_stalled([], front, 1) and not frontier_stalled(order, front, 0)

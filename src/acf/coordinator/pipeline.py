@@ -26,6 +26,7 @@ from acf.core.errors import AcfError, MethodFailed, StrategyError
 from acf.core.objectives import DIRECTIONS, QUALITY
 from acf.core.provenance import Measurement, device_string, git_commit, runtime_string
 from acf.coordinator.records import episodes_done, metrics_line, ok_candidates, run_objective_values, tell_like
+from acf.search.pareto import frontier_stalled
 from acf.search.reward import retention
 from acf.coordinator.run_context import RunConfig, RunContext
 from acf.coordinator.run_eval import evaluate_in_run, metrics_to_measure
@@ -113,10 +114,8 @@ def stop_reason(ctx: RunContext) -> Optional[str]:
         return f"episodes: {cfg.episodes} done"
     if cfg.budget_minutes is not None and ff.run.wall_seconds + (time.time() - ctx.t_start) >= cfg.budget_minutes * 60:
         return f"time budget of {cfg.budget_minutes:g} min used"
-    if cfg.patience is not None and len(ff.hypervolume) > cfg.patience:
-        last = [h.hypervolume for h in ff.hypervolume[-(cfg.patience + 1):]]
-        if max(last) - last[0] <= 1e-12:
-            return f"patience: frontier unchanged for {cfg.patience} episodes"
+    if cfg.patience is not None and frontier_stalled([c.id for c in ff.candidates], ff.frontier, cfg.patience):
+        return f"patience: frontier unchanged for {cfg.patience} episodes"
     return None
 
 

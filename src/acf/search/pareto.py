@@ -89,6 +89,20 @@ def hypervolume(points: Sequence[Point], objectives: Sequence[str], ref: Mapping
     return float(compute_hypervolume(np.array(pts), r, assume_pareto=False))
 
 
+def frontier_stalled(recorded: Sequence[str], frontier: Sequence[str], k: int) -> bool:
+    """True when none of the last `k` recorded candidates (in recording order) is on the frontier now: the frontier
+    has gained no member in `k` episodes. A candidate of that window that joined and was pushed off again was pushed
+    off by a later one, which is then on the frontier, so membership of the window is enough to tell.
+
+    Why not the hypervolume: a candidate outside the reference box (e.g. a W4 model that transformers dequantizes
+    on a CPU, slower than the baseline) joins the frontier without adding volume, so a flat hypervolume stopped
+    runs whose frontier was still improving on kld and size."""
+    if k < 1 or len(recorded) <= k:
+        return False
+    members = set(frontier)
+    return not any(c in members for c in recorded[-k:])
+
+
 def crowding_distance(points: Mapping[str, Point], objectives: Sequence[str]) -> dict[str, float]:
     """NSGA-II crowding distance within one front (boundary points get infinity)."""
     ids = list(points)
