@@ -68,6 +68,7 @@ def acf_inproc(capsys, *args) -> tuple[int, str]:
     (["run", "--objectives", "answer_nll,foo"], "unknown objective"),
     (["run", "--recover-steps", "25,lots"], "--recover-steps takes whole numbers"),
     (["run", "--recover-steps", "0"], "--recover-steps: give one or more"),
+    (["run", "--final-limit", "5", "--final-metrics", "kld,mc2"], "--final-metrics: mc2 not measured on this task"),
 ])
 def test_cli_bad_input_one_line_exit_2(args, msg, tmp_path, capsys):
     extra = ["--run-dir", str(tmp_path / "r")] if args[0] == "run" else []

@@ -65,7 +65,9 @@ def run(
     accuracy_limit: Optional[int] = typer.Option(None, help="cap on items for generation accuracy (slow on CPU)"),
     final_limit: Optional[int] = typer.Option(None, help="at the end, evaluate the baseline and frontier members on "
                                               "this many held-out test items (after the --limit search items)"),
-    final_metrics: Optional[str] = typer.Option(None, help="metrics for the final evaluation (default: the task's)"),
+    final_metrics: Optional[str] = typer.Option(None, help="metrics for the final evaluation (default: the task's; "
+                                                "kld, top1 and kld_general always); with --resume, --final-limit and "
+                                                "--final-metrics replace the recorded ones"),
     budget_minutes: Optional[float] = typer.Option(None, help="stop starting episodes after this much wall time"),
     patience: Optional[int] = typer.Option(None, help="stop after K episodes without frontier change"),
     seed: int = typer.Option(0),
@@ -124,6 +126,12 @@ def run(
         if device:
             cfg.device = device
         cfg.skip_sanity = skip_sanity or cfg.skip_sanity   # an override given on resume is kept in run_config.json
+        # the held-out report's settings touch no search figure, so a resume may change them (e.g. drop generation
+        # accuracy that turned out too slow on a CPU); members already reported keep theirs, each with its own n
+        if final_limit is not None:
+            cfg.final_limit = final_limit
+        if final_metrics:
+            cfg.final_metrics = final_metrics.split(",")
         if workers is not None:
             return _run_workers(cfg, workers, artifacts, resume=True)
         ctx = run_in_terminal(cfg, console, resume=True)

@@ -13,7 +13,7 @@ import optuna
 from pydantic import BaseModel, Field
 
 from acf.core.errors import AcfError
-from acf.core.objectives import parse_objectives
+from acf.core.objectives import DIRECTIONS, FIDELITY, QUALITY, parse_objectives
 from acf.planner import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, check_settings as check_planner_settings
 from acf.search.reward import PRESETS
 from acf.search.space import SAMPLERS, SearchSpace, open_study
@@ -108,6 +108,15 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
     if cfg.final_limit and not cfg.limit:
         raise AcfError("--final-limit reports on test items the search did not see, which needs a --limit for the "
                        "search (with no --limit the search uses every test item)")
+    if cfg.final_metrics is not None:
+        # checked now, not when the final evaluation reaches them after the whole search
+        offered = set(task_metrics) | {m for m in DIRECTIONS if m not in QUALITY} | FIDELITY
+        names = [m.strip() for m in cfg.final_metrics if m.strip()]
+        bad = [m for m in names if m not in offered]
+        if bad or not names:
+            raise AcfError(f"--final-metrics: {', '.join(bad) or '(none given)'} not measured on this task; choose "
+                           f"from {', '.join(sorted(offered))}")
+        cfg.final_metrics = names
     if cfg.proxy_limit and cfg.limit and cfg.proxy_limit >= cfg.limit:
         cfg.proxy_limit = None  # a proxy as large as the full evaluation saves nothing
     if cfg.min_retention is not None and not (0 < cfg.min_retention <= 1.5):
