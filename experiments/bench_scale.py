@@ -206,12 +206,15 @@ def acf_step(method: str, params: dict, in_dir: Path, work: Path, task, dev: str
     return r
 
 
-def gen_throughput(model, tok, prompts: list[str], new: int, engine: str, batch: int) -> dict:
+def gen_throughput(model, tok, prompts: list[str], new: int, engine: str, batch: int, fold: bool = True) -> dict:
+    """`fold`: grouped-query attention folded (acf.evaluation.gqa_attention, acf's default) or transformers' sdpa
+    path with repeat_kv (what acf ran before it)."""
     import os
 
     from acf.evaluation.generate import generate_all
 
     os.environ["ACF_GEN_ENGINE"] = engine
+    os.environ["ACF_GQA_FOLD"] = "1" if fold else "0"
     sync("cuda")
     t = time.perf_counter()
     outs, how = generate_all(model, tok, prompts, new, batch_size=batch)
@@ -240,11 +243,16 @@ def acf_eval_parts(parts: list[str], model_dir: Path, task, a, res: dict, save) 
     if "gen" in parts:
         g: dict = {}
         # before: padded generate batches of 32 (the figure this benchmark measured before), on a subset
-        g["padded_batch32"] = gen_throughput(model, tok, prompts[:a.batch32_prompts], a.gen_new, "padded", 32)
+        g["padded_batch32"] = gen_throughput(model, tok, prompts[:a.batch32_prompts], a.gen_new, "padded", 32,
+                                             fold=False)
         save_g = lambda: (res.__setitem__("generation", g), save())  # noqa: E731
         save_g()
         auto = auto_batch_size(model, len(prompts), "generate", 300 + a.gen_new)
+        g["padded_auto_batch_repeat_kv"] = gen_throughput(model, tok, prompts, a.gen_new, "padded", auto, fold=False)
+        save_g()
         g["padded_auto_batch"] = gen_throughput(model, tok, prompts, a.gen_new, "padded", auto)
+        for k in ("padded_auto_batch_repeat_kv", "padded_auto_batch"):
+            g[k]["speedup_vs_batch32"] = round(g[k]["tokens_per_s"] / g["padded_batch32"]["tokens_per_s"], 2)
         save_g()
         for eng in a.engines.split(","):
             if eng == "continuous":   # a short run first: the engine's warm-up (CUDA graph capture) apart

@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from acf.evaluation.gqa_attention import use_for_generation
 from acf.evaluation.sequences import prompt_text
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,22 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
     static = device.type == "cuda" and engine == "static"
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))   # similar lengths waste less padding
     res: dict[int, tuple[str, int]] = {}
-    for chunk in batched(order, batch_size):
-        for i, o in zip(chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens,
-                                              done_pattern=done_pattern, stop_strings=stop_strings,
-                                              static_cache=static)):
-            res[i] = o
-        if progress:
-            progress(len(chunk))
+    # grouped-query attention without per-head KV copies under the padding mask (gqa_attention); ACF_GQA_FOLD=0
+    # keeps transformers' sdpa path (for before/after measurements)
+    prev = use_for_generation(model) if os.environ.get("ACF_GQA_FOLD", "1") != "0" else None
+    try:
+        for chunk in batched(order, batch_size):
+            for i, o in zip(chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens,
+                                                  done_pattern=done_pattern, stop_strings=stop_strings,
+                                                  static_cache=static)):
+                res[i] = o
+            if progress:
+                progress(len(chunk))
+    finally:
+        if prev is not None:
+            model.set_attn_implementation(prev)
     how = "static KV cache + torch.compile, " if static else ""
+    how += "grouped-query attention folded, " if prev is not None else ""
     return [res[i] for i in range(len(prompts))], f"transformers generate, {how}padded batches of {batch_size}"
 
 
