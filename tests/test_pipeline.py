@@ -24,7 +24,7 @@ from acf.coordinator.state import load_frontier_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(objectives=["answer_nll", "size"], limit=4, proxy_limit=None, calib_samples=4, seq_len=64,
-            recover_steps=[2], latency_tokens=4, min_retention=None,
+            recover_steps=[2], tune_steps=[2], latency_tokens=4, min_retention=None,
             quant_methods=["none", "rtn", "bnb_int8"], prune_methods=["none", "magnitude", "drop_layers"],
             skip_sanity=True,   # a random-init model is broken by design (the check: test_architectures.py)
             controls=False)     # control rows have their own test (test_pipeline_fidelity.py)

@@ -14,8 +14,8 @@ from acf.coordinator.run_context import RunConfig
 from acf.coordinator.runner import Pipeline, run_in_terminal
 from acf.coordinator.state import load_frontier_file
 
-FAST = dict(limit=4, proxy_limit=None, calib_samples=4, seq_len=64, recover_steps=[2], latency_tokens=4,
-            min_retention=None, quant_methods=["none", "rtn"], prune_methods=["none", "drop_layers"],
+FAST = dict(limit=4, proxy_limit=None, calib_samples=4, seq_len=64, recover_steps=[2], tune_steps=[2],
+            latency_tokens=4, min_retention=None, quant_methods=["none", "rtn"], prune_methods=["none", "drop_layers"],
             skip_sanity=True)   # a random-init model is broken by design (the check: test_architectures.py)
 
 
