@@ -142,6 +142,25 @@ def test_family_on_architecture(arch, family, arch_dirs, arch_specs, gsm8k, tmp_
 
 # --- what validation must catch before a library does --------------------------------------------------------------
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folded_gqa_generation_matches_sdpa(arch, arch_dirs, monkeypatch):
+    """Padded generation with grouped-query attention folded (the default) gives the text transformers' own path
+    gives, on every architecture family (q/k norms, biases, sliding windows, soft-capping, fused projections), and
+    leaves the model's attention implementation as it was."""
+    from acf.evaluation.generate import generate_all
+
+    model, tok = load_model(arch_dirs[arch], "cpu", dtype="float32")
+    impl = model.config._attn_implementation
+    prompts = ["Question: 2 + 3 = ?\nAnswer:", "A longer prompt, so that the other rows of the batch are padded on "
+               "the left of their tokens\n", "Hi"]
+    monkeypatch.setenv("ACF_GQA_FOLD", "0")
+    want, _ = generate_all(model, tok, prompts, 8, batch_size=3)
+    monkeypatch.setenv("ACF_GQA_FOLD", "1")
+    got, how = generate_all(model, tok, prompts, 8, batch_size=3)
+    assert got == want
+    assert ("folded" in how) == (impl == "sdpa") and model.config._attn_implementation == impl
+
+
 def _qlora(**lp) -> dict:
     return {"steps": [{"method": "bnb_nf4"}, {"method": "lora", "params": {"qlora": True, "steps": 2, "batch_size": 2,
                                                                           "seq_len": 64, "samples": 8, **lp}}]}
