@@ -57,12 +57,14 @@ def configs(calib: int) -> dict[str, list[dict]]:
         "gptq_w8_ao": [{"method": "gptq", "params": {"bits": 8, "group_size": None, **ao}}],
         "rtn_w4g64": [{"method": "rtn", "params": {"bits": 4, "group_size": 64}}],
         # distillation after quantization into the 16-bit tensors (acf.methods.kd_tune): acf's allocation with it,
-        # the fixed recipe given the same step (what the step alone buys), and its parts
-        "mixed_4.25_ao+kd100": mixed(4.25) + [kd(100)],
-        "gptq_w4g64_ao+kd100": [{"method": "gptq", "params": {"bits": 4, "group_size": 64, **ao}}, kd(100)],
-        "mixed_4.25_ao+kd300": mixed(4.25) + [kd(300)],
+        # the fixed recipe given the same step (what the step alone buys), and its parts. The committed +kd rows
+        # trained the embedding table too (embedding_lr 2e-5, the step's default then); `_norms` is today's default
+        "mixed_4.25_ao+kd100": mixed(4.25) + [kd(100, embedding_lr=2e-5)],
+        "gptq_w4g64_ao+kd100": [{"method": "gptq", "params": {"bits": 4, "group_size": 64, **ao}},
+                                kd(100, embedding_lr=2e-5)],
+        "mixed_4.25_ao+kd300": mixed(4.25) + [kd(300, embedding_lr=2e-5)],
         "mixed_4.25_ao+kd100_norms": mixed(4.25) + [kd(100, embedding_lr=0.0)],
-        "rtn_w4g64+kd100": [{"method": "rtn", "params": {"bits": 4, "group_size": 64}}, kd(100)],
+        "rtn_w4g64+kd100": [{"method": "rtn", "params": {"bits": 4, "group_size": 64}}, kd(100, embedding_lr=2e-5)],
         "rtn_mixed_4.25": [{"method": "rtn", "params": {"avg_bits": 4.25}}],
         # llama.cpp (measured in llama.cpp): its mixes with an importance matrix, and per-tensor allocations (token
         # embedding included) at exactly their sizes and at uniform GPTQ W4 g64's; avg_bits filled in at run time
