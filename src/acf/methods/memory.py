@@ -226,15 +226,14 @@ def kd_tune_memory(p: dict, s: Shape, device: str) -> Estimate:
     on the norms (and the embedding table when `embedding_lr` > 0) in float32, full activations (frozen weights
     still pass activation gradients back), and the KD logits of every position."""
     ckpt = lean(device, s, p.get("gradient_checkpointing"))
-    student = s.params * (2 if device.startswith("cuda") else 4)
+    dense = s.params * (2 if device.startswith("cuda") else 4)   # student and teacher both in the inference dtype
     table = s.vocab * s.hidden if p.get("embedding_lr") else 0
     trainable = (table + (2 * s.layers + 1) * s.hidden) * (4 + 8)
     tokens = p["batch_size"] * p["seq_len"]
     acts = training_activations(s, p["batch_size"], p["seq_len"], ckpt, None)
-    how = (f"frozen dense student, AdamW on the embedding and norms, gradient checkpointing {'on' if ckpt else 'off'}, "
-           f"batch {p['batch_size']} x {p['seq_len']}")
-    teacher = s.params * (2 if device.startswith("cuda") else 4)   # the teacher loads in the inference dtype
-    return _estimate("kd_tune", how, teacher=teacher, student=student, **{"trainable + AdamW": trainable},
+    how = (f"frozen dense student, AdamW on the norms{' and the embedding table' if table else ''}, gradient "
+           f"checkpointing {'on' if ckpt else 'off'}, batch {p['batch_size']} x {p['seq_len']}")
+    return _estimate("kd_tune", how, teacher=dense, student=dense, **{"trainable + AdamW": trainable},
                      **acts, **{"logits and KD loss": logits_bytes(s, tokens, KD_LOGIT_BYTES)})
 
 

@@ -118,6 +118,10 @@ class SearchSpace:
         info = get_method(quant)
         return info is not None and info.tunable and any(t != "none" for t in self.tune_methods)
 
+    def untuned(self, quant: str) -> dict[str, str]:
+        """The trial params that say "no tune step" after this quantizer (empty where the space asks none)."""
+        return {"tune": "none"} if self.tunes(quant) else {}
+
     def _step(self, method: str, trial: optuna.Trial) -> Step:
         spec = get_method(method)
         if spec is None or spec.search is None:
@@ -156,7 +160,7 @@ class SearchSpace:
                               "quant": "gguf", "gguf_type": "Q4_K_M", "gguf_imatrix": self.gguf_imatrix[0], **uniform})
         if "gptq" in self.quant_methods:
             # the fixed recipes stay what they are: no tune step after them
-            plain = {"tune": "none"} if self.tunes("gptq") else {}
+            plain = self.untuned("gptq")
             seeds.append({"prune": "none", "quant_only": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
                           "act_order": False, **plain})
             if True in self.act_order:
@@ -175,7 +179,7 @@ class SearchSpace:
             seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
                           "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
                           "quant": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
-                          "act_order": self.act_order[-1], **({"tune": "none"} if self.tunes("gptq") else {})})
+                          "act_order": self.act_order[-1], **self.untuned("gptq")})
         if "sparsegpt" in self.prune_methods and "unstructured" in self.patterns:
             seeds.append({"prune": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5, "recover": "none",
                           "quant": "none"})
@@ -202,8 +206,7 @@ class SearchSpace:
         out = []
         for m in grid_methods():
             if m.slot == "quant" and m.name in self.quant_methods:
-                plain = {"tune": "none"} if self.tunes(m.name) else {}
-                out += [{"prune": "none", "quant_only": m.name, **d, **plain}
+                out += [{"prune": "none", "quant_only": m.name, **d, **self.untuned(m.name)}
                         for d in m.search.grid(self)]  # type: ignore[union-attr]
             elif m.slot == "prune" and m.name in self.prune_methods:
                 out += [{"prune": m.name, **d, "recover": "none", "quant": "none"}
