@@ -147,16 +147,11 @@ def test_folded_gqa_generation_matches_sdpa(arch, arch_dirs, monkeypatch):
     """Padded generation with grouped-query attention folded (the default) gives the text transformers' own path
     gives, on every architecture family (q/k norms, biases, sliding windows, soft-capping, fused projections), and
     leaves the model's attention implementation as it was."""
-    from acf.evaluation.generate import generate_all
+    from test_gqa_attention import generate_without_and_with_fold
 
     model, tok = load_model(arch_dirs[arch], "cpu", dtype="float32")
     impl = model.config._attn_implementation
-    prompts = ["Question: 2 + 3 = ?\nAnswer:", "A longer prompt, so that the other rows of the batch are padded on "
-               "the left of their tokens\n", "Hi"]
-    monkeypatch.setenv("ACF_GQA_FOLD", "0")
-    want, _ = generate_all(model, tok, prompts, 8, batch_size=3)
-    monkeypatch.setenv("ACF_GQA_FOLD", "1")
-    got, how = generate_all(model, tok, prompts, 8, batch_size=3)
+    (want, _), (got, how) = generate_without_and_with_fold(model, tok, monkeypatch, new=8)
     assert got == want
     assert ("folded" in how) == (impl == "sdpa") and model.config._attn_implementation == impl
 

@@ -41,17 +41,26 @@ def test_folded_attention_equals_sdpa_under_padding(tiny_model_dir, monkeypatch)
     torch.testing.assert_close(got[keep], ref[keep], atol=1e-5, rtol=1e-5)
 
 
-def test_generate_all_same_text_and_restores_sdpa(tiny_model_dir, monkeypatch):
+PROMPTS = ["Question: 2 + 3 = ?\nAnswer:", "Q: a much longer question about apples and pears, to pad the other "
+           "rows of the batch on the left\nA:", "Hello"]
+
+
+def generate_without_and_with_fold(model, tok, monkeypatch, new: int = 12):
+    """(texts, engine) of acf's padded generation with ACF_GQA_FOLD=0, then =1, on PROMPTS in one batch."""
     from acf.evaluation.generate import generate_all
+
+    out = []
+    for fold in ("0", "1"):
+        monkeypatch.setenv("ACF_GQA_FOLD", fold)
+        out.append(generate_all(model, tok, PROMPTS, new, batch_size=len(PROMPTS)))
+    return out
+
+
+def test_generate_all_same_text_and_restores_sdpa(tiny_model_dir, monkeypatch):
     from acf.models.loading import load_model
 
     model, tok = load_model(tiny_model_dir, "cpu", dtype="float32")
-    prompts = ["Question: 2 + 3 = ?\nAnswer:", "Q: a much longer question about apples and pears, to pad the "
-               "other rows of the batch on the left\nA:", "Hello"]
-    monkeypatch.setenv("ACF_GQA_FOLD", "0")
-    before, how0 = generate_all(model, tok, prompts, 12, batch_size=3)
-    monkeypatch.setenv("ACF_GQA_FOLD", "1")
-    after, how1 = generate_all(model, tok, prompts, 12, batch_size=3)
+    (before, how0), (after, how1) = generate_without_and_with_fold(model, tok, monkeypatch)
     assert after == before and all(n > 0 for _, n in after)
     assert "folded" in how1 and "folded" not in how0
     assert model.config._attn_implementation == "sdpa"               # training and scoring keep the stock path
