@@ -131,7 +131,7 @@ def run(
         if final_limit is not None:
             cfg.final_limit = final_limit
         if final_metrics:
-            cfg.final_metrics = final_metrics.split(",")
+            cfg.final_metrics = _csv(final_metrics)
         if workers is not None:
             return _run_workers(cfg, workers, artifacts, resume=True)
         ctx = run_in_terminal(cfg, console, resume=True)
@@ -146,7 +146,7 @@ def run(
                         objectives=objs.split(","), min_retention=min_retention, limit=limit, proxy_limit=proxy_limit,
                         max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld, controls=controls,
                         accuracy_limit=accuracy_limit, final_limit=final_limit,
-                        final_metrics=final_metrics.split(",") if final_metrics else None, budget_minutes=budget_minutes, patience=patience, seed=seed,
+                        final_metrics=_csv(final_metrics) or None, budget_minutes=budget_minutes, patience=patience, seed=seed,
                         storage=storage, study_name=study, device=device or "auto", keep_all=keep_all,
                         calib_samples=calib_samples, seq_len=seq_len, eval_batch_size=eval_batch_size, planner=planner,
                         planner_share=planner_share, planner_max_calls=planner_max_calls,
