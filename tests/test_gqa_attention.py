@@ -98,3 +98,17 @@ def test_fold_matches_repeat_kv_directly(q_len):
         want = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 3), repeat_kv(v, 3), attn_mask=mask)
         got, _ = gqa_sdpa_forward(M(), q, k, v, mask, scaling=None)
         torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-6, rtol=1e-6)
+
+
+def test_generation_excludes_cudnn_attention_only_inside_its_context():
+    """cuDNN's attention builds a plan per new key length (every decode step): the padded engine runs without it
+    on a GPU, and the switch is scoped, so training and scoring keep torch's own choice."""
+    import torch
+
+    from acf.evaluation.generate import _sdpa_without_cudnn
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with _sdpa_without_cudnn():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 #: the GPU's generation engine unless ACF_GEN_ENGINE says otherwise: padded batches sized from free memory measured
 #: fastest of the engines transformers offers here (Llama-3.1-8B shape, 400 GSM8K prompts x 256 new tokens: H100
 #: 1863 tok/s padded vs 1516 continuous batching vs 804 static cache + compile; H200 2521 vs 1491;
-#: experiments/results/scale-gpu-acf-8b-gen*.json)
+#: experiments/results/scale-gpu-acf-8b-gen*.json), and 7870-8022 tok/s on an H100 once grouped-query attention
+#: was folded, cuDNN attention excluded and the batch sized by the real peak (scale-gpu-acf-8b-gen-gqa.json)
 DEFAULT_ENGINE = "padded"
 ENGINES = ("padded", "continuous", "static", "vllm")
 
@@ -134,20 +136,34 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
     # grouped-query attention without per-head KV copies under the padding mask (gqa_attention); ACF_GQA_FOLD=0
     # keeps transformers' sdpa path (for before/after measurements)
     prev = use_for_generation(model) if os.environ.get("ACF_GQA_FOLD", "1") != "0" else None
+    # cuDNN's attention builds an execution plan for every new input shape, and every decode step brings a new key
+    # length: on an H100 (Llama-3.1-8B shape, 400 prompts x 256 tokens) a first generation took 33.1 s with cuDNN
+    # allowed and 16.8 s without, repeated calls 14.8 vs 14.3 s (experiments/results/gen-backends-h100.json).
+    # ACF_GEN_CUDNN_SDPA=1 allows it again (for before/after measurements).
+    no_cudnn = device.type == "cuda" and os.environ.get("ACF_GEN_CUDNN_SDPA", "0") != "1"
     try:
-        for chunk in batched(order, batch_size):
-            for i, o in zip(chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens,
-                                                  done_pattern=done_pattern, stop_strings=stop_strings,
-                                                  static_cache=static)):
-                res[i] = o
-            if progress:
-                progress(len(chunk))
+        with _sdpa_without_cudnn() if no_cudnn else contextlib.nullcontext():
+            for chunk in batched(order, batch_size):
+                for i, o in zip(chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk],
+                                                      max_new_tokens, done_pattern=done_pattern,
+                                                      stop_strings=stop_strings, static_cache=static)):
+                    res[i] = o
+                if progress:
+                    progress(len(chunk))
     finally:
         if prev is not None:
             model.set_attn_implementation(prev)
     how = "static KV cache + torch.compile, " if static else ""
     how += "grouped-query attention folded, " if prev is not None else ""
+    how += "cuDNN attention off, " if no_cudnn else ""
     return [res[i] for i in range(len(prompts))], f"transformers generate, {how}padded batches of {batch_size}"
+
+
+def _sdpa_without_cudnn():
+    """torch's scaled_dot_product_attention may pick any backend but cuDNN's, inside this context only."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _continuous(model, tokenizer, prompts: list[str], max_new_tokens: int, done_pattern: Optional[str],

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""First-call vs repeated-call generation speed of acf's padded engine at Llama-3.1-8B shape, per SDPA backend
+(issue #18; prints its figures, not a test).
+
+Why: in bench_scale the first folded run of 400 GSM8K prompts took 34.9 s and an identical second run 14.9 s on
+the same H100. One suspect is torch's cuDNN attention backend, which builds an execution plan per new input shape
+(each decode step has a new key length); the memory-efficient backend has no per-shape plans. Each row below runs
+the same 400 prompts x 256 new tokens twice on a model loaded once (random weights: every row runs full length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--prompts", type=int, default=400)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--configs", default="fold/nocudnn,fold/cudnn,repeat_kv/cudnn,repeat_kv/nocudnn")
+    ap.add_argument("--batch", type=int, default=None, help="default: acf's auto batch size (batching.py)")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true")
+    a = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    from acf.evaluation.batching import auto_batch_size
+    from acf.evaluation.generate import generate_all
+    from acf.tasks import get_task
+    from bench_scale import build, llama31_8b_config
+
+    dev = "cpu" if a.tiny else "cuda"
+    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    task = get_task("gsm8k", a.data_dir)
+    prompts = [task.chat_prompt(it, tok, 0) for it in task.load("test", limit=a.prompts, seed=0)]
+    model = build(llama31_8b_config(layers=a.layers, tiny=a.tiny), dev)
+    model.config._attn_implementation = "sdpa"
+    batch = a.batch or auto_batch_size(model, len(prompts), "generate", 300 + a.new)
+    res = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
+           "prompts": len(prompts), "max_new_tokens": a.new, "batch": batch, "rows": []}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    generate_all(model, tok, prompts[:4], 4, batch_size=4)   # CUDA context and library handles, before any row
+    for cfg in a.configs.split(","):
+        attn, backend = cfg.split("/")
+        os.environ["ACF_GQA_FOLD"] = "1" if attn == "fold" else "0"
+        os.environ["ACF_GEN_CUDNN_SDPA"] = "1" if backend == "cudnn" else "0"   # acf's engine excludes it unless 1
+        for call in ("first", "second"):
+            if dev == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            outs, how = generate_all(model, tok, prompts, a.new, batch_size=batch)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            secs = time.perf_counter() - t
+            n = sum(k for _, k in outs)
+            row = {"attention": attn, "sdpa_backends": "cuDNN allowed" if backend == "cudnn" else "cuDNN disabled",
+                   "call": call, "engine": how, "seconds": round(secs, 2), "generated_tokens": n,
+                   "tokens_per_s": round(n / secs, 1),
+                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None}
+            res["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            (out / "gen-backends.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
