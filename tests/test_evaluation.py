@@ -142,6 +142,14 @@ def test_auto_batch_size_follows_memory_per_sequence(tiny_model_dir):
                           intermediate_size=128, vocab_size=1000)
     assert kv_bytes_per_token(cfg, 2) == 2 * 2 * 2 * 16 * 2
     assert per_sequence_bytes(cfg, "score", 100) > per_sequence_bytes(cfg, "generate", 100)
+    # generation: the larger of the whole KV cache (last step) and the prompt's KV plus one layer's activations
+    # (prefill), not their sum over every token; without new_tokens the old upper bound
+    kv, act = kv_bytes_per_token(cfg, 2), (64 * 4 + 128 * 2) * 2
+    assert per_sequence_bytes(cfg, "generate", 444, new_tokens=256) == max(kv * 444, (kv + act) * 188)
+    assert per_sequence_bytes(cfg, "generate", 444) == (kv + act) * 444
+    big = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096,
+                          intermediate_size=14336, vocab_size=128256)   # Llama-3.1-8B: the last step's KV decides
+    assert per_sequence_bytes(big, "generate", 444, new_tokens=256) == kv_bytes_per_token(big, 2) * 444
     model, _ = load_model(tiny_model_dir, "cpu")
     assert auto_batch_size(model, 1000, "generate", 512) == CPU_BATCH   # CPU keeps a fixed small batch
     assert auto_batch_size(model, 3, "generate", 512) == 3

@@ -25,7 +25,8 @@ def accuracy(model, tokenizer, task: Task, items: list[Item], *, batch_size: Opt
     prompts = [task.chat_prompt(it, tokenizer, fewshot) for it in items]
     if batch_size is None:
         batch_size = auto_batch_size(model, len(items), "generate", lambda: max(
-            (len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=1) + max_new_tokens)
+            (len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=1) + max_new_tokens,
+            new_tokens=max_new_tokens)
     outs, engine = generate_all(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
                                 done_pattern=getattr(task, "done_pattern", GSM8K_DONE),
                                 stop_strings=task.stop_strings(), progress=progress)
