@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work of one device session, as named jobs (the device tool runs one command line per call, ≤ 10 min).
 # Run after `. tools/device_setup.sh`; every job writes its files under $OUT/<job>/ and prints its figures.
-#   bash tools/gpu_jobs.sh tests|batch|tasks|methods|search|fidelity|mixed|pipeline|resume|workers|gen8b|gqa
+#   bash tools/gpu_jobs.sh tests|batch|tasks|methods|search|fidelity|mixed|pipeline|resume|workers|gen8b|genbackends|gqa
 set -u
 job=$1
 o=$OUT/$job
@@ -45,9 +45,14 @@ case $job in
     python3 experiments/bench_workers.py --episodes ${EPISODES:-8} --device cuda --out runs/bench-workers \
       --json "$o/bench-workers.json" 2>&1 | grep -v "^\[transformers\]" | tail -30 ;;
   gen8b)    # #18: generation of the Llama-3.1-8B shape (random weights), 400 GSM8K prompts x 256 tokens: batch 32 and the
-            # memory-sized batch with transformers' sdpa (repeat_kv), then with grouped-query attention folded
-    python3 experiments/bench_scale.py --parts gen,tf --shape 8b --engines ${ENGINES:-continuous} \
-      --data-dir "$ACF_DATA_DIR" --tag acf-8b-gen-gqa --out "$o" 2>&1 | grep -v "^\[transformers\]" | tail -30 ;;
+            # memory-sized batch with transformers' sdpa (repeat_kv, cuDNN allowed), then acf's engine (folded, no
+            # cuDNN), each twice; ENGINES=continuous,static adds those engines
+    python3 experiments/bench_scale.py --parts gen,tf --shape 8b --engines "${ENGINES:-}" \
+      --data-dir "$ACF_DATA_DIR/gsm8k" --tag acf-8b-gen-gqa --out "$o" 2>&1 | grep -v "^\[transformers\]" | tail -30 ;;
+  genbackends) # first vs second call per attention path and SDPA backend at 8B shape (TOKENIZER=<a tokenizer folder>
+               # spares the default model, e.g. its tokenizer files carried in .gpu/tok)
+    python3 experiments/bench_gen_backends.py --tokenizer "${TOKENIZER:-$(python3 -c 'from acf.models.loading import resolve_model; print(resolve_model("smollm2-135m"))')}" \
+      --data-dir "$ACF_DATA_DIR/gsm8k" --out "$o" 2>&1 | grep -v "^\[transformers\]" | tail -10 ;;
   gqa)      # the same before/after on the default model (9 query heads over 3 KV heads)
     python3 experiments/bench_gqa.py --device cuda --prompts ${GQA_PROMPTS:-400} --batch ${GQA_BATCH:-400} --new 256 \
       2>&1 | tail -8; cp experiments/results/gqa-cuda.json "$o/" ;;
