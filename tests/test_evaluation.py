@@ -192,3 +192,34 @@ class _FakeModel:
         import torch
 
         yield torch.zeros(1)
+
+
+def test_generation_halves_its_batch_when_memory_runs_out(monkeypatch):
+    """A batch the memory plan got wrong is halved and the rest goes on: every prompt answered, in order, and the
+    engine description says so; a single row that does not fit still fails."""
+    import torch
+
+    import acf.evaluation.generate as gen
+
+    calls: list[int] = []
+
+    def fake_batch(model, tok, prompts, new, **kw):   # stands in for transformers generate: OOM above 2 rows
+        calls.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [(p.upper(), 1) for p in prompts]
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+    monkeypatch.setattr(gen, "generate_batch", fake_batch)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    prompts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    outs, how = gen.generate_all(M(), None, prompts, 4, batch_size=8)
+    assert [o[0] for o in outs] == [p.upper() for p in prompts]
+    assert calls[:3] == [5, 4, 2] and "8, then 2 after running out of GPU memory" in how
+    monkeypatch.setattr(gen, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(torch.OutOfMemoryError):
+        gen.generate_all(M(), None, ["xyz"], 4, batch_size=4)

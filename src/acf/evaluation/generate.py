@@ -141,13 +141,27 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
     # allowed and 16.8 s without, repeated calls 14.8 vs 14.3 s (experiments/results/gen-backends-h100.json).
     # ACF_GEN_CUDNN_SDPA=1 allows it again (for before/after measurements).
     no_cudnn = device.type == "cuda" and os.environ.get("ACF_GEN_CUDNN_SDPA", "0") != "1"
+    bs, todo = max(1, batch_size), order
     try:
         with _sdpa_without_cudnn() if no_cudnn else contextlib.nullcontext():
-            for chunk in batched(order, batch_size):
-                for i, o in zip(chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk],
-                                                      max_new_tokens, done_pattern=done_pattern,
-                                                      stop_strings=stop_strings, static_cache=static)):
+            while todo:
+                chunk = todo[:bs]
+                try:
+                    outs = generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens,
+                                          done_pattern=done_pattern, stop_strings=stop_strings, static_cache=static)
+                except torch.OutOfMemoryError:
+                    # the batch estimate (acf.evaluation.batching) is a plan, not a guarantee: halve and go on
+                    # rather than lose the candidate's evaluation; a single row that does not fit is a real failure
+                    if bs == 1:
+                        raise
+                    bs = max(1, bs // 2)
+                    torch.cuda.empty_cache()
+                    log.warning("generation ran out of GPU memory at batch %d; going on with batches of %d",
+                                len(chunk), bs)
+                    continue
+                for i, o in zip(chunk, outs):
                     res[i] = o
+                todo = todo[len(chunk):]
                 if progress:
                     progress(len(chunk))
     finally:
@@ -156,7 +170,8 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
     how = "static KV cache + torch.compile, " if static else ""
     how += "grouped-query attention folded, " if prev is not None else ""
     how += "cuDNN attention off, " if no_cudnn else ""
-    return [res[i] for i in range(len(prompts))], f"transformers generate, {how}padded batches of {batch_size}"
+    sizes = f"{batch_size}" if bs == batch_size else f"{batch_size}, then {bs} after running out of GPU memory"
+    return [res[i] for i in range(len(prompts))], f"transformers generate, {how}padded batches of {sizes}"
 
 
 def _sdpa_without_cudnn():
