@@ -59,6 +59,24 @@ def test_estimates_have_the_right_order_of_magnitude_at_8b(spec8b):
     assert 30 * GiB < adapters < 60 * GiB and full > 120 * GiB
 
 
+def test_an_allocating_quantizer_is_budgeted_for_its_fisher_pass(spec8b):
+    """avg_bits runs a Fisher sensitivity pass before the quantizer (float32 sums of every allocated weight): the
+    step's estimate is the larger of the two; replayed layer_formats or a plain recipe need no pass."""
+    from acf.methods.registry import estimate_step_memory
+
+    s = Shape.of(spec8b)
+    plain = {"bits": 4, "group_size": 128, "calib_samples": 128, "seq_len": 2048}
+    gptq = estimate_step_memory("gptq", plain, s, "cuda")
+    mixed = estimate_step_memory("gptq", {**plain, "avg_bits": 4.25}, s, "cuda")
+    assert gptq.total < 20 * GiB and "Fisher" not in gptq.describe()
+    assert mixed.parts["Fisher sums (float32)"] == s.linear_params() * 4          # 26 GiB at this shape
+    assert 40 * GiB < mixed.total < 55 * GiB and "Fisher sensitivity pass" in mixed.how
+    replay = estimate_step_memory("gptq", {**plain, "avg_bits": 4.25, "layer_formats": {"x": "w4g128"}}, s, "cuda")
+    assert replay.total == gptq.total
+    gguf = estimate_step_memory("gguf", {"avg_bits": 5.5}, s, "cuda")
+    assert gguf.parts["Fisher sums (float32)"] == s.params * 4                       # GGUF allocates every tensor
+
+
 def _ctx(spec, device: str, tmp_path):
     return SimpleNamespace(cfg=SimpleNamespace(device=device, min_free_disk_bytes=1), dir=tmp_path, spec=spec, ff=None)
 

@@ -131,6 +131,35 @@ def test_fisher_orders_formats_and_tracks_direct_damage(tiny_model_dir, ctx):
     assert again[list(est)[0]] == pytest.approx(direct[list(est)[0]], rel=1e-5)
 
 
+def test_fisher_sums_squared_gradients_per_window_and_keeps_none():
+    """fisher_diagonal squares each window's gradient as backward produces it (a hook, so the whole model's gradients
+    never exist at once): the same sums as squaring the finished gradients, a tied weight counted once per window
+    with both of its uses, and no gradient left on any parameter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from acf.methods.mixed import fisher_diagonal
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    ids = torch.randint(0, 64, (3, 12))
+    params = {"emb": model.model.embed_tokens.weight, "q0": model.model.layers[0].self_attn.q_proj.weight}
+    got, tokens = fisher_diagonal(model, ids, params, seed=0)
+    assert tokens == 3 * 11 and all(p.grad is None for p in model.parameters())
+    # the same pass by hand: one backward per window, squared finished gradients
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    want = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(3):
+        logits = model(input_ids=ids[i:i + 1]).logits[0, :-1].float()
+        y = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen).squeeze(-1)
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
+        for n, p in params.items():
+            want[n] += p.grad.float() ** 2
+    for n in params:
+        assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-9), n
+
+
 @pytest.mark.parametrize("method,extra", [("rtn", {}), ("gptq", {"act_order": True, "calib_samples": 4,
                                                                    "seq_len": 64})])
 def test_mixed_model_reloads_in_allocated_formats_at_predicted_size(method, extra, tiny_model_dir, tmp_path, ctx):

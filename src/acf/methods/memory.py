@@ -99,7 +99,7 @@ class Estimate:
 
 
 #: parts held for the whole step (exact sizes); the margin applies to the rest, the transient tensors
-RESIDENT = ("weights", "teacher", "student", "adapters + AdamW", "trainable + AdamW")
+RESIDENT = ("weights", "teacher", "student", "adapters + AdamW", "trainable + AdamW", "Fisher sums (float32)")
 
 
 def _estimate(method: str, how: str, **parts: float) -> Estimate:
@@ -237,6 +237,31 @@ def kd_tune_memory(p: dict, s: Shape, device: str) -> Estimate:
                      **acts, **{"logits and KD loss": logits_bytes(s, tokens, KD_LOGIT_BYTES)})
 
 
+def sensitivity_pass(p: dict, s: Shape, device: str, method: str, every_tensor: bool = False) -> Optional[Estimate]:
+    """The Fisher pass of a per-layer allocation (`avg_bits` without `layer_formats`; acf.methods.mixed): the model,
+    a float32 sum of squared gradients for every allocated weight (every Linear in the blocks, or `every_tensor`:
+    every weight, as GGUF allocates embeddings and output too), one window's backward (activations and the CE
+    logits) and one layer's gradient squared in float32 (gradients are dropped as they are summed). It runs before
+    the quantizer, so the step's peak is the larger of the two. None when the step does not allocate."""
+    if p.get("avg_bits") is None or p.get("layer_formats"):
+        return None
+    wb = 2 if device.startswith("cuda") else 4
+    L = p.get("sensitivity_seq_len", 512)
+    widest = max((i * o for i, o in s.block_linears.values()), default=s.hidden ** 2)
+    if every_tensor:
+        widest = max(widest, s.vocab * s.hidden)
+    covered = s.params if every_tensor else s.linear_params()
+    return _estimate(method, f"Fisher sensitivity pass of avg_bits ({L}-token windows), before the quantizer",
+                     weights=s.params * wb, **{"Fisher sums (float32)": covered * 4,
+                                               "one window's activations": s.layers * block_activation_bytes(s, L, wb),
+                                               "logits and loss": logits_bytes(s, L, CE_LOGIT_BYTES),
+                                               "one layer's gradient and its square": widest * (wb + 4)})
+
+
+def _larger(a: Estimate, b: Optional[Estimate]) -> Estimate:
+    return a if b is None or a.total >= b.total else b
+
+
 def calibrated_memory(method: str, hessians: bool) -> Callable[[dict, Shape, str], Estimate]:
     """llm-compressor's sequential pipeline: the model on the device, per-Linear Hessians of the block being
     calibrated (GPTQ, SparseGPT), the solver's float32 copies of the widest Linear and one sample's forward. The
@@ -256,7 +281,8 @@ def calibrated_memory(method: str, hessians: bool) -> Callable[[dict, Shape, str
             parts["solver workspace"] = widest * 4 * 2 + widest_in ** 2 * 4 * 2
         else:
             parts["solver workspace"] = widest * 4 * 2
-        return _estimate(method, f"{n} x {L} calibration tokens, one block at a time", **parts)
+        return _larger(_estimate(method, f"{n} x {L} calibration tokens, one block at a time", **parts),
+                       sensitivity_pass(p, s, device, method))
 
     return est
 
@@ -267,8 +293,9 @@ def weights_only_memory(method: str) -> Callable[[dict, Shape, str], Estimate]:
     def est(p: dict, s: Shape, device: str) -> Estimate:
         wb = 2 if device.startswith("cuda") else 4
         widest = max((i * o for i, o in s.block_linears.values()), default=s.hidden ** 2)
-        return _estimate(method, "the weights plus one layer's float32 work copies", weights=s.params * wb,
-                         **{"one layer's work copies": widest * 4 * 3})
+        return _larger(_estimate(method, "the weights plus one layer's float32 work copies", weights=s.params * wb,
+                                 **{"one layer's work copies": widest * 4 * 3}),
+                       sensitivity_pass(p, s, device, method, every_tensor=method == "gguf"))
 
     return est
 

@@ -294,6 +294,16 @@ def fisher_diagonal(model, ids, params: dict[str, object], *, seed: int = 0,
     for p in params.values():
         p.requires_grad_(True)
     fisher = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+
+    def squared_into(n: str):
+        # each gradient is squared into its float32 sum as soon as backward has it, then dropped: gradients of the
+        # whole model never exist at once (at Llama-3.1-8B shape that is 14 GB of bf16 the pass no longer holds)
+        def hook(p) -> None:
+            fisher[n].add_(p.grad.float().square_())
+            p.grad = None
+        return hook
+
+    hooks = [p.register_post_accumulate_grad_hook(squared_into(n)) for n, p in params.items()]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     dev = next(model.parameters()).device
     tokens = 0
@@ -307,12 +317,12 @@ def fisher_diagonal(model, ids, params: dict[str, object], *, seed: int = 0,
             loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
             model.zero_grad(set_to_none=True)
             loss.backward()
-            for n, p in params.items():
-                fisher[n] += p.grad.float() ** 2
             tokens += logits.shape[0]
             if progress:
                 progress(i + 1, ids.shape[0])
     finally:
+        for h in hooks:
+            h.remove()
         model.zero_grad(set_to_none=True)
         for p, w in zip(all_params, was):
             p.requires_grad_(w)
