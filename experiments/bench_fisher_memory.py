@@ -68,7 +68,8 @@ def main() -> None:
                                         "sensitivity_seq_len": a.seq_len}, Shape.of(infer_spec(src)), a.device)
     pass_est = est.total - est.parts["weights"]
     res = {"device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu",
-           "model": "smollm2-135m", "dtype": str(dtype), "windows": f"{a.samples} x {a.seq_len}", "seconds": round(secs, 1),
+           "model": "smollm2-135m", "dtype": str(dtype), "windows": f"{a.samples} x {a.seq_len}",
+           "seconds": round(secs, 1),
            "measured_bytes": measured, "measured_how": how, "estimate_bytes": pass_est,
            "estimate": est.describe(), "estimate_over_measured": round(pass_est / measured, 3),
            "rss_before_pass": before, "peak_rss_during_load": peak_load}

@@ -15,9 +15,9 @@ tokenizer): LoRA 50 steps and distillation 50 steps run through acf's step runne
 each with its measured peak (torch.cuda.max_memory_allocated increase) beside acf.methods.memory's estimate, as
 preflight uses it; GSM8K generation throughput of acf's engine before (padded `generate` batches of 32 with
 transformers' sdpa, cuDNN attention allowed) and after (acf's default: the batch sized from free memory, grouped-query
-attention folded, cuDNN attention excluded), each called twice; other engines by --engines; the teacher-forced kld/top1/answer_nll time over 400 GSM8K items, with the baseline
-reference built once. Random weights never emit end-of-sequence, so every generation runs to its token limit:
-the throughput is of full-length sequences.
+attention folded, cuDNN attention excluded), each called twice; other engines by --engines; the teacher-forced
+kld/top1/answer_nll time over 400 GSM8K items, with the baseline reference built once. Random weights never emit
+end-of-sequence, so every generation runs to its token limit: the throughput is of full-length sequences.
 
 GPTQ on all 32 blocks takes tens of minutes (llm-compressor's guide: ~30 min on an A100), longer than one device
 call allows, so by default it runs on the first --gptq-layers blocks of the same shape and the full-model time is
