@@ -57,3 +57,35 @@ def test_a_candidate_without_a_running_trial_is_kept_once(tmp_path):
     ff = RS.frontier_from_study(study)
     assert [x.id for x in ff.candidates] == ["c001", "c002"] and len(ff.hypervolume) == 3
     assert set(ff.frontier) == {"baseline", "c001", "c002"}
+
+
+def test_the_best_fixed_recipe_is_kept_off_the_frontier_and_compared_held_out(tmp_path):
+    """The report compares the pick with the best fixed recipe (GPTQ W4 seeds, not acf's allocations): its model
+    survives pruning though dominated, so the final evaluation can measure it on the held-out items, and the
+    report's sentence then quotes the held-out ratio too."""
+    from acf.reports.report import versus_fixed
+
+    def seed(cid: str, params: dict, kld: float, size: float) -> Candidate:
+        c = _cand(cid, int(cid[1:]), int(cid[1:]), kld, size)
+        c.strategy = Strategy(steps=[Step(method="gptq", params=params)])
+        c.proposed_by = "seed recipe"
+        return c
+
+    cfg, study = _study(tmp_path)
+    plain = seed("c001", {"bits": 4, "group_size": 64}, 0.22, 50.0)
+    ao = seed("c002", {"bits": 4, "group_size": 64, "act_order": True}, 0.14, 50.0)
+    mixed = seed("c003", {"avg_bits": 4.25, "act_order": True}, 0.07, 49.9)    # acf's allocation: no fixed recipe
+    for i, c in enumerate((plain, ao, mixed)):
+        c.artifact = str(tmp_path / c.id)
+        (tmp_path / c.id).mkdir()
+        RS.put_record(study, cfg, c, None)
+    ff = RS.frontier_from_study(study)
+    assert ff.best_fixed_recipe().id == "c002" and "c002" not in ff.frontier and "c003" in ff.frontier
+    RS.prune_artifact_dirs(ff)
+    assert (tmp_path / "c002").is_dir() and (tmp_path / "c003").is_dir() and not (tmp_path / "c001").exists()
+    vs = versus_fixed(ff)
+    assert vs["fixed"] == "c002" and vs["pick"] == "c003" and "held_out_ratio" not in vs
+    ff.candidate("c002").final_metrics["kld"] = Measurement(value=0.1404, n=300, unit="nats/token")
+    ff.candidate("c003").final_metrics["kld"] = Measurement(value=0.0691, n=300, unit="nats/token")
+    vs = versus_fixed(ff)
+    assert abs(vs["held_out_ratio"] - 0.0691 / 0.1404) < 1e-9 and vs["held_out_n"] == 300

@@ -305,7 +305,8 @@ def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
 
 
 def final_evaluation(ctx: RunContext) -> None:
-    """Measure the baseline, every frontier member and their controls on --final-limit held-out items.
+    """Measure the baseline, every frontier member, the best fixed recipe (the report's comparison) and the
+    controls of these on --final-limit held-out items.
 
     These items come after the search items in the test split's permutation: the search never saw them, so the
     numbers a user quotes are not selected on the items they are measured on. Already-done members are skipped,
@@ -325,6 +326,8 @@ def final_evaluation(ctx: RunContext) -> None:
                 f"search items (lower --limit to hold some out)")
         return
     ids = ["baseline"] + [c for c in ff.frontier if c != "baseline"]
+    recipe = ff.best_fixed_recipe()
+    ids += [recipe.id] if recipe is not None else []
     ids += [c.control for c in (ff.candidate(i) for i in ids) if c.control]
     for cid in dict.fromkeys(ids):
         c = ff.candidate(cid)

@@ -229,9 +229,13 @@ def frontier_from_study(study: optuna.Study, run_id: Optional[str] = None) -> Fr
 
 
 def prune_artifact_dirs(ff: FrontierFile) -> None:
-    """Delete models of candidates off the frontier. Safe from any process: a dominated candidate stays dominated."""
+    """Delete models of candidates off the frontier, but the best fixed recipe's (the report measures it held out,
+    beside the pick). Safe from any process: a dominated candidate stays dominated; a recipe replaced as the best
+    by a better one is not the best again."""
+    recipe = ff.best_fixed_recipe()
+    keep = set(ff.frontier) | ({recipe.id} if recipe is not None else set())
     for c in ff.candidates:
-        if c.artifact and c.id not in ff.frontier and Path(c.artifact).is_dir():
+        if c.artifact and c.id not in keep and Path(c.artifact).is_dir():
             shutil.rmtree(c.artifact, ignore_errors=True)
             c.artifact_kept = False
 

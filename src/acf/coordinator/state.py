@@ -110,6 +110,23 @@ class FrontierFile(BaseModel):
     reference_point: dict[str, float] = Field(default_factory=dict)
     recommended: Optional[Recommendation] = None
 
+    def best_fixed_recipe(self, metric: str = "kld") -> Optional[Candidate]:
+        """The best (lowest `metric` on the search items) of the fixed 4-bit recipes a user would otherwise run: the
+        single-step seeds GPTQ W4 (plain, act-order) and llama.cpp's Q4_K_M (with the imatrix where seeded); acf's
+        per-layer allocations are none. The report compares the recommended pick with it, so its model is kept
+        and measured on the held-out items like a frontier member's, even when it is off the frontier."""
+        def is_fixed(c: Candidate) -> bool:
+            if (c.status != "ok" or c.proposed_by != "seed recipe" or len(c.strategy.steps) != 1
+                    or metric not in c.metrics or c.metrics[metric].value is None):
+                return False
+            st = c.strategy.steps[0]
+            if st.params.get("avg_bits") is not None or st.params.get("layer_formats"):
+                return False
+            return st.method == "gptq" or (st.method == "gguf" and st.params.get("type") == "Q4_K_M")
+
+        fixed = [c for c in self.candidates if is_fixed(c)]
+        return min(fixed, key=lambda c: c.metrics[metric].value) if fixed else None
+
     def candidate(self, cid: str) -> Candidate:
         if self.baseline is not None and self.baseline.id == cid:
             return self.baseline

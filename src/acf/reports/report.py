@@ -181,22 +181,12 @@ def _runtime_section(ff: FrontierFile) -> list[str]:
 
 
 def versus_fixed(ff: FrontierFile, metric: str = "kld") -> Optional[dict[str, Any]]:
-    """The recommended pick against the best fixed 4-bit recipe: the single-step seeds a user would otherwise run
-    (GPTQ W4, plain and act-order; llama.cpp's Q4_K_M, with the imatrix where seeded).
-
-    "Best" is the lowest `metric` of them; the comparison holds only at no larger size, which is reported."""
-    def is_fixed(c) -> bool:
-        if c.status != "ok" or c.proposed_by != "seed recipe" or len(c.strategy.steps) != 1 or metric not in c.metrics:
-            return False
-        st = c.strategy.steps[0]
-        if st.params.get("avg_bits") is not None or st.params.get("layer_formats"):
-            return False                      # acf's mixed-precision seeds are no fixed recipe
-        return st.method == "gptq" or (st.method == "gguf" and st.params.get("type") == "Q4_K_M")
-
-    fixed = [c for c in ff.candidates if is_fixed(c)]
-    if not fixed or ff.recommended is None:
+    """The recommended pick against the best fixed 4-bit recipe (`FrontierFile.best_fixed_recipe`), on the search
+    items and, where both were measured there, on the held-out items. The comparison holds only at no larger
+    size, which is reported."""
+    best = ff.best_fixed_recipe(metric)
+    if best is None or ff.recommended is None:
         return None
-    best = min(fixed, key=lambda c: c.metrics[metric].value)
     pick = ff.candidate(ff.recommended.id)
     if metric not in pick.metrics or "size" not in pick.metrics or "size" not in best.metrics:
         return None
@@ -204,11 +194,17 @@ def versus_fixed(ff: FrontierFile, metric: str = "kld") -> Optional[dict[str, An
     fits = [c for c in ff.candidates if c.status == "ok" and metric in c.metrics and "size" in c.metrics
             and c.metrics["size"].value <= best.metrics["size"].value and c.metrics[metric].value is not None]
     at_size = min(fits, key=lambda c: c.metrics[metric].value) if fits else best
-    return {"best_at_size": at_size.id, "best_at_size_value": at_size.metrics[metric].value,
-            "best_at_size_ratio": (at_size.metrics[metric].value / bv) if bv else None, "fixed": best.id, "fixed_strategy": best.strategy.describe(), "fixed_value": bv,
-            "fixed_size": best.metrics["size"].value, "pick": pick.id, "pick_strategy": pick.strategy.describe(),
-            "pick_value": pv, "pick_size": pick.metrics["size"].value,
-            "ratio": (pv / bv) if bv else None, "no_larger": pick.metrics["size"].value <= best.metrics["size"].value}
+    out = {"best_at_size": at_size.id, "best_at_size_value": at_size.metrics[metric].value,
+           "best_at_size_ratio": (at_size.metrics[metric].value / bv) if bv else None, "fixed": best.id,
+           "fixed_strategy": best.strategy.describe(), "fixed_value": bv, "fixed_size": best.metrics["size"].value,
+           "pick": pick.id, "pick_strategy": pick.strategy.describe(), "pick_value": pv,
+           "pick_size": pick.metrics["size"].value, "ratio": (pv / bv) if bv else None,
+           "no_larger": pick.metrics["size"].value <= best.metrics["size"].value}
+    hp, hb = pick.final_metrics.get(metric), best.final_metrics.get(metric)
+    if hp is not None and hb is not None and hp.value is not None and hb.value:
+        out.update(held_out_pick=hp.value, held_out_fixed=hb.value, held_out_ratio=hp.value / hb.value,
+                   held_out_n=hp.n)
+    return out
 
 
 def _fidelity_section(ff: FrontierFile, units: dict) -> list[str]:
@@ -221,7 +217,9 @@ def _fidelity_section(ff: FrontierFile, units: dict) -> list[str]:
           + "; held-out columns on items the search never saw"
           + (f" (from item {sets['report']['offset']}, up to {sets['report']['count']})" if sets.get("report") else "")
           + ".", ""]
-    ids = (["baseline"] if ff.baseline else []) + [c for c in ff.frontier if c != "baseline"]
+    recipe = ff.best_fixed_recipe()
+    ids = ((["baseline"] if ff.baseline else []) + [c for c in ff.frontier if c != "baseline"]
+           + ([recipe.id] if recipe is not None and recipe.id not in ff.frontier else []))   # the comparison's recipe
     cols = [m for m in FIDELITY_COLS if any(m in ff.candidate(i).metrics for i in ids)]
     held = [m for m in FIDELITY_COLS if any(m in ff.candidate(i).final_metrics for i in ids)]
     rows = []
@@ -240,7 +238,10 @@ def _fidelity_section(ff: FrontierFile, units: dict) -> list[str]:
                f"at {fmt(vs['pick_size'], 'size')} = {vs['ratio']:.2f}x the recipe's damage"
                + ("" if vs["no_larger"] else " (but it is larger, so this is not a same-size comparison)") + ". "
                f"At no more than the recipe's size the most faithful candidate is `{vs['best_at_size']}` "
-               f"(kld {vs['best_at_size_value']:.4f}, {vs['best_at_size_ratio']:.2f}x the recipe's).", ""]
+               f"(kld {vs['best_at_size_value']:.4f}, {vs['best_at_size_ratio']:.2f}x the recipe's)."
+               + (f" Held out ({vs['held_out_n']} items the search never saw): `{vs['pick']}` "
+                  f"{vs['held_out_pick']:.4f} vs `{vs['fixed']}` {vs['held_out_fixed']:.4f} = "
+                  f"{vs['held_out_ratio']:.2f}x." if "held_out_ratio" in vs else ""), ""]
     return md
 
 
