@@ -38,19 +38,14 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true")
     a = ap.parse_args()
-    from transformers import AutoTokenizer
-
     from acf.evaluation.batching import auto_batch_size
     from acf.evaluation.generate import generate_all
-    from acf.tasks import get_task
-    from bench_scale import build, llama31_8b_config
+    from acf.models.loading import load_tokenizer
+    from bench_scale import build, gsm8k_test_prompts, llama31_8b_config
 
     dev = "cpu" if a.tiny else "cuda"
-    tok = AutoTokenizer.from_pretrained(a.tokenizer)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    task = get_task("gsm8k", a.data_dir)
-    prompts = [task.chat_prompt(it, tok, 0) for it in task.load("test", limit=a.prompts, seed=0)]
+    tok = load_tokenizer(a.tokenizer)
+    prompts = gsm8k_test_prompts(tok, a.data_dir, a.prompts)
     model = build(llama31_8b_config(layers=a.layers, tiny=a.tiny), dev)
     model.config._attn_implementation = "sdpa"
     batch = a.batch or auto_batch_size(model, len(prompts), "generate", 300 + a.new)

@@ -87,8 +87,16 @@ def dir_size(p: Path) -> int:
 
 
 def sync(dev: str) -> None:
-    if dev.startswith("cuda"):
+    if dev.startswith("cuda") and torch.cuda.is_available():   # the --tiny CPU check passes through
         torch.cuda.synchronize()
+
+
+def gsm8k_test_prompts(tok, data_dir, n: int, task=None) -> list[str]:
+    """The first `n` GSM8K test prompts of the seed-0 permutation, zero-shot, as acf's evaluation renders them."""
+    from acf.tasks import get_task
+
+    task = task or get_task("gsm8k", data_dir)
+    return [task.chat_prompt(it, tok, 0) for it in task.load("test", limit=n, seed=0)]
 
 
 def quantize(method: str, cfg, dev: str, n: int, L: int, work: Path, tok) -> dict:
@@ -219,10 +227,10 @@ def gen_throughput(model, tok, prompts: list[str], new: int, engine: str, batch:
     os.environ["ACF_GEN_ENGINE"] = engine
     os.environ["ACF_GQA_FOLD"] = "1" if fold else "0"
     os.environ["ACF_GEN_CUDNN_SDPA"] = "1" if cudnn else "0"
-    sync("cuda" if torch.cuda.is_available() else "cpu")
+    sync("cuda")
     t = time.perf_counter()
     outs, how = generate_all(model, tok, prompts, new, batch_size=batch)
-    sync("cuda" if torch.cuda.is_available() else "cpu")
+    sync("cuda")
     secs = time.perf_counter() - t
     n_tok = sum(n for _, n in outs)
     return {"engine": how, "prompts": len(prompts), "max_new_tokens": new, "generated_tokens": n_tok,
@@ -245,8 +253,7 @@ def acf_eval_parts(parts: list[str], model_dir: Path, task, a, res: dict, save) 
                    "peak_gpu_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None,
                    "how": "acf.models.loading.load_model, device_map straight onto the GPU"}
     save()
-    items = task.load("test", limit=a.gen_items, seed=0)
-    prompts = [task.chat_prompt(it, tok, 0) for it in items]
+    prompts = gsm8k_test_prompts(tok, None, a.gen_items, task)
     if "gen" in parts:
         g: dict = {}
         # before: padded generate batches of 32 (the figure this benchmark measured before), on a subset
@@ -284,14 +291,14 @@ def acf_eval_parts(parts: list[str], model_dir: Path, task, a, res: dict, save) 
             save_g()
     if "tf" in parts:
         seqs = task_sequences(task, tok, task.load("test", limit=400, seed=0), 0)
-        sync("cuda" if torch.cuda.is_available() else "cpu")
+        sync("cuda")
         t = time.perf_counter()
         ref = build_reference(model, tok, seqs, batch_size=None)
-        sync("cuda" if torch.cuda.is_available() else "cpu")
+        sync("cuda")
         ref_s = time.perf_counter() - t
         t = time.perf_counter()
         m = teacher_forced(model, tok, seqs, ["kld", "top1", "answer_nll"], reference=ref, batch_size=None)
-        sync("cuda" if torch.cuda.is_available() else "cpu")
+        sync("cuda")
         res["teacher_forced"] = {"items": len(seqs), "tokens": sum(len(s.target) for s in seqs),
                                  "reference_seconds": round(ref_s, 2),
                                  "kld_top1_answer_nll_seconds": round(time.perf_counter() - t, 2),

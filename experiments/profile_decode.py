@@ -34,22 +34,16 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true", help="CPU check of the script's logic")
     a = ap.parse_args()
-    from transformers import AutoTokenizer
-
     from acf.evaluation.gqa_attention import register
     from acf.evaluation.sequences import prompt_text
-    from acf.tasks import get_task
-    from bench_scale import build, llama31_8b_config
+    from acf.models.loading import load_tokenizer
+    from bench_scale import build, gsm8k_test_prompts, llama31_8b_config
 
     dev = "cpu" if a.tiny else "cuda"
-    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    tok = load_tokenizer(a.tokenizer)
     tok.padding_side = "left"
-    if tok.pad_token is None:   # as acf.models.loading does
-        tok.pad_token = tok.eos_token
-    task = get_task("gsm8k", a.data_dir)
     batches = [int(b) for b in a.batches.split(",")]
-    items = task.load("test", limit=max(batches), seed=0)
-    prompts = [prompt_text(tok, task.chat_prompt(it, tok, 0)) for it in items]
+    prompts = [prompt_text(tok, p) for p in gsm8k_test_prompts(tok, a.data_dir, max(batches))]
     prompts.sort(key=len, reverse=True)
     model = build(llama31_8b_config(layers=a.layers, tiny=a.tiny), dev)
     fold = register()

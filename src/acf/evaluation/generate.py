@@ -141,7 +141,8 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
     # allowed and 16.8 s without, repeated calls 14.8 vs 14.3 s (experiments/results/gen-backends-h100.json).
     # ACF_GEN_CUDNN_SDPA=1 allows it again (for before/after measurements).
     no_cudnn = device.type == "cuda" and os.environ.get("ACF_GEN_CUDNN_SDPA", "0") != "1"
-    bs, todo = max(1, batch_size), order
+    first = max(1, batch_size)
+    bs, todo = first, order
     try:
         with _sdpa_without_cudnn() if no_cudnn else contextlib.nullcontext():
             while todo:
@@ -170,7 +171,7 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
     how = "static KV cache + torch.compile, " if static else ""
     how += "grouped-query attention folded, " if prev is not None else ""
     how += "cuDNN attention off, " if no_cudnn else ""
-    sizes = f"{batch_size}" if bs == batch_size else f"{batch_size}, then {bs} after running out of GPU memory"
+    sizes = f"{first}" if bs == first else f"{first}, then {bs} after running out of GPU memory"
     return [res[i] for i in range(len(prompts))], f"transformers generate, {how}padded batches of {sizes}"
 
 
