@@ -4,9 +4,9 @@ format per layer that minimises the summed damage at a given effective bits per 
 Why by hand: llm-compressor applies whatever per-layer formats it is given (one `config_groups` entry per format,
 exact layer names as targets; compressed-tensors saves them packed and transformers/vLLM load them), but it has no
 allocator. ModelOpt's AutoQuantize and AutoRound's AutoScheme allocate bits, but inside their own quantizers and
-formats, not for llm-compressor's GPTQ/RTN output nor jointly with acf's pruning and recovery steps. What is left to
-write is small and model-free where it can be: formats and their byte cost (pure), a Fisher sensitivity pass (one
-backward per calibration window), and a multiple-choice knapsack (pure, numpy).
+formats, not for llm-compressor's GPTQ/RTN/AutoRound output nor jointly with acf's pruning and recovery steps. What
+is left to write is small and model-free where it can be: formats and their byte cost (pure), a Fisher sensitivity
+pass (one backward per calibration window), and a multiple-choice knapsack (pure, numpy).
 
 Sensitivity (what it estimates, and why this one): the increase of the mean per-token KL(baseline || quantized) when
 only layer l is quantized to format f. At the unquantized model the KL's gradient is zero, so its second-order term
@@ -153,43 +153,98 @@ class Allocation(BudgetAllocation):
     layer_formats: dict[str, str]
 
 
-#: knapsack resolution: the budget is cut into this many units; each layer's cost is rounded *up* to whole units,
-#: so the allocation always meets the budget and gives away at most layers x budget/UNITS bytes (0.4% at 210 layers)
+#: knapsack resolution: the budget left above the cheapest choice (see `knapsack`) is cut into this many units; each
+#: option's extra cost over its item's cheapest is rounded *up* to whole units, so the allocation always meets the
+#: budget and gives away at most items x (budget - cheapest)/UNITS bytes
 UNITS = 50_000
+#: budgets (bits per weight) this close below the palette's minimum count as the minimum: validation
+#: (`strategy._check_mixed`), `allocate` and `knapsack` (through `solve`) use this one tolerance, so a budget one of
+#: them accepts the others do too. It absorbs float rounding of bits <-> bytes (1e-9 bits per weight is 1 byte at 8B
+#: weights), not real bytes.
+BITS_TOLERANCE = 1e-9
+
+
+def below_minimum(budget_bits: float, min_bits: float) -> bool:
+    """Whether a budget is below the smallest size the palette reaches (beyond `BITS_TOLERANCE`): the one rule of
+    validation and allocation."""
+    return budget_bits < min_bits - BITS_TOLERANCE
+
+
+def _cheapest(costs: Sequence[Sequence[Optional[int]]]) -> list[int]:
+    """Each item's cheapest offered cost; ValueError for an item offered nothing."""
+    out = []
+    for i, row in enumerate(costs):
+        offered = [c for c in row if c is not None]
+        if not offered:
+            raise ValueError(f"no option offered for item {i}")
+        out.append(min(offered))
+    return out
+
+
+def _extra_units(costs: Sequence[Sequence[Optional[int]]], base: Sequence[int], capacity: int,
+                 size: int) -> list[list[Optional[int]]]:
+    """Each option's cost above its item's cheapest in whole units of capacity/size bytes, rounded up, in integer
+    arithmetic (so chosen units summing to at most `size` mean chosen bytes summing to at most `capacity`, with no
+    float rounding); 0 stays 0, so the cheapest options fit a zero capacity. None where not offered or larger
+    than the whole capacity."""
+    out: list[list[Optional[int]]] = []
+    for row, b in zip(costs, base):
+        units: list[Optional[int]] = []
+        for c in row:
+            extra = None if c is None else math.ceil(c) - b
+            if extra is None or extra > capacity:
+                units.append(None)
+            else:
+                units.append(0 if extra == 0 else -(-extra * size // capacity))
+        out.append(units)
+    return out
 
 
 def knapsack(costs: Sequence[Sequence[Optional[int]]], scores: Sequence[Sequence[float]],
-             budget: float) -> tuple[list[int], float]:
+             budget: float, slack: float = 0.0) -> tuple[list[int], float]:
     """Multiple-choice knapsack: one option per item (`costs[i][k]` bytes, None where option k is not offered for
     item i; `scores[i][k]` its damage), total bytes <= `budget`, summed damage minimal. Returns (option per item,
-    summed damage). Solved by dynamic programming over byte units (exact up to the rounding of `UNITS`); shared by
-    the compressed-tensors and the GGUF allocations. ValueError when no choice meets the budget."""
-    unit = budget / UNITS
-    inf = np.inf
-    dp = np.full(UNITS + 1, inf)
+    summed damage). Shared by the compressed-tensors and the GGUF allocations. ValueError when no choice meets the
+    budget.
+
+    Exact at the minimum: every item's cheapest cost is paid first, in exact bytes, and the dynamic programme runs
+    over the *extra* cost of each option above it, with the capacity left (budget - cheapest total, whole bytes)
+    cut into at most `UNITS` units (whole bytes when it is smaller). Rounding the whole costs up to units of
+    budget/UNITS, as before, made a budget at the palette's minimum infeasible (the rounded sum exceeded the
+    capacity) although validation accepted it. A budget below the cheapest total by at most `slack` bytes (float
+    rounding of a budget given in bits, see `BITS_TOLERANCE`) counts as that total: every item then takes a
+    cheapest option."""
+    n = len(costs)
+    base = [math.ceil(b) for b in _cheapest(costs)]
+    left = budget - sum(base)
+    if left < -max(slack, 0.0):
+        raise ValueError("no choice meets the budget")
+    capacity = max(0, math.floor(left))
+    size = min(UNITS, capacity)
+    units = _extra_units(costs, base, capacity, size)
+    dp = np.full(size + 1, np.inf)
     dp[0] = 0.0
-    choice = np.zeros((len(costs), UNITS + 1), dtype=np.int8)
-    units = [[None if c is None else math.ceil(c / unit - 1e-9) for c in row] for row in costs]
+    choice = np.zeros((n, size + 1), dtype=np.int8)
     for i, row in enumerate(units):
-        new = np.full(UNITS + 1, inf)
-        arg = np.zeros(UNITS + 1, dtype=np.int8)
+        new = np.full(size + 1, np.inf)
+        arg = np.zeros(size + 1, dtype=np.int8)
         for k, c in enumerate(row):
-            if c is None or c > UNITS:
+            if c is None or c > size:
                 continue
-            cand = np.full(UNITS + 1, inf)
-            cand[c:] = dp[:UNITS + 1 - c] + float(scores[i][k])
+            cand = np.full(size + 1, np.inf)
+            cand[c:] = dp[:size + 1 - c] + float(scores[i][k])
             better = cand < new
             new[better], arg[better] = cand[better], k
         dp, choice[i] = new, arg
     end = int(np.argmin(dp))
     if not math.isfinite(dp[end]):
         raise ValueError("no choice meets the budget")
-    picked = [0] * len(costs)
+    picked = [0] * n
     j = end
-    for i in range(len(costs) - 1, -1, -1):
+    for i in range(n - 1, -1, -1):
         k = int(choice[i, j])
         picked[i] = k
-        j -= units[i][k]
+        j -= units[i][k]   # type: ignore[operator]
     return picked, float(dp[end])
 
 
@@ -200,7 +255,7 @@ def allocate(layers: Sequence[LayerShape], sensitivity: dict[str, dict[str, floa
     ValueError when the budget is below the smallest size the palette can reach."""
     fmts = [parse_format(f) for f in formats]
     lo = min_effective_bits(layers, formats, dense_bytes)
-    if budget_bits < lo - 1e-9:
+    if below_minimum(budget_bits, lo):
         raise ValueError(f"budget {budget_bits:g} bits per weight is below the smallest the formats "
                          f"{', '.join(formats)} reach on this model ({lo:.3f})")
     total_w = sum(l.numel for l in layers)
@@ -221,8 +276,9 @@ def allocate(layers: Sequence[LayerShape], sensitivity: dict[str, dict[str, floa
 def solve(names: Sequence[str], options: Sequence[str], costs: Sequence[Sequence[Optional[int]]],
           scores: Sequence[Sequence[float]], budget_bits: float, weights: int) -> tuple[dict[str, str], dict]:
     """`knapsack` at `budget_bits` per weight over `weights` weights: (name -> chosen option, the fields every
-    `BudgetAllocation` records). ValueError when nothing meets the budget."""
-    ks, total = knapsack(costs, scores, budget_bits * weights / 8)
+    `BudgetAllocation` records). ValueError when nothing meets the budget. A budget within `BITS_TOLERANCE` below the
+    cheapest choice takes the cheapest choice (validation accepts it)."""
+    ks, total = knapsack(costs, scores, budget_bits * weights / 8, slack=BITS_TOLERANCE * weights / 8)
     picked = {n: options[k] for n, k in zip(names, ks)}
     nbytes = sum(c[k] for c, k in zip(costs, ks))
     counts: dict[str, int] = {}

@@ -167,7 +167,7 @@ def _check_mixed(where: str, p: BaseModel, spec) -> list[str]:
     that names the model's layers with formats their widths take. Pure (spec shapes only)."""
     if not isinstance(p, MixedPrecision) or (p.avg_bits is None and not p.layer_formats):
         return []
-    from acf.methods.mixed import LayerShape, min_effective_bits, parse_format
+    from acf.methods.mixed import LayerShape, below_minimum, min_effective_bits, parse_format
 
     out = []
     if p.avg_bits is not None and p.layer_formats:
@@ -199,7 +199,7 @@ def _check_mixed(where: str, p: BaseModel, spec) -> list[str]:
 
     formats = palette({"formats": p.formats}, shapes)
     lo = min_effective_bits(shapes, formats, spec.bytes_per_param)
-    if p.avg_bits < lo - 1e-9:
+    if below_minimum(p.avg_bits, lo):   # the rule `allocate` applies, so what validates allocates
         out.append(f"{where}: avg_bits {p.avg_bits:g} is below the smallest size the formats {', '.join(formats)} "
                    f"reach on this model ({lo:.3f} bits per weight)")
     return out
