@@ -32,6 +32,10 @@ class StepRecord(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)   # e.g. loss curve, dropped layers, library versions
 
 
+#: the default share of general text in calibration (--calib-mix): chosen by measurement, see SPEC.md ("Calibration")
+DEFAULT_CALIB_MIX = 0.0
+
+
 @dataclass
 class StepContext:
     """What a method may use besides its params. Kept explicit so methods stay testable with tiny models."""
@@ -43,6 +47,9 @@ class StepContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("acf.methods"))
     progress: Optional[Callable[[str, int, int], None]] = None   # (label, done, total)
     trust_remote_code: bool = False
+    #: share (0..1) of calibration windows and kd_tune examples drawn from general text (other tasks' train splits)
+    #: instead of the task's: holds the model on text other than the task's (kld_general); LoRA and distill ignore it
+    calib_mix: float = DEFAULT_CALIB_MIX
 
 
 MethodFn = Callable[[dict, Path, Path, StepContext], dict]

@@ -1,19 +1,26 @@
-"""Calibration and training data, always drawn from the task's train split (never fixed sentences).
+"""Calibration and training data, drawn from train splits only (never fixed sentences, never a test split).
 
 Calibration statistics (GPTQ Hessians, AWQ scales, Wanda norms, block importance) should reflect the text the
 compressed model will see, and must never touch the test split that evaluation scores. Texts are packed: train
 texts are tokenized, joined with EOS and cut into `seq_len`-token windows, so every sample carries a full
 `seq_len` tokens even when single GSM8K items are short (~150 tokens).
+
+By default every window comes from the run's task. A `general` share (the step context's `calib_mix`) draws that
+share of windows (and of kd_tune's examples) from general text instead: the other tasks' train splits
+(`acf.evaluation.general_text.general_train_texts`), so statistics fitted on the task alone do not trade away the
+model's behaviour on other text (what kld_general measures). Task and general windows are packed separately (a
+window is all-task or all-general) and then spread evenly through the batch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from acf.core.errors import MethodFailed
+from acf.core.errors import DataError, MethodFailed
 
 # Average tokens per GSM8K train text is ~150; start with a guess and double until enough tokens are packed.
 _GUESS_TOKENS_PER_TEXT = 120
@@ -25,19 +32,60 @@ def _require_task(task: Any, method: str) -> None:
                                              "train split), but the step context has none")
 
 
-def calibration_ids(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, method: str = "calibration"
-                    ) -> torch.Tensor:
-    """`n` packed windows of exactly `seq_len` token ids from the task's train texts, shape (n, seq_len).
+def general_count(n: int, general: float, method: str = "calibration") -> int:
+    """How many of `n` windows/examples come from general text: `general * n` rounded half up (so a share of 0.5
+    of one window is that window, and 0 is always none). A share outside 0..1 is a configuration error."""
+    if not 0.0 <= general <= 1.0:
+        raise MethodFailed(method, "config", f"calib_mix (share of general calibration text) must be in 0..1, "
+                                             f"got {general}")
+    return int(math.floor(n * general + 0.5))
 
-    Deterministic for (task, n, seq_len, seed): the task's `train_texts(k, seed)` is prefix-stable in k.
+
+def mix_order(n_task: int, n_general: int) -> list[bool]:
+    """Which positions of the `n_task + n_general` samples are general (True): spread evenly (Bresenham), so a
+    batch or a prefix of the samples holds about the same share as the whole. Deterministic; no general positions
+    when n_general is 0."""
+    n = n_task + n_general
+    return [(i + 1) * n_general // n > i * n_general // n for i in range(n)]
+
+
+def interleave(task_part: list, general_part: list) -> list:
+    """The two parts merged in `mix_order`, each part keeping its own order."""
+    it_t, it_g = iter(task_part), iter(general_part)
+    return [next(it_g) if g else next(it_t) for g in mix_order(len(task_part), len(general_part))]
+
+
+def calibration_ids(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, method: str = "calibration",
+                    general: float = 0.0) -> torch.Tensor:
+    """`n` packed windows of exactly `seq_len` token ids, shape (n, seq_len): `general_count(n, general)` of them
+    from general text (other tasks' train splits), the rest from the task's train texts; `general=0` gives
+    exactly the task-only windows (existing caches key on them).
+
+    Deterministic for (task, n, seq_len, seed, general): both sources are prefix-stable in the number of texts.
     """
     _require_task(task, method)
-    need = n * seq_len
+    n_gen = general_count(n, general, method)
     eos = tokenizer.eos_token_id
+    task_part = _pack(lambda k: _train_token_texts(tokenizer, task, k, seed), eos, n - n_gen, seq_len, method,
+                      "the task's train split") if n_gen < n or n_gen == 0 else None
+    if n_gen == 0:
+        return task_part
+    gen_part = _pack(lambda k: _general_token_texts(tokenizer, task, k, seed, method), eos, n_gen, seq_len, method,
+                     "the general calibration text")
+    if task_part is None:
+        return gen_part
+    return torch.stack(interleave(list(task_part), list(gen_part)))
+
+
+def _pack(fetch: Callable[[int], list[list[int]]], eos: Optional[int], n: int, seq_len: int, method: str,
+          what: str) -> torch.Tensor:
+    """`n` windows of `seq_len` ids from the texts `fetch(k)` gives (prefix-stable in k), joined with EOS; asks
+    for twice as many texts until enough tokens are packed or the source is exhausted."""
+    need = n * seq_len
     k = max(8, need // _GUESS_TOKENS_PER_TEXT + 1)
     prev_k = -1
     while True:
-        texts = _train_token_texts(tokenizer, task, k, seed)
+        texts = fetch(k)
         stream: list[int] = []
         for ids in texts:
             stream.extend(ids)
@@ -51,11 +99,47 @@ def calibration_ids(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, m
     if len(stream) < need:
         have = len(stream) // seq_len
         if have == 0:
-            raise MethodFailed(method, "data", f"the task's train split has only {len(stream)} tokens; "
+            raise MethodFailed(method, "data", f"{what} has only {len(stream)} tokens; "
                                                f"seq_len {seq_len} is too long")
-        raise MethodFailed(method, "data", f"the task's train split holds {len(stream)} tokens: enough for {have} "
+        raise MethodFailed(method, "data", f"{what} holds {len(stream)} tokens: enough for {have} "
                                            f"samples of {seq_len}, not {n}; lower calib_samples or seq_len")
     return torch.tensor(stream[:need], dtype=torch.long).view(n, seq_len)
+
+
+def general_texts_for(task: Any, k: int, seed: int, method: str) -> list[str]:
+    """The first `k` general calibration texts for a run of `task` (never the task's own data); no source
+    available is this method's data failure, not a silent fall back to task-only calibration."""
+    from acf.evaluation.general_text import general_train_texts
+
+    try:
+        return general_train_texts(getattr(task, "name", ""), k, seed)
+    except DataError as e:
+        raise MethodFailed(method, "data", f"calib_mix > 0 needs general text: {e}") from None
+
+
+def _general_token_texts(tokenizer, task: Any, k: int, seed: int, method: str) -> list[list[int]]:
+    """General texts as token ids: plain text (no chat template), as kld_general scores it."""
+    from acf.evaluation.sequences import encode_prompt
+
+    return [encode_prompt(tokenizer, t) for t in general_texts_for(task, k, seed, method)]
+
+
+def calibration_facts(task: Any, n: int, general: float, method: str = "calibration", task_note: str = ""
+                      ) -> dict[str, Any]:
+    """What a step's record says of its calibration text: the source in words (`task_note` follows the task's
+    part, e.g. its prompt format), the requested general share and how many of the `n` samples it gave.
+    Task-only calibration reads as before ("gsm8k train split")."""
+    from acf.evaluation.general_text import general_train_pool
+
+    name = getattr(task, "name", "task")
+    n_gen = general_count(n, general, method)
+    facts: dict[str, Any] = {"source": f"{name} train split{task_note}", "general_share": general,
+                             "general_samples": n_gen}
+    if n_gen:
+        used = general_train_pool(name, 0)[1]
+        facts["source"] += f" + {n_gen / n:.0%} general text ({', '.join(used)} train)"
+        facts["general_sources"] = used
+    return facts
 
 
 def _train_token_texts(tokenizer, task: Any, k: int, seed: int) -> list[list[int]]:
@@ -69,12 +153,13 @@ def _train_token_texts(tokenizer, task: Any, k: int, seed: int) -> list[list[int
     return [encode_prompt(tokenizer, t) for t in task.train_texts(k, seed=seed)]
 
 
-def calibration_dataset(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, method: str = "calibration"):
+def calibration_dataset(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, method: str = "calibration",
+                        general: float = 0.0):
     """The same windows as a `datasets.Dataset` of input_ids/attention_mask: the form llmcompressor's `oneshot`
     takes as already tokenized (it skips its own tokenization when `input_ids` is present)."""
     from datasets import Dataset
 
-    ids = calibration_ids(tokenizer, task, n, seq_len, seed, method)
+    ids = calibration_ids(tokenizer, task, n, seq_len, seed, method, general)
     return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 
 
@@ -84,36 +169,61 @@ class TrainExample:
     labels: list[int]          # -100 where no loss is taken (the prompt)
 
 
-def training_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, method: str = "train"
-                      ) -> list[TrainExample]:
+def training_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, method: str = "train",
+                      general: float = 0.0) -> list[TrainExample]:
     """Recovery-training examples from the task's train split, truncated to `seq_len` tokens.
 
     When the task offers `train_pairs` (prompt + reference solution), the prompt is rendered exactly as
     evaluation renders it (`task.chat_prompt`) and the loss is taken on the solution tokens (+EOS) only:
     the model is taught to answer, not to reproduce questions. Otherwise the whole train text is the target.
+    A `general` share (kd_tune's calib_mix; LoRA and distillation adapt to the task and keep 0) takes
+    `general_count(n, general)` of the examples from general text, whole text as target, spread evenly among
+    the task's; `general=0` gives exactly the task-only examples.
     """
-    from acf.evaluation.sequences import cut_left, encode_prompt, task_sequences
-
     _require_task(task, method)
-    eos = tokenizer.eos_token or ""
+    n_gen = general_count(n, general, method)
     out: list[TrainExample] = []
-    if hasattr(task, "train_pairs"):
-        for sq in task_sequences(task, tokenizer, task.train_pairs(n, seed=seed)):
-            p, r = list(sq.prompt), list(sq.target)
-            # Long prompts are cut from the left (the question's end and the answer matter most), keeping at
-            # least half the window for the solution so truncation never leaves an example without targets.
-            p = cut_left(p, max(seq_len - len(r), seq_len // 2), tokenizer.bos_token_id)
-            ids = (p + r)[:seq_len]
-            labels = ([-100] * len(p) + r)[:seq_len]
-            if any(x != -100 for x in labels[1:]):
-                out.append(TrainExample(ids, labels))
-    else:
-        for t in task.train_texts(n, seed=seed):
-            ids = (encode_prompt(tokenizer, t) + tokenizer(eos, add_special_tokens=False)["input_ids"])[:seq_len]
-            if len(ids) > 1:
-                out.append(TrainExample(ids, list(ids)))
-    if not out:
-        raise MethodFailed(method, "data", "the task's train split gave no training examples")
+    if n_gen < n or n_gen == 0:
+        out = _task_examples(tokenizer, task, n - n_gen, seq_len, seed)
+        if not out:
+            raise MethodFailed(method, "data", "the task's train split gave no training examples")
+    if n_gen:
+        gen = _text_examples(tokenizer, general_texts_for(task, n_gen, seed, method), seq_len)
+        if not gen:
+            raise MethodFailed(method, "data", "the general text gave no training examples")
+        out = interleave(out, gen)
+    return out
+
+
+def _task_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int) -> list[TrainExample]:
+    from acf.evaluation.sequences import cut_left, task_sequences
+
+    if not hasattr(task, "train_pairs"):
+        return _text_examples(tokenizer, task.train_texts(n, seed=seed), seq_len)
+    out: list[TrainExample] = []
+    for sq in task_sequences(task, tokenizer, task.train_pairs(n, seed=seed)):
+        p, r = list(sq.prompt), list(sq.target)
+        # Long prompts are cut from the left (the question's end and the answer matter most), keeping at
+        # least half the window for the solution so truncation never leaves an example without targets.
+        p = cut_left(p, max(seq_len - len(r), seq_len // 2), tokenizer.bos_token_id)
+        ids = (p + r)[:seq_len]
+        labels = ([-100] * len(p) + r)[:seq_len]
+        if any(x != -100 for x in labels[1:]):
+            out.append(TrainExample(ids, labels))
+    return out
+
+
+def _text_examples(tokenizer, texts: list[str], seq_len: int) -> list[TrainExample]:
+    """Plain texts (+EOS) as examples whose whole text is the target."""
+    from acf.evaluation.sequences import encode_prompt
+
+    eos = tokenizer.eos_token or ""
+    eos_ids = tokenizer(eos, add_special_tokens=False)["input_ids"]
+    out: list[TrainExample] = []
+    for t in texts:
+        ids = (encode_prompt(tokenizer, t) + eos_ids)[:seq_len]
+        if len(ids) > 1:
+            out.append(TrainExample(ids, list(ids)))
     return out
 
 

@@ -60,17 +60,17 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
         info16 = G.read_gguf(f16)
         imat = None
         if params["imatrix"]:
-            from acf.methods.calibration import calibration_ids
+            from acf.methods.calibration import calibration_facts, calibration_ids
 
             n, L = params["calib_samples"], params["seq_len"]
-            ids = calibration_ids(tok, ctx.task, n, L, ctx.seed, "gguf")
+            ids = calibration_ids(tok, ctx.task, n, L, ctx.seed, "gguf", ctx.calib_mix)
             t0 = time.perf_counter()
             n_layers = getattr(model.config, "num_hidden_layers", 0)
             imat, facts = GQ.compute_imatrix(model, ids, info16.architecture, n_layers, set(info16.widths))
             if not imat:
                 raise MethodFailed("gguf", "library", "the importance matrix maps to no GGUF tensor of this model")
             facts.update(samples=n, seq_len=L, seed=ctx.seed, seconds=round(time.perf_counter() - t0, 3),
-                         source=f"{getattr(ctx.task, 'name', 'task')} train split, evaluation's prompt format")
+                         **calibration_facts(ctx.task, n, ctx.calib_mix, "gguf", ", evaluation's prompt format"))
             extra["imatrix"] = facts
         overrides, alloc = dict(params["overrides"]), None
         if mixed:

@@ -332,9 +332,24 @@ def gguf_sensitivity(model, ids, f16_path: Path, types: list[str], imatrix: Opti
 
 
 def gguf_sensitivity_key(weights: str, task: str, n: int, seq_len: int, seed: int, types: list[str],
-                         imatrix: Optional[tuple[int, int]]) -> str:
-    blob = json.dumps([GGUF_SENSITIVITY_VERSION, weights, task, n, seq_len, seed, sorted(types), imatrix])
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+                         imatrix: Optional[tuple[int, ...]], general_samples: int = 0) -> str:
+    """The cache key of a GGUF sensitivity pass. `imatrix` is (samples, seq_len[, general samples]) of the
+    importance matrix the probes were quantized with; `general_samples` (general-text windows of the pass's `n`)
+    joins the key only when non-zero, so task-only keys, and the caches written under them, stay valid."""
+    parts: list = [GGUF_SENSITIVITY_VERSION, weights, task, n, seq_len, seed, sorted(types), imatrix]
+    if general_samples:
+        parts.append({"general_samples": general_samples})
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def imatrix_key(params: dict, general: float) -> tuple[int, ...]:
+    """What identifies the step's importance matrix in the sensitivity key: (samples, seq_len), plus its number of
+    general-text windows when the calibration mix gave it any (task-only keys unchanged)."""
+    from acf.methods.calibration import general_count
+
+    n, L = int(params["calib_samples"]), int(params["seq_len"])
+    g = general_count(n, general, "gguf")
+    return (n, L, g) if g else (n, L)
 
 
 def allocation_for(model, tok, params: dict, in_dir: Path, f16_path: Path, imatrix: Optional[dict], ctx,
@@ -342,17 +357,18 @@ def allocation_for(model, tok, params: dict, in_dir: Path, f16_path: Path, imatr
     """The step's per-tensor types for `avg_bits`, from the cached (or computed) sensitivity of `in_dir`."""
     from acf.models.loading import cache_dir
     from acf.methods._common import report
-    from acf.methods.calibration import calibration_ids
+    from acf.methods.calibration import calibration_facts, calibration_ids, general_count
 
     shapes = allocatable(f16_path)
     types = list(params.get("types") or DEFAULT_TYPES)
     n, L = int(params.get("sensitivity_samples") or 16), int(params.get("sensitivity_seq_len") or 512)
     task = getattr(ctx.task, "name", "task")
-    imx = (int(params["calib_samples"]), int(params["seq_len"])) if imatrix else None
-    key = gguf_sensitivity_key(weights_digest(in_dir), task, n, L, ctx.seed, types, imx)
+    key = gguf_sensitivity_key(weights_digest(in_dir), task, n, L, ctx.seed, types,
+                               imatrix_key(params, ctx.calib_mix) if imatrix else None,
+                               general_count(n, ctx.calib_mix, "gguf"))
 
     def compute():
-        ids = calibration_ids(tok, ctx.task, n, L, ctx.seed, "gguf")
+        ids = calibration_ids(tok, ctx.task, n, L, ctx.seed, "gguf", ctx.calib_mix)
         return gguf_sensitivity(model, ids, f16_path, types, imatrix, work, seed=ctx.seed,
                                 progress=lambda d, t: report(ctx, "sensitivity", d, t))
 
@@ -366,8 +382,8 @@ def allocation_for(model, tok, params: dict, in_dir: Path, f16_path: Path, imatr
     facts: dict[str, Any] = {
         "source": f"allocated for avg_bits={params['avg_bits']} (bits per allocated weight, embedding included)",
         "sensitivity": {"estimator": GGUF_SENSITIVITY_VERSION, "samples": n, "seq_len": L, "cache_hit": hit,
-                        "seconds": cache.seconds, "key": key, "imatrix": imx is not None,
-                        "source": f"{task} train split (evaluation's prompt format)"},
+                        "seconds": cache.seconds, "key": key, "imatrix": bool(imatrix),
+                        **calibration_facts(ctx.task, n, ctx.calib_mix, "gguf", " (evaluation's prompt format)")},
         "types": types, "allocation": alloc.model_dump(),
         "predicted_file_bytes": f16_path.stat().st_size - f16_alloc + alloc.predicted_bytes,
         "allocation_seconds": round(time.perf_counter() - t0, 3)}

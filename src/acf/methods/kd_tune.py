@@ -34,7 +34,7 @@ from acf.core.errors import MethodFailed
 from acf.methods._common import disable_checkpointing, enable_checkpointing, load_dense, shape_of, versions
 from acf.methods._train import autocast, train_loop
 from acf.methods.base import StepContext
-from acf.methods.calibration import training_examples
+from acf.methods.calibration import calibration_facts, training_examples
 from acf.methods.memory import kd_tune_memory, lean
 from acf.models.loading import free, load_tokenizer, torch_dtype_for
 
@@ -171,7 +171,7 @@ def kd_tune(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict
     if vs != vt:
         raise MethodFailed(M, "shape", f"student vocabulary {vs} != teacher vocabulary {vt}")
     groups, names = trainable_groups(student, quantized, float(params["lr"]), float(params["embedding_lr"]))
-    examples = training_examples(tok, ctx.task, params["samples"], params["seq_len"], ctx.seed, M)
+    examples = training_examples(tok, ctx.task, params["samples"], params["seq_len"], ctx.seed, M, ctx.calib_mix)
     ckpt = lean(dev, shape, params.get("gradient_checkpointing"))
     if ckpt:
         enable_checkpointing(student)
@@ -197,7 +197,9 @@ def kd_tune(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict
     splice_tensors(in_dir, out_dir, trained)
     n_trained = sum(t.numel() for t in trained.values())
     free(student)
-    return {**res, "teacher": str(teacher_dir), "train_examples": len(examples), "trained_tensors": len(trained),
+    return {**res, "teacher": str(teacher_dir), "train_examples": len(examples),
+            "train_text": calibration_facts(ctx.task, params["samples"], ctx.calib_mix, M),
+            "trained_tensors": len(trained),
             "trained_params": n_trained, "frozen_quantized_modules": len(quantized),
             "loss": "KL(teacher || student), T=1, every non-padding position; no reference-token term",
             "gradient_checkpointing": ckpt, "memory_estimate": kd_tune_memory(params, shape, dev).as_dict(),

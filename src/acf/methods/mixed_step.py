@@ -14,7 +14,7 @@ from acf.evaluation.perf import weight_files_size
 from acf.models.loading import cache_dir
 from acf.methods._common import report, stored_dtype
 from acf.methods.base import StepContext
-from acf.methods.calibration import calibration_ids
+from acf.methods.calibration import calibration_facts, calibration_ids, general_count
 from acf.methods.mixed import (KEEP, Allocation, LayerShape, allocate, default_formats, effective_bits,
                                fisher_sensitivity, layer_bytes, parse_format, shapes_of)
 from acf.methods.sensitivity_cache import cached_sensitivity, sensitivity_key, weights_digest
@@ -63,10 +63,11 @@ def allocation_for(model, tok, params: dict, in_dir: Path, ctx: StepContext, met
         formats = palette(params, shapes)
         n, L = int(params.get("sensitivity_samples") or 16), int(params.get("sensitivity_seq_len") or 512)
         task = getattr(ctx.task, "name", "task")
-        key = sensitivity_key(weights_digest(in_dir), task, n, L, ctx.seed, formats, ignore)
+        key = sensitivity_key(weights_digest(in_dir), task, n, L, ctx.seed, formats, ignore,
+                              general_count(n, ctx.calib_mix, method))
 
         def compute():
-            ids = calibration_ids(tok, ctx.task, n, L, ctx.seed, method)
+            ids = calibration_ids(tok, ctx.task, n, L, ctx.seed, method, ctx.calib_mix)
             return fisher_sensitivity(model, ids, formats, ignore, seed=ctx.seed,
                                       progress=lambda d, t: report(ctx, "sensitivity", d, t))
 
@@ -78,7 +79,8 @@ def allocation_for(model, tok, params: dict, in_dir: Path, ctx: StepContext, met
         facts = {"source": f"allocated for avg_bits={params['avg_bits']}",
                  "sensitivity": {"estimator": cache.estimator, "samples": n, "seq_len": L, "cache_hit": hit,
                                  "seconds": cache.seconds, "key": key,
-                                 "source": f"{task} train split (evaluation's prompt format)"},
+                                 **calibration_facts(ctx.task, n, ctx.calib_mix, method,
+                                                     " (evaluation's prompt format)")},
                  "formats": formats}
     kept_dense = sum(layer_bytes(parse_format(KEEP), s.out_features, s.in_features, dense, s.name) for s in shapes)
     facts.update(allocation=alloc.model_dump(),

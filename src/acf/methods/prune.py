@@ -19,7 +19,7 @@ from acf.core.errors import MethodFailed
 from acf.models.loading import free
 from acf.methods.base import StepContext
 from acf.methods._common import linear_sparsity, load_dense, report, save_model, stored_dtype, versions
-from acf.methods.calibration import calibration_dataset, calibration_ids
+from acf.methods.calibration import calibration_dataset, calibration_facts, calibration_ids
 
 
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
@@ -97,7 +97,7 @@ def _oneshot_prune(method: str, params: dict, in_dir: Path, out_dir: Path, ctx: 
     nm = params["pattern"] if _nm(params["pattern"]) else "0:0"   # llm-compressor spells "unstructured" as 0:0
     cls = SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier
     n, L = params["calib_samples"], params["seq_len"]
-    ds = calibration_dataset(tok, ctx.task, n, L, ctx.seed, method)
+    ds = calibration_dataset(tok, ctx.task, n, L, ctx.seed, method, ctx.calib_mix)
     t = time.perf_counter()
     oneshot(model=model, tokenizer=tok, recipe=[cls(sparsity=params["sparsity"], mask_structure=nm, targets=targets)],
             dataset=ds, num_calibration_samples=n, max_seq_length=L, shuffle_calibration_samples=False)
@@ -108,7 +108,7 @@ def _oneshot_prune(method: str, params: dict, in_dir: Path, out_dir: Path, ctx: 
     free(model)
     return {"measured_sparsity": round(sp, 4), "oneshot_seconds": round(secs, 3), "targets": targets,
             "calibration": {"samples": n, "seq_len": L, "seed": ctx.seed,
-                            "source": f"{getattr(ctx.task, 'name', 'task')} train split"},
+                            **calibration_facts(ctx.task, n, ctx.calib_mix, method)},
             "libraries": versions("llmcompressor", "compressed-tensors", "transformers", "torch")}
 
 
@@ -213,11 +213,14 @@ def drop_layers(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> 
     extra: dict[str, Any] = {"by": by, "layers_before": n}
     scores: Optional[list[float]] = None
     if by == "importance":
-        ids = calibration_ids(tok, ctx.task, params["calib_samples"], params["seq_len"], ctx.seed, "drop_layers")
+        n_cal = params["calib_samples"]
+        ids = calibration_ids(tok, ctx.task, n_cal, params["seq_len"], ctx.seed, "drop_layers", ctx.calib_mix)
         scores = block_importance(model, ids, ctx.device, ctx=ctx)
         extra["importance"] = [round(s, 6) for s in scores]
         extra["importance_measure"] = ("mean over tokens of 1 - cos(block input, block output) on "
                                        f"{ids.shape[0]}x{ids.shape[1]} train-split tokens")
+        extra["calibration"] = {"samples": n_cal, "seq_len": params["seq_len"], "seed": ctx.seed,
+                                **calibration_facts(ctx.task, n_cal, ctx.calib_mix, "drop_layers")}
         drop = sorted(sorted(range(n), key=lambda i: scores[i])[:count])
     elif by == "first":
         drop = list(range(count))

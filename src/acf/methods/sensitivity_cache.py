@@ -16,9 +16,14 @@ from acf.methods.mixed import SENSITIVITY_VERSION
 
 
 def sensitivity_key(weights_digest: str, task: str, n: int, seq_len: int, seed: int, formats: Sequence[str],
-                    ignore: Sequence[str]) -> str:
-    blob = json.dumps([SENSITIVITY_VERSION, weights_digest, task, n, seq_len, seed, sorted(formats), sorted(ignore)])
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+                    ignore: Sequence[str], general_samples: int = 0) -> str:
+    """The cache key of a compressed-tensors sensitivity pass. `general_samples` (how many of the `n` windows are
+    general text, `calibration.general_count`) joins the key only when non-zero: task-only keys stay as they were,
+    so existing caches remain valid, and a mixed calibration never reads a task-only pass."""
+    parts: list = [SENSITIVITY_VERSION, weights_digest, task, n, seq_len, seed, sorted(formats), sorted(ignore)]
+    if general_samples:
+        parts.append({"general_samples": general_samples})
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
 def weights_digest(model_dir: Path) -> str:
