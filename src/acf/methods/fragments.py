@@ -4,7 +4,7 @@ pure declarations read by acf.methods.registry (each MethodSpec carries one) and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from pydantic import BaseModel
 
@@ -27,7 +27,7 @@ class SearchFragment:
     replaying, so a wrong inverse only loses the mapping, never tells a wrong result).
     grid(space) -> this method's entries of the preset grid (sampler=grid), as Optuna params.
     rank orders the slot's choices (Optuna categoricals keep their order); grid_rank orders the preset grid.
-    default: part of the space when a run does not name its methods (gguf and autoround are asked for by name).
+    default: part of the space when a run does not name its methods (gguf is asked for by name).
     """
 
     suggest: Callable[[Any, Any], dict]
@@ -96,9 +96,11 @@ def tune_fragment(rank: int) -> SearchFragment:
 
 
 def weight_quant(params_model: type[BaseModel], rank: int, *, mixed: bool, calib: bool, act_order: bool = False,
-                 fixed_bits: Optional[int] = None, in_grid: bool = True, default: bool = True) -> SearchFragment:
+                 fixed_bits: Optional[int] = None, in_grid: bool = True, default: bool = True,
+                 grid_bits: Sequence[int] = (4, 8)) -> SearchFragment:
     """Integer weight quantization: uniform (bits, group size) or, for `mixed` methods, an effective-bits budget
-    allocated per layer (acf.methods.mixed); optionally act-order (GPTQ)."""
+    allocated per layer (acf.methods.mixed); optionally act-order (GPTQ). The preset grid has one uniform entry
+    per `grid_bits` (or `fixed_bits`) at the largest group."""
     defaults = params_model()
 
     def suggest(trial, space) -> dict:
@@ -138,7 +140,7 @@ def weight_quant(params_model: type[BaseModel], rank: int, *, mixed: bool, calib
         if not in_grid:
             return []
         out = []
-        for b in ([fixed_bits] if fixed_bits is not None else [4, 8]):
+        for b in ([fixed_bits] if fixed_bits is not None else list(grid_bits)):
             d: dict[str, Any] = {"group_size": space.largest_group()}
             if fixed_bits is None:
                 d["bits"] = b

@@ -251,7 +251,8 @@ def sensitivity_pass(p: dict, s: Shape, device: str, method: str, every_tensor: 
     if every_tensor:
         widest = max(widest, s.vocab * s.hidden)
     covered = s.params if every_tensor else s.linear_params()
-    return _estimate(method, f"Fisher sensitivity pass of avg_bits ({L}-token windows), before the quantizer",
+    return _estimate(method, f"estimate: Fisher sensitivity pass of avg_bits ({L}-token windows), before "
+                     "the quantizer",
                      weights=s.params * wb, **{"Fisher sums (float32)": covered * 4,
                                                "one window's activations": s.layers * block_activation_bytes(s, L, wb),
                                                "logits and loss": logits_bytes(s, L, CE_LOGIT_BYTES),
@@ -285,6 +286,54 @@ def calibrated_memory(method: str, hessians: bool) -> Callable[[dict, Shape, str
                        sensitivity_pass(p, s, device, method))
 
     return est
+
+
+def autoround_batch(p: dict) -> int:
+    """AutoRound's tuning batch: `batch_size` samples, at most the calibration samples there are. AutoRound clips it
+    itself per block (`min(nsamples, batch_size)`), but the modifier would be built with the unclipped value; clipped
+    here, the step (acf.methods.quantize), its record and the time and memory estimates name the batch that runs."""
+    return max(1, min(int(p.get("batch_size", 8)), int(p.get("calib_samples", 64))))
+
+
+def _scale_groups(s: Shape, group_size: Optional[int]) -> int:
+    """Quantization groups (one scale each) in one block's Linears: `group_size` input columns, or one per output
+    channel (None)."""
+    return sum(o * (i // group_size if group_size and i % group_size == 0 else 1)
+               for i, o in s.block_linears.values())
+
+
+def autoround_memory(p: dict, s: Shape, device: str) -> Estimate:
+    """An ESTIMATE (not measured at 8B) of AutoRound through llm-compressor's sequential pipeline: the model, and
+    for the one decoder block being tuned, what AutoRound's SignSGD loop holds:
+
+    * per Linear of the block, the rounding offsets V (float32, the weight's shape), the min/max clipping scales
+      (float32, one per group), each with its gradient and the best-so-far copy (`collect_best_params`); SignSGD
+      at momentum 0 (AutoRound's default) keeps no optimizer state;
+    * the block's weights quantize-dequantized in float32 (W + V, divided by the scale, rounded, clamped, rescaled:
+      about three weight-sized float32 tensors per Linear kept for backward);
+    * one batch (`autoround_batch`) forward and backward through the block, and its reference outputs;
+    * the calibration activations, `calib_samples x seq_len x hidden` each: the pipeline's inputs and outputs of
+      the block (as `calibrated_memory`), AutoRound's reference (unquantized) outputs and its quantized inputs of
+      the next block. llm-compressor's capture hook and AutoRound (`low_gpu_mem_usage`) keep them on the CPU: RAM
+      on the CPU, not GPU memory on a GPU, where only a batch of them is on the device at a time.
+
+    A per-layer allocation (`avg_bits`) runs the Fisher pass before (`sensitivity_pass`): the peak is the larger."""
+    wb = 2 if device.startswith("cuda") else 4
+    n, L = p.get("calib_samples", 64), p.get("seq_len", 512)
+    b = autoround_batch(p)
+    block_w = sum(i * o for i, o in s.block_linears.values()) or 12 * s.hidden ** 2
+    # the mixed case has several group sizes: count the smallest group acf's palettes use (32), the most scales
+    g = p.get("group_size") if p.get("avg_bits") is None and not p.get("layer_formats") else 32
+    scales = 2 * _scale_groups(s, g)
+    parts = {"weights": s.params * wb,
+             "one block's rounding params, grads, best copy": (block_w + scales) * 4 * 3,
+             "one block's quantize-dequantize (float32)": block_w * 4 * 3,
+             "one batch through the block": block_activation_bytes(s, b * L, wb) + 2 * b * L * s.hidden * wb}
+    if not device.startswith("cuda"):
+        parts["calibration activations"] = 4 * n * L * s.hidden * wb
+    how = (f"estimate: {n} x {L} calibration tokens, one block tuned at a time ({p.get('iters', 200)} iters, batch "
+           f"{b}); not measured at 8B")
+    return _larger(_estimate("autoround", how, **parts), sensitivity_pass(p, s, device, "autoround"))
 
 
 def weights_only_memory(method: str) -> Callable[[dict, Shape, str], Estimate]:

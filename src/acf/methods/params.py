@@ -61,11 +61,15 @@ class RTNParams(MixedPrecision):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
 
-class AutoRoundParams(Calib):
+class AutoRoundParams(Calib, MixedPrecision):
+    """AutoRound (signed-gradient tuning of the rounding and the clipping range, one decoder block at a time), uniform
+    (`bits`, `group_size`) or per-layer formats under a budget (`avg_bits` / `layer_formats`), as GPTQ."""
     bits: Literal[2, 3, 4, 8] = 4
     group_size: Optional[int] = 64
     symmetric: bool = True
-    iters: int = Field(200, ge=1, le=10000)
+    iters: int = Field(200, ge=1, le=10000, description="tuning steps per decoder block (AutoRound's default 200)")
+    batch_size: int = Field(8, ge=1, le=512, description="calibration samples per tuning step (AutoRound's default "
+                            "8); at most calib_samples are used")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
 

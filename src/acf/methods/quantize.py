@@ -22,7 +22,8 @@ from acf.core.errors import MethodFailed
 from acf.models.loading import free, torch_dtype_for
 from acf.methods.base import StepContext
 from acf.methods._common import load_dense, save_model, stored_dtype, versions
-from acf.methods.calibration import calibration_dataset
+from acf.methods.calibration import calibration_dataset, calibration_facts
+from acf.methods.memory import autoround_batch
 from acf.methods.mixed import config_groups
 
 _LIBS = ("llmcompressor", "compressed-tensors", "transformers", "torch")
@@ -43,6 +44,24 @@ def _config_groups(bits: int, group_size: Optional[int], symmetric: bool, actord
     # config_groups rather than a preset scheme name: presets fix the group size at 128, which is invalid for
     # hidden sizes such as SmolLM2's 576 (see shared/device/README.md).
     return {"group_0": {"targets": ["Linear"], "weights": _weight_args(bits, group_size, symmetric, actorder)}}
+
+
+def autoround_groups(groups: dict, mixed: bool) -> dict:
+    """The config groups AutoRoundModifier is given: for a per-layer allocation, its groups with the class target
+    "Linear" added to the first. Why: llm-compressor 0.14's AutoRoundModifier matches its targets inside one decoder
+    block, by names relative to it ("self_attn.q_proj"), so the allocation's exact model-level names match nothing
+    there: AutoRound then gets no per-layer `layer_config` (every layer tuned in its default format, and a shape
+    error when the llm-compressor scales of another format are put back) and no `ignore_layers` (the layers kept in
+    16 bits would be rounded as well). With "Linear" every Linear of the block is a target; compressed-tensors ranks
+    exact names before class names (`match_targets`), so each layer keeps its allocated format, and the layers kept
+    (in `ignore`, so without a scheme) become AutoRound's ignore_layers. Pure: the input is not changed."""
+    if not mixed or not groups:
+        return groups
+    out = {k: {**g, "targets": list(g["targets"])} for k, g in groups.items()}
+    first = out[next(iter(out))]
+    if "Linear" not in first["targets"]:
+        first["targets"].append("Linear")
+    return out
 
 
 def _recipe(method: str, p: dict, mixed: Optional[tuple[dict, list[str]]] = None) -> list:
@@ -81,12 +100,16 @@ def _recipe(method: str, p: dict, mixed: Optional[tuple[dict, list[str]]] = None
     if method == "autoround":
         try:
             from llmcompressor.modifiers.autoround import AutoRoundModifier
-        except ImportError as e:  # auto-round is an optional dependency of llm-compressor
+        except ImportError as e:  # a dependency of acf (pyproject.toml), missing only from a partial install
             raise MethodFailed("autoround", "unavailable",
-                               f"llmcompressor's AutoRoundModifier needs the 'auto-round' package "
-                               f"(pip install 'auto-round>=0.14.1,<=0.15.1'): {e}") from None
-        return [AutoRoundModifier(config_groups=_config_groups(p["bits"], p["group_size"], p["symmetric"]),
-                                  ignore=ignore, iters=p["iters"],
+                               f"llmcompressor's AutoRoundModifier needs the 'auto-round' package, a dependency of "
+                               f"acf (pip install 'auto-round>=0.14.1,<=0.15.1'): {e}") from None
+        # one config group per format (or the uniform group): AutoRoundModifier builds AutoRound's per-layer
+        # `layer_config` from each module's own quantization scheme, so an allocation is tuned in its formats
+        # (once its targets match inside a block: `autoround_groups`)
+        return [AutoRoundModifier(config_groups=autoround_groups(groups, mixed is not None), ignore=ignore,
+                                  iters=p["iters"],
+                                  batch_size=autoround_batch(p),
                                   # torch.compile costs minutes of compile time per block on CPU for no gain here
                                   enable_torch_compile=False)]
     raise MethodFailed(method, "unavailable", f"not an llm-compressor quantization method: {method}")
@@ -128,10 +151,10 @@ def llmcompressor_quantize(method: str, params: dict, in_dir: Path, out_dir: Pat
     kw: dict[str, Any] = {}
     if method != "rtn":
         n, L = params["calib_samples"], params["seq_len"]
-        kw.update(dataset=calibration_dataset(tok, ctx.task, n, L, ctx.seed, method), num_calibration_samples=n,
-                  max_seq_length=L, shuffle_calibration_samples=False)
-        extra["calibration"] = {"samples": n, "seq_len": L, "source": f"{getattr(ctx.task, 'name', 'task')} train split",
-                                "seed": ctx.seed}
+        kw.update(dataset=calibration_dataset(tok, ctx.task, n, L, ctx.seed, method, ctx.calib_mix),
+                  num_calibration_samples=n, max_seq_length=L, shuffle_calibration_samples=False)
+        extra["calibration"] = {"samples": n, "seq_len": L, "seed": ctx.seed,
+                                **calibration_facts(ctx.task, n, ctx.calib_mix, method)}
     # On CUDA the model stays on the CPU: llm-compressor's sequential pipeline onloads one decoder block at a time.
     t = time.perf_counter()
     with _cpu_pin_memory_guard(ctx.device):

@@ -73,8 +73,17 @@ def training(teacher: bool) -> CostModel:
 
 
 def _autoround_cost() -> CostModel:
-    return CostModel(lambda p, n, f: p["iters"] * min(p["calib_samples"], 8) * p["seq_len"] * 3 * f,
-                     "iters x forward + backward over up to 8 calibration samples")
+    """An ESTIMATE: each block runs `iters` forward + backward passes (about 3 forwards) of one batch
+    (`memory.autoround_batch`), so over all blocks iters x batch x seq_len tokens of a whole-model forward, x3;
+    plus three forwards over the calibration tokens (the pipeline's, AutoRound's reference outputs, the quantized
+    inputs of the next block). The quantize-dequantize of the weights at every step is left out (small next to the
+    matmuls at these batch sizes)."""
+    def secs(p: dict, n: int, f: float) -> float:
+        return 3 * (p["iters"] * M.autoround_batch(p) + p["calib_samples"]) * p["seq_len"] * f
+
+    return CostModel(secs,
+                     "estimate: iters x forward + backward of a batch per block, plus 3 forwards over the "
+                     "calibration tokens")
 
 
 def _gguf_cost() -> CostModel:
@@ -221,10 +230,13 @@ for _spec in [
                             "avg_bits": [3.5, 6.0]}),
     MethodSpec(name="autoround", kind="quantize", tunable=True, params=AutoRoundParams,
                impl="acf.methods.quantize:autoround",
-               memory=M.calibrated_memory("autoround", hessians=False),
+               memory=M.autoround_memory,
                library="llmcompressor AutoRoundModifier", group_sized=True,
                description="AutoRound: signed-gradient rounding optimisation", cost=_autoround_cost(),
-               search=weight_quant(AutoRoundParams, 7, mixed=False, calib=True, in_grid=False, default=False),
+               # in the default space with the precision dimension (uniform or a budget), as GPTQ; iters stays at
+               # AutoRound's 200. In the preset grid at W4 only: 8-bit rounding is near lossless without tuning
+               # (RTN/GPTQ W8 are in the grid), so a W8 AutoRound entry would spend 200 iters per block for nothing
+               search=weight_quant(AutoRoundParams, 7, mixed=True, calib=True, grid_bits=(4,)),
                card="quantization", card_ranges={"bits": [2, 3, 4], "group_size": [32, 64, 128], "iters": [50, 500],
                                                  "calib_samples": [32, 256], "seq_len": [256, 2048]}),
     MethodSpec(name="w8a8", kind="quantize", params=W8A8Params, impl="acf.methods.quantize:w8a8",
