@@ -450,7 +450,7 @@ def test_cli_spec_shows_tokenizer_facts(tiny_model_dir, capsys):
 
 RUN_FAST = ["--objectives", "answer_nll,size", "--limit", "4", "--proxy-limit", "2", "--calib-samples", "4",
             "--seq-len", "64", "--min-retention", "0.01", "--quant-methods", "none,rtn", "--prune-methods", "none",
-            "--episodes", "1", "--device", "cpu", "--no-controls"]
+            "--episodes", "1", "--device", "cpu", "--no-controls", "--recipes", "none"]
 
 
 def test_run_stops_on_a_broken_baseline_then_skip_sanity_goes_on(tiny_model_dir, data_root, tmp_path, capsys):

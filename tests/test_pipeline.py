@@ -27,6 +27,7 @@ FAST = dict(objectives=["answer_nll", "size"], limit=4, proxy_limit=None, calib_
             recover_steps=[2], tune_steps=[2], latency_tokens=4, min_retention=None,
             quant_methods=["none", "rtn", "bnb_int8"], prune_methods=["none", "magnitude", "drop_layers"],
             skip_sanity=True,   # a random-init model is broken by design (the check: test_architectures.py)
+            recipes=["rtn_w4g64"],   # the yardstick, narrowed to its cheapest recipe (test_yardstick.py: the rest)
             controls=False)     # control rows have their own test (test_pipeline_fidelity.py)
 
 
@@ -216,7 +217,7 @@ def _run_cmd(model_dir: Path, run_dir: Path, episodes: int) -> list[str]:
     return [sys.executable, str(ROOT / "run_pipeline.py"), "--model", str(model_dir), "--episodes", str(episodes),
             "--run-dir", str(run_dir), "--objectives", "answer_nll,size", "--limit", "4", "--proxy-limit", "2",
             "--calib-samples", "4", "--seq-len", "64", "--min-retention", "0.01", "--seed", "3",
-            "--skip-sanity"]
+            "--skip-sanity", "--recipes", "rtn_w4g64"]
 
 
 def test_kill_9_mid_episode_then_resume(tiny_model_dir, data_root, tmp_path):
@@ -240,8 +241,11 @@ def test_kill_9_mid_episode_then_resume(tiny_model_dir, data_root, tmp_path):
     assert ff.frontier == pareto_front(ok, ff.run.objectives)
     assert not list((run_dir / "artifacts").glob(".tmp-*"))
     kept = {d.name for d in (run_dir / "artifacts").iterdir()}
-    recipe = ff.best_fixed_recipe()                      # kept off the frontier too: the report measures it held out
-    assert kept == {c for c in ff.frontier if c != "baseline"} | ({recipe.id} if recipe else set())
+    # kept off the frontier too: acf's best at each recipe size (the report measures it held out); the recipes' own
+    # models live in the recipe cache, not in the run
+    headline = {i for i in ff.headline_ids() if not i.startswith("r:")}
+    assert kept == {c for c in ff.frontier if c != "baseline"} | headline
+    assert [r.id for r in ff.recipes] == ["r:rtn_w4g64"] and ff.recipes[0].status == "ok"
     st = optuna.load_study(study_name=ff.run.study_name, storage=f"sqlite:///{run_dir / 'study.db'}")
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in st.trials)
 

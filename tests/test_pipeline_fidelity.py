@@ -16,7 +16,8 @@ from acf.coordinator.state import load_frontier_file
 
 FAST = dict(limit=4, proxy_limit=None, calib_samples=4, seq_len=64, recover_steps=[2], tune_steps=[2],
             latency_tokens=4, min_retention=None, quant_methods=["none", "rtn"], prune_methods=["none", "drop_layers"],
-            skip_sanity=True)   # a random-init model is broken by design (the check: test_architectures.py)
+            skip_sanity=True,   # a random-init model is broken by design (the check: test_architectures.py)
+            recipes=["rtn_w4g64"])   # the yardstick's cheapest recipe
 
 
 def console() -> tuple[Console, io.StringIO]:

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from acf.core.errors import AcfError
 from acf.core.logsetup import setup_logging
+from acf.methods.base import DEFAULT_CALIB_MIX
 
 from acf.cli.console import console, err_console
 from acf.cli.eval_cmd import eval_cmd
@@ -77,6 +78,13 @@ def run(
     keep_all: bool = typer.Option(False, help="keep every candidate's model, not only frontier members"),
     calib_samples: int = typer.Option(64, help="calibration samples for calibrated methods"),
     seq_len: int = typer.Option(512, help="tokens per calibration sample"),
+    calib_mix: float = typer.Option(DEFAULT_CALIB_MIX, help="share of calibration windows (and kd_tune examples) "
+                                    "from general text (other tasks' train splits) instead of the task's"),
+    recipes: Optional[str] = typer.Option(None, help="the fixed recipes every claim is measured against (measured "
+                                          "once before the search, cached per model/task/calibration): default all "
+                                          "the model admits (GPTQ ± act-order at each group size, AWQ, AutoRound W4/W3, "
+                                          "GPTQ W3/W8, W8A8; with --runtime llamacpp the k-quants with imatrix); a "
+                                          "comma list such as gptq_w4g64_ao,autoround_w4g64 narrows it; 'none' skips"),
     recover_steps: str = typer.Option("25,50,100", help="training-step choices for LoRA/distillation recovery; the "
                                       "seeded combination uses the middle one (the only one if one is given)"),
     tune_steps: str = typer.Option("50,100,200", help="training-step choices for kd_tune after a weight-only "
@@ -153,7 +161,7 @@ def run(
                         planner_timeout=planner_timeout, planner_retries=planner_retries,
                         quant_methods=_csv(quant_methods), prune_methods=_csv(prune_methods), runtime=runtime,
                         recover_steps=_steps(recover_steps), tune_steps=_steps(tune_steps, "--tune-steps"),
-                        tune_methods=_csv(tune_methods),
+                        tune_methods=_csv(tune_methods), calib_mix=calib_mix, recipes=_csv(recipes),
                         trust_remote_code=trust_remote_code, skip_sanity=skip_sanity, command=[Path(sys.argv[0]).name] + sys.argv[1:])
         if workers is not None:
             return _run_workers(cfg, workers, artifacts)
@@ -252,6 +260,7 @@ def compress(
     dataset: str = typer.Option("gsm8k", help="task whose train split gives calibration/training text"),
     data_dir: Optional[Path] = typer.Option(None),
     calib_samples: Optional[int] = typer.Option(None, help="override calib_samples of every calibrated step"),
+    calib_mix: float = typer.Option(DEFAULT_CALIB_MIX, help="share of calibration text from outside the task"),
     device: Optional[str] = typer.Option(None),
     seed: int = typer.Option(0),
     trust_remote_code: bool = typer.Option(False),
@@ -281,8 +290,10 @@ def compress(
         raise AcfError(f"--out {out} exists and is not empty: choose a new directory")
     task = get_task(dataset, str(data_dir) if data_dir else None)
     console.print(f"[bold]strategy[/]: {strat.describe()}")
+    if not 0.0 <= calib_mix <= 1.0:
+        raise AcfError(f"--calib-mix is a share: give 0..1 (got {calib_mix})")
     records = run_strategy(strat, path, out, StepContext(device=dev, task=task, teacher_dir=path, seed=seed,
-                                                           trust_remote_code=trust_remote_code))
+                                                           trust_remote_code=trust_remote_code, calib_mix=calib_mix))
     t = Table(title="steps")
     for c in ("method", "status", "wall s", "peak memory MiB", "output MiB", "notes"):
         t.add_column(c, overflow="fold")

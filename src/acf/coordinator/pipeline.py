@@ -21,8 +21,7 @@ import optuna
 
 from acf import __version__
 from acf.coordinator import run_store as RS
-from acf.core.atomic import clean_partial_dirs
-from acf.core.errors import AcfError, MethodFailed, StrategyError
+from acf.core.errors import AcfError, StrategyError
 from acf.core.objectives import DIRECTIONS, QUALITY
 from acf.core.provenance import Measurement, device_string, git_commit, runtime_string
 from acf.coordinator.records import episodes_done, metrics_line, ok_candidates, run_objective_values, tell_like
@@ -30,6 +29,7 @@ from acf.search.pareto import frontier_stalled
 from acf.search.reward import retention
 from acf.coordinator.run_context import RunConfig, RunContext
 from acf.coordinator.run_eval import evaluate_in_run, metrics_to_measure
+from acf.coordinator.compression import compress  # noqa: F401  (episode stages call it as pipeline.compress)
 from acf.coordinator.state import Candidate, RunMeta, now
 from acf.methods.strategy import Strategy, validate_strategy
 
@@ -50,6 +50,9 @@ def init_run(ctx: RunContext) -> dict:
     spec = infer_spec(model_path, cfg.trust_remote_code)
     save_spec(spec, ctx.dir / "model_spec.json")
     ctx._spec = spec
+    from acf.search.recipes import select
+
+    select(spec, cfg.runtime, {}, cfg.recipes)   # a recipe this model does not admit is refused before any work
     study = ctx.study
     if not RS.has_run(study):
         meta = run_meta(cfg, str(model_path), ctx.dir.name)
@@ -68,13 +71,16 @@ def init_run(ctx: RunContext) -> dict:
 
 
 def ensure_baseline(ctx: RunContext, model_path: str) -> None:
-    """The baseline, measured once per run and stored in the study (a resumed run keeps its measurement)."""
+    """The baseline, measured once per run and stored in the study (a resumed run keeps its measurement); then the
+    yardstick's fixed recipes (acf.coordinator.yardstick), measured or read from the recipe cache."""
     from acf.coordinator.baseline import evaluate_baseline
+    from acf.coordinator.yardstick import ensure_recipes
 
     assert ctx.ff is not None
     if ctx.ff.baseline is None:
         RS.put_baseline(ctx.study, evaluate_baseline(ctx, model_path))
         RS.save_run(ctx)
+    ensure_recipes(ctx, model_path)
 
 
 def run_meta(cfg: RunConfig, model_path: str, run_id: str) -> RunMeta:
@@ -163,29 +169,6 @@ def _proposer(ctx: RunContext, trial: optuna.Trial) -> str:
     if fixed:
         return "seed recipe" if ctx.cfg.sampler != "grid" else "preset grid"
     return f"optuna:{ctx.cfg.sampler}"
-
-
-def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str, episode: int,
-             log_dir: Optional[Path] = None) -> tuple[list, Optional[str]]:
-    """Run the strategy's steps into artifacts/<cid>. Returns (step records, failure reason or None)."""
-    from acf.methods import StepContext
-    from acf.methods.runner import run_strategy
-
-    out = ctx.artifact_dir(cid)
-    clean_partial_dirs(out.parent)
-    if out.exists():
-        shutil.rmtree(out)  # an earlier attempt of this episode died half-way: redo it
-    sctx = StepContext(device=ctx.cfg.device, task=ctx.task, teacher_dir=Path(model_path), seed=ctx.cfg.seed,
-                       trust_remote_code=ctx.cfg.trust_remote_code)
-    try:
-        records = run_strategy(strategy, Path(model_path), out, sctx,
-                               log_dir=log_dir or ctx.episode_dir(episode) / "logs")
-    except MethodFailed as e:
-        return getattr(e, "records", []), str(e)
-    failed = [r for r in records if r.status != "ok"]
-    if failed:
-        return records, failed[0].reason or "a step failed"
-    return records, None
 
 
 def sparsity_from_steps(strategy: Strategy, steps: list) -> Optional[Measurement]:
@@ -305,18 +288,20 @@ def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
 
 
 def final_evaluation(ctx: RunContext) -> None:
-    """Measure the baseline, every frontier member, the best fixed recipe (the report's comparison) and the
-    controls of these on --final-limit held-out items.
+    """Measure the baseline, every frontier member, the recipes of the recipe frontier with acf's best candidate at
+    each of their sizes (the report's headline), and the controls of these on --final-limit held-out items.
 
     These items come after the search items in the test split's permutation: the search never saw them, so the
     numbers a user quotes are not selected on the items they are measured on. Already-done members are skipped,
-    so a resumed run does not redo them.
+    so a resumed run does not redo them; a recipe's held-out figures also go into the recipe cache.
     """
+    from acf.coordinator.yardstick import final_metric_names, remember_final
+
     cfg, ff = ctx.cfg, ctx.ff
     assert ff is not None
     if not cfg.final_limit:
         return
-    metrics = list(dict.fromkeys((cfg.final_metrics or list(ctx.task.metrics)) + ["kld", "top1", "kld_general"]))
+    metrics = final_metric_names(ctx)
     offset, _ = ctx.item_range("report")
     from acf.evaluation.runner import eval_items
 
@@ -325,10 +310,11 @@ def final_evaluation(ctx: RunContext) -> None:
         ctx.say(f"[yellow]final evaluation skipped[/]: the test split has no items left after the {cfg.limit} "
                 f"search items (lower --limit to hold some out)")
         return
-    ids = ["baseline"] + [c for c in ff.frontier if c != "baseline"]
+    ids = ["baseline"] + [c for c in ff.frontier if c != "baseline"] + ff.headline_ids()
     recipe = ff.best_fixed_recipe()
     ids += [recipe.id] if recipe is not None else []
     ids += [c.control for c in (ff.candidate(i) for i in ids) if c.control]
+    recipes = {c.id for c in ff.recipes}
     for cid in dict.fromkeys(ids):
         c = ff.candidate(cid)
         if c.final_metrics or not c.artifact or not Path(c.artifact).exists():
@@ -339,6 +325,8 @@ def final_evaluation(ctx: RunContext) -> None:
         res = evaluate_in_run(ctx, Path(c.artifact), metrics, cfg.final_limit, part="report",
                         known_sparsity=sparsity_from_steps(c.strategy, c.steps))
         RS.put_final(ctx.study, cid, res.metrics, time.time() - t0)
+        if cid in recipes:
+            remember_final(ctx, cid, res.metrics, time.time() - t0)
         ctx.say(metrics_line(cid, res.metrics, metrics))
         RS.save_run(ctx)
 

@@ -18,6 +18,7 @@ from acf.planner import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, check_settings as ch
 from acf.search.reward import PRESETS
 from acf.search.space import SAMPLERS, SearchSpace, open_study
 from acf.coordinator.state import FrontierFile
+from acf.methods.base import DEFAULT_CALIB_MIX
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class RunConfig(BaseModel):
     keep_all: bool = False
     calib_samples: int = 64
     seq_len: int = 512
+    #: share of calibration windows (and kd_tune examples) drawn from general text rather than the task's train
+    #: split (acf.methods.calibration): statistics fitted to the task alone travel badly to other text
+    calib_mix: float = DEFAULT_CALIB_MIX
+    #: the fixed recipes of the yardstick (acf.search.recipes); None: every recipe the model admits
+    recipes: Optional[list[str]] = None
     recover_steps: list[int] = Field(default_factory=lambda: [25, 50, 100])
     #: step choices of kd_tune after a weight-only quantizer; tune_methods narrows the tune slot ("none" only: off)
     tune_steps: list[int] = Field(default_factory=lambda: [50, 100, 200])
@@ -152,6 +158,18 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
     p = cfg.prune_methods if cfg.prune_methods is not None else choices("prune")
     if all(m == "none" for m in q) and all(m == "none" for m in p):
         raise AcfError("--quant-methods and --prune-methods leave nothing to search (both only 'none')")
+    if not 0.0 <= cfg.calib_mix <= 1.0:
+        raise AcfError(f"--calib-mix is the share of calibration text from outside the task: give 0..1 "
+                       f"(got {cfg.calib_mix})")
+    if cfg.recipes is not None:
+        from acf.search.recipes import NAME_PATTERN
+
+        names = [n.strip() for n in cfg.recipes if n.strip()]
+        bad = [n for n in names if n != "none" and not NAME_PATTERN.match(n)]
+        if bad:
+            raise AcfError(f"--recipes: {', '.join(bad)} is not a recipe name; recipes are named like gptq_w4g64_ao, "
+                           f"awq_w4g64, autoround_w3g64, gptq_w8_ao, w8a8, gguf_q4_k_m_imat ('none' for no yardstick)")
+        cfg.recipes = names
     # before the run dir is written: a bad value must not leave a half-made run behind
     check_planner_settings(cfg.planner_share, cfg.planner_max_calls, cfg.planner_timeout, cfg.planner_retries)
     return cfg

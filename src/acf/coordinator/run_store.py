@@ -42,6 +42,7 @@ A_BASELINE = "acf_baseline"        # baseline Candidate record
 A_STOPPED = "acf_stopped_because"
 A_WALL = "acf_wall_seconds"        # single process: wall time summed over its processes (time between them excluded)
 A_CONTROL = "acf_control:"         # + control id: a control row (baseline + the same recovery, no compression)
+A_RECIPE = "acf_recipe:"           # + recipe id: a fixed recipe of the yardstick (acf.search.recipes)
 A_RECORD = "acf_record:"           # + candidate id: a candidate with no running trial of its own
 A_FINAL = "acf_final:"             # + candidate id: {"metrics", "seconds"} on the held-out report items
 # trial user attributes
@@ -82,6 +83,10 @@ def put_baseline(study: optuna.Study, cand: Candidate) -> None:
 
 def put_control(study: optuna.Study, cand: Candidate) -> None:
     study.set_user_attr(A_CONTROL + cand.id, _json(cand))
+
+
+def put_recipe(study: optuna.Study, cand: Candidate) -> None:
+    study.set_user_attr(A_RECIPE + cand.id, _json(cand))
 
 
 def put_final(study: optuna.Study, cid: str, metrics: dict[str, Measurement], seconds: float) -> None:
@@ -202,6 +207,10 @@ def frontier_from_study(study: optuna.Study, run_id: Optional[str] = None) -> Fr
     if A_BASELINE in attrs:
         ff.baseline = merged(Candidate.model_validate(attrs[A_BASELINE]))
     ff.controls = [merged(Candidate.model_validate(r)) for _, r in sorted(_prefixed(attrs, A_CONTROL).items())]
+    ff.recipes = [merged(Candidate.model_validate(r)) for r in _prefixed(attrs, A_RECIPE).values()]
+    ff.recipes.sort(key=lambda c: (c.started_at or "", c.id))
+    for c in ff.recipes:
+        c.artifact_kept = bool(c.artifact and Path(c.artifact).is_dir())
     on_trials = trial_records(study)
     loose = [Candidate.model_validate(r) for r in _prefixed(attrs, A_RECORD).values()]
     # a shared run's records carry episode 0 and are numbered by completion; a single process's carry their own
@@ -229,11 +238,13 @@ def frontier_from_study(study: optuna.Study, run_id: Optional[str] = None) -> Fr
 
 
 def prune_artifact_dirs(ff: FrontierFile) -> None:
-    """Delete models of candidates off the frontier, but the best fixed recipe's (the report measures it held out,
-    beside the pick). Safe from any process: a dominated candidate stays dominated; a recipe replaced as the best
-    by a better one is not the best again."""
+    """Delete models of candidates off the frontier, but those the report's headline measures held out (acf's best
+    at each recipe size; in runs before the yardstick, the best seeded recipe). Recipe models live in the recipe
+    cache (acf.coordinator.yardstick keeps its frontier's). Safe from any process: a dominated candidate stays
+    dominated, and one replaced as the best at a recipe size is not the best there again (the recipes are measured
+    before the search)."""
     recipe = ff.best_fixed_recipe()
-    keep = set(ff.frontier) | ({recipe.id} if recipe is not None else set())
+    keep = set(ff.frontier) | set(ff.headline_ids()) | ({recipe.id} if recipe is not None else set())
     for c in ff.candidates:
         if c.artifact and c.id not in keep and Path(c.artifact).is_dir():
             shutil.rmtree(c.artifact, ignore_errors=True)

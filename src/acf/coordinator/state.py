@@ -105,32 +105,88 @@ class FrontierFile(BaseModel):
     candidates: list[Candidate] = Field(default_factory=list)
     #: reference rows, never frontier members: the baseline given a candidate's recovery steps and no compression
     controls: list[Candidate] = Field(default_factory=list)
+    #: the fixed recipes of the yardstick (acf.search.recipes), measured like candidates; never frontier members:
+    #: every claim is against the best of them at a size (`best_recipe_at`)
+    recipes: list[Candidate] = Field(default_factory=list)
     frontier: list[str] = Field(default_factory=list)
     hypervolume: list[HVPoint] = Field(default_factory=list)
     reference_point: dict[str, float] = Field(default_factory=dict)
     recommended: Optional[Recommendation] = None
 
-    def best_fixed_recipe(self, metric: str = "kld") -> Optional[Candidate]:
-        """The best (lowest `metric` on the search items) of the fixed 4-bit recipes a user would otherwise run: the
-        single-step seeds GPTQ W4 (plain, act-order) and llama.cpp's Q4_K_M (with the imatrix where seeded); acf's
-        per-layer allocations are none. The report compares the recommended pick with it, so its model is kept
-        and measured on the held-out items like a frontier member's, even when it is off the frontier."""
-        def is_fixed(c: Candidate) -> bool:
-            if (c.status != "ok" or c.proposed_by != "seed recipe" or len(c.strategy.steps) != 1
-                    or metric not in c.metrics or c.metrics[metric].value is None):
+    def measured_recipes(self, metric: str = "kld") -> list[Candidate]:
+        """The fixed recipes of this run's yardstick that were measured (`recipes`); a run written before the
+        yardstick existed has its single-step seed recipes instead (GPTQ W4 plain/act-order, Q4_K_M)."""
+        def ok(c: Candidate) -> bool:
+            return (c.status == "ok" and metric in c.metrics and c.metrics[metric].value is not None
+                    and "size" in c.metrics and c.metrics["size"].value is not None)
+
+        if self.recipes:
+            return [c for c in self.recipes if ok(c)]
+
+        def legacy(c: Candidate) -> bool:
+            if c.proposed_by != "seed recipe" or len(c.strategy.steps) != 1:
                 return False
             st = c.strategy.steps[0]
             if st.params.get("avg_bits") is not None or st.params.get("layer_formats"):
                 return False
             return st.method == "gptq" or (st.method == "gguf" and st.params.get("type") == "Q4_K_M")
 
-        fixed = [c for c in self.candidates if is_fixed(c)]
-        return min(fixed, key=lambda c: c.metrics[metric].value) if fixed else None
+        return [c for c in self.candidates if ok(c) and legacy(c)]
+
+    def recipe_frontier(self, metric: str = "kld") -> list[Candidate]:
+        """The recipes no other recipe beats at no larger size (lower `metric`), smallest first: the sizes at which
+        acf's claims are stated."""
+        out: list[Candidate] = []
+        ranked = sorted(self.measured_recipes(metric), key=lambda c: (c.metrics["size"].value, c.metrics[metric].value))
+        for c in ranked:
+            if not out or c.metrics[metric].value < out[-1].metrics[metric].value:
+                out.append(c)
+        return out
+
+    def best_recipe_at(self, size: float, metric: str = "kld") -> Optional[Candidate]:
+        """The best fixed recipe at size S: the lowest `metric` among recipes no larger than S (None if none fits)."""
+        fit = [c for c in self.measured_recipes(metric) if c.metrics["size"].value <= size]
+        return min(fit, key=lambda c: c.metrics[metric].value) if fit else None
+
+    def best_candidate_at(self, size: float, metric: str = "kld") -> Optional[Candidate]:
+        """acf's most faithful candidate (an episode's, not a recipe) no larger than `size`."""
+        fit = [c for c in self.candidates if c.status == "ok" and metric in c.metrics and "size" in c.metrics
+               and c.metrics[metric].value is not None and c.metrics["size"].value <= size]
+        return min(fit, key=lambda c: c.metrics[metric].value) if fit else None
+
+    def headline_ids(self, metric: str = "kld") -> list[str]:
+        """What the report's headline compares: each recipe of the recipe frontier and acf's best candidate at no
+        larger size. Their models are kept and measured on the held-out items."""
+        out: list[str] = []
+        for r in self.recipe_frontier(metric):
+            out.append(r.id)
+            best = self.best_candidate_at(r.metrics["size"].value, metric)
+            if best is not None:
+                out.append(best.id)
+        return list(dict.fromkeys(out))
+
+    def best_fixed_recipe(self, metric: str = "kld") -> Optional[Candidate]:
+        """The best fixed recipe at the recommended pick's size (the report compares the two); without a pick, or
+        when no recipe is as small as it, the best recipe of all. Its model is kept and measured held out."""
+        rec = self.measured_recipes(metric)
+        if not rec:
+            return None
+        if self.recommended is not None:
+            try:
+                pick = self.candidate(self.recommended.id)
+            except KeyError:
+                pick = None
+            size = (pick.metrics.get("size") if pick is not None else None)
+            if size is not None and size.value is not None:
+                at = self.best_recipe_at(size.value, metric)
+                if at is not None:
+                    return at
+        return min(rec, key=lambda c: c.metrics[metric].value)
 
     def candidate(self, cid: str) -> Candidate:
         if self.baseline is not None and self.baseline.id == cid:
             return self.baseline
-        for c in self.candidates + self.controls:
+        for c in self.candidates + self.controls + self.recipes:
             if c.id == cid:
                 return c
         raise KeyError(cid)

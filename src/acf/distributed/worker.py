@@ -153,6 +153,15 @@ class Worker:
             cand = BL.evaluate_baseline(ctx, self.model_path)
         self._db(lambda: put_baseline(study, cand), "storing the baseline")
         ctx.ff.baseline = cand
+        # the yardstick's recipes, by the worker that measured the baseline (the others start episodes meanwhile)
+        from acf.coordinator.run_store import frontier_from_study
+        from acf.coordinator.yardstick import ensure_recipes
+
+        def refresh() -> None:
+            ctx.ff = frontier_from_study(study)
+
+        with Beat(beat, max(1.0, self.grace / 4), "recipes"):
+            ensure_recipes(ctx, self.model_path, refresh)
         return cand
 
     # -- the loop ------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 from acf.core.atomic import sha256_file, write_text
 from acf.core.errors import AcfError
 from acf.core.provenance import Measurement, device_string, runtime_string
+from acf.core.stats import per_item
 from acf.evaluation.batching import auto_batch_size
 from acf.evaluation.generate import batched
 from acf.evaluation.sequences import Scored
@@ -187,6 +188,7 @@ def teacher_forced(model, tokenizer, seqs: Sequence[Scored], metrics: Sequence[s
                 agree_sum[i] += float((logq.argmax(-1).cpu() == ridx[:, 0].long()).sum())
     secs = round(time.perf_counter() - t0, 3)
     total = sum(tok)
+    ids = [s.id for s in seqs]   # per-item sums are kept so two models on the same items compare paired
     dev, rt = device_string(str(device)), runtime_string()
     where = f"{label} " if label else ""
     out: dict[str, Measurement] = {}
@@ -206,7 +208,8 @@ def teacher_forced(model, tokenizer, seqs: Sequence[Scored], metrics: Sequence[s
                     f"held-out text, token-weighted; baseline as top-{reference.k} + tail bucket (a lower bound); "
                     f"batch {batch_size}"),
             extra={"tokens": total, "p99": float(torch.quantile(allk, 0.99)) if allk.numel() else None,
-                   "median": float(allk.median()) if allk.numel() else None, "topk": reference.k})
+                   "median": float(allk.median()) if allk.numel() else None, "topk": reference.k,
+                   "items": per_item(ids, kl_sum, tok)})
     if "top1" in want:
         v = sum(agree_sum) / max(total, 1)
         out["top1"] = Measurement(
@@ -214,7 +217,7 @@ def teacher_forced(model, tokenizer, seqs: Sequence[Scored], metrics: Sequence[s
             ci95=_ratio_ci(agree_sum, tok, lo=0.0, hi=1.0),
             method=f"share of {where}positions where the model's most likely next token is the baseline's, "
                    f"teacher-forced, token-weighted",
-            extra={"tokens": total})
+            extra={"tokens": total, "items": per_item(ids, agree_sum, tok)})
     return out
 
 

@@ -238,7 +238,8 @@ for _spec in [
                # (RTN/GPTQ W8 are in the grid), so a W8 AutoRound entry would spend 200 iters per block for nothing
                search=weight_quant(AutoRoundParams, 7, mixed=True, calib=True, grid_bits=(4,)),
                card="quantization", card_ranges={"bits": [2, 3, 4], "group_size": [32, 64, 128], "iters": [50, 500],
-                                                 "calib_samples": [32, 256], "seq_len": [256, 2048]}),
+                                                 "avg_bits": [3.5, 6.0], "calib_samples": [32, 256],
+                                                 "seq_len": [256, 2048]}),
     MethodSpec(name="w8a8", kind="quantize", params=W8A8Params, impl="acf.methods.quantize:w8a8",
                memory=M.calibrated_memory("w8a8", hessians=True),
                library="llmcompressor SmoothQuant + GPTQ W8A8",

@@ -16,6 +16,8 @@ import pandas as pd
 
 from acf.core.objectives import DIRECTIONS
 from acf.reports.frontier_frame import NON_OK, frontier_to_frame, write_plots
+from acf.reports.headline import headline_section
+from acf.reports.markdown import table as _table
 from acf.coordinator.state import FrontierFile, load_frontier_file
 
 # ----------------------------------------------------------------------------------------------- markdown
@@ -33,12 +35,6 @@ def fmt(value: Any, metric: str = "", unit: str = "") -> str:
             return f"{value / 1e6:.2f} M"
         return f"{value:.4g}"
     return str(value).replace("|", "\\|")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def time_per_stage(ff: FrontierFile) -> pd.DataFrame:
@@ -72,6 +68,7 @@ def build_report(ff: FrontierFile, plots: Sequence[Path] = (), plot_dir_name: st
          f"({sum(c.status == 'ok' for c in ff.candidates)} ok)"], ["on the frontier", str(len(ff.frontier))],
     ]), ""]
 
+    md += headline_section(ff)
     md += ["## Baseline", ""]
     if ff.baseline is None:
         md += ["No baseline was recorded; retention and compression ratios cannot be computed.", ""]

@@ -129,21 +129,16 @@ class SearchSpace:
         return Step(method=method, params=spec.search.suggest(trial, self))
 
     def seeds(self) -> list[dict[str, Any]]:
-        """Known-good recipes tried first (as Optuna enqueued trials, so the sampler learns from them).
+        """acf's own known-good answers, tried first (as Optuna enqueued trials, so the sampler learns from them).
 
-        The fixed recipes a user would otherwise run come first, so every run measures what acf must beat: GPTQ W4
-        at the largest valid group, plain and with act-order (llm-compressor's recommended setting); then W8A8,
-        a combination (drop 1 block -> LoRA -> GPTQ W4 act-order) and SparseGPT 50%. acf's own answers follow the
-        fixed recipes: GPTQ with bits allocated per layer at no larger a size, then the same with kd_tune."""
+        The fixed recipes a user would otherwise run are not seeds: the yardstick measures them before the search
+        (acf.coordinator.yardstick), outside the episode budget. The seeds are what acf adds to them: bits allocated
+        per layer at a recipe's size (GPTQ act-order and AutoRound), then the same with kd_tune; for GGUF, per-tensor
+        types at Q4_K_M's size; a combination (drop 1 block -> LoRA -> quantize) and SparseGPT 50%."""
         g = self.largest_group()
         seeds = []
         if "gguf" in self.quant_methods:
             uniform = {"gguf_precision": "uniform"} if self.gguf_precisions != ["uniform"] else {}
-            # what llama.cpp users deploy: Q4_K_M with an importance matrix, and Q8_0
-            for t in ("Q4_K_M", "Q8_0"):
-                if t in self.gguf_types:
-                    seeds.append({"prune": "none", "quant_only": "gguf", "gguf_type": t,
-                                  "gguf_imatrix": self.gguf_imatrix[0], **uniform})
             budgets = [b for b in self.gguf_precisions if b != "uniform"]
             if budgets:
                 # acf's answer to Q4_K_M: per-tensor types at the largest budget no larger than Q4_K_M
@@ -158,23 +153,17 @@ class SearchSpace:
                 seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
                               "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
                               "quant": "gguf", "gguf_type": "Q4_K_M", "gguf_imatrix": self.gguf_imatrix[0], **uniform})
-        if "gptq" in self.quant_methods:
-            # the fixed recipes stay what they are: no tune step after them
-            plain = self.untuned("gptq")
-            seeds.append({"prune": "none", "quant_only": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
-                          "act_order": False, **plain})
-            if True in self.act_order:
-                seeds.append({"prune": "none", "quant_only": "gptq", "precision": "uniform", "bits": 4, "group_size": g,
-                              "act_order": True, **plain})
-            # acf's own answer to the fixed recipe: the same GPTQ, bits allocated per layer at no larger a size,
-            # then the norms distilled from the uncompressed model with the quantized weights frozen (kd_tune)
-            mixed = {"prune": "none", "quant_only": "gptq", "precision": "4.25", "act_order": self.act_order[-1]}
-            seeds.append({**mixed, **plain})
-            if "kd_tune" in self.tune_methods:
-                seeds.append({**mixed, "tune": "kd_tune", "tune_steps": 100 if 100 in self.tune_steps
-                              else self.tune_steps[len(self.tune_steps) // 2]})
-        if "w8a8" in self.quant_methods:
-            seeds.append({"prune": "none", "quant_only": "w8a8"})
+        steps = 100 if 100 in self.tune_steps else self.tune_steps[len(self.tune_steps) // 2]
+        kd = {"tune": "kd_tune", "tune_steps": steps} if "kd_tune" in self.tune_methods else None
+        for quant, extra in (("gptq", {"act_order": self.act_order[-1]}), ("autoround", {})):
+            if quant not in self.quant_methods:
+                continue
+            # acf's answer to the W4 recipes: bits allocated per layer at no larger a size (4.25 bits = uniform W4
+            # at the largest group), then the norms distilled from the uncompressed model (kd_tune)
+            mixed = {"prune": "none", "quant_only": quant, "precision": "4.25", **extra}
+            if kd is not None:
+                seeds.append({**mixed, **kd})
+            seeds.append({**mixed, **self.untuned(quant)})
         if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "gptq" in self.quant_methods:
             seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
                           "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
