@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work of one device session, as named jobs (the device tool runs one command line per call, ≤ 10 min).
 # Run after `. tools/device_setup.sh`; every job writes its files under $OUT/<job>/ and prints its figures.
-#   bash tools/gpu_jobs.sh tests|batch|tasks|methods|search|fidelity|mixed|pipeline|resume|workers|gen8b|genbackends|gqa
+#   bash tools/gpu_jobs.sh tests|batch|tasks|methods|search|fidelity|mixed|pipeline|resume|workers|gen8b|genbackends|gqa|recipes
 set -u
 job=$1
 o=$OUT/$job
@@ -56,5 +56,11 @@ case $job in
   gqa)      # the same before/after on the default model (9 query heads over 3 KV heads)
     python3 experiments/bench_gqa.py --device cuda --prompts ${GQA_PROMPTS:-400} --batch ${GQA_BATCH:-400} --new 256 \
       2>&1 | tail -8; cp experiments/results/gqa-cuda.json "$o/" ;;
+  recipes)  # #27: the yardstick (every fixed recipe), the calibration mix, acf's AutoRound allocations + kd_tune;
+            # written into experiments/results after every row and resumable across calls (carry nothing: the partial
+            # JSON travels with the working tree)
+    timeout -s TERM ${BENCH_SECONDS:-540} python3 experiments/bench_recipes.py --device cuda --limit 400 \
+      --calib-samples ${CALIB:-128} --configs ${RECIPE_CONFIGS:-all} --resume 2>&1 | grep -v "^\[transformers\]" | tail -40
+    cp experiments/results/recipes-cuda.* "$o/" ;;
   *) echo "unknown job $job"; exit 2 ;;
 esac
