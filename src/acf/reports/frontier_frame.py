@@ -71,6 +71,16 @@ def frontier_to_frame(ff: FrontierFile) -> pd.DataFrame:
     return df
 
 
+def recipes_to_frame(ff: FrontierFile) -> pd.DataFrame:
+    """The yardstick's fixed recipes, one row each (columns as `frontier_to_frame`'s, plus `on_recipe_frontier`), so a
+    notebook can plot acf's candidates against them."""
+    base_size = ff.baseline.metrics["size"].value if ff.baseline is not None and "size" in ff.baseline.metrics else None
+    front = {c.id for c in ff.recipe_frontier()}
+    rows = [{**_row(c, ff, False, base_size), "on_recipe_frontier": c.id in front} for c in ff.recipes]
+    df = pd.DataFrame(rows)
+    return df.set_index("id", drop=False) if not df.empty else df
+
+
 def load_frontier(path: str | Path) -> pd.DataFrame:
     """Load a run dir or frontier.json as a DataFrame (refuses corrupt or other-schema-version files by name).
 
