@@ -69,6 +69,8 @@ def acf_inproc(capsys, *args) -> tuple[int, str]:
     (["run", "--recover-steps", "25,lots"], "--recover-steps takes whole numbers"),
     (["run", "--recover-steps", "0"], "--recover-steps: give one or more"),
     (["run", "--final-limit", "5", "--final-metrics", "kld,mc2"], "--final-metrics: mc2 not measured on this task"),
+    (["run", "--recipes", "gptq_w4g64_ao,bogus"], "--recipes: bogus is not a recipe name"),
+    (["run", "--calib-mix", "1.5"], "--calib-mix is the share"),
 ])
 def test_cli_bad_input_one_line_exit_2(args, msg, tmp_path, capsys):
     extra = ["--run-dir", str(tmp_path / "r")] if args[0] == "run" else []

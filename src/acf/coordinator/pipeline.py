@@ -44,15 +44,15 @@ def init_run(ctx: RunContext) -> dict:
     from acf.models.loading import resolve_model
     from acf.models.spec import infer_spec, save_spec
 
-    cfg = ctx.cfg
-    ctx.dir.mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model(cfg.model)
-    spec = infer_spec(model_path, cfg.trust_remote_code)
-    save_spec(spec, ctx.dir / "model_spec.json")
-    ctx._spec = spec
     from acf.search.recipes import select
 
+    cfg = ctx.cfg
+    model_path = resolve_model(cfg.model)
+    spec = infer_spec(model_path, cfg.trust_remote_code)
     select(spec, cfg.runtime, {}, cfg.recipes)   # a recipe this model does not admit is refused before any work
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    save_spec(spec, ctx.dir / "model_spec.json")
+    ctx._spec = spec
     study = ctx.study
     if not RS.has_run(study):
         meta = run_meta(cfg, str(model_path), ctx.dir.name)
