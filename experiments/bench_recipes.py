@@ -205,9 +205,16 @@ def main() -> int:
     return 0
 
 
+def per_item(m: dict | None) -> dict | None:
+    """A Measurement's per-item sums (`extra.per_item`; this table's first rows stored them as `extra.items`)."""
+    extra = (m or {}).get("extra", {})
+    old = extra.get("items")
+    return extra.get("per_item") or (old if isinstance(old, dict) and "sums" in old else None)
+
+
 def by_source(m: dict | None, ids: list[str]) -> dict:
     """kld_general split by source (the per-item sums the Measurement keeps; ids are '<source>/<item>')."""
-    items = (m or {}).get("extra", {}).get("items")
+    items = per_item(m)
     if not items:
         return {}
     acc: dict[str, list[float]] = {}
@@ -236,16 +243,21 @@ def line(row: dict) -> str:
             f"{_v(row, 'kld_general'):.4f}  top1 {_v(row, 'top1'):.3f}  ({row['wall_seconds']} s)")
 
 
-def best_recipe_at(rows: list[dict], size: float) -> dict | None:
-    fit = [r for r in rows if r.get("group") == "recipe" and r["status"] == "ok" and _v(r, "size") <= size]
-    return min(fit, key=lambda r: _v(r, "kld")) if fit else None
+def best_recipe_for(rows: list[dict], size: float) -> dict | None:
+    """The recipe an acf model of `size` is compared with, as the run's headline does (acf.reports.headline): the
+    smallest recipe size S at or above `size`, then the best (lowest kld) recipe no larger than S."""
+    recipes = [r for r in rows if r.get("group") == "recipe" and r["status"] == "ok"]
+    above = [_v(r, "size") for r in recipes if _v(r, "size") >= size]
+    if not above:
+        return None
+    fit = [r for r in recipes if _v(r, "size") <= min(above)]
+    return min(fit, key=lambda r: _v(r, "kld"))
 
 
 def paired(a: dict, b: dict, metric: str) -> str:
     from acf.core.stats import paired_ratio
 
-    pr = paired_ratio((a.get(metric) or {}).get("extra", {}).get("items"),
-                      (b.get(metric) or {}).get("extra", {}).get("items"))
+    pr = paired_ratio(per_item(a.get(metric)), per_item(b.get(metric)))
     return "–" if pr is None else f"{pr[0]:.2f}x [{pr[1][0]:.2f}, {pr[1][1]:.2f}]"
 
 
@@ -278,13 +290,13 @@ def markdown(res: dict) -> str:
                                        {c.split("@")[0] for c in (x["config"] for x in rows) if "@mix" in c}):
             md.append(f"| {r['config']} | {r.get('mix', 0):g} | {_ci(r.get('kld'))} | {_ci(r.get('kld_general'))} "
                       f"| {', '.join(f'{k} {v:.3f}' for k, v in r.get('kld_by_source', {}).items())} |")
-    md += ["", "## acf's allocations against the best recipe at no larger size", "",
+    md += ["", "## acf's allocations against the best recipe at the nearest recipe size at or above theirs", "",
            "| config | size MiB | kld | kld_general | best recipe at that size | its kld / kld_general | "
            "kld ratio | kld_general ratio |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("group") != "acf":
             continue
-        b = best_recipe_at(rows, _v(r, "size"))
+        b = best_recipe_for(rows, _v(r, "size"))
         md.append(f"| {r['config']} | {_v(r, 'size') / 2**20:.2f} | {_ci(r.get('kld'))} | {_ci(r.get('kld_general'))} "
                   f"| {b['config'] if b else '–'} | "
                   + (f"{_v(b, 'kld'):.4f} / {_v(b, 'kld_general'):.4f} | {paired(r, b, 'kld')} | "

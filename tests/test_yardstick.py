@@ -21,7 +21,7 @@ def _items(sums: list[float]) -> dict:
 
 def _cand(cid: str, method: str, kld: float, size_mib: float, sums=None, by: str = "optuna:tpe", **params) -> Candidate:
     s = Strategy(steps=[Step(method=method, params=params)])
-    k = Measurement(value=kld, unit="nats/token", method="test", extra={"items": _items(sums)} if sums else {})
+    k = Measurement(value=kld, unit="nats/token", method="test", extra={"per_item": _items(sums)} if sums else {})
     return Candidate(id=cid, episode=0, strategy=s, proposed_by=by,
                      metrics={"kld": k, "size": Measurement(value=size_mib * MiB, unit="bytes")})
 

@@ -148,6 +148,8 @@ def adopt_frontier_file(study: optuna.Study, cfg: RunConfig, ff: FrontierFile) -
         put_baseline(study, ff.baseline)
     for c in ff.controls:
         put_control(study, c)
+    for c in ff.recipes:
+        put_recipe(study, c)
     for c in ff.candidates:
         study.set_user_attr(A_RECORD + c.id, _json(c))
     study.set_user_attr(A_WALL, ff.run.wall_seconds)

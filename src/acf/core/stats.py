@@ -4,7 +4,7 @@ bootstrap interval that resamples items (not tokens: the tokens of one item are 
 Why paired: two candidates scored on the same held-out items share each item's difficulty, so the interval of their
 ratio is much narrower than one built from two independent intervals; the claim "acf's model has 0.5x the recipe's
 damage" needs exactly that interval. Written by hand because it is ten lines of numpy over per-item sums that the
-evaluator already keeps (`Measurement.extra["items"]`); scipy's `bootstrap` would add a dependency for the same.
+evaluator already keeps (`Measurement.extra["per_item"]`); scipy's `bootstrap` would add a dependency for the same.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def items_digest(ids: Sequence[str]) -> str:
 
 
 def per_item(ids: Sequence[str], sums: Sequence[float], tokens: Sequence[int]) -> dict:
-    """What a Measurement keeps of its items for later paired comparisons (`extra["items"]`)."""
+    """What a Measurement keeps of its items for later paired comparisons (`extra["per_item"]`)."""
     return {"digest": items_digest(ids), "sums": [float(f"{s:.{DIGITS}g}") for s in sums],
             "tokens": [int(t) for t in tokens]}
 

@@ -209,7 +209,7 @@ def teacher_forced(model, tokenizer, seqs: Sequence[Scored], metrics: Sequence[s
                     f"batch {batch_size}"),
             extra={"tokens": total, "p99": float(torch.quantile(allk, 0.99)) if allk.numel() else None,
                    "median": float(allk.median()) if allk.numel() else None, "topk": reference.k,
-                   "items": per_item(ids, kl_sum, tok)})
+                   "per_item": per_item(ids, kl_sum, tok)})
     if "top1" in want:
         v = sum(agree_sum) / max(total, 1)
         out["top1"] = Measurement(
@@ -217,7 +217,7 @@ def teacher_forced(model, tokenizer, seqs: Sequence[Scored], metrics: Sequence[s
             ci95=_ratio_ci(agree_sum, tok, lo=0.0, hi=1.0),
             method=f"share of {where}positions where the model's most likely next token is the baseline's, "
                    f"teacher-forced, token-weighted",
-            extra={"tokens": total, "items": per_item(ids, agree_sum, tok)})
+            extra={"tokens": total, "per_item": per_item(ids, agree_sum, tok)})
     return out
 
 

@@ -32,8 +32,10 @@ class StepRecord(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)   # e.g. loss curve, dropped layers, library versions
 
 
-#: the default share of general text in calibration (--calib-mix): chosen by measurement, see SPEC.md ("Calibration")
-DEFAULT_CALIB_MIX = 0.0
+#: the default share of general text in calibration (--calib-mix), chosen by measurement
+#: (experiments/results/recipes-cpu.md): for GPTQ W4 act-order, 0.25 costs +10% task kld for -36% kld_general (with
+#: kd_tune after it +6% / -35%); 0.5 costs three to four times as much on the task for little more off it
+DEFAULT_CALIB_MIX = 0.25
 
 
 @dataclass

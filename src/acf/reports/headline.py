@@ -27,7 +27,7 @@ def _value(c: Candidate, metric: str, where: str) -> Optional[float]:
 
 def _items(c: Candidate, metric: str, where: str) -> Optional[dict]:
     m = getattr(c, where).get(metric)
-    return None if m is None else m.extra.get("items")
+    return None if m is None else m.extra.get("per_item")
 
 
 def headline(ff: FrontierFile, metric: str = "kld") -> list[dict[str, Any]]:
