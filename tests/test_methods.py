@@ -103,7 +103,10 @@ def test_llmcompressor_quantization_real(method, params, bits, group, tiny_model
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] != "dense"
     assert (out / "tokenizer_config.json").is_file()
     if "calib_samples" in params:
-        assert rec.extra["calibration"]["source"].endswith("train split")
+        # train splits only: the task's, plus the default share of general text (other tasks' train splits)
+        cal = rec.extra["calibration"]
+        assert cal["source"].startswith("gsm8k train split") and cal["source"].endswith(" train)")
+        assert cal["general_share"] == 0.25 and "gsm8k" not in cal["general_sources"]
     model = load_plain(out)
     lins = decoder_linears(model)
     assert lins
