@@ -134,7 +134,8 @@ def ensure_recipes(ctx: RunContext, model_path: str, refresh: Optional[Callable[
         else:
             ctx.say(f"  [bold]recipe {i}/{len(todo)}[/] {name}: {strategy.describe()}")
             cand = measure_recipe(ctx, name, strategy, model_path, cache)
-            cache.write(name, cand)
+            if cand.status == "ok":   # a failure (out of memory, a library error) is tried again by a later run
+                cache.write(name, cand)
             RS.put_recipe(ctx.study, cand)
         refresh()
     keep_frontier_models(ctx, cache)
