@@ -30,6 +30,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 MIXES = (0.0, 0.25, 0.5)
+sys.path.insert(0, str(ROOT / "experiments"))
+from bench_fidelity import _v, _ver  # noqa: E402  (one copy of the row helpers the benchmark tables share)
 
 
 def configs(spec, calib: dict, kd_steps: int = 100) -> dict[str, dict]:
@@ -224,16 +226,6 @@ def by_source(m: dict | None, ids: list[str]) -> dict:
         a[1] += n
     return {k: round(v[0] / max(v[1], 1), 5) for k, v in acc.items()}
 
-
-def _ver(md, p: str) -> str:
-    try:
-        return md.version(p)
-    except md.PackageNotFoundError:
-        return "not installed"
-
-
-def _v(row: dict, k: str):
-    return (row.get(k) or {}).get("value")
 
 
 def line(row: dict) -> str:

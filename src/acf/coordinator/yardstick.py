@@ -114,25 +114,25 @@ def ensure_recipes(ctx: RunContext, model_path: str, refresh: Optional[Callable[
     assert ctx.ff is not None and ctx.ff.baseline is not None
     strategies = recipe_strategies(ctx)
     have = {c.id for c in ctx.ff.recipes}
-    todo = {n: s for n, s in strategies.items() if recipe_id(n) not in have}
-    if not todo:
+    missing = {n: s for n, s in strategies.items() if recipe_id(n) not in have}
+    if not missing:
         return
     cache = cache_for(ctx, model_path)
     ctx.say(f"[bold]yardstick[/]: {len(strategies)} fixed recipes ({', '.join(strategies)}); "
-            f"{len(todo)} to measure or read from the cache {cache.dir}")
-    for i, (name, strategy) in enumerate(todo.items(), 1):
+            f"{len(missing)} to measure or read from the cache {cache.dir}")
+    for i, (name, strategy) in enumerate(missing.items(), 1):
         rec = cache.record(name)
         if rec is not None:
             cand = Candidate.model_validate(rec["candidate"])
             cand.artifact = str(cache.model_dir(name)) if cache.model_dir(name).is_dir() else None
-            ctx.say(f"  [dim]recipe {i}/{len(todo)} {name}: from the cache[/]")
+            ctx.say(f"  [dim]recipe {i}/{len(missing)} {name}: from the cache[/]")
             RS.put_recipe(ctx.study, cand)
             fin = rec.get("finals", {}).get(_final_key(ctx))
             if fin is not None:
                 metrics = {k: Measurement.model_validate(m) for k, m in fin["metrics"].items()}
                 RS.put_final(ctx.study, cand.id, metrics, fin["seconds"])
         else:
-            ctx.say(f"  [bold]recipe {i}/{len(todo)}[/] {name}: {strategy.describe()}")
+            ctx.say(f"  [bold]recipe {i}/{len(missing)}[/] {name}: {strategy.describe()}")
             cand = measure_recipe(ctx, name, strategy, model_path, cache)
             if cand.status == "ok":   # a failure (out of memory, a library error) is tried again by a later run
                 cache.write(name, cand)
