@@ -20,6 +20,7 @@ from acf.core.errors import AcfError, RunDirError
 from acf.search.pareto import pareto_front
 from acf.coordinator.run_context import RunConfig
 from acf.coordinator.runner import Pipeline, run_in_terminal
+from acf.coordinator.run_store import kept_model_ids
 from acf.coordinator.state import load_frontier_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +63,8 @@ def test_three_episodes_give_a_valid_frontier(e2e_run):
         if c.status == "ok":
             assert c.metrics["size"].how == "measured" and c.metrics["answer_nll"].n == 4
             assert all(s.wall_seconds > 0 and s.log_path for s in c.steps)
-            # only frontier members keep their model
-            assert (c.artifact is not None and Path(c.artifact).is_dir()) == (c.id in ff.frontier)
+            # only frontier members (and the headline's models) keep their model
+            assert (c.artifact is not None and Path(c.artifact).is_dir()) == (c.id in kept_model_ids(ff))
         else:
             assert c.reason
     st = optuna.load_study(study_name=ff.run.study_name, storage=f"sqlite:///{e2e_run / 'study.db'}")

@@ -239,14 +239,20 @@ def frontier_from_study(study: optuna.Study, run_id: Optional[str] = None) -> Fr
     return ff
 
 
+def kept_model_ids(ff: FrontierFile) -> set[str]:
+    """The candidates whose models a pruned run keeps: the frontier, the report headline's models and the best
+    fixed recipe (the one rule prune_artifact_dirs applies; tests check a run against it)."""
+    recipe = ff.best_fixed_recipe()
+    return set(ff.frontier) | set(ff.headline_ids()) | ({recipe.id} if recipe is not None else set())
+
+
 def prune_artifact_dirs(ff: FrontierFile) -> None:
     """Delete models of candidates off the frontier, but those the report's headline measures held out (acf's best
     at each recipe size; in runs before the yardstick, the best seeded recipe). Recipe models live in the recipe
     cache (acf.coordinator.yardstick keeps its frontier's). Safe from any process: a dominated candidate stays
     dominated, and one replaced as the best at a recipe size is not the best there again (the recipes are measured
     before the search)."""
-    recipe = ff.best_fixed_recipe()
-    keep = set(ff.frontier) | set(ff.headline_ids()) | ({recipe.id} if recipe is not None else set())
+    keep = kept_model_ids(ff)
     for c in ff.candidates:
         if c.artifact and c.id not in keep and Path(c.artifact).is_dir():
             shutil.rmtree(c.artifact, ignore_errors=True)
