@@ -111,7 +111,9 @@ def test_search_offers_gguf_budgets_the_model_can_reach(smol_dir):
 
     spec = infer_spec(smol_dir)
     space = SearchSpace(spec, quant_methods=["gguf"], prune_methods=["none"])
-    assert space.gguf_precisions[0] == "uniform" and "4.5" in space.gguf_precisions
+    # uniform file types, or a continuous budget from the smallest size the palette reaches
+    lo, hi, step = space.gguf_budget_range
+    assert space.gguf_precisions == ["uniform", "budget"] and lo <= 4.5 and hi >= 6.5 and step == 0.125
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     seeds = space.seeds()
     for p in seeds:
@@ -125,13 +127,16 @@ def test_search_offers_gguf_budgets_the_model_can_reach(smol_dir):
         else:
             mixed_seeds.append(s.steps[-1].params["avg_bits"])
         study.tell(t, 0.0)
-    # and acf's answer at no more than Q4_K_M's size (estimated low: SmolLM2's Q4_K_M measures 6.3 bits)
-    assert mixed_seeds == [5.5]
-    seen = set()
+    # and acf's answer at no more than Q4_K_M's size (estimated low: SmolLM2's Q4_K_M measures 6.3 bits), on the
+    # budget grid
+    assert mixed_seeds == [5.875]
+    seen, budgets = set(), set()
     for _ in range(12):
         t = study.ask()
         s = space.suggest(t)
         validate_strategy(s.model_dump(), spec)
         seen.add(t.params.get("gguf_precision"))
+        budgets.add(t.params.get("gguf_budget"))
         study.tell(t, 0.0)
-    assert "uniform" in seen and len(seen) >= 3
+    assert seen == {"uniform", "budget"} and len(budgets - {None}) >= 3
+    assert all(lo <= b <= hi and (b / step).is_integer() for b in budgets - {None})

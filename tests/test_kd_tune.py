@@ -119,9 +119,9 @@ def test_search_space_seeds_and_planner_mapping(tiny_model_dir):
     gptq = [s for s in seeds if s.get("quant_only") == "gptq"]
     # the fixed recipes are the yardstick's, not seeds: acf's allocation + kd_tune comes first, then it alone
     assert [s.get("tune") for s in gptq] == ["kd_tune", "none"]
-    assert gptq[0]["tune_steps"] == 100 and gptq[0]["precision"] == "4.25"
+    assert gptq[0]["tune_steps"] == 100 and (gptq[0]["precision"], gptq[0]["budget"]) == ("budget", 4.25)
     ar = [s for s in seeds if s.get("quant_only") == "autoround"]
-    assert [s.get("tune") for s in ar] == ["kd_tune", "none"] and ar[0]["precision"] == "4.25"
+    assert [s.get("tune") for s in ar] == ["kd_tune", "none"] and ar[0]["budget"] == 4.25
     strat = validate_strategy({"steps": [{"method": "gptq", "params": {"avg_bits": 4.25, "act_order": True}},
                                          {"method": "kd_tune", "params": {"steps": 100}}]}, space.spec)
     p = params_for(space, strat)

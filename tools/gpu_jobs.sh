@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work of one device session, as named jobs (the device tool runs one command line per call, ≤ 10 min).
 # Run after `. tools/device_setup.sh`; every job writes its files under $OUT/<job>/ and prints its figures.
-#   bash tools/gpu_jobs.sh tests|batch|tasks|methods|search|fidelity|mixed|pipeline|resume|workers|gen8b|genbackends|gqa|recipes
+#   bash tools/gpu_jobs.sh tests|batch|tasks|methods|search|fidelity|mixed|pipeline|resume|workers|gen8b|genbackends|gqa|recipes|search16
 set -u
 job=$1
 o=$OUT/$job
@@ -62,5 +62,18 @@ case $job in
     timeout -s TERM ${BENCH_SECONDS:-540} python3 experiments/bench_recipes.py --device cuda --limit 400 \
       --calib-samples ${CALIB:-128} --configs ${RECIPE_CONFIGS:-all} --resume 2>&1 | grep -v "^\[transformers\]" | tail -40
     cp experiments/results/recipes-cuda.* "$o/" ;;
+  search16) # #28: the 16-episode run with the new defaults (kld,size; continuous budget; screening; aim), the yardstick
+            # measured first; killed at the call's limit, resumed by the next call on the same warm machine. The run
+            # without its models comes back as gpu16.tgz after every call.
+    if [ -f runs/gpu16/run_config.json ]; then
+      timeout -s KILL ${PIPE_SECONDS:-540} python3 run_pipeline.py --resume runs/gpu16 2>&1 \
+        | grep -v "^\[transformers\]\|it/s\]\|s/it\]" | tail -60
+    else
+      timeout -s KILL ${PIPE_SECONDS:-540} python3 run_pipeline.py --model smollm2-135m --dataset gsm8k --episodes 16 \
+        --limit 200 --proxy-limit 48 --final-limit 400 --calib-samples 128 --device cuda --run-dir runs/gpu16 2>&1 \
+        | grep -v "^\[transformers\]\|it/s\]\|s/it\]" | tail -60
+    fi
+    rm -rf runs/gpu16-copy; python3 tools/copy_run.py runs/gpu16 runs/gpu16-copy >/dev/null \
+      && tar czf "$o/gpu16.tgz" -C runs gpu16-copy ;;
   *) echo "unknown job $job"; exit 2 ;;
 esac

@@ -53,8 +53,9 @@ def run(
     interactive: bool = typer.Option(False, help="approve / edit / skip / stop each strategy before it runs"),
     sampler: str = typer.Option("tpe", help="tpe | nsga2 | random | grid"),
     preset: str = typer.Option("balanced", help="accuracy_focused | latency_focused | balanced | memory_constrained"),
-    objectives: Optional[str] = typer.Option(None, help="comma list, >= 2 (default: kld,size,latency; kld, top1 and "
-                                             "kld_general are fidelity to the uncompressed model, on any task)"),
+    objectives: Optional[str] = typer.Option(None, help="comma list, >= 2 (default: kld,size, and latency with "
+                                             "--runtime llamacpp, where it is measured in the deployment runtime; kld, "
+                                             "top1 and kld_general are fidelity to the uncompressed model, on any task)"),
     min_retention: Optional[float] = typer.Option(0.9, help="hard constraint on task-quality retention (when a task "
                                                   "quality metric such as answer_nll or accuracy is an objective)"),
     max_kld: Optional[float] = typer.Option(None, help="hard constraint: kld to the uncompressed model at most this "
@@ -118,7 +119,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Search compressed versions of MODEL for DATASET: propose, compress, evaluate, keep the Pareto frontier."""
-    from acf.coordinator.run_context import DEFAULT_MAX_KLD, DEFAULT_OBJECTIVES, RunConfig
+    from acf.coordinator.run_context import DEFAULT_MAX_KLD, RunConfig, default_objectives
     from acf.coordinator.runner import load_run_config, run_in_terminal
 
     setup_logging(verbose)
@@ -147,7 +148,7 @@ def run(
         from acf.tasks import get_task
 
         get_task(dataset, str(data_dir) if data_dir else None)  # an unknown task fails before a run dir is made
-        objs = objectives or DEFAULT_OBJECTIVES
+        objs = objectives or ",".join(default_objectives(runtime))
         rd = run_dir or Path("runs") / f"{Path(model).name}-{dataset.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
         cfg = RunConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, episodes=4 if episodes is None else episodes,
                         run_dir=str(rd), interactive=interactive, sampler=sampler, preset=preset,

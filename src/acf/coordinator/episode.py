@@ -62,8 +62,14 @@ CHOICES = ("approve", "edit", "skip", "stop")
 
 def approval_request(ctx: RC.RunContext, strategy: Strategy, proposed_by: str, **extra: Any) -> dict:
     """What the user sees before an episode runs, in the graph's interrupt and in the workers' approval queue."""
+    from acf.coordinator.screening import surrogate
+
+    try:
+        pred = surrogate(ctx).predict(strategy).model_dump(mode="json")
+    except Exception as e:  # noqa: BLE001 - advisory: the request is shown without it
+        pred = {"how": f"no prediction: {type(e).__name__}: {e}"}
     return {"strategy": strategy.model_dump(), "describe": strategy.describe(), "proposed_by": proposed_by,
-            "estimate": PF.estimate_cost(ctx, strategy), **extra}
+            "estimate": PF.estimate_cost(ctx, strategy), "prediction": pred, **extra}
 
 
 def decide(ctx: RC.RunContext, answer: Any) -> tuple[str, Optional[Strategy], Optional[str]]:
@@ -191,7 +197,8 @@ def route(stage: str, out: Outcome) -> str:
 
 
 def candidate(ep: Episode, out: Outcome, *, episode: int, trial_number: Optional[int], proposed_by: str,
-              rationale: Optional[str] = None, t_propose: float = 0.0, started_at: Optional[str] = None) -> Candidate:
+              rationale: Optional[str] = None, t_propose: float = 0.0, started_at: Optional[str] = None,
+              prediction: Optional[dict] = None, aim: Optional[dict] = None) -> Candidate:
     """The episode's record from its outcome; a model that is not a usable candidate is deleted."""
     art = ep.ctx.artifact_dir(ep.cid)
     ok = out.get("status") == "ok" and art.exists()
@@ -203,7 +210,8 @@ def candidate(ep: Episode, out: Outcome, *, episode: int, trial_number: Optional
         proposed_by=proposed_by, rationale=rationale, metrics=out.get("metrics") or {},
         proxy_metrics=out.get("proxy_metrics") or {}, steps=out.get("steps", []), control=out.get("control"),
         artifact=str(art) if ok else None, artifact_kept=ok,
-        timings={**out.get("timings", {}), "propose": t_propose}, started_at=started_at, finished_at=now())
+        timings={**out.get("timings", {}), "propose": t_propose}, started_at=started_at, finished_at=now(),
+        prediction=prediction, aim=aim)
 
 
 def record(ep: Episode, out: Outcome, sink: Sink, **meta: Any) -> tuple[Candidate, bool]:
@@ -254,7 +262,8 @@ def record_in_run(ep: Episode, prop: dict, out: Outcome, decision: Optional[str]
 
     cand, _ = record(ep, out, sink, episode=prop["episode"], trial_number=prop.get("trial"),
                      proposed_by=prop["proposed_by"], rationale=prop.get("rationale"),
-                     t_propose=prop.get("t_propose", 0.0), started_at=prop.get("t0"))
+                     t_propose=prop.get("t_propose", 0.0), started_at=prop.get("t0"),
+                     prediction=prop.get("prediction"), aim=prop.get("aim"))
     assert ctx.ff is not None
     c = ctx.ff.candidate(cand.id)
     status = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "pruned": "[yellow]pruned[/]"}.get(c.status, c.status)

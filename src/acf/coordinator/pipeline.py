@@ -136,22 +136,46 @@ def propose(ctx: RunContext) -> dict:
         prop = ctx.planner.propose(ctx)
         if prop is not None:
             return {**prop, **started, "episode": episode, "t_propose": round(time.time() - t0, 3)}
+    from acf.coordinator import screening as SC
+
     study = ctx.study
-    for _ in range(50):
+    screens = 0
+    for attempt in range(50 + SC.MAX_SCREENS):
+        # aimed on its first attempts; a space where the aim keeps repeating evaluated strategies samples freely
+        if attempt < 3 and not _waiting_aim(study):
+            SC.enqueue_aim(ctx, episode)
         trial = study.ask()
         strategy = ctx.space.suggest(trial)
+        proposed_by = _proposer(ctx, trial)
+        aim = SC.aim_of(study, trial.number)
         try:
             strategy = validate_strategy(strategy, ctx.spec, ctx.cfg.device)
         except StrategyError as e:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
-                    "proposed_by": _proposer(ctx, trial), "rejected": str(e), "t_propose": round(time.time() - t0, 3)}
+                    "proposed_by": proposed_by, "rejected": str(e), "t_propose": round(time.time() - t0, 3)}
         prev = evaluated_twin(ctx, strategy)
-        if prev is None:
-            return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
-                    "proposed_by": _proposer(ctx, trial), "t_propose": round(time.time() - t0, 3)}
-        tell_like(ctx, trial, prev)
-    raise AcfError("the search space is exhausted: 50 proposals in a row repeated evaluated strategies")
+        if prev is not None:
+            tell_like(ctx, trial, prev)
+            continue
+        pred, screened = SC.assess(ctx, trial, strategy, proposed_by, screenable=proposed_by.startswith("optuna"),
+                                   screens_so_far=screens)
+        if screened is not None:
+            screens += 1
+            continue
+        return {**started, "episode": episode, "trial": trial.number, "strategy": strategy.model_dump(),
+                "proposed_by": proposed_by, "prediction": pred.model_dump(mode="json"), "aim": aim,
+                "t_propose": round(time.time() - t0, 3)}
+    raise AcfError(f"the search space is exhausted: {50 + SC.MAX_SCREENS} proposals in a row repeated evaluated "
+                   f"strategies or were screened out")
+
+
+def _waiting_aim(study: optuna.Study) -> bool:
+    """An aimed trial enqueued earlier and not asked yet (a resume after it was enqueued): not enqueued twice."""
+    from acf.coordinator.screening import T_AIM
+
+    return any(T_AIM in t.user_attrs for t in study.get_trials(deepcopy=False,
+                                                                states=(optuna.trial.TrialState.WAITING,)))
 
 
 def evaluated_twin(ctx: RunContext, strategy: Strategy) -> Optional[Candidate]:
@@ -165,8 +189,15 @@ def evaluated_twin(ctx: RunContext, strategy: Strategy) -> Optional[Candidate]:
 
 def _proposer(ctx: RunContext, trial: optuna.Trial) -> str:
     # Optuna 5's Trial has no system_attrs; the stored trial does (enqueued trials carry fixed_params).
-    fixed = ctx.study.get_trials(deepcopy=False)[trial.number].system_attrs.get("fixed_params")
-    if fixed:
+    from acf.coordinator.screening import T_AIM
+
+    t = ctx.study.get_trials(deepcopy=False)[trial.number]
+    aim = t.user_attrs.get(T_AIM)
+    if aim:
+        gap = "acf has nothing that small" if aim.get("ratio") is None else f"acf at {aim['ratio']:.2f}x its kld"
+        return (f"optuna:{ctx.cfg.sampler} aimed at {aim['size'] / 2**20:.1f} MiB (budget {aim['budget']} bits; "
+                f"{aim['recipe_id']}: {gap})")
+    if t.system_attrs.get("fixed_params"):
         return "seed recipe" if ctx.cfg.sampler != "grid" else "preset grid"
     return f"optuna:{ctx.cfg.sampler}"
 

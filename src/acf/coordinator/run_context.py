@@ -25,7 +25,15 @@ log = logging.getLogger(__name__)
 CHEAP_METRICS = ("size", "params", "bits_per_weight", "sparsity")
 #: fidelity to the baseline, measured for every candidate of every run (the search ranks by kld by default)
 FIDELITY_MEASURED = ("kld", "top1", "kld_general")
-DEFAULT_OBJECTIVES = "kld,size,latency"
+#: the objectives of a run that names none: damage and size; latency joins them only where it is measured in the
+#: format's deployment runtime (llama.cpp for GGUF). Elsewhere (compressed-tensors in transformers' dequantized path)
+#: latency is measured and reported with its runtime, never ranked on unless asked for (SPEC.md, "Objectives")
+DEFAULT_OBJECTIVES = "kld,size"
+DEPLOYED_LATENCY_RUNTIMES = ("llamacpp",)
+
+
+def default_objectives(runtime: str) -> list[str]:
+    return DEFAULT_OBJECTIVES.split(",") + (["latency"] if runtime in DEPLOYED_LATENCY_RUNTIMES else [])
 #: default --max-kld (nats/token): chosen from experiments/results/fidelity-*.md, see SPEC.md
 DEFAULT_MAX_KLD = 0.5
 RUNTIMES = ("transformers", "llamacpp")
@@ -105,6 +113,11 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
     if cfg.preset not in PRESETS:
         raise AcfError(f"unknown preset {cfg.preset!r}: choose from {', '.join(PRESETS)}")
     cfg.objectives = parse_objectives(cfg.objectives, task_metrics)
+    ranked_cost = [o for o in cfg.objectives if o in RUNTIME_METRICS]
+    if ranked_cost and cfg.runtime not in DEPLOYED_LATENCY_RUNTIMES:
+        log.warning("objective(s) %s measured in %s, not in a deployment runtime (compressed-tensors runs "
+                    "dequantized there): ranking on them ranks that path's speed, not the deployed model's",
+                    ", ".join(ranked_cost), cfg.runtime)
     for name in ("limit", "proxy_limit", "accuracy_limit"):
         v = getattr(cfg, name)
         if v is not None and v <= 0:

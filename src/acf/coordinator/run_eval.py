@@ -12,10 +12,11 @@ from acf.coordinator.run_context import CHEAP_METRICS, FIDELITY_MEASURED, RunCon
 
 
 def metrics_to_measure(ctx: RunContext) -> list[str]:
-    want = list(ctx.cfg.objectives) + list(CHEAP_METRICS) + list(FIDELITY_MEASURED)
+    # latency is always measured and reported (labelled with its runtime); it is ranked on only as an objective
+    want = list(ctx.cfg.objectives) + list(CHEAP_METRICS) + list(FIDELITY_MEASURED) + ["latency"]
     if "answer_nll" in ctx.task.metrics:
         want.append("answer_nll")
-    if "latency" in want or "memory" in want:
+    if any(m in ctx.cfg.objectives for m in ("latency", "memory", "ttft", "throughput")):
         want += ["ttft", "throughput"]
     return list(dict.fromkeys(want))
 

@@ -31,7 +31,8 @@ from acf.core.provenance import Measurement
 from acf.coordinator.records import refresh_frontier, score, set_constraint
 from acf.coordinator.run_context import RunConfig, RunContext
 from acf.search.space import trial_for
-from acf.coordinator.state import Candidate, FrontierFile, RunMeta, load_frontier_file, save_frontier_file
+from acf.coordinator.state import (Candidate, FrontierFile, RunMeta, Screened, load_frontier_file,
+                                   save_frontier_file)
 
 # study user attributes (the run)
 A_CONFIG = "acf_config"            # RunConfig the results were scored with (storage URL left out)
@@ -47,6 +48,7 @@ A_RECORD = "acf_record:"           # + candidate id: a candidate with no running
 A_FINAL = "acf_final:"             # + candidate id: {"metrics", "seconds"} on the held-out report items
 # trial user attributes
 T_RECORD = "acf_record"            # the Candidate record (JSON) of the trial's episode
+T_SCREENED = "acf_screened"        # a proposal screened out by its prediction (state.Screened); trial PRUNED
 
 
 def _json(model: Any) -> Any:
@@ -179,6 +181,12 @@ def trial_records(study: optuna.Study) -> list[tuple[Any, Candidate]]:
     return out
 
 
+def screened_records(study: optuna.Study) -> list[Screened]:
+    """The proposals screened out by their prediction, in trial order (acf.coordinator.screening)."""
+    return [Screened.model_validate(t.user_attrs[T_SCREENED]) for t in study.get_trials(deepcopy=False)
+            if T_SCREENED in t.user_attrs and t.state == TrialState.PRUNED]
+
+
 def _prefixed(attrs: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in attrs.items() if k.startswith(prefix)}
 
@@ -214,6 +222,7 @@ def frontier_from_study(study: optuna.Study, run_id: Optional[str] = None) -> Fr
     for c in ff.recipes:
         c.artifact_kept = bool(c.artifact and Path(c.artifact).is_dir())
     on_trials = trial_records(study)
+    ff.screened = screened_records(study)
     loose = [Candidate.model_validate(r) for r in _prefixed(attrs, A_RECORD).values()]
     # a shared run's records carry episode 0 and are numbered by completion; a single process's carry their own
     numbered = sorted([c for _, c in on_trials if c.episode > 0] + [c for c in loose if c.episode > 0],

@@ -187,6 +187,10 @@ def ask_terminal(req: dict, console) -> Any:
         lines.append(f"rationale: {req['rationale']}")
     est = req.get("estimate") or {}
     lines.append(f"estimated compress time: ~{est.get('estimated_compress_seconds', '?')} s ({est.get('how', '')})")
+    pred = req.get("prediction") or {}
+    if pred.get("kld") is not None:
+        lines.append(f"predicted (estimate, acf.search.surrogate): kld {pred['kld']:.4f}"
+                     + (f" at {pred['size'] / 2**20:.1f} MiB" if pred.get("size") else ""))
     fr = req.get("frontier") or []
     lines.append(f"frontier so far ({len(fr)}): " + "; ".join(f"{f['id']} {f['strategy']}" for f in fr))
     if req.get("note"):

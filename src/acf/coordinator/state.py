@@ -17,6 +17,7 @@ from acf.core.errors import RunDirError
 from acf.methods.base import StepRecord
 from acf.core.provenance import Measurement
 from acf.methods.strategy import Strategy
+from acf.search.surrogate import Prediction
 
 SCHEMA_VERSION = 1
 
@@ -51,6 +52,29 @@ class Candidate(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     started_at: Optional[str] = None
     finished_at: Optional[str] = None
+    #: kld and size predicted before the episode ran (acf.search.surrogate): an estimate kept beside the
+    #: measurement so the run shows how good its predictions were
+    prediction: Optional[Prediction] = None
+    #: the size this proposal was aimed at (acf.search.aim): {size, recipe_id, ratio, budget}; None: not aimed
+    aim: Optional[dict[str, Any]] = None
+
+
+class Screened(BaseModel):
+    """A proposal not run: predicted, before any model was loaded, to be dominated by a clear margin by a measured
+    point at no larger size (acf.coordinator.screening). Its trial is told PRUNED, so the sampler learns from it."""
+
+    trial_number: int
+    strategy: Strategy
+    description: str = ""
+    proposed_by: str = ""
+    prediction: Prediction
+    dominated_by: str
+    dominated_kld: float
+    dominated_size: float
+    margin: float
+    #: estimated time not spent: the median wall time of measured episodes (an estimate, not a measurement)
+    saved_seconds: Optional[float] = None
+    at: Optional[str] = None
 
 
 class RunMeta(BaseModel):
@@ -108,6 +132,8 @@ class FrontierFile(BaseModel):
     #: the fixed recipes of the yardstick (acf.search.recipes), measured like candidates; never frontier members:
     #: every claim is against the best of them at a size (`best_recipe_at`)
     recipes: list[Candidate] = Field(default_factory=list)
+    #: proposals screened out by their prediction (never run, never episodes)
+    screened: list[Screened] = Field(default_factory=list)
     frontier: list[str] = Field(default_factory=list)
     hypervolume: list[HVPoint] = Field(default_factory=list)
     reference_point: dict[str, float] = Field(default_factory=dict)

@@ -270,8 +270,14 @@ class Worker:
             if t.number != trial.number and t.user_attrs.get("acf_strategy_key") == key:
                 release(study, trial.number, f"duplicate of trial {t.number}, which is running")
                 return None
+        from acf.coordinator import screening as SC
+
+        pred, screened = SC.assess(ctx, trial, strategy, proposed_by, screenable=proposed_by.startswith("optuna"))
+        if screened is not None:
+            return None
         trial.set_user_attr("acf_strategy_key", key)
-        return {"strategy": strategy.model_dump(), "proposed_by": proposed_by}
+        return {"strategy": strategy.model_dump(), "proposed_by": proposed_by,
+                "prediction": pred.model_dump(mode="json")}
 
     def run_trial(self, trial: optuna.Trial, prop: dict) -> Optional[Candidate]:
         """The episode engine's stages (acf.coordinator.episode.run_episode, as the coordinator graph runs them), recorded
@@ -296,7 +302,8 @@ class Worker:
         # episode 0: workers' candidates are numbered when the frontier is rebuilt from the study
         cand, recorded = run_episode(Episode(ctx, cid, trial.number, strategy, str(self.model_path)), sink,
                                      episode=0, trial_number=trial.number, proposed_by=prop["proposed_by"],
-                                     t_propose=prop.get("t_propose", 0.0), started_at=now())
+                                     t_propose=prop.get("t_propose", 0.0), started_at=now(),
+                                     prediction=prop.get("prediction"))
         return cand if recorded else None
 
     def record(self, trial: optuna.Trial, cand: Candidate) -> bool:

@@ -107,6 +107,9 @@ def weight_quant(params_model: type[BaseModel], rank: int, *, mixed: bool, calib
         prec = "uniform"
         if mixed and space.precisions != ["uniform"]:
             prec = trial.suggest_categorical("precision", space.precisions)
+            if prec == BUDGET:
+                lo, hi, step = space.budget_range
+                prec = str(trial.suggest_float("budget", lo, hi, step=step))
         if prec == "uniform":
             bits = fixed_bits if fixed_bits is not None else int(trial.suggest_categorical("bits", space.bits))
             g = trial.suggest_categorical("group_size", space.group_sizes)
@@ -124,7 +127,11 @@ def weight_quant(params_model: type[BaseModel], rank: int, *, mixed: bool, calib
         p: dict[str, Any] = {}
         avg_bits = params.get("avg_bits")
         if mixed and getattr(space, "precisions", ["uniform"]) != ["uniform"]:
-            p["precision"] = "uniform" if avg_bits is None else _precision_choice(avg_bits, space.precisions)
+            if avg_bits is None:
+                p["precision"] = "uniform"
+            else:
+                p.update(_budget_params(avg_bits, space.precisions, getattr(space, "budget_range", None),
+                                        "precision", "budget"))
         elif avg_bits is not None:
             return None
         if avg_bits is None:
@@ -154,12 +161,29 @@ def weight_quant(params_model: type[BaseModel], rank: int, *, mixed: bool, calib
     return SearchFragment(suggest, trial_params, grid, rank=rank, default=default)
 
 
-def _precision_choice(avg_bits: float, choices: list[str]) -> Optional[str]:
-    """The search space's precision choice for a budget ("5.0" for 5), None when the space has no such budget."""
+#: the precision choice that asks for a continuous budget (`budget` / `gguf_budget`, in `space.budget_range`)
+BUDGET = "budget"
+
+
+def on_grid(value: float, rng: Optional[tuple[float, float, float]]) -> bool:
+    """Whether a budget is a value of the continuous dimension (lo..hi in steps)."""
+    if rng is None:
+        return False
+    lo, hi, step = rng
+    k = (float(value) - lo) / step
+    return lo - 1e-9 <= float(value) <= hi + 1e-9 and abs(k - round(k)) < 1e-6
+
+
+def _budget_params(avg_bits: float, choices: list[str], rng: Optional[tuple[float, float, float]], name: str,
+                   budget_name: str) -> dict:
+    """The trial params of a budget: the continuous dimension's value where the space has one (precision=budget),
+    else the categorical choice naming it ("5.0" for 5); {name: None} when the space has no such budget."""
+    if BUDGET in choices and on_grid(avg_bits, rng):
+        return {name: BUDGET, budget_name: float(avg_bits)}
     for c in choices:
-        if c != "uniform" and abs(float(c) - float(avg_bits)) < 1e-9:
-            return c
-    return None
+        if c not in ("uniform", BUDGET) and abs(float(c) - float(avg_bits)) < 1e-9:
+            return {name: c}
+    return {name: None}
 
 
 def gguf_fragment() -> SearchFragment:
@@ -168,6 +192,9 @@ def gguf_fragment() -> SearchFragment:
         prec = "uniform"
         if getattr(space, "gguf_precisions", ["uniform"]) != ["uniform"]:
             prec = trial.suggest_categorical("gguf_precision", space.gguf_precisions)
+            if prec == BUDGET:
+                lo, hi, step = space.gguf_budget_range
+                prec = str(trial.suggest_float("gguf_budget", lo, hi, step=step))
         if prec == "uniform":
             params: dict[str, Any] = {"type": trial.suggest_categorical("gguf_type", space.gguf_types)}
         else:
@@ -183,7 +210,11 @@ def gguf_fragment() -> SearchFragment:
         p: dict[str, Any] = {"gguf_imatrix": bool(params.get("imatrix", True))}
         avg = params.get("avg_bits")
         if getattr(space, "gguf_precisions", ["uniform"]) != ["uniform"]:
-            p["gguf_precision"] = "uniform" if avg is None else _precision_choice(avg, space.gguf_precisions)
+            if avg is None:
+                p["gguf_precision"] = "uniform"
+            else:
+                p.update(_budget_params(avg, space.gguf_precisions, getattr(space, "gguf_budget_range", None),
+                                        "gguf_precision", "gguf_budget"))
         elif avg is not None:
             return None
         if avg is None:

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from acf.methods import checks
 from acf.methods import memory as M
+from acf.methods import nominal as NB
 from acf.methods.fragments import (SearchFragment, drop_layers_fragment, gguf_fragment, no_params, recovery,
                                    tune_fragment, weight_quant, weight_sparsity)
 from acf.methods.params import (AWQParams, AutoRoundParams, BnbInt8Params, BnbNF4Params, DistillParams,
@@ -149,6 +150,9 @@ class MethodSpec:
     memory: Callable[[dict, Any, str], Any] = field(default_factory=lambda: M.weights_only_memory("step"))
     #: the method's own validation rules beyond its params model: (where, params, spec, device) -> problems
     check: Optional[Callable[[str, Any, Any, str], list[str]]] = None
+    #: a quantizer's nominal bits per quantized Linear weight from its params (acf.methods.nominal): what the
+    #: search's size and damage predictions start from (acf.search.surrogate); None for other kinds
+    stored_bits: Optional[Callable[[dict, Any], Optional[float]]] = None
 
     @property
     def slot(self) -> str:
@@ -213,12 +217,14 @@ for _spec in [
                library="llmcompressor GPTQModifier", group_sized=True,
                description="GPTQ weight quantization (second-order, calibrated)", cost=calibrated(3),
                search=weight_quant(GPTQParams, 0, mixed=True, calib=True, act_order=True), card="quantization",
+               stored_bits=NB.int_weights(),
                card_ranges={"bits": [2, 3, 4, 8], "group_size": _GROUPS, "symmetric": [True, False],
                             "act_order": [False, True], **_CAL, "avg_bits": [3.5, 6.0]}),
     MethodSpec(name="awq", kind="quantize", tunable=True, params=AWQParams, impl="acf.methods.quantize:awq",
                memory=M.calibrated_memory("awq", hessians=False),
                library="llmcompressor AWQModifier", group_sized=True, description="activation-aware weight quantization",
                cost=calibrated(20), search=weight_quant(AWQParams, 1, mixed=False, calib=True, fixed_bits=4),
+               stored_bits=NB.int_weights(zero_point_default=True),
                card="quantization", card_ranges={"bits": [4, 8], "group_size": _GROUPS, "symmetric": [False, True],
                                                  "calib_samples": [32, 256], "seq_len": [256, 1024]}),
     MethodSpec(name="rtn", kind="quantize", tunable=True, params=RTNParams, impl="acf.methods.quantize:rtn",
@@ -226,6 +232,7 @@ for _spec in [
                library="llmcompressor QuantizationModifier", group_sized=True,
                description="round-to-nearest weight quantization (no calibration)", cost=data_free(),
                search=weight_quant(RTNParams, 2, mixed=True, calib=False), card="quantization",
+               stored_bits=NB.int_weights(),
                card_ranges={"bits": [4, 8], "group_size": _GROUPS, "symmetric": [True, False],
                             "avg_bits": [3.5, 6.0]}),
     MethodSpec(name="autoround", kind="quantize", tunable=True, params=AutoRoundParams,
@@ -237,6 +244,7 @@ for _spec in [
                # AutoRound's 200. In the preset grid at W4 only: 8-bit rounding is near lossless without tuning
                # (RTN/GPTQ W8 are in the grid), so a W8 AutoRound entry would spend 200 iters per block for nothing
                search=weight_quant(AutoRoundParams, 7, mixed=True, calib=True, grid_bits=(4,)),
+               stored_bits=NB.int_weights(),
                card="quantization", card_ranges={"bits": [2, 3, 4], "group_size": [32, 64, 128], "iters": [50, 500],
                                                  "avg_bits": [3.5, 6.0], "calib_samples": [32, 256],
                                                  "seq_len": [256, 2048]}),
@@ -244,22 +252,24 @@ for _spec in [
                memory=M.calibrated_memory("w8a8", hessians=True),
                library="llmcompressor SmoothQuant + GPTQ W8A8",
                description="int8 weights and activations with SmoothQuant", cost=calibrated(6),
-               search=no_params(calib=True, rank=3), card="quantization",
+               search=no_params(calib=True, rank=3), card="quantization", stored_bits=NB.constant(8.0),
                card_ranges={"smoothing_strength": [0.5, 0.95], **_CAL}),
     MethodSpec(name="bnb_int8", kind="quantize", params=BnbInt8Params, impl="acf.methods.quantize:bnb_int8",
                memory=M.weights_only_memory("bnb_int8"),
                library="bitsandbytes LLM.int8()", description="bitsandbytes int8 (CPU and CUDA)", cost=data_free(),
-               search=no_params(rank=5), card="quantization", card_ranges={"threshold": [4.0, 8.0]}),
+               search=no_params(rank=5), card="quantization", card_ranges={"threshold": [4.0, 8.0]},
+               stored_bits=NB.constant(8.0)),
     MethodSpec(name="bnb_nf4", kind="quantize", params=BnbNF4Params, impl="acf.methods.quantize:bnb_nf4",
                memory=M.weights_only_memory("bnb_nf4"),
                library="bitsandbytes 4-bit", description="bitsandbytes NF4/FP4 (CPU and CUDA; QLoRA base)",
-               cost=data_free(), search=no_params(rank=4), card="quantization",
+               cost=data_free(), search=no_params(rank=4), card="quantization", stored_bits=NB.constant(4.5),
                card_ranges={"quant_type": ["nf4", "fp4"], "double_quant": [True, False]}),
     MethodSpec(name="gguf", kind="quantize", params=GGUFParams, impl="acf.methods.gguf_export:gguf",
                memory=M.weights_only_memory("gguf"),
                library="llama.cpp (convert_hf_to_gguf.py + llama_model_quantize via llama-cpp-python)",
                description="GGUF export for llama.cpp (k-quants, IQ4, Q8_0/Q4_0) with an importance matrix",
                cost=_gguf_cost(), search=gguf_fragment(), card="quantization", check=checks.gguf,
+               stored_bits=NB.gguf_bits,
                card_ranges={"type": ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M"],
                             "imatrix": [True, False], "calib_samples": [32, 256], "seq_len": [256, 1024]}),
     MethodSpec(name="magnitude", kind="prune", params=MagnitudeParams, impl="acf.methods.prune:magnitude",

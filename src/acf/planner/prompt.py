@@ -95,6 +95,17 @@ def build_prompt(ctx, max_history: int = 16) -> str:
     lines += ["", "## Current frontier: " + (", ".join(ff.frontier) or "empty")]
     if ff.recommended:
         lines.append(f"recommended under {ff.recommended.preset}: {ff.recommended.id}")
+    from acf.search.aim import gaps, target
+
+    g = gaps(ff)
+    if g:
+        # the aim (acf.search.aim): where acf trails the best fixed recipe most
+        lines += ["", "## Against the best fixed recipe at each size (kld ratio: acf's best at no larger size / the "
+                      "recipe's; lower is better)"] + [f"- {x.describe()}" for x in g]
+        t = target(ff)
+        if t is not None:
+            lines.append(f"Aim: the largest gap is at {t.size / 2**20:.1f} MiB ({t.recipe_id}): propose a strategy "
+                         f"no larger than that with less kld")
     lines += ["", "Example of the answer format only (replace the <placeholders>; choose your own strategy):", json.dumps(_example(ctx)), "",
               "Propose the next strategy now: one JSON object."]
     return "\n".join(lines)

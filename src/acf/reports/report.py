@@ -16,6 +16,7 @@ import pandas as pd
 
 from acf.core.objectives import DIRECTIONS
 from acf.reports.frontier_frame import NON_OK, frontier_to_frame, write_plots
+from acf.reports.search_quality import search_section
 from acf.reports.headline import headline_section
 from acf.reports.markdown import table as _table
 from acf.coordinator.state import FrontierFile, load_frontier_file
@@ -116,6 +117,7 @@ def build_report(ff: FrontierFile, plots: Sequence[Path] = (), plot_dir_name: st
 
     md += _fidelity_section(ff, units)
     md += _adaptation_section(ff)
+    md += search_section(ff)
 
     md += ["## All candidates", ""]
     rows = []

@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import optuna
 
 from acf.core.errors import AcfError
+from acf.methods.fragments import BUDGET, on_grid
 from acf.methods.registry import choices, get as get_method, grid_methods
 from acf.core.objectives import DIRECTIONS
 from acf.models.spec import ModelSpec
@@ -23,8 +24,13 @@ SAMPLERS = ("tpe", "nsga2", "random", "grid")
 DEFAULT_SAMPLER = "tpe"
 
 #: "uniform" (one bits/group_size for every layer) or an effective-bits budget for a per-layer allocation
-#: (acf.methods.mixed); one candidate per budget, so the search explores budgets, not layers
-PRECISION_CHOICES = ["uniform", "4.25", "4.5", "5.0", "6.0"]
+#: (acf.methods.mixed), a continuous dimension (`budget`) spanning the fixed recipes' sizes: what moves damage at a
+#: size is where the bits go, so the search explores budgets, not layers. A benchmark may give a finite list instead
+#: (e.g. ["uniform", "4.25", "5.0"]: the categorical space earlier runs used)
+PRECISION_CHOICES = ["uniform", BUDGET]
+#: the budget dimension's step (bits per weight) and its top: 8 bits is the W8 recipes' size
+BUDGET_STEP = 0.125
+BUDGET_MAX = 8.0
 #: GGUF types the search picks from (those the model's shapes admit: acf.methods.gguf.type_problems)
 GGUF_TYPE_CHOICES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M")
 
@@ -38,7 +44,7 @@ class SearchSpace:
                  bits: Sequence[int] = (4, 8), group_sizes: Optional[Sequence[str]] = None,
                  sparsities: Optional[Sequence[float]] = None, patterns: Sequence[str] = ("unstructured", "2:4"),
                  drops: Optional[Sequence[int]] = None, act_order: Sequence[bool] = (False, True),
-                 precisions: Sequence[str] = PRECISION_CHOICES,
+                 precisions: Optional[Sequence[str]] = None,
                  gguf_types: Optional[Sequence[str]] = None, gguf_imatrix: Sequence[bool] = (True, False),
                  gguf_precisions: Optional[Sequence[str]] = None, tune_methods: Optional[Sequence[str]] = None,
                  tune_steps: Sequence[int] = (50, 100, 200)):
@@ -67,7 +73,9 @@ class SearchSpace:
         self.patterns = list(patterns)
         self.drops = list(drops) if drops else None
         self.act_order = list(act_order)
-        self.precisions = [str(p) for p in precisions] or ["uniform"]
+        self.precisions = [str(p) for p in (precisions if precisions is not None else PRECISION_CHOICES)] or ["uniform"]
+        #: (lo, hi, step) of the continuous budget: from the smallest size the default palette reaches to W8's
+        self.budget_range = self._budget_range() if BUDGET in self.precisions else None
         from acf.methods.gguf import type_problems
 
         widths = spec.linear_widths(("lm_head",))
@@ -76,6 +84,14 @@ class SearchSpace:
             raise ValueError("gguf: none of the GGUF types fits this model's layer widths")
         self.gguf_imatrix = list(gguf_imatrix)
         self.gguf_precisions = self._gguf_budgets(gguf_precisions)
+
+    def _budget_range(self) -> tuple[float, float, float]:
+        from acf.methods.mixed import default_formats, min_effective_bits
+        from acf.methods.nominal import _shapes
+
+        lo = min_effective_bits(_shapes(self.spec), default_formats(self.spec.valid_group_sizes),
+                                self.spec.bytes_per_param)
+        return _grid_up(lo), BUDGET_MAX, BUDGET_STEP
 
     def _gguf_shapes(self) -> list:
         from acf.methods.gguf_mixed import shapes_from_spec
@@ -87,10 +103,15 @@ class SearchSpace:
         default palette: a budget below the palette's smallest size would only fail its episode."""
         from acf.methods.gguf_mixed import DEFAULT_BUDGETS, DEFAULT_TYPES, min_bits
 
+        self.gguf_budget_range: Optional[tuple[float, float, float]] = None
         if given is not None:
             return [str(g) for g in given] or ["uniform"]
-        lo = min_bits(self._gguf_shapes(), list(DEFAULT_TYPES))
-        return ["uniform"] + [str(b) for b in DEFAULT_BUDGETS if b >= lo]
+        lo = _grid_up(min_bits(self._gguf_shapes(), list(DEFAULT_TYPES)))
+        hi = max(BUDGET_MAX, max(DEFAULT_BUDGETS))
+        if lo > hi:
+            return ["uniform"]
+        self.gguf_budget_range = (lo, hi, BUDGET_STEP)
+        return ["uniform", BUDGET]
 
     def suggest(self, trial: optuna.Trial) -> Strategy:
         """prune (or none) -> recovery (only after pruning) -> quantization -> tune (only after a weight-only
@@ -145,10 +166,9 @@ class SearchSpace:
                 from acf.methods.gguf_mixed import q4km_bits_estimate
 
                 est = q4km_bits_estimate(self._gguf_shapes())
-                fit = [b for b in budgets if float(b) <= est]
-                if fit:
-                    seeds.append({"prune": "none", "quant_only": "gguf", "gguf_precision": max(fit, key=float),
-                                  "gguf_imatrix": self.gguf_imatrix[0]})
+                b = self.budget_params(est, gguf=True)
+                if b:
+                    seeds.append({"prune": "none", "quant_only": "gguf", **b, "gguf_imatrix": self.gguf_imatrix[0]})
             if "drop_layers" in self.prune_methods and "lora" in self.recover_methods and "Q4_K_M" in self.gguf_types:
                 seeds.append({"prune": "drop_layers", "drop": self.drops[0] if self.drops else 1, "recover": "lora",
                               "recover_steps": self.recover_steps[1 if len(self.recover_steps) > 1 else 0],
@@ -160,7 +180,7 @@ class SearchSpace:
                 continue
             # acf's answer to the W4 recipes: bits allocated per layer at no larger a size (4.25 bits = uniform W4
             # at the largest group), then the norms distilled from the uncompressed model (kd_tune)
-            mixed = {"prune": "none", "quant_only": quant, "precision": "4.25", **extra}
+            mixed = {"prune": "none", "quant_only": quant, **self.budget_params(4.25), **extra}
             if kd is not None:
                 seeds.append({**mixed, **kd})
             seeds.append({**mixed, **self.untuned(quant)})
@@ -174,6 +194,19 @@ class SearchSpace:
                           "quant": "none"})
         return [s for s in seeds if self.inside(s)]
 
+    def budget_params(self, bits: float, gguf: bool = False) -> dict[str, Any]:
+        """The trial params of the largest budget of this space no larger than `bits` (on the continuous dimension's
+        grid, or the largest categorical budget); {} when the space has none that small."""
+        name, bname = ("gguf_precision", "gguf_budget") if gguf else ("precision", "budget")
+        choices = self.gguf_precisions if gguf else self.precisions
+        rng = self.gguf_budget_range if gguf else self.budget_range
+        if BUDGET in choices and rng is not None:
+            lo, hi, step = rng
+            b = min(hi, _grid_down(bits, step))
+            return {name: BUDGET, bname: b} if b >= lo - 1e-9 else {}
+        fit = [c for c in choices if c not in ("uniform", BUDGET) and float(c) <= bits + 1e-9]
+        return {name: max(fit, key=float)} if fit else {}
+
     def inside(self, params: dict[str, Any]) -> bool:
         """Whether fixed params only use values of this (possibly narrowed) space: seeds and grid entries that
         are not must not be enqueued (Optuna refuses a fixed value outside a categorical's choices)."""
@@ -183,7 +216,9 @@ class SearchSpace:
                    "sparsity": self.sparsities or [0.5], "drop": self.drops or [1], "precision": self.precisions,
                    "gguf_type": self.gguf_types, "gguf_imatrix": self.gguf_imatrix,
                    "gguf_precision": self.gguf_precisions, "tune": self.tune_methods, "tune_steps": self.tune_steps}
-        return all(k not in choices or v in choices[k] for k, v in params.items())
+        ranges = {"budget": self.budget_range, "gguf_budget": self.gguf_budget_range}
+        return all((k not in choices or v in choices[k]) and (k not in ranges or on_grid(v, ranges[k]))
+                   for k, v in params.items())
 
     def largest_group(self) -> str:
         numeric = [x for x in self.group_sizes if x != "channel"]
@@ -201,6 +236,18 @@ class SearchSpace:
                 out += [{"prune": m.name, **d, "recover": "none", "quant": "none"}
                         for d in m.search.grid(self)]  # type: ignore[union-attr]
         return [d for d in out if self.inside(d)]
+
+
+def _grid_up(bits: float, step: float = BUDGET_STEP) -> float:
+    import math
+
+    return round(math.ceil(bits / step - 1e-9) * step, 6)
+
+
+def _grid_down(bits: float, step: float = BUDGET_STEP) -> float:
+    import math
+
+    return round(math.floor(bits / step + 1e-9) * step, 6)
 
 
 def make_sampler(name: str, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:
