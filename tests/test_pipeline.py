@@ -65,6 +65,9 @@ def test_three_episodes_give_a_valid_frontier(e2e_run):
             assert all(s.wall_seconds > 0 and s.log_path for s in c.steps)
             # only frontier members (and the headline's models) keep their model
             assert (c.artifact is not None and Path(c.artifact).is_dir()) == (c.id in kept_model_ids(ff))
+            # the prediction made before it ran travels with it (size at least: too few points for kld here)
+            assert c.prediction is not None and c.prediction.size and c.prediction.how
+            assert "latency" in c.metrics and "latency" not in c.objectives   # reported, not ranked
         else:
             assert c.reason
     st = optuna.load_study(study_name=ff.run.study_name, storage=f"sqlite:///{e2e_run / 'study.db'}")

@@ -84,6 +84,8 @@ def test_recovery_steps_get_a_control_row(fid_run):
 
     text = write_report(fid_run).read_text()
     assert "task adaptation" in text.lower() and "ctrl01" in text
+    # the search's own figures: predictions made before each episode, screened proposals, aims
+    assert "## Search" in text and "Predicted vs measured kld" in text and "screened out by their prediction" in text
 
 
 def test_resume_reuses_the_reference_and_rebuilds_a_corrupt_one(fid_run, tiny_model_dir):

@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 BitsFn = Callable[[dict, Any], Optional[float]]
 
 
-def _shapes(spec: Any, ignore: tuple[str, ...] = ("lm_head",)) -> list:
+def quantizable_shapes(spec: Any, ignore: tuple[str, ...] = ("lm_head",)) -> list:
+    """The Linear layers a weight quantizer targets (lm_head ignored, as every acf quantizer does by default)."""
     from acf.methods.mixed import LayerShape
 
     return [LayerShape(name=l.name, out_features=l.out_features, in_features=l.in_features) for l in spec.linears
@@ -26,7 +27,7 @@ def format_bits(fmt: str, spec: Any) -> float:
     (layers the group does not divide counted per channel, as the quantizer would refuse them otherwise)."""
     from acf.methods.mixed import effective_bits, parse_format
 
-    layers = _shapes(spec)
+    layers = quantizable_shapes(spec)
     f = parse_format(fmt)
     fallback = f"w{f.bits}"
     formats = {l.name: (fmt if f.fits(l.in_features) else fallback) for l in layers}
@@ -43,7 +44,7 @@ def int_weights(default_bits: Optional[int] = None, zero_point_default: bool = F
         if params.get("layer_formats"):
             from acf.methods.mixed import effective_bits
 
-            layers = [l for l in _shapes(spec) if l.name in params["layer_formats"]]
+            layers = [l for l in quantizable_shapes(spec) if l.name in params["layer_formats"]]
             return effective_bits(layers, dict(params["layer_formats"]), spec.bytes_per_param) if layers else None
         bits = int(params.get("bits", default_bits or 4))
         g = params.get("group_size", 64)

@@ -122,7 +122,8 @@ class DistillParams(MethodParams):
 
 
 class KDTuneParams(MethodParams):
-    """Distillation after quantization into the parameters the quantizer kept in 16 bits (acf.methods.kd_tune)."""
+    """Distillation after quantization into the parameters the quantizer kept in 16 bits, and with scale_lr > 0 into
+    its quantization scales (acf.methods.kd_tune)."""
     steps: int = Field(100, ge=1, le=100000)
     lr: float = Field(1e-3, gt=0, lt=1, description="learning rate of the norm weights (and biases)")
     # 0 by default: on the default model (H100, GPTQ 4.25 bits, 100 steps) training the 28M-entry table as well
@@ -130,6 +131,13 @@ class KDTuneParams(MethodParams):
     # (experiments/results/mixed-cuda.md); at 8B the table with AdamW would add ~6 GB
     embedding_lr: float = Field(0.0, ge=0, lt=1, description="learning rate of the 16-bit embedding / lm_head "
                                 "table (tied or not); 0 keeps it frozen")
+    # 0 by default, so the step stays the norms-only one measured above. Why the option: the quantizer picked each
+    # group's scale to fit its own layer's weights (or Hessian-weighted error), not the model's output; training the
+    # scales against the teacher with the integer codes frozen (MLX's DWQ) reaches many more parameters than the
+    # norms (one per group) and leaves the size unchanged. A relative rate: the scales span orders of magnitude.
+    scale_lr: float = Field(0.0, ge=0, lt=1, description="learning rate of the quantization scales (weight_scale, "
+                            "one per group / channel), as a relative step (each scale is stored_scale x a trained "
+                            "factor); integer codes and zero points stay frozen; 0 keeps the scales as quantized")
     batch_size: int = Field(4, ge=1, le=512)
     seq_len: int = Field(256, ge=16, le=8192)
     samples: int = Field(512, ge=1, description="train-split examples (prompt + reference, the chat format "

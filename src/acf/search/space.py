@@ -87,9 +87,9 @@ class SearchSpace:
 
     def _budget_range(self) -> tuple[float, float, float]:
         from acf.methods.mixed import default_formats, min_effective_bits
-        from acf.methods.nominal import _shapes
+        from acf.methods.nominal import quantizable_shapes
 
-        lo = min_effective_bits(_shapes(self.spec), default_formats(self.spec.valid_group_sizes),
+        lo = min_effective_bits(quantizable_shapes(self.spec), default_formats(self.spec.valid_group_sizes),
                                 self.spec.bytes_per_param)
         return _grid_up(lo), BUDGET_MAX, BUDGET_STEP
 
