@@ -24,10 +24,13 @@ from acf.methods.base import DEFAULT_CALIB_MIX
 
 from acf.cli.console import console, err_console
 from acf.cli.eval_cmd import eval_cmd
+from acf.cli.export_cmd import export_cmd, merge_cmd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="acf: find the best compressed version of a language model for a task.")
 app.command("eval")(eval_cmd)
+app.command("export")(export_cmd)
+app.command("merge")(merge_cmd)
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:

@@ -86,6 +86,17 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def make_readable(folder: str | os.PathLike) -> None:
+    """Give a folder meant to be handed on (an export, a merged model) the permissions of any other the user makes,
+    umask applied: `atomic_dir`'s temporary directory and `write_text`'s files are created private (mkdtemp,
+    mkstemp), and copying a run's model folder copies its private mode too."""
+    mask = os.umask(0)
+    os.umask(mask)
+    root = Path(folder)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def clean_partial_dirs(parent: str | os.PathLike) -> list[Path]:
     """Remove temporary directories left by killed `atomic_dir` blocks under `parent`."""
     removed = []

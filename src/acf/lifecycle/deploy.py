@@ -35,12 +35,9 @@ def export_adapter(adapter_dir: Path, base_dir: Path, type_name: str, seed: int 
     No importance matrix: the adapter loop has no task calibration split (its rows are the adapter's training
     data), and an imatrix from training rows would fit the quantizer to them. Returns the export directory."""
     import torch
-    from peft import PeftModel
 
-    from acf.core.atomic import atomic_dir
+    from acf.lifecycle.merge import merge_adapter
     from acf.methods import StepContext, run_strategy
-    from acf.methods._common import save_model
-    from acf.models.loading import free, load_model
     from acf.methods.strategy import validate_strategy
 
     out = adapter_dir / f"gguf-{type_name}"
@@ -49,13 +46,7 @@ def export_adapter(adapter_dir: Path, base_dir: Path, type_name: str, seed: int 
     merged = adapter_dir / ".merged"
     if merged.exists():
         shutil.rmtree(merged)
-    model, tok = load_model(base_dir, "cpu")
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-        with atomic_dir(merged) as tmp:
-            save_model(model, tok, tmp, dtype=torch.float32)
-    finally:
-        free(model)
+    merge_adapter(adapter_dir, str(base_dir), merged, force=True, dtype=torch.float32)
     try:
         strat = validate_strategy({"steps": [{"method": "gguf", "params": {"type": type_name, "imatrix": False}}]})
         recs = run_strategy(strat, merged, out, StepContext(device="cpu", seed=seed))
