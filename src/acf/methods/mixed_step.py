@@ -128,3 +128,16 @@ def record_measured_size(facts: dict, out_dir: Path) -> None:
     if pred:
         facts["size_prediction_error"] = round((pred - measured) / measured, 5)
 
+
+def record_deploy_check(facts: dict, out_dir: Path, method: str) -> None:
+    """Check the written model against vLLM's loader rules (acf.methods.deploy_check) and put the verdict in the
+    facts: every mixed-precision output says whether it conforms, as "checked by rules", never "loads" (vLLM is not
+    run). Under target "vllm" a violation is acf's own error (the allocator gives one servable format per fused
+    layer), so the step fails rather than record a model it promised vLLM could serve."""
+    from acf.methods.deploy_check import check_vllm, verdict
+
+    found = check_vllm(out_dir)
+    facts["deploy_check"] = verdict(found)
+    if found and facts.get("target") == "vllm":
+        raise MethodFailed(method, "deploy", f"the output breaks {len(found)} vLLM loader rule(s) although its "
+                                             f"target is vllm: {'; '.join(str(v) for v in found[:3])}")
