@@ -87,9 +87,9 @@ def allocation_for(model, tok, params: dict, in_dir: Path, ctx: StepContext, met
                            counts=counts)
         bad = replay_problems(given, shapes, family) if target == "vllm" else []
         if bad:
-            raise MethodFailed(method, "config", f"layer_formats cannot load in vLLM (target vllm): {'; '.join(bad[:3])}"
-                                                 f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}; give "
-                                                 f"target 'transformers' to keep them")
+            more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise MethodFailed(method, "config", f"layer_formats cannot load in vLLM (target vllm): "
+                                                 f"{'; '.join(bad[:3])}{more}; give target 'transformers' to keep them")
         facts: dict[str, Any] = {"source": "layer_formats (replayed)"}
     else:
         formats = palette(params, shapes)
