@@ -116,6 +116,21 @@ def test_config_and_tensor_rules(tmp_path):
     assert check_vllm(tmp_path / "dense") == []
 
 
+def test_a_step_records_the_verdict_and_fails_only_under_target_vllm(tmp_path):
+    """Under target vllm a violation is acf's own error (the allocator promised a servable model): the step fails;
+    under transformers the verdict is recorded and the step stands."""
+    from acf.core.errors import MethodFailed
+    from acf.methods.mixed_step import record_deploy_check
+
+    bad = _write(tmp_path / "m", _block("w4g32", **{"0.self_attn.k_proj": "w8"}))
+    facts: dict = {"target": "transformers"}
+    record_deploy_check(facts, bad, "rtn")
+    assert facts["deploy_check"]["conforms"] is False
+    assert facts["deploy_check"]["violations"][0].startswith("model.layers.0.self_attn.qkv_proj: fused-scheme:")
+    with pytest.raises(MethodFailed, match="breaks 1 vLLM loader rule"):
+        record_deploy_check({"target": "vllm"}, bad, "rtn")
+
+
 # --- real outputs ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
