@@ -49,7 +49,7 @@ def main() -> None:
     model, tok = load_dense(src, a.device, "bench", dtype=dtype)
     task = get_task("gsm8k")
     ids = calibration_ids(tok, task, a.samples, a.seq_len, 0, "gptq")
-    formats = palette({}, shapes_of(model))
+    formats = palette({"target": "transformers"}, shapes_of(model))   # the palette its recorded runs used
     peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     before = rss_bytes()
     if a.device.startswith("cuda"):

@@ -123,7 +123,8 @@ def sensitivity_part(model_dir: Path, device: str, task, samples: int, direct_wi
     from acf.methods.mixed import shapes_of
 
     model, tok = load_dense(model_dir, device, "bench", dtype=torch.float32 if device == "cpu" else None)
-    formats = palette({}, shapes_of(model, ["lm_head"]))
+    # the estimator's agreement is measured on every format acf allocates, 3-bit included (target transformers)
+    formats = palette({"target": "transformers"}, shapes_of(model, ["lm_head"]))
     ids = calibration_ids(tok, task, samples, seq_len, 0)
     t = time.perf_counter()
     est = fisher_sensitivity(model, ids, formats)

@@ -200,7 +200,7 @@ def test_gptq_and_its_fisher_pass_use_the_mix(tiny_model_dir, task, tmp_path, mo
     ctx = StepContext(device="cpu", task=task, calib_mix=0.25)
     strat = validate_strategy({"steps": [{"method": "gptq", "params": {
         "avg_bits": 5.0, "formats": formats, "sensitivity_samples": 4, "sensitivity_seq_len": L,
-        "calib_samples": 4, "seq_len": L}}]})
+        "calib_samples": 4, "seq_len": L, "target": "transformers"}}]})
     rec = run_strategy(strat, tiny_model_dir, tmp_path / "out", ctx)[-1]
     assert rec.status == "ok", rec.reason
     cal = rec.extra["calibration"]

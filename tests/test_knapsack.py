@@ -127,33 +127,35 @@ def test_random_small_instances_against_brute_force(scale):
 
 # --- on real shapes: validation and allocation agree --------------------------------------------------------------
 
-def _shapes_and_palette(spec, ignore=("lm_head",)):
+def _shapes_and_palette(spec, ignore=("lm_head",), target="vllm"):
     from acf.methods.mixed_step import palette
 
     shapes = [LayerShape(name=l.name, out_features=l.out_features, in_features=l.in_features) for l in spec.linears
               if not any(l.name == i or l.name.endswith("." + i) or l.name.endswith(i) for i in ignore)]
-    return shapes, palette({}, shapes)
+    return shapes, palette({"target": target}, shapes)
 
 
-def test_smallest_budget_that_validates_allocates_on_the_default_model(smol_dir):
+@pytest.mark.parametrize("target,floor", [("transformers", 3.25614), ("vllm", 4.02958)])
+def test_smallest_budget_that_validates_allocates_on_the_default_model(smol_dir, target, floor):
     """Issue #27: uniform W3 g64's size (3.25614 bits per weight on the default model) validated but the knapsack
-    refused it, since rounding every whole cost up to budget/UNITS overshot the capacity at the minimum."""
+    refused it, since rounding every whole cost up to budget/UNITS overshot the capacity at the minimum. Under
+    target vllm (no 3-bit format, one format per fused layer) the floor is uniform W4 per channel's, 4.02958."""
     from acf.methods.strategy import validate_strategy
     from acf.models.spec import infer_spec
 
     spec = infer_spec(smol_dir)
-    shapes, formats = _shapes_and_palette(spec)
+    shapes, formats = _shapes_and_palette(spec, target=target)
     dense = spec.bytes_per_param
-    lo = min_effective_bits(shapes, formats, dense)
-    assert round(lo, 5) == 3.25614
+    lo = min_effective_bits(shapes, formats, dense, target, spec.family)
+    assert round(lo, 5) == floor
     sens = _sens(shapes, formats, seed=3)
     for budget in (lo, lo - BITS_TOLERANCE / 2, lo + 1e-6, lo + 1e-3):
-        validate_strategy({"steps": [{"method": "gptq", "params": {"avg_bits": budget}}]}, spec)
-        a = allocate(shapes, sens, formats, budget, dense)
+        validate_strategy({"steps": [{"method": "gptq", "params": {"avg_bits": budget, "target": target}}]}, spec)
+        a = allocate(shapes, sens, formats, budget, dense, target, spec.family)
         assert a.predicted_bytes <= budget * sum(l.numel for l in shapes) / 8 + 1
-    _assert_all_cheapest(shapes, formats, allocate(shapes, sens, formats, lo, dense), dense)
+    _assert_all_cheapest(shapes, formats, allocate(shapes, sens, formats, lo, dense, target, spec.family), dense)
     below = lo - 10 * BITS_TOLERANCE
     with pytest.raises(StrategyError, match="below the smallest"):
-        validate_strategy({"steps": [{"method": "gptq", "params": {"avg_bits": below}}]}, spec)
+        validate_strategy({"steps": [{"method": "gptq", "params": {"avg_bits": below, "target": target}}]}, spec)
     with pytest.raises(ValueError, match="below the smallest"):
-        allocate(shapes, sens, formats, below, dense)
+        allocate(shapes, sens, formats, below, dense, target, spec.family)

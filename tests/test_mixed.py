@@ -88,19 +88,158 @@ def test_sensitivity_cache_reused_and_corrupt_file_recomputed(tmp_path):
     assert not hit3 and len(calls) == 2 and c3.scores == {"l0": {"w4g32": 0.5}}
 
 
+# --- target vllm: one format per fused layer (pure) ---------------------------------------------------------------
+
+#: two decoder blocks' q/k/v (fused by vLLM), o, gate/up (fused) and down, at widths vLLM's kernels take
+BLOCKS = [LayerShape(name=f"b{b}.{n}", out_features=o, in_features=i) for b in range(2) for n, o, i in
+          (("self_attn.q_proj", 128, 128), ("self_attn.k_proj", 64, 128), ("self_attn.v_proj", 64, 128),
+           ("self_attn.o_proj", 128, 128), ("mlp.gate_proj", 256, 128), ("mlp.up_proj", 256, 128),
+           ("mlp.down_proj", 128, 256))]
+VLLM_FORMATS = ["w4g32", "w4", "w8", KEEP]
+
+
+def _block_sens(layers, formats, seed=0) -> dict[str, dict[str, float]]:
+    """Fake sensitivities that pull the members of a fused layer apart: q far more sensitive than k and v."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for l in layers:
+        base = (float(torch.rand(1, generator=g)) + 0.01) * (50.0 if l.name.endswith("q_proj") else 1.0)
+        scale = {"w3": 4.0, "w4": 1.0, "w8": 0.01}
+        out[l.name] = {f: base * scale[f[:2]] * (0.8 if "g" in f else 1.0) for f in formats if f != KEEP}
+    return out
+
+
+def _fused_formats_agree(layer_formats: dict[str, str]) -> bool:
+    from acf.methods.vllm_rules import fused_groups
+
+    return all(len({layer_formats[m] for m in ms}) == 1 for ms in fused_groups(layer_formats).values())
+
+
+@pytest.mark.parametrize("budget", [4.6, 5.5, 8.5])
+def test_vllm_target_gives_a_fused_layer_one_format_at_its_summed_cost_and_damage(budget):
+    """Under target vllm the knapsack's items are fused layers: each gets one format, costing and hurting what its
+    members together do, and the choice is optimal over those items (brute force); under transformers the same
+    sensitivities split q from k/v."""
+    sens = _block_sens(BLOCKS, VLLM_FORMATS)
+    a = allocate(BLOCKS, sens, VLLM_FORMATS, budget, 2, target="vllm")
+    assert _fused_formats_agree(a.layer_formats) and a.effective_bits <= budget + 1e-9
+    assert a.predicted_bytes == sum(layer_bytes(parse_format(a.layer_formats[l.name]), l.out_features,
+                                                l.in_features, 2, l.name) for l in BLOCKS)
+    from acf.methods.vllm_rules import fused_groups
+
+    groups = list(fused_groups([l.name for l in BLOCKS]).values())
+    best = math.inf
+    for combo in itertools.product(VLLM_FORMATS, repeat=len(groups)):
+        fm = {m: f for ms, f in zip(groups, combo) for m in ms}
+        if effective_bits(BLOCKS, fm, 2) <= budget:
+            best = min(best, sum(0.0 if f == KEEP else sens[n][f] for n, f in fm.items()))
+    assert a.sensitivity_total == pytest.approx(best, rel=1e-6)
+    free = allocate(BLOCKS, sens, VLLM_FORMATS, budget, 2, target="transformers")
+    assert free.sensitivity_total <= a.sensitivity_total + 1e-12
+    if budget == 5.5:
+        assert not _fused_formats_agree(free.layer_formats)   # what vLLM would refuse
+
+
+def test_vllm_target_offers_only_formats_vllm_kernels_serve():
+    """3-bit formats (no in-tree vLLM kernel), and a group that does not divide a member's width, are not offered;
+    the floor rises accordingly and the default palette drops them."""
+    from acf.methods.mixed import offered, target_palette
+
+    q = LayerShape(name="b.self_attn.q_proj", out_features=128, in_features=128)
+    assert not offered(parse_format("w3g32"), [q], "vllm") and offered(parse_format("w3g32"), [q], "transformers")
+    assert offered(parse_format("w4g128"), [q], "vllm") and offered(parse_format("w8"), [q], "vllm")
+    assert not offered(parse_format("w4g16"), [q], "vllm")     # Marlin: channel, 32, 64, 128 (+256 at 4 bits)
+    wide = LayerShape(name="b.mlp.down_proj", out_features=64, in_features=512)
+    assert offered(parse_format("w4g256"), [wide], "vllm") and not offered(parse_format("w8g256"), [wide], "vllm")
+    assert target_palette(default_formats([16, 32, 64]), "vllm") == ["w4", "w4g64", "w4g32", "w8", KEEP]
+    assert target_palette(default_formats([16, 32, 64]), "transformers") == default_formats([16, 32, 64])
+    pal = ["w3g32", "w4g32", "w8", KEEP]
+    assert (min_effective_bits(BLOCKS, pal, 2, "vllm") > min_effective_bits(BLOCKS, pal, 2, "transformers"))
+    with pytest.raises(ValueError, match="target vllm"):
+        allocate(BLOCKS, _block_sens(BLOCKS, pal), pal, min_effective_bits(BLOCKS, pal, 2, "transformers"), 2,
+                 target="vllm")
+
+
+def _spec_of(config, tok_dir: Path, out: Path):
+    """A spec (acf.models.spec.infer_spec: meta device) for a config built with transformers' classes, with the
+    tiny model's tokenizer beside it."""
+    import shutil
+
+    out.mkdir(parents=True)
+    config.save_pretrained(out)
+    for f in tok_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    return infer_spec(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_vllm_target_on_real_specs_fuses_qkv_and_gate_up_per_block(arch, tiny_model_dir, tmp_path):
+    """The spec's own layer names (Llama, Qwen2 with q/k/v biases, Gemma 3) group as vLLM fuses them: one format
+    for q/k/v and one for gate/up in every block, at budgets from the floor to 8 bits."""
+    from transformers import Gemma3TextConfig, Qwen2Config
+
+    from acf.methods.mixed import items
+    from acf.methods.mixed_step import palette
+
+    kw = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+    if arch == "llama":
+        spec = infer_spec(tiny_model_dir)
+    elif arch == "qwen2":
+        spec = _spec_of(Qwen2Config(**kw), tiny_model_dir, tmp_path / arch)
+    else:
+        spec = _spec_of(Gemma3TextConfig(head_dim=32, **kw), tiny_model_dir, tmp_path / arch)
+    assert spec.family == arch
+    shapes = [LayerShape(name=l.name, out_features=l.out_features, in_features=l.in_features) for l in spec.linears
+              if l.name != "lm_head"]
+    groups = items(shapes, "vllm", spec.family)
+    assert len(groups) == 4 * spec.num_layers                           # qkv, o, gate_up, down per block
+    assert sorted(len(g) for g in groups) == [1] * (2 * spec.num_layers) + [2] * spec.num_layers + [3] * spec.num_layers
+    formats = palette({"target": "vllm"}, shapes)
+    assert all(not f.startswith("w3") for f in formats)
+    lo = min_effective_bits(shapes, formats, spec.bytes_per_param, "vllm", spec.family)
+    sens = _block_sens(shapes, formats, seed=1)
+    for budget in (lo, (lo + 8) / 2, 8.0):
+        a = allocate(shapes, sens, formats, budget, spec.bytes_per_param, "vllm", spec.family)
+        assert _fused_formats_agree(a.layer_formats), a.layer_formats
+        for i in range(spec.num_layers):
+            blk = {n.rsplit(".", 1)[-1]: f for n, f in a.layer_formats.items() if f".layers.{i}." in n}
+            assert blk["q_proj"] == blk["k_proj"] == blk["v_proj"] and blk["gate_proj"] == blk["up_proj"]
+
+
 # --- validation against a real spec ---------------------------------------------------------------------------------
 
 def test_validation_of_mixed_params(tiny_model_dir):
     spec = infer_spec(tiny_model_dir)
-    ok = validate_strategy({"steps": [{"method": "gptq", "params": {"avg_bits": 4.5}}]}, spec)
-    assert ok.steps[0].params["avg_bits"] == 4.5
+    ok = validate_strategy({"steps": [{"method": "gptq", "params": {"avg_bits": 5.5}}]}, spec)
+    assert ok.steps[0].params["avg_bits"] == 5.5 and ok.steps[0].params["target"] == "vllm"
     cases = [({"avg_bits": 2.5}, "below the smallest"),
              ({"avg_bits": 5, "formats": ["w4g48"]}, "power of two"),
              ({"avg_bits": 5, "layer_formats": {"x": "w4"}}, "not both"),
              ({"layer_formats": {"model.layers.0.mlp.down_proj": "w4"}}, "missing")]
     for params, words in cases:
+        for target in ("vllm", "transformers"):
+            with pytest.raises(StrategyError, match=words):
+                validate_strategy({"steps": [{"method": "rtn", "params": {**params, "target": target}}]}, spec)
+    # target vllm (the default): formats vLLM serves, one per fused layer, whole fused layers ignored
+    names = [l.name for l in spec.linears if l.name != "lm_head"]
+    split = {n: "w8" if n.endswith("k_proj") else "w4g32" for n in names}
+    assert validate_strategy({"steps": [{"method": "rtn", "params": {"layer_formats": split, "target":
+                                                                     "transformers"}}]}, spec)
+    vllm_cases = [({"layer_formats": split}, r"cannot load in vLLM.*model\.layers\.0\.self_attn\.qkv_proj: shards "
+                                             r"in different formats \(q_proj=w4g32, k_proj=w8, v_proj=w4g32\)"),
+                  ({"layer_formats": {n: "w3g32" for n in names}}, r"3-bit weights"),
+                  ({"avg_bits": 6, "formats": ["w3g32", "w4g32", "bf16"]}, "formats not served by vLLM.*w3g32"),
+                  ({"avg_bits": 6, "ignore": ["lm_head", "q_proj"]}, r"ignore covers part of fused layer"),
+                  ({"avg_bits": 4.5}, r"below the smallest.*target vllm")]
+    for params, words in vllm_cases:
         with pytest.raises(StrategyError, match=words):
             validate_strategy({"steps": [{"method": "rtn", "params": params}]}, spec)
+    assert validate_strategy({"steps": [{"method": "rtn", "params": {"avg_bits": 4.5, "target": "transformers"}}]},
+                             spec)
+    whole = {n: "w4g32" if "self_attn" in n else "w8" for n in names}
+    assert validate_strategy({"steps": [{"method": "rtn", "params": {"layer_formats": whole}}]}, spec)
 
 
 # --- real models --------------------------------------------------------------------------------------------------
@@ -170,7 +309,7 @@ def test_mixed_model_reloads_in_allocated_formats_at_predicted_size(method, extr
     spec = infer_spec(tiny_model_dir)
     strat = validate_strategy({"steps": [{"method": method, "params": {
         "avg_bits": 5.0, "formats": ["w3g32", "w4g32", "w8", KEEP], "sensitivity_samples": 4, "sensitivity_seq_len": 64,
-        **extra}}]}, spec)
+        "target": "transformers", **extra}}]}, spec)
     recs = run_strategy(strat, tiny_model_dir, tmp_path / "out", ctx)
     assert recs[-1].status == "ok", recs[-1].reason
     facts = recs[-1].extra["mixed_precision"]
@@ -188,8 +327,8 @@ def test_mixed_model_reloads_in_allocated_formats_at_predicted_size(method, extr
     with torch.no_grad():
         assert torch.isfinite(m(torch.tensor([[1, 2, 3, 4]])).logits).all()
     # replaying the recorded allocation reproduces the same formats without a sensitivity pass
-    replay = validate_strategy({"steps": [{"method": "rtn", "params": {"layer_formats": alloc["layer_formats"]}}]},
-                               spec)
+    replay = validate_strategy({"steps": [{"method": "rtn", "params": {"layer_formats": alloc["layer_formats"],
+                                                                        "target": "transformers"}}]}, spec)
     recs2 = run_strategy(replay, tiny_model_dir, tmp_path / "replay", ctx)
     assert recs2[-1].status == "ok", recs2[-1].reason
     assert recs2[-1].extra["mixed_precision"]["allocation"]["layer_formats"] == alloc["layer_formats"]

@@ -311,6 +311,28 @@ def compress(
     console.print(f"model written to {out}")
 
 
+@app.command("check-deploy")
+def check_deploy(model_dir: Path = typer.Argument(..., help="a saved compressed-tensors model directory"),
+                 target: str = typer.Option("vllm", help="runtime whose loader rules to apply (vllm)")):
+    """Check a saved model against a runtime's loader rules, read from its source (acf.methods.vllm_rules): fused
+    layers in one scheme, whole fused layers ignored, formats its kernels serve. Nothing is loaded: a model that
+    passes conforms by rules. Exit 2 with one line per violation."""
+    from acf.methods.deploy_check import check_vllm
+    from acf.methods.vllm_rules import VLLM_READ
+
+    if target != "vllm":
+        raise AcfError(f"--target {target!r}: only 'vllm' has loader rules here (transformers loads any per-layer "
+                       f"format)")
+    if not (model_dir / "config.json").is_file():
+        raise AcfError(f"{model_dir}: no config.json (not a saved model directory)")
+    found = check_vllm(model_dir)
+    for v in found:
+        print(v)
+    if found:
+        raise typer.Exit(2)
+    print(f"conforms (by rules; not loaded): {VLLM_READ}")
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="a run directory")):
     """Write report.md and plots for a run."""

@@ -17,6 +17,11 @@ sensitivity of the fit to the task's answers, i.e. task adaptation, not fidelity
 backward per window gives F for every layer at once, and every format costs only an RTN of the weights, so the pass
 scales to 8B models where quantizing each of ~224 layers x formats in turn and re-running the model would not.
 `experiments/bench_mixed.py` measures its rank agreement with the direct per-layer KL (`direct_sensitivity`).
+
+Deployment target: transformers loads each Linear in its own format, vLLM does not (it fuses q/k/v and gate/up into
+one layer with one scheme, and serves int weights only through some kernels: acf.methods.vllm_rules). Under target
+"vllm" the knapsack's items are those fused layers (`items`), each offered only the formats vLLM serves on its fused
+shape (`offered`), at its members' summed bytes and sensitivity; under "transformers" every Linear is an item.
 """
 
 from __future__ import annotations
@@ -123,16 +128,62 @@ def effective_bits(layers: Sequence[LayerShape], formats: dict[str, str], dense_
     return 8 * total / max(1, sum(by[n].numel for n in formats))
 
 
-def min_effective_bits(layers: Sequence[LayerShape], formats: Sequence[str], dense_bytes: int) -> float:
-    """The smallest budget the palette can meet: every layer at its cheapest format that fits its width."""
+def min_effective_bits(layers: Sequence[LayerShape], formats: Sequence[str], dense_bytes: int,
+                       target: str = "transformers", family: Optional[str] = None) -> float:
+    """The smallest budget the palette can meet: every allocation item (`items`) at its cheapest format offered
+    to it (`offered`)."""
     fmts = [parse_format(f) for f in formats]
     total = 0
-    for l in layers:
-        fit = [layer_bytes(f, l.out_features, l.in_features, dense_bytes, l.name) for f in fmts if f.fits(l.in_features)]
+    for members in items(layers, target, family):
+        fit = [sum(layer_bytes(f, l.out_features, l.in_features, dense_bytes, l.name) for l in members)
+               for f in fmts if offered(f, members, target)]
         if not fit:
             return math.inf
         total += min(fit)
     return 8 * total / max(1, sum(l.numel for l in layers))
+
+
+# --- deployment target (pure) --------------------------------------------------------------------------------------
+
+#: where a compressed-tensors output is meant to run. "vllm": one format per fused layer (q/k/v, gate/up, the
+#: experts of an MoE layer) and only formats vLLM's own WNA16 kernels serve (acf.methods.vllm_rules);
+#: "transformers": any format per Linear (transformers loads each Linear on its own).
+TARGETS = ("vllm", "transformers")
+
+
+def items(layers: Sequence[LayerShape], target: str = "transformers",
+          family: Optional[str] = None) -> list[list[LayerShape]]:
+    """What the allocator gives one format each: a fused group of layers under "vllm" (vLLM loads them as one layer
+    with one scheme), each layer on its own under "transformers"."""
+    if target != "vllm":
+        return [[l] for l in layers]
+    from acf.methods.vllm_rules import fused_groups
+
+    by = {l.name: l for l in layers}
+    return [[by[n] for n in names] for names in fused_groups(by, family).values()]
+
+
+def offered(fmt: Format, members: Sequence[LayerShape], target: str = "transformers") -> bool:
+    """Whether an item may take this format: its group divides every member's input width, and under "vllm" one of
+    vLLM's own kernels serves it on the fused shape (input K, the members' summed outputs N)."""
+    if not all(fmt.fits(m.in_features) for m in members):
+        return False
+    if fmt.keep or target != "vllm":
+        return True
+    from acf.methods.vllm_rules import wna16_problem
+
+    n = sum(m.out_features for m in members)
+    return all(wna16_problem(fmt.bits, fmt.group, m.in_features, n) is None for m in members)
+
+
+def target_palette(formats: Sequence[str], target: str) -> list[str]:
+    """The formats of a palette a target can serve at some shape (all of them under "transformers")."""
+    if target != "vllm":
+        return list(formats)
+    from acf.methods.vllm_rules import format_problem
+
+    return [f for f in formats if parse_format(f).keep or format_problem(parse_format(f).bits,
+                                                                         parse_format(f).group) is None]
 
 
 # --- allocation (pure) -------------------------------------------------------------------------------------------
@@ -249,28 +300,41 @@ def knapsack(costs: Sequence[Sequence[Optional[int]]], scores: Sequence[Sequence
 
 
 def allocate(layers: Sequence[LayerShape], sensitivity: dict[str, dict[str, float]], formats: Sequence[str],
-             budget_bits: float, dense_bytes: int) -> Allocation:
-    """Choose one format per layer minimising the summed sensitivity with total bytes <= budget_bits/8 per weight
-    (`knapsack`); formats that do not fit a layer's width, or have no score for it, are not offered for it. Raises
-    ValueError when the budget is below the smallest size the palette can reach."""
+             budget_bits: float, dense_bytes: int, target: str = "transformers",
+             family: Optional[str] = None) -> Allocation:
+    """Choose one format per item (`items`: a layer, or under target "vllm" a fused group whose members all take it)
+    minimising the summed sensitivity with total bytes <= budget_bits/8 per weight (`knapsack`). An item's bytes and
+    sensitivity per format are its members' sums (one format on q/k/v costs and hurts what the three do). Formats
+    not `offered` to an item, or without a score for each member, are not offered. Raises ValueError when the
+    budget is below the smallest size the palette can reach."""
     fmts = [parse_format(f) for f in formats]
-    lo = min_effective_bits(layers, formats, dense_bytes)
+    lo = min_effective_bits(layers, formats, dense_bytes, target, family)
     if below_minimum(budget_bits, lo):
         raise ValueError(f"budget {budget_bits:g} bits per weight is below the smallest the formats "
-                         f"{', '.join(formats)} reach on this model ({lo:.3f})")
+                         f"{', '.join(formats)} reach on this model ({lo:.3f})"
+                         + (" with one format per fused layer (target vllm)" if target == "vllm" else ""))
     total_w = sum(l.numel for l in layers)
+    groups = items(layers, target, family)
     costs, scores = [], []
-    for l in layers:
-        ok = [f.fits(l.in_features) and (f.keep or f.name in sensitivity.get(l.name, {})) for f in fmts]
-        costs.append([layer_bytes(f, l.out_features, l.in_features, dense_bytes, l.name) if o else None
-                      for f, o in zip(fmts, ok)])
-        scores.append([0.0 if (f.keep or not o) else float(sensitivity[l.name][f.name]) for f, o in zip(fmts, ok)])
+    for members in groups:
+        ok = [offered(f, members, target) and (f.keep or all(f.name in sensitivity.get(m.name, {}) for m in members))
+              for f in fmts]
+        costs.append([sum(layer_bytes(f, m.out_features, m.in_features, dense_bytes, m.name) for m in members)
+                      if o else None for f, o in zip(fmts, ok)])
+        scores.append([0.0 if (f.keep or not o) else sum(float(sensitivity[m.name][f.name]) for m in members)
+                       for f, o in zip(fmts, ok)])
     try:
-        picked, facts = solve([l.name for l in layers], [f.name for f in fmts], costs, scores, budget_bits, total_w)
+        picked, facts = solve([g[0].name for g in groups], [f.name for f in fmts], costs, scores, budget_bits,
+                              total_w)
     except ValueError:
         raise ValueError(f"no allocation meets {budget_bits:g} bits per weight with formats "
                          f"{', '.join(formats)}") from None
-    return Allocation(layer_formats=picked, **facts)
+    per_layer = {m.name: picked[g[0].name] for g in groups for m in g}
+    counts: dict[str, int] = {}
+    for f in per_layer.values():
+        counts[f] = counts.get(f, 0) + 1
+    facts["counts"] = counts
+    return Allocation(layer_formats={l.name: per_layer[l.name] for l in layers}, **facts)
 
 
 def solve(names: Sequence[str], options: Sequence[str], costs: Sequence[Sequence[Optional[int]]],

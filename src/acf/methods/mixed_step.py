@@ -7,7 +7,7 @@ Kept apart from `mixed.py` (formats, sizes, knapsack, estimators: no knowledge o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from acf.core.errors import MethodFailed
 from acf.evaluation.perf import weight_files_size
@@ -16,7 +16,7 @@ from acf.methods._common import report, stored_dtype
 from acf.methods.base import StepContext
 from acf.methods.calibration import calibration_facts, calibration_ids, general_count
 from acf.methods.mixed import (KEEP, Allocation, LayerShape, allocate, default_formats, effective_bits,
-                               fisher_sensitivity, layer_bytes, parse_format, shapes_of)
+                               fisher_sensitivity, layer_bytes, parse_format, shapes_of, target_palette)
 from acf.methods.sensitivity_cache import cached_sensitivity, sensitivity_key, weights_digest
 
 
@@ -26,12 +26,37 @@ def _dense_bytes(in_dir: Path) -> int:
 
 
 def palette(params: dict, shapes: list[LayerShape]) -> list[str]:
-    """The formats a step may allocate: its `formats`, or the default palette for the layers' widths."""
+    """The formats a step may allocate: its `formats`, or the default palette for the layers' widths, less the
+    formats its target cannot serve (target "vllm": 3-bit, for one; validation refuses them in `formats`)."""
     if params.get("formats"):
         return list(params["formats"])
     widths = {s.in_features for s in shapes}
     valid = [g for g in (16, 32, 64, 128, 256) if all(w % g == 0 for w in widths)]
-    return default_formats(valid)
+    return target_palette(default_formats(valid), params.get("target") or "vllm")
+
+
+def replay_problems(layer_formats: dict[str, str], shapes: list[LayerShape], family: Optional[str]) -> list[str]:
+    """Why a given allocation cannot load in vLLM (target "vllm"): a fused layer whose members differ in format, or
+    a format vLLM's kernels do not serve on the fused shape. Pure; one line per fused layer."""
+    from acf.methods.mixed import items
+    from acf.methods.vllm_rules import fused_key, group_problems, wna16_problem
+
+    out = []
+    for members in items([s for s in shapes if s.name in layer_formats], "vllm", family):
+        names = [m.name for m in members]
+        key = fused_key(names[0], family)
+        split = group_problems(names, layer_formats)
+        if split:
+            out.append(f"{key}: {split}")
+            continue
+        f = parse_format(layer_formats[names[0]])
+        if f.keep:
+            continue
+        n = sum(m.out_features for m in members)
+        why = next((w for m in members if (w := wna16_problem(f.bits, f.group, m.in_features, n))), None)
+        if why:
+            out.append(f"{key} ({f.name}): {why}")
+    return out
 
 
 def allocation_for(model, tok, params: dict, in_dir: Path, ctx: StepContext, method: str) -> tuple[Allocation, dict]:
@@ -40,6 +65,8 @@ def allocation_for(model, tok, params: dict, in_dir: Path, ctx: StepContext, met
     ignore = list(params.get("ignore") or [])
     shapes = shapes_of(model, ignore)
     dense = _dense_bytes(in_dir)
+    target = params.get("target") or "vllm"
+    family = getattr(getattr(model, "config", None), "model_type", None)
     given = params.get("layer_formats")
     if given:
         names = {s.name for s in shapes}
@@ -58,6 +85,11 @@ def allocation_for(model, tok, params: dict, in_dir: Path, ctx: StepContext, met
         alloc = Allocation(layer_formats={s.name: given[s.name] for s in shapes}, budget_bits=round(eff, 4),
                            effective_bits=round(eff, 4), predicted_bytes=nbytes, sensitivity_total=float("nan"),
                            counts=counts)
+        bad = replay_problems(given, shapes, family) if target == "vllm" else []
+        if bad:
+            more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise MethodFailed(method, "config", f"layer_formats cannot load in vLLM (target vllm): "
+                                                 f"{'; '.join(bad[:3])}{more}; give target 'transformers' to keep them")
         facts: dict[str, Any] = {"source": "layer_formats (replayed)"}
     else:
         formats = palette(params, shapes)
@@ -73,7 +105,7 @@ def allocation_for(model, tok, params: dict, in_dir: Path, ctx: StepContext, met
 
         cache, hit = cached_sensitivity(cache_dir() / "sensitivity", key, compute, task=task, n=n, seq_len=L)
         try:
-            alloc = allocate(shapes, cache.scores, formats, float(params["avg_bits"]), dense)
+            alloc = allocate(shapes, cache.scores, formats, float(params["avg_bits"]), dense, target, family)
         except ValueError as e:
             raise MethodFailed(method, "config", str(e)) from None
         facts = {"source": f"allocated for avg_bits={params['avg_bits']}",
@@ -83,7 +115,7 @@ def allocation_for(model, tok, params: dict, in_dir: Path, ctx: StepContext, met
                                                      " (evaluation's prompt format)")},
                  "formats": formats}
     kept_dense = sum(layer_bytes(parse_format(KEEP), s.out_features, s.in_features, dense, s.name) for s in shapes)
-    facts.update(allocation=alloc.model_dump(),
+    facts.update(target=target, allocation=alloc.model_dump(),
                  predicted_weight_file_bytes=weight_files_size(in_dir) - kept_dense + alloc.predicted_bytes)
     return alloc, facts
 
@@ -95,3 +127,17 @@ def record_measured_size(facts: dict, out_dir: Path) -> None:
     pred = facts.get("predicted_weight_file_bytes")
     if pred:
         facts["size_prediction_error"] = round((pred - measured) / measured, 5)
+
+
+def record_deploy_check(facts: dict, out_dir: Path, method: str) -> None:
+    """Check the written model against vLLM's loader rules (acf.methods.deploy_check) and put the verdict in the
+    facts: every mixed-precision output says whether it conforms, as "checked by rules", never "loads" (vLLM is not
+    run). Under target "vllm" a violation is acf's own error (the allocator gives one servable format per fused
+    layer), so the step fails rather than record a model it promised vLLM could serve."""
+    from acf.methods.deploy_check import check_vllm, verdict
+
+    found = check_vllm(out_dir)
+    facts["deploy_check"] = verdict(found)
+    if found and facts.get("target") == "vllm":
+        raise MethodFailed(method, "deploy", f"the output breaks {len(found)} vLLM loader rule(s) although its "
+                                             f"target is vllm: {'; '.join(str(v) for v in found[:3])}")

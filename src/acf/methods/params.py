@@ -36,6 +36,11 @@ class MixedPrecision(MethodParams):
     sensitivity_samples: int = Field(16, ge=1, le=1024, description="calibration windows of the Fisher "
                                      "sensitivity pass (avg_bits)")
     sensitivity_seq_len: int = Field(512, ge=16, le=8192, description="tokens per sensitivity window")
+    target: Literal["vllm", "transformers"] = Field("vllm", description="where the allocation is meant to run: "
+                                                    "'vllm' gives one format to each layer vLLM fuses (q/k/v, "
+                                                    "gate/up) and only formats vLLM's int kernels serve (4/8 bits, "
+                                                    "groups 32/64/128, per channel; acf.methods.vllm_rules); "
+                                                    "'transformers' any format per Linear")
 
 
 class GPTQParams(Calib, MixedPrecision):

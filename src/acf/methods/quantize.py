@@ -163,9 +163,10 @@ def llmcompressor_quantize(method: str, params: dict, in_dir: Path, out_dir: Pat
     save_model(model, tok, out_dir, dtype=stored_dtype(in_dir), save_compressed=True)
     free(model)
     if mixed is not None:
-        from acf.methods.mixed_step import record_measured_size
+        from acf.methods.mixed_step import record_deploy_check, record_measured_size
 
         record_measured_size(extra["mixed_precision"], out_dir)
+        record_deploy_check(extra["mixed_precision"], out_dir, method)
     return extra
 
 

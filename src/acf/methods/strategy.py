@@ -164,7 +164,9 @@ def _check_params(where: str, method: str, p: BaseModel, spec) -> list[str]:
 
 def _check_mixed(where: str, p: BaseModel, spec) -> list[str]:
     """Mixed precision: formats that parse, a budget the palette can reach on this model, an explicit allocation
-    that names the model's layers with formats their widths take. Pure (spec shapes only)."""
+    that names the model's layers with formats their widths take; under target "vllm" also formats vLLM's kernels
+    serve, one format per fused layer, and an ignore list of whole fused layers (acf.methods.vllm_rules). Pure
+    (spec shapes only)."""
     if not isinstance(p, MixedPrecision) or (p.avg_bits is None and not p.layer_formats):
         return []
     from acf.methods.mixed import LayerShape, below_minimum, min_effective_bits, parse_format
@@ -178,11 +180,19 @@ def _check_mixed(where: str, p: BaseModel, spec) -> list[str]:
             parse_format(f)
         except ValueError as e:
             out.append(f"{where}: {e}")
+    if out:
+        return out
+    if p.target == "vllm":
+        out += _vllm_formats(where, list(p.formats or []))
     if out or spec is None:
         return out
     ignore = tuple(getattr(p, "ignore", ["lm_head"]))
+    ignored = [l for l in spec.linears if any(l.name == i or l.name.endswith("." + i) or l.name.endswith(i)
+                                              for i in ignore)]
     shapes = [LayerShape(name=l.name, out_features=l.out_features, in_features=l.in_features) for l in spec.linears
-              if not any(l.name == i or l.name.endswith("." + i) or l.name.endswith(i) for i in ignore)]
+              if l not in ignored]
+    if p.target == "vllm":
+        out += _vllm_ignore(where, [l.name for l in ignored], [s.name for s in shapes], spec.family)
     if p.layer_formats:
         by = {s.name: s for s in shapes}
         unknown = sorted(set(p.layer_formats) - set(by))
@@ -194,15 +204,46 @@ def _check_mixed(where: str, p: BaseModel, spec) -> list[str]:
                if n in by and not parse_format(f).fits(by[n].in_features)]
         if bad:
             out.append(f"{where}: group size does not divide the input width of {', '.join(bad[:3])}")
+        if p.target == "vllm" and not bad:
+            from acf.methods.mixed_step import replay_problems
+
+            split = replay_problems(p.layer_formats, shapes, spec.family)
+            if split:
+                out.append(f"{where}: layer_formats cannot load in vLLM (target vllm): {'; '.join(split[:3])}"
+                           f"{f' (+{len(split) - 3} more)' if len(split) > 3 else ''}; give target 'transformers' "
+                           f"to keep them")
         return out
     from acf.methods.mixed_step import palette
 
-    formats = palette({"formats": p.formats}, shapes)
-    lo = min_effective_bits(shapes, formats, spec.bytes_per_param)
+    formats = palette({"formats": p.formats, "target": p.target}, shapes)
+    lo = min_effective_bits(shapes, formats, spec.bytes_per_param, p.target, spec.family)
     if below_minimum(p.avg_bits, lo):   # the rule `allocate` applies, so what validates allocates
         out.append(f"{where}: avg_bits {p.avg_bits:g} is below the smallest size the formats {', '.join(formats)} "
-                   f"reach on this model ({lo:.3f} bits per weight)")
+                   f"reach on this model ({lo:.3f} bits per weight"
+                   + (", one format per fused layer, target vllm)" if p.target == "vllm" else ")"))
     return out
+
+
+def _vllm_formats(where: str, formats: list[str]) -> list[str]:
+    """Palette formats vLLM's kernels serve at no shape (target vllm)."""
+    from acf.methods.mixed import parse_format
+    from acf.methods.vllm_rules import format_problem
+
+    bad = [f"{f} ({why})" for f in formats if not parse_format(f).keep
+           and (why := format_problem(parse_format(f).bits, parse_format(f).group))]
+    return [f"{where}: formats not served by vLLM (target vllm): {'; '.join(bad)}; give target 'transformers' to "
+            f"allocate them"] if bad else []
+
+
+def _vllm_ignore(where: str, ignored: list[str], kept: list[str], family: Optional[str]) -> list[str]:
+    """An ignore list that keeps part of a fused layer in 16 bits (vLLM refuses: one scheme per fused layer)."""
+    from acf.methods.vllm_rules import fused_groups
+
+    ig = set(ignored)
+    split = [k for k, members in fused_groups(ignored + kept, family).items()
+             if len(members) > 1 and 0 < sum(m in ig for m in members) < len(members)]
+    return [f"{where}: ignore covers part of fused layer(s) {', '.join(split[:3])}; vLLM loads q/k/v (gate/up) as one "
+            f"layer with one scheme (target vllm): ignore all of its shards or none"] if split else []
 
 
 def _check_order(steps: list[Step], kinds: list[str]) -> list[str]:

@@ -86,11 +86,16 @@ class SearchSpace:
         self.gguf_precisions = self._gguf_budgets(gguf_precisions)
 
     def _budget_range(self) -> tuple[float, float, float]:
-        from acf.methods.mixed import default_formats, min_effective_bits
+        from acf.methods.mixed import default_formats, min_effective_bits, target_palette
         from acf.methods.nominal import quantizable_shapes
+        from acf.methods.params import MixedPrecision
 
-        lo = min_effective_bits(quantizable_shapes(self.spec), default_formats(self.spec.valid_group_sizes),
-                                self.spec.bytes_per_param)
+        # the default target's palette and fused groups (vllm: no 3-bit, one format per q/k/v): a budget below
+        # what they reach would only fail validation
+        target = MixedPrecision.model_fields["target"].default
+        lo = min_effective_bits(quantizable_shapes(self.spec), target_palette(default_formats(self.spec.valid_group_sizes),
+                                                                   target),
+                                self.spec.bytes_per_param, target, self.spec.family)
         return _grid_up(lo), BUDGET_MAX, BUDGET_STEP
 
     def _gguf_shapes(self) -> list:
@@ -180,7 +185,10 @@ class SearchSpace:
                 continue
             # acf's answer to the W4 recipes: bits allocated per layer at no larger a size (4.25 bits = uniform W4
             # at the largest group), then the norms distilled from the uncompressed model (kd_tune)
-            mixed = {"prune": "none", "quant_only": quant, **self.budget_params(4.25), **extra}
+            budget = self.budget_params(4.25)
+            if not budget:   # the default target's smallest allocation is larger (tiny models, vllm): no answer
+                continue
+            mixed = {"prune": "none", "quant_only": quant, **budget, **extra}
             if kd is not None:
                 seeds.append({**mixed, **kd})
             seeds.append({**mixed, **self.untuned(quant)})
