@@ -71,6 +71,8 @@ def acf_inproc(capsys, *args) -> tuple[int, str]:
     (["run", "--final-limit", "5", "--final-metrics", "kld,mc2"], "--final-metrics: mc2 not measured on this task"),
     (["run", "--recipes", "gptq_w4g64_ao,bogus"], "--recipes: bogus is not a recipe name"),
     (["run", "--calib-mix", "1.5"], "--calib-mix is the share"),
+    (["run", "--limit", "abc"], "Invalid value for '--limit'"),          # typer's own parse errors: one line too
+    (["run", "--no-such-option"], "No such option: --no-such-option"),
 ])
 def test_cli_bad_input_one_line_exit_2(args, msg, tmp_path, capsys):
     extra = ["--run-dir", str(tmp_path / "r")] if args[0] == "run" else []

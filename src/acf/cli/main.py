@@ -345,6 +345,29 @@ def _mount_optional() -> None:
 _mount_optional()
 
 
+def _usage_error(e: BaseException) -> Optional[tuple[int, Optional[str]]]:
+    """(exit code, one line or None) for a command-line parsing error (bad value, unknown option, missing one), or
+    None for any other exception. With standalone_mode=False these reach `main` as exceptions; typer >= 0.2x raises
+    its own copy of click's classes (`typer.TyperException` at their root), which `click.ClickException` does not
+    catch, so `acf run --limit abc` printed a 78-line traceback."""
+    bases: list[type] = [c for c in (getattr(typer, "TyperException", None),) if c is not None]
+    try:
+        import click
+
+        bases.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    if not isinstance(e, tuple(bases)):
+        return None
+    code = int(getattr(e, "exit_code", 2))
+    if type(e).__name__ == "NoArgsIsHelpError":   # the help text has been printed already
+        return code, None
+    msg = e.format_message() if hasattr(e, "format_message") else str(e)
+    ctx = getattr(e, "ctx", None)
+    where = f" ({ctx.command_path} --help lists the options)" if ctx is not None and code == 2 else ""
+    return code, " ".join(str(msg).split()) + where
+
+
 def main() -> None:
     try:
         rv = app(standalone_mode=False)
@@ -361,13 +384,16 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors come here in standalone_mode=False
-        import click
+    except Exception as e:  # typer/click usage errors come here in standalone_mode=False
+        usage = _usage_error(e)
+        if usage is not None:
+            code, line = usage
+            if line:
+                from rich.markup import escape
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+                err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
+            sys.exit(code)
+        if isinstance(e, typer.Abort):   # EOF at a prompt (typer.Abort is click's in older typer)
             sys.exit(130)
         raise
 
