@@ -82,6 +82,15 @@ def test_cli_bad_input_one_line_exit_2(args, msg, tmp_path, capsys):
     assert not (tmp_path / "r" / "frontier.json").exists()
 
 
+def test_cli_run_dir_under_a_file(tmp_path, capsys):
+    """`--run-dir FILE/x` (e.g. /etc/passwd/x): one line naming the file in the way, not a NotADirectoryError."""
+    f = tmp_path / "a-file"
+    f.write_text("")
+    code, err = acf_inproc(capsys, "run", "--run-dir", str(f / "x"), "--limit", "2")
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert f"--run-dir {f / 'x'}" in err and f"{f} is a file, not a directory" in err
+
+
 def test_cli_device_cuda_without_cuda(capsys):
     import torch
 

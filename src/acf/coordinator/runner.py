@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from acf.core.atomic import write_text
 from acf.core.errors import AcfError, RunDirError
 from acf.models.loading import freeze_library_objects
-from acf.coordinator.run_context import RunConfig, RunContext, validate_config
+from acf.coordinator.run_context import RunConfig, RunContext, make_run_dir, validate_config
 
 THREAD = {"configurable": {"thread_id": "acf-run"}, "recursion_limit": 100000}
 
@@ -65,7 +65,7 @@ class Pipeline:
         cfg.device = resolve_device(cfg.device)
         # the study's name is fixed when the run starts, so a run folder that is moved or copied still finds it
         cfg.study_name = cfg.study()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(run_dir)
         write_text(run_dir / "run_config.json", cfg.model_dump_json(indent=2))
         self.ctx = RunContext(cfg, console)
         if cfg.planner:
