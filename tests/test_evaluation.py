@@ -91,6 +91,23 @@ def test_cli_run_dir_under_a_file(tmp_path, capsys):
     assert f"--run-dir {f / 'x'}" in err and f"{f} is a file, not a directory" in err
 
 
+def test_cli_truncated_weights_one_line(tiny_model_dir, tmp_path, capsys):
+    """A model whose model.safetensors was cut in half is refused before loading, naming the file (it was a
+    SafetensorError traceback from inside transformers)."""
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, cut)
+    f = cut / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    for args in (["eval", "--limit", "2"], ["run", "--run-dir", str(tmp_path / "r"), "--limit", "2"]):
+        code, err = acf_inproc(capsys, *args, "--model", str(cut))
+        assert code == 2 and err.strip().count("\n") == 0, err
+        assert f"{f} is not a complete safetensors file" in err and "cut short" in err
+    assert not (tmp_path / "r").exists()   # refused before the run directory is written
+
+
 def test_cli_device_cuda_without_cuda(capsys):
     import torch
 

@@ -89,6 +89,22 @@ def test_model_errors(tmp_path):
         resolve_model("some-org/some-model-that-is-not-cached", offline=True)
 
 
+def test_truncated_safetensors_is_refused_naming_the_file(tiny_model_dir, tmp_path):
+    import shutil
+
+    from acf.models.loading import check_weights, load_model
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, cut)
+    f = cut / "model.safetensors"
+    check_weights(cut)   # complete: passes
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    for load in (lambda: resolve_model(str(cut)), lambda: load_model(cut)):
+        with pytest.raises(ModelNotFound, match=rf"{f}.*cut short"):
+            load()
+
+
 def test_device_errors():
     import torch
 

@@ -60,9 +60,14 @@ class Pipeline:
         elif (run_dir / "run_config.json").exists():
             raise RunDirError(f"{run_dir} already holds a run: use --resume {run_dir} or another --run-dir")
         validate_config(cfg, get_task(cfg.dataset, cfg.data_dir).metrics)
-        from acf.models.loading import resolve_device
+        from acf.models.loading import resolve_device, resolve_model
 
         cfg.device = resolve_device(cfg.device)
+        if not resume:
+            # an unknown or unreadable model (no config.json, weights cut short) is refused before the run
+            # directory is written, so the same command works again once it is fixed (init_run resolves it again,
+            # from the cache)
+            resolve_model(cfg.model)
         # the study's name is fixed when the run starts, so a run folder that is moved or copied still finds it
         cfg.study_name = cfg.study()
         make_run_dir(run_dir)
