@@ -108,6 +108,15 @@ def test_cli_truncated_weights_one_line(tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "r").exists()   # refused before the run directory is written
 
 
+def test_cli_interactive_needs_a_terminal(tmp_path):
+    """`acf run --interactive </dev/null` stops at once with one line, before any model loads or run dir is made."""
+    r = subprocess.run([sys.executable, "-m", "acf.cli.main", "run", "--interactive", "--run-dir",
+                        str(tmp_path / "r")], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "--interactive" in r.stderr and "stdin is not a terminal" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_device_cuda_without_cuda(capsys):
     import torch
 

@@ -34,6 +34,16 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _check_terminal(interactive: bool, recorded: bool = False) -> None:
+    """`--interactive` asks at the terminal: refuse it when stdin is not one (a pipe, </dev/null, a batch job)
+    before any model loads, instead of failing at the first question after the baseline and the recipes."""
+    if interactive and not sys.stdin.isatty():
+        how = "this run was started with --interactive (run_config.json)" if recorded else "--interactive"
+        raise AcfError(f"{how} asks you to approve each strategy at the terminal, but stdin is not a terminal; run "
+                       f"it from a terminal, or answer from Python (acf.coordinator.runner.Pipeline(cfg).start() / "
+                       f".resume(answer))")
+
+
 def _steps(value: str, flag: str = "--recover-steps") -> list[int]:
     try:
         steps = [int(v) for v in _csv(value) or []]
@@ -131,6 +141,7 @@ def run(
             raise AcfError(f"--resume {resume}: that run is for dataset {cfg.dataset!r}, not {dataset!r}")
         if episodes is not None and episodes > cfg.episodes:
             cfg.episodes = episodes  # resuming with more episodes extends the run
+        _check_terminal(interactive or cfg.interactive, recorded=not interactive)
         cfg.interactive = interactive or cfg.interactive
         if device:
             cfg.device = device
@@ -147,6 +158,7 @@ def run(
     else:
         from acf.tasks import get_task
 
+        _check_terminal(interactive)
         get_task(dataset, str(data_dir) if data_dir else None)  # an unknown task fails before a run dir is made
         objs = objectives or ",".join(default_objectives(runtime))
         rd = run_dir or Path("runs") / f"{Path(model).name}-{dataset.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
