@@ -34,6 +34,15 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C during `acf run`, carrying the run's directory. typer turns a bare KeyboardInterrupt into exit 130
+    and forgets which run it was in, so `run` re-raises it as this and `main` can name the directory to resume."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
 def _check_terminal(interactive: bool, recorded: bool = False) -> None:
     """`--interactive` asks at the terminal: refuse it when stdin is not one (a pipe, </dev/null, a batch job)
     before any model loads, instead of failing at the first question after the baseline and the recipes."""
@@ -152,9 +161,6 @@ def run(
             cfg.final_limit = final_limit
         if final_metrics:
             cfg.final_metrics = _csv(final_metrics)
-        if workers is not None:
-            return _run_workers(cfg, workers, artifacts, resume=True)
-        ctx = run_in_terminal(cfg, console, resume=True)
     else:
         from acf.tasks import get_task
 
@@ -176,9 +182,13 @@ def run(
                         recover_steps=_steps(recover_steps), tune_steps=_steps(tune_steps, "--tune-steps"),
                         tune_methods=_csv(tune_methods), calib_mix=calib_mix, recipes=_csv(recipes),
                         trust_remote_code=trust_remote_code, skip_sanity=skip_sanity, command=[Path(sys.argv[0]).name] + sys.argv[1:])
+    try:
         if workers is not None:
-            return _run_workers(cfg, workers, artifacts)
-        ctx = run_in_terminal(cfg, console)
+            return _run_workers(cfg, workers, artifacts, resume=resume is not None)
+        ctx = run_in_terminal(cfg, console, resume=resume is not None)
+    except KeyboardInterrupt:
+        # the folder the user gave to --resume (the recorded run_dir may name where the run was first made)
+        raise RunInterrupted(resume if resume is not None else Path(cfg.run_dir)) from None
     console.print(f"\nfrontier JSON: {ctx.frontier_path}")
     from acf.reports.report import write_report
 
@@ -391,8 +401,17 @@ def main() -> None:
     except AcfError as e:
         err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("\n[yellow]interrupted[/]: what was recorded is kept; continue with `acf run --resume RUN_DIR`")
+    except RunInterrupted as e:
+        from rich.markup import escape
+
+        if (e.run_dir / "run_config.json").is_file():
+            tail = f"what was recorded is kept; continue with `acf run --resume {escape(str(e.run_dir))}`"
+        else:
+            tail = f"the run had not started ({escape(str(e.run_dir))} holds no run_config.json); nothing to resume"
+        err_console.print(f"\n[yellow]interrupted[/]: {tail}", soft_wrap=True)
+        sys.exit(130)
+    except KeyboardInterrupt:   # any other command: nothing of it is resumable
+        err_console.print("\n[yellow]interrupted[/]")
         sys.exit(130)
     except SystemExit:
         raise
