@@ -51,6 +51,8 @@ def test_subset_deterministic():
 def test_gsm8k_loads_from_acf_data_dir(data_root):
     items = get_task("gsm8k").load("test", limit=5, seed=0)
     assert len(items) == 5 and all(it.target is not None and "<<" not in it.reference for it in items)
+    for split in ("test", "train"):   # the shipped files pass the final-answer check: every line has '#### <n>'
+        assert all(it.target is not None for it in get_task("gsm8k").load(split, seed=None))
     texts = get_task("gsm8k").train_texts(3)
     assert len(texts) == 3 and all("Answer:" in t for t in texts)
 
@@ -68,6 +70,15 @@ def test_data_errors(tmp_path, monkeypatch):
         get_task("gsm8k", str(bad)).load()
     (bad / "test.jsonl").write_text('{"question": "q"}\n')
     with pytest.raises(DataError, match=r"test.jsonl:1: missing field\(s\) answer"):
+        get_task("gsm8k", str(bad)).load()
+    # an answer without its final '#### <number>' has no target: refused at its line (blank lines counted), not
+    # scored against the last number of the solution or against nothing
+    (bad / "test.jsonl").write_text('{"question": "q", "answer": "2 + 4 = 6\\n#### 6"}\n\n'
+                                    '{"question": "q", "answer": "six"}\n')
+    with pytest.raises(DataError, match=r"test.jsonl:3: answer has no final '#### <number>'.*'six'"):
+        get_task("gsm8k", str(bad)).load()
+    (bad / "test.jsonl").write_text('{"question": "q", "answer": "2 + 4 = 6\\n#### six"}\n')
+    with pytest.raises(DataError, match=r"test.jsonl:1: answer's final '####' is not followed by a number"):
         get_task("gsm8k", str(bad)).load()
     with pytest.raises(DataError, match="unknown task"):
         get_task("nope")
