@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +115,45 @@ def test_truncated_safetensors_is_refused_naming_the_file(tiny_model_dir, tmp_pa
     for load in (lambda: resolve_model(str(cut)), lambda: load_model(cut)):
         with pytest.raises(ModelNotFound, match=rf"{f}.*cut short"):
             load()
+
+
+def test_tmp_dirs_are_removed_only_when_their_process_is_gone(tmp_path):
+    """`atomic_dir` temporaries carry host and pid; `clean_partial_dirs` removes one only when it is this host's
+    and its pid no longer runs (or it predates owners), so a concurrent process's folder survives."""
+    import subprocess
+    import sys
+
+    from acf.core.atomic import atomic_dir, clean_partial_dirs, tmp_owner, tmp_prefix
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        mine = tmp_prefix(tmp_path / "m")                         # .tmp-m@<host>@<pid>@
+        host, pid = tmp_owner(mine + "abc")
+        assert pid == os.getpid()
+
+        def plant(name: str) -> Path:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "tokenizer.json").write_text("{}")
+            return tmp_path / name
+
+        of_dead = plant(mine.replace(f"@{pid}@", f"@{dead.pid}@") + "d1")
+        of_live = plant(mine.replace(f"@{pid}@", f"@{live.pid}@") + "l1")
+        of_mine = plant(mine + "s1")
+        elsewhere = plant(mine.replace(f"@{host}@", "@another-host@").replace(f"@{pid}@", f"@{dead.pid}@") + "h1")
+        legacy = plant(".tmp-m-k2j4x9")                            # named before names carried an owner
+        with atomic_dir(tmp_path / "x") as t:
+            assert tmp_owner(t) == (host, os.getpid())
+            assert sorted(clean_partial_dirs(tmp_path)) == sorted([of_dead, legacy])
+            assert t.is_dir()
+        assert of_live.is_dir() and of_mine.is_dir() and elsewhere.is_dir() and (tmp_path / "x").is_dir()
+        live.kill()
+        live.wait()
+        assert clean_partial_dirs(tmp_path) == [of_live]
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_device_errors():

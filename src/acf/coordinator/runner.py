@@ -107,7 +107,8 @@ class Pipeline:
             import shutil
 
             for d in art.iterdir():
-                if d.name not in recorded and d.name != inflight:
+                # `.tmp-*` folders are clean_partial_dirs' to judge: one of a live process is not ours to remove
+                if d.name not in recorded and d.name != inflight and not d.name.startswith(".tmp-"):
                     shutil.rmtree(d, ignore_errors=True)
         if failed:
             self.ctx.say(f"[dim]resume: trials {failed} left running by the killed process were marked failed[/]")
