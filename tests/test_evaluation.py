@@ -71,6 +71,8 @@ def acf_inproc(capsys, *args) -> tuple[int, str]:
     (["run", "--final-limit", "5", "--final-metrics", "kld,mc2"], "--final-metrics: mc2 not measured on this task"),
     (["run", "--recipes", "gptq_w4g64_ao,bogus"], "--recipes: bogus is not a recipe name"),
     (["run", "--calib-mix", "1.5"], "--calib-mix is the share"),
+    (["run", "--limit", "abc"], "Invalid value for '--limit'"),          # typer's own parse errors: one line too
+    (["run", "--no-such-option"], "No such option: --no-such-option"),
 ])
 def test_cli_bad_input_one_line_exit_2(args, msg, tmp_path, capsys):
     extra = ["--run-dir", str(tmp_path / "r")] if args[0] == "run" else []
@@ -78,6 +80,41 @@ def test_cli_bad_input_one_line_exit_2(args, msg, tmp_path, capsys):
     assert code == 2, err
     assert msg in err and err.strip().count("\n") == 0, err
     assert not (tmp_path / "r" / "frontier.json").exists()
+
+
+def test_cli_run_dir_under_a_file(tmp_path, capsys):
+    """`--run-dir FILE/x` (e.g. /etc/passwd/x): one line naming the file in the way, not a NotADirectoryError."""
+    f = tmp_path / "a-file"
+    f.write_text("")
+    code, err = acf_inproc(capsys, "run", "--run-dir", str(f / "x"), "--limit", "2")
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert f"--run-dir {f / 'x'}" in err and f"{f} is a file, not a directory" in err
+
+
+def test_cli_truncated_weights_one_line(tiny_model_dir, tmp_path, capsys):
+    """A model whose model.safetensors was cut in half is refused before loading, naming the file (it was a
+    SafetensorError traceback from inside transformers)."""
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, cut)
+    f = cut / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    for args in (["eval", "--limit", "2"], ["run", "--run-dir", str(tmp_path / "r"), "--limit", "2"]):
+        code, err = acf_inproc(capsys, *args, "--model", str(cut))
+        assert code == 2 and err.strip().count("\n") == 0, err
+        assert f"{f} is not a complete safetensors file" in err and "cut short" in err
+    assert not (tmp_path / "r").exists()   # refused before the run directory is written
+
+
+def test_cli_interactive_needs_a_terminal(tmp_path):
+    """`acf run --interactive </dev/null` stops at once with one line, before any model loads or run dir is made."""
+    r = subprocess.run([sys.executable, "-m", "acf.cli.main", "run", "--interactive", "--run-dir",
+                        str(tmp_path / "r")], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "--interactive" in r.stderr and "stdin is not a terminal" in r.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_device_cuda_without_cuda(capsys):

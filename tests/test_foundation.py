@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,8 @@ def test_subset_deterministic():
 def test_gsm8k_loads_from_acf_data_dir(data_root):
     items = get_task("gsm8k").load("test", limit=5, seed=0)
     assert len(items) == 5 and all(it.target is not None and "<<" not in it.reference for it in items)
+    for split in ("test", "train"):   # the shipped files pass the final-answer check: every line has '#### <n>'
+        assert all(it.target is not None for it in get_task("gsm8k").load(split, seed=None))
     texts = get_task("gsm8k").train_texts(3)
     assert len(texts) == 3 and all("Answer:" in t for t in texts)
 
@@ -68,6 +71,15 @@ def test_data_errors(tmp_path, monkeypatch):
         get_task("gsm8k", str(bad)).load()
     (bad / "test.jsonl").write_text('{"question": "q"}\n')
     with pytest.raises(DataError, match=r"test.jsonl:1: missing field\(s\) answer"):
+        get_task("gsm8k", str(bad)).load()
+    # an answer without its final '#### <number>' has no target: refused at its line (blank lines counted), not
+    # scored against the last number of the solution or against nothing
+    (bad / "test.jsonl").write_text('{"question": "q", "answer": "2 + 4 = 6\\n#### 6"}\n\n'
+                                    '{"question": "q", "answer": "six"}\n')
+    with pytest.raises(DataError, match=r"test.jsonl:3: answer has no final '#### <number>'.*'six'"):
+        get_task("gsm8k", str(bad)).load()
+    (bad / "test.jsonl").write_text('{"question": "q", "answer": "2 + 4 = 6\\n#### six"}\n')
+    with pytest.raises(DataError, match=r"test.jsonl:1: answer's final '####' is not followed by a number"):
         get_task("gsm8k", str(bad)).load()
     with pytest.raises(DataError, match="unknown task"):
         get_task("nope")
@@ -87,6 +99,61 @@ def test_model_errors(tmp_path):
     # A hub id that cannot be reached (offline here) fails with one message naming the way out.
     with pytest.raises(ModelNotFound, match="--model /local/dir"):
         resolve_model("some-org/some-model-that-is-not-cached", offline=True)
+
+
+def test_truncated_safetensors_is_refused_naming_the_file(tiny_model_dir, tmp_path):
+    import shutil
+
+    from acf.models.loading import check_weights, load_model
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, cut)
+    f = cut / "model.safetensors"
+    check_weights(cut)   # complete: passes
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    for load in (lambda: resolve_model(str(cut)), lambda: load_model(cut)):
+        with pytest.raises(ModelNotFound, match=rf"{f}.*cut short"):
+            load()
+
+
+def test_tmp_dirs_are_removed_only_when_their_process_is_gone(tmp_path):
+    """`atomic_dir` temporaries carry host and pid; `clean_partial_dirs` removes one only when it is this host's
+    and its pid no longer runs (or it predates owners), so a concurrent process's folder survives."""
+    import subprocess
+    import sys
+
+    from acf.core.atomic import atomic_dir, clean_partial_dirs, tmp_owner, tmp_prefix
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        mine = tmp_prefix(tmp_path / "m")                         # .tmp-m@<host>@<pid>@
+        host, pid = tmp_owner(mine + "abc")
+        assert pid == os.getpid()
+
+        def plant(name: str) -> Path:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "tokenizer.json").write_text("{}")
+            return tmp_path / name
+
+        of_dead = plant(mine.replace(f"@{pid}@", f"@{dead.pid}@") + "d1")
+        of_live = plant(mine.replace(f"@{pid}@", f"@{live.pid}@") + "l1")
+        of_mine = plant(mine + "s1")
+        elsewhere = plant(mine.replace(f"@{host}@", "@another-host@").replace(f"@{pid}@", f"@{dead.pid}@") + "h1")
+        legacy = plant(".tmp-m-k2j4x9")                            # named before names carried an owner
+        with atomic_dir(tmp_path / "x") as t:
+            assert tmp_owner(t) == (host, os.getpid())
+            assert sorted(clean_partial_dirs(tmp_path)) == sorted([of_dead, legacy])
+            assert t.is_dir()
+        assert of_live.is_dir() and of_mine.is_dir() and elsewhere.is_dir() and (tmp_path / "x").is_dir()
+        live.kill()
+        live.wait()
+        assert clean_partial_dirs(tmp_path) == [of_live]
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_device_errors():

@@ -374,3 +374,81 @@ def test_memory_lean_recovery_paths_run_on_the_cpu_too(tiny_model_dir, tmp_path,
     assert lo["plan"]["gradient_checkpointing"] and lo["memory_estimate"]["estimated_peak_bytes"] > 0
     assert lo["sparsity_kept"]
     assert json.loads((tmp_path / "lean" / "config.json").read_text()).get("use_cache") is True
+
+
+# --- temporary folders belong to the process that made them ---------------------------------------------------------
+
+#: `acf compress` whose step, once its output is written into the `.tmp-*` folder, waits for FLAGS/go: a second
+#: process then runs while this one's temporary folder is certainly in flight
+_HELD_COMPRESS = r"""
+import sys, time
+from pathlib import Path
+import acf.methods.runner as runner
+
+flags, real = Path(sys.argv[1]), runner.get_impl
+
+def held(method):
+    fn = real(method)
+    def step(params, in_dir, out_dir, ctx):
+        extra = fn(params, in_dir, out_dir, ctx)
+        (flags / "written").write_text(str(out_dir))
+        while not (flags / "go").exists():
+            time.sleep(0.1)
+        return extra
+    return step
+
+runner.get_impl = held
+sys.argv = ["acf"] + sys.argv[2:]
+from acf.cli.main import main
+main()
+"""
+
+
+def test_concurrent_compress_into_one_parent(tiny_model_dir, data_root, tmp_path):
+    """Two `acf compress` processes into one parent folder: the second's start-up clean-up used to delete the
+    first's in-flight `.tmp-*` folder (FileNotFoundError .../tokenizer.json); now both finish intact, and only a
+    leftover of a pid that no longer runs is removed."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from acf.core.atomic import tmp_prefix
+    from acf.models.loading import check_weights
+
+    parent, flags = tmp_path / "out", tmp_path / "flags"
+    parent.mkdir()
+    flags.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = Path(tempfile.mkdtemp(prefix=tmp_prefix(parent / "old"), dir=parent))
+    leftover = leftover.rename(parent / leftover.name.replace(f"@{os.getpid()}@", f"@{dead.pid}@"))
+    strategy = json.dumps({"steps": [{"method": "rtn", "params": {"bits": 4, "group_size": 32}}]})
+    args = ["compress", "--model", str(tiny_model_dir), "--strategy", strategy, "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    a = subprocess.Popen([sys.executable, "-c", _HELD_COMPRESS, str(flags), *args, "--out", str(parent / "a")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        import time
+
+        t0 = time.time()
+        while not (flags / "written").exists() and a.poll() is None and time.time() - t0 < 300:
+            time.sleep(0.2)
+        assert a.poll() is None, a.communicate()[0][-3000:]
+        a_tmp = [p for p in parent.glob(".tmp-a@*") if p.name.split("@")[2] == str(a.pid)]
+        assert len(a_tmp) == 1 and (a_tmp[0] / "config.json").is_file()
+        b = subprocess.run([sys.executable, "-m", "acf.cli.main", *args, "--out", str(parent / "b")],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert b.returncode == 0, b.stdout[-2000:] + b.stderr[-2000:]
+        assert a_tmp[0].is_dir() and not leftover.exists()      # A's live folder kept, the dead pid's removed
+        (flags / "go").write_text("")
+        out, _ = a.communicate(timeout=300)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert a.returncode == 0, out[-3000:]
+    for name in ("a", "b"):
+        d = parent / name
+        assert (d / "config.json").is_file() and (d / "tokenizer.json").is_file()
+        check_weights(d)
+    assert not list(parent.glob(".tmp-*"))

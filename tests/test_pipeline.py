@@ -267,7 +267,8 @@ def test_ctrl_c_stops_cleanly_and_resumes(tiny_model_dir, data_root, tmp_path):
     p.send_signal(signal.SIGINT)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 130, out[-2000:]
-    assert "--resume" in out
+    # the run's own directory, not a placeholder (it said `acf run --resume RUN_DIR`)
+    assert f"continue with `acf run --resume {run_dir}`" in out and "RUN_DIR" not in out, out[-2000:]
     r = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--resume", str(run_dir)], capture_output=True,
                        text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -37,6 +37,25 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C during `acf run`, carrying the run's directory. typer turns a bare KeyboardInterrupt into exit 130
+    and forgets which run it was in, so `run` re-raises it as this and `main` can name the directory to resume."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
+def _check_terminal(interactive: bool, recorded: bool = False) -> None:
+    """`--interactive` asks at the terminal: refuse it when stdin is not one (a pipe, </dev/null, a batch job)
+    before any model loads, instead of failing at the first question after the baseline and the recipes."""
+    if interactive and not sys.stdin.isatty():
+        how = "this run was started with --interactive (run_config.json)" if recorded else "--interactive"
+        raise AcfError(f"{how} asks you to approve each strategy at the terminal, but stdin is not a terminal; run "
+                       f"it from a terminal, or answer from Python (acf.coordinator.runner.Pipeline(cfg).start() / "
+                       f".resume(answer))")
+
+
 def _steps(value: str, flag: str = "--recover-steps") -> list[int]:
     try:
         steps = [int(v) for v in _csv(value) or []]
@@ -134,6 +153,7 @@ def run(
             raise AcfError(f"--resume {resume}: that run is for dataset {cfg.dataset!r}, not {dataset!r}")
         if episodes is not None and episodes > cfg.episodes:
             cfg.episodes = episodes  # resuming with more episodes extends the run
+        _check_terminal(interactive or cfg.interactive, recorded=not interactive)
         cfg.interactive = interactive or cfg.interactive
         if device:
             cfg.device = device
@@ -144,12 +164,10 @@ def run(
             cfg.final_limit = final_limit
         if final_metrics:
             cfg.final_metrics = _csv(final_metrics)
-        if workers is not None:
-            return _run_workers(cfg, workers, artifacts, resume=True)
-        ctx = run_in_terminal(cfg, console, resume=True)
     else:
         from acf.tasks import get_task
 
+        _check_terminal(interactive)
         get_task(dataset, str(data_dir) if data_dir else None)  # an unknown task fails before a run dir is made
         objs = objectives or ",".join(default_objectives(runtime))
         rd = run_dir or Path("runs") / f"{Path(model).name}-{dataset.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -167,9 +185,13 @@ def run(
                         recover_steps=_steps(recover_steps), tune_steps=_steps(tune_steps, "--tune-steps"),
                         tune_methods=_csv(tune_methods), calib_mix=calib_mix, recipes=_csv(recipes),
                         trust_remote_code=trust_remote_code, skip_sanity=skip_sanity, command=[Path(sys.argv[0]).name] + sys.argv[1:])
+    try:
         if workers is not None:
-            return _run_workers(cfg, workers, artifacts)
-        ctx = run_in_terminal(cfg, console)
+            return _run_workers(cfg, workers, artifacts, resume=resume is not None)
+        ctx = run_in_terminal(cfg, console, resume=resume is not None)
+    except KeyboardInterrupt:
+        # the folder the user gave to --resume (the recorded run_dir may name where the run was first made)
+        raise RunInterrupted(resume if resume is not None else Path(cfg.run_dir)) from None
     console.print(f"\nfrontier JSON: {ctx.frontier_path}")
     from acf.reports.report import write_report
 
@@ -370,6 +392,29 @@ def _mount_optional() -> None:
 _mount_optional()
 
 
+def _usage_error(e: BaseException) -> Optional[tuple[int, Optional[str]]]:
+    """(exit code, one line or None) for a command-line parsing error (bad value, unknown option, missing one), or
+    None for any other exception. With standalone_mode=False these reach `main` as exceptions; typer >= 0.2x raises
+    its own copy of click's classes (`typer.TyperException` at their root), which `click.ClickException` does not
+    catch, so `acf run --limit abc` printed a 78-line traceback."""
+    bases: list[type] = [c for c in (getattr(typer, "TyperException", None),) if c is not None]
+    try:
+        import click
+
+        bases.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    if not isinstance(e, tuple(bases)):
+        return None
+    code = int(getattr(e, "exit_code", 2))
+    if type(e).__name__ == "NoArgsIsHelpError":   # the help text has been printed already
+        return code, None
+    msg = e.format_message() if hasattr(e, "format_message") else str(e)
+    ctx = getattr(e, "ctx", None)
+    where = f" ({ctx.command_path} --help lists the options)" if ctx is not None and code == 2 else ""
+    return code, " ".join(str(msg).split()) + where
+
+
 def main() -> None:
     try:
         rv = app(standalone_mode=False)
@@ -381,18 +426,30 @@ def main() -> None:
     except AcfError as e:
         err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("\n[yellow]interrupted[/]: what was recorded is kept; continue with `acf run --resume RUN_DIR`")
+    except RunInterrupted as e:
+        from rich.markup import escape
+
+        if (e.run_dir / "run_config.json").is_file():
+            tail = f"what was recorded is kept; continue with `acf run --resume {escape(str(e.run_dir))}`"
+        else:
+            tail = f"the run had not started ({escape(str(e.run_dir))} holds no run_config.json); nothing to resume"
+        err_console.print(f"\n[yellow]interrupted[/]: {tail}", soft_wrap=True)
+        sys.exit(130)
+    except KeyboardInterrupt:   # any other command: nothing of it is resumable
+        err_console.print("\n[yellow]interrupted[/]")
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors come here in standalone_mode=False
-        import click
+    except Exception as e:  # typer/click usage errors come here in standalone_mode=False
+        usage = _usage_error(e)
+        if usage is not None:
+            code, line = usage
+            if line:
+                from rich.markup import escape
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+                err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
+            sys.exit(code)
+        if isinstance(e, typer.Abort):   # EOF at a prompt (typer.Abort is click's in older typer)
             sys.exit(130)
         raise
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import optuna
 from pydantic import BaseModel, Field
 
-from acf.core.errors import AcfError
+from acf.core.errors import AcfError, RunDirError
 from acf.core.objectives import DIRECTIONS, FIDELITY, QUALITY, parse_objectives
 from acf.planner import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, check_settings as check_planner_settings
 from acf.search.reward import PRESETS
@@ -186,6 +186,23 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
     # before the run dir is written: a bad value must not leave a half-made run behind
     check_planner_settings(cfg.planner_share, cfg.planner_max_calls, cfg.planner_timeout, cfg.planner_retries)
     return cfg
+
+
+def make_run_dir(run_dir: str | Path) -> Path:
+    """Create the run directory, or refuse with RunDirError naming it and why (a file where a folder must be, no
+    permission): mkdir's own NotADirectoryError/PermissionError came out as a traceback. Called after the settings
+    are validated and before anything is written."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            why = f"{blocker} is a file, not a directory"
+        else:
+            why = e.strerror or type(e).__name__
+        raise RunDirError(f"--run-dir {run_dir}: cannot create the run directory ({why})") from None
+    return run_dir
 
 
 def space_for(cfg: RunConfig, spec) -> SearchSpace:

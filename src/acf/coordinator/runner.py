@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from acf.core.atomic import write_text
 from acf.core.errors import AcfError, RunDirError
 from acf.models.loading import freeze_library_objects
-from acf.coordinator.run_context import RunConfig, RunContext, validate_config
+from acf.coordinator.run_context import RunConfig, RunContext, make_run_dir, validate_config
 
 THREAD = {"configurable": {"thread_id": "acf-run"}, "recursion_limit": 100000}
 
@@ -60,12 +60,17 @@ class Pipeline:
         elif (run_dir / "run_config.json").exists():
             raise RunDirError(f"{run_dir} already holds a run: use --resume {run_dir} or another --run-dir")
         validate_config(cfg, get_task(cfg.dataset, cfg.data_dir).metrics)
-        from acf.models.loading import resolve_device
+        from acf.models.loading import resolve_device, resolve_model
 
         cfg.device = resolve_device(cfg.device)
+        if not resume:
+            # an unknown or unreadable model (no config.json, weights cut short) is refused before the run
+            # directory is written, so the same command works again once it is fixed (init_run resolves it again,
+            # from the cache)
+            resolve_model(cfg.model)
         # the study's name is fixed when the run starts, so a run folder that is moved or copied still finds it
         cfg.study_name = cfg.study()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(run_dir)
         write_text(run_dir / "run_config.json", cfg.model_dump_json(indent=2))
         self.ctx = RunContext(cfg, console)
         if cfg.planner:
@@ -102,7 +107,8 @@ class Pipeline:
             import shutil
 
             for d in art.iterdir():
-                if d.name not in recorded and d.name != inflight:
+                # `.tmp-*` folders are clean_partial_dirs' to judge: one of a live process is not ours to remove
+                if d.name not in recorded and d.name != inflight and not d.name.startswith(".tmp-"):
                     shutil.rmtree(d, ignore_errors=True)
         if failed:
             self.ctx.say(f"[dim]resume: trials {failed} left running by the killed process were marked failed[/]")

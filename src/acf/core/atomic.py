@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -66,16 +67,69 @@ def validate_strict(model: Any, raw: Any, path: str | os.PathLike, what: str, er
                     f"nothing was changed") from None
 
 
+#: separates the owner fields in a temporary directory's name; no host name, pid or mkdtemp suffix contains it
+_OWNER_SEP = "@"
+
+
+def _host() -> str:
+    """This machine's name as it goes into a temporary name (only characters a host name may hold, never `@`)."""
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+def tmp_prefix(final: str | os.PathLike) -> str:
+    """The name prefix of `atomic_dir`'s temporaries for `final`: `.tmp-<name>@<host>@<pid>@` (mkdtemp adds a
+    random suffix). The owner is in the name, not in a file inside, because the folder becomes the final model
+    directory as it is: nothing but the method's output may be in it."""
+    return f".tmp-{Path(final).name}{_OWNER_SEP}{_host()}{_OWNER_SEP}{os.getpid()}{_OWNER_SEP}"
+
+
+def tmp_owner(path: str | os.PathLike) -> Optional[tuple[str, int]]:
+    """(host, pid) of the process that made a `.tmp-*` directory, or None for a name without an owner (made
+    before names carried one)."""
+    parts = Path(path).name.rsplit(_OWNER_SEP, 3)
+    if len(parts) != 4 or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2])
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (signal 0 checks without sending anything)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # it exists, under another user
+        return True
+    return True
+
+
+def tmp_is_orphan(path: str | os.PathLike) -> bool:
+    """True for a `.tmp-*` directory whose maker is gone: made on this host by a pid that no longer runs, or made
+    before names carried an owner. Another host's temporaries are never orphans here: its pids cannot be checked
+    from this machine."""
+    owner = tmp_owner(path)
+    if owner is None:
+        return True
+    host, pid = owner
+    return host == _host() and pid != os.getpid() and not _pid_alive(pid)
+
+
 @contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to `final` only when the block finishes.
 
-    A directory that exists under its final name is therefore complete. A leftover `.tmp-*` sibling
-    (from a killed process) is never loaded and is removed by `clean_partial_dirs`.
+    A directory that exists under its final name is therefore complete. The temporary's name carries this
+    process's host and pid (`tmp_prefix`), so another process writing into the same parent folder (a second
+    `acf compress`, a worker sharing the artifacts folder) can tell a live one from a killed one's leftover:
+    `clean_partial_dirs` removes only the latter. A leftover is never loaded.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final), dir=final.parent))
     try:
         yield tmp
         if final.exists():
@@ -98,13 +152,15 @@ def make_readable(folder: str | os.PathLike) -> None:
 
 
 def clean_partial_dirs(parent: str | os.PathLike) -> list[Path]:
-    """Remove temporary directories left by killed `atomic_dir` blocks under `parent`."""
+    """Remove the temporary directories under `parent` left by killed `atomic_dir` blocks (`tmp_is_orphan`); those
+    of processes still running, here or on another host, are left alone. Returns what was removed."""
     removed = []
     parent = Path(parent)
     if parent.is_dir():
         for p in parent.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+            if tmp_is_orphan(p):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
     return removed
 
 

@@ -44,8 +44,7 @@ class Coordinator:
         self.console = console or Console(stderr=False)
         RC.validate_config(cfg, get_task(cfg.dataset, cfg.data_dir).metrics)
         cfg.device = resolve_device(cfg.device)
-        run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = RC.make_run_dir(cfg.run_dir)
         self.url = storage_url or cfg.storage or f"journal://{run_dir.resolve() / 'study.log'}"
         cfg.storage = self.url
         self.cfg = cfg

@@ -249,11 +249,67 @@ def _tokenizer_files(path: Path) -> list[str]:
     return names + sorted(p.name for p in path.glob("*.tiktoken") if p.name not in names)
 
 
+def _safetensors_problem(f: Path) -> Optional[str]:
+    """What is wrong with a .safetensors file's framing, or None. Reads only the 8-byte length and the JSON header:
+    a file cut short (an interrupted copy or download) ends before the tensor data its header promises, which
+    safetensors reports later, mid-load, as a SafetensorError that names no file."""
+    import json
+    import struct
+
+    size = f.stat().st_size
+    if size < 8:
+        return f"{size} bytes, shorter than the 8-byte header length"
+    with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if 8 + n > size:
+            return f"its header needs {8 + n:,} bytes, the file has {size:,}: it was cut short"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as e:
+            return f"its header is not valid JSON ({e})"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [t["data_offsets"][1] for k, t in header.items()
+            if k != "__metadata__" and isinstance(t, dict) and isinstance(t.get("data_offsets"), list)
+            and len(t["data_offsets"]) == 2]
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return f"its tensors need {need:,} bytes, the file has {size:,}: it was cut short"
+    return None
+
+
+def check_weights(path: str | os.PathLike, label: Optional[str] = None) -> None:
+    """Refuse a model directory whose safetensors weights are incomplete, naming the file: every shard an index
+    names exists, and each .safetensors file holds all the bytes its header promises. Only headers are read."""
+    import json
+
+    path = Path(path)
+    where = f"{label}: " if label else ""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+        except (OSError, ValueError, AttributeError) as e:
+            raise ModelNotFound(f"{where}{index} cannot be read ({type(e).__name__}: {e}); restore it from the "
+                                f"original checkpoint") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelNotFound(f"{where}{path / missing[0]} is missing ({len(missing)} of {len(shards)} shards "
+                                f"named in {index.name}); copy the whole checkpoint again")
+    for f in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(f)
+        if problem:
+            raise ModelNotFound(f"{where}{f} is not a complete safetensors file ({problem}); copy or download "
+                                f"it again")
+
+
 def check_model_dir(path: str | os.PathLike, label: Optional[str] = None) -> None:
-    """Cheap checks of a model directory before anything loads it: config.json readable and meaningful, and a
-    tokenizer present (every acf step tokenizes). Whether the tokenizer parses is left to `load_tokenizer`."""
+    """Cheap checks of a model directory before anything loads it: config.json readable and meaningful, weights
+    complete (`check_weights`), and a tokenizer present (every acf step tokenizes). Whether the tokenizer parses is
+    left to `load_tokenizer`."""
     path = Path(path)
     read_config(path, label)
+    check_weights(path, label)
     if not _tokenizer_files(path) and not (path / "tokenizer_config.json").is_file():
         where = f"{label}: {path}" if label else str(path)
         raise ModelNotFound(f"{where} has no tokenizer files (none of tokenizer.json, tokenizer.model, vocab.json + "
@@ -308,6 +364,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: Optional[str
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"model directory {path} has no config.json (did a step fail or the folder vanish?)")
     read_config(path)
+    check_weights(path)   # a truncated file is named here, not by a SafetensorError from inside the load
     tok = load_tokenizer(path, trust_remote_code)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     qcfg = quant_method(path)

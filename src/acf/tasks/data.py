@@ -33,7 +33,11 @@ def locate(task: str, data_dir: Optional[str | os.PathLike], required: Sequence[
     return None
 
 
-def read_jsonl(path: Path, required_keys: Sequence[str] = ()) -> list[dict]:
+def read_jsonl(path: Path, required_keys: Sequence[str] = (),
+               check: Optional[Callable[[dict], Optional[str]]] = None) -> list[dict]:
+    """The JSON objects of a JSONL file (blank lines skipped). A line that is not a JSON object, lacks a required
+    key, or for which `check(row)` returns a problem is refused with DataError naming `path:line`, so a bad row
+    is fixed where it is rather than scored wrongly later."""
     rows = []
     opener: Callable = open
     if path.suffix == ".gz":
@@ -53,6 +57,9 @@ def read_jsonl(path: Path, required_keys: Sequence[str] = ()) -> list[dict]:
             missing = [k for k in required_keys if k not in row]
             if missing:
                 raise DataError(f"{path}:{i}: missing field(s) {', '.join(missing)}")
+            problem = check(row) if check is not None else None
+            if problem:
+                raise DataError(f"{path}:{i}: {problem}")
             rows.append(row)
     return rows
 

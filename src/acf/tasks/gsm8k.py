@@ -39,6 +39,22 @@ def extract_answer(text: str) -> Optional[str]:
     return normalize_number(nums[-1]) if nums else None
 
 
+def final_answer_problem(row: dict) -> Optional[str]:
+    """What keeps a GSM8K row from having a target, or None. The target is the number after the answer's
+    `####`; without one, `extract_answer` would fall back to the last number of the worked solution (or to none,
+    for an answer like "six"), and accuracy would be scored against that in silence."""
+    answer = row.get("answer")
+    if not isinstance(answer, str):
+        return f"answer must be a string, not {type(answer).__name__}"
+    if "####" not in answer:
+        return (f"answer has no final '#### <number>' (GSM8K's answer ends with it); got "
+                f"{answer.strip()[-60:]!r}")
+    final = answer.split("####", 1)[1].strip().split("\n")[0]
+    if normalize_number(final) is None:
+        return f"answer's final '####' is not followed by a number (got '#### {final[:40]}')"
+    return None
+
+
 def clean_solution(answer: str) -> str:
     """Reference solution without the dataset's calculator annotations (<<48/2=24>>), which no model writes."""
     return _CALC.sub("", answer).strip()
@@ -59,7 +75,7 @@ class GSM8K(Task):
                 from acf.core.errors import DataError
 
                 raise DataError(f"{d}: no {split}.jsonl (GSM8K needs train.jsonl for calibration and test.jsonl)")
-            return read_jsonl(path, ("question", "answer"))
+            return read_jsonl(path, ("question", "answer"), check=final_answer_problem)
         return load_hub("gsm8k", self.hub_id, "main", split, "train.jsonl and test.jsonl")
 
     def load(self, split: str = "test", limit: Optional[int] = None, seed: Optional[int] = 0) -> list[Item]:
