@@ -12,8 +12,7 @@ from acf.coordinator.run_context import CHEAP_METRICS, FIDELITY_MEASURED, RunCon
 
 
 def metrics_to_measure(ctx: RunContext) -> list[str]:
-    # latency is always measured and reported (labelled with its runtime); it is ranked on only as an objective
-    want = list(ctx.cfg.objectives) + list(CHEAP_METRICS) + list(FIDELITY_MEASURED) + ["latency"]
+    want = list(ctx.cfg.objectives) + list(CHEAP_METRICS) + list(FIDELITY_MEASURED)
     if "answer_nll" in ctx.task.metrics:
         want.append("answer_nll")
     if any(m in ctx.cfg.objectives for m in ("latency", "memory", "ttft", "throughput")):

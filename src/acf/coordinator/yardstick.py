@@ -66,8 +66,13 @@ def _final_key(ctx: RunContext) -> str:
 
 
 def final_metric_names(ctx: RunContext) -> list[str]:
-    """The held-out report's metrics (the final evaluation's, for candidates and recipes alike)."""
-    return list(dict.fromkeys((ctx.cfg.final_metrics or list(ctx.task.metrics)) + ["kld", "top1", "kld_general"]))
+    """The held-out report's metrics (the final evaluation's, for candidates and recipes alike). Latency is reported
+    there, labelled with its runtime, where it is cheap to measure (a GPU, or llama.cpp); on a CPU transformers runs
+    compressed-tensors through its fake-quantized path at minutes per model, a figure no deployment would see, so it
+    is not measured there unless it is an objective (SPEC.md, "Objectives")."""
+    extra = ["latency"] if ctx.cfg.device.startswith("cuda") or ctx.cfg.runtime == "llamacpp" else []
+    return list(dict.fromkeys((ctx.cfg.final_metrics or list(ctx.task.metrics)) + ["kld", "top1", "kld_general"]
+                              + extra))
 
 
 class RecipeCache:

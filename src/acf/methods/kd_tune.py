@@ -323,7 +323,8 @@ def trained_scales(student, factors: dict[str, torch.nn.Parameter]) -> tuple[dic
         entries += s.numel()
         lo, hi = min(lo, float(f.detach().min())), max(hi, float(f.detach().max()))
     return out, {"trained_scale_tensors": len(out), "trained_scale_entries": entries,
-                 "scale_entries_changed": changed, "scale_factor_range": [round(lo, 6), round(hi, 6)]}
+                 "scale_entries_changed": changed,
+                 "scale_factor_range": [round(lo, 6), round(hi, 6)] if factors else None}
 
 
 def splice_tensors(in_dir: Path, out_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
