@@ -78,8 +78,12 @@ def _planned(ctx: RunContext, name: str, make) -> Planned:
     return Planned(name, strategy, step_estimates(ctx, strategy))
 
 
+def _bytes(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2 ** 20:.0f} MiB"
+
+
 def _mem(e: StepEstimate) -> str:
-    return f"{e.memory.total / GiB:.2f} GiB" if e.memory is not None else "no memory model"
+    return _bytes(e.memory.total) if e.memory is not None else "no memory model"
 
 
 def _planned_lines(p: Planned, label: str) -> list[str]:
@@ -89,9 +93,19 @@ def _planned_lines(p: Planned, label: str) -> list[str]:
     peak = max((e.memory.total for e in p.steps if e.memory is not None), default=None)
     head = f"  {label}: {p.strategy.describe()}"
     est = (f"      estimated: ~{total:.0f} s to compress"
-           + (f", peak memory ~{peak / GiB:.2f} GiB" if peak is not None else ""))
+           + (f", peak memory ~{_bytes(peak)}" if peak is not None else ""))
     per = "      per step: " + "; ".join(f"{e.method} ~{e.seconds:.0f} s, {_mem(e)}" for e in p.steps)
     return [head, est, per]
+
+
+def _items_note(cfg: RunConfig, n_test: int) -> str:
+    """Where the test split is smaller than the settings assume (a small file of your own)."""
+    search = min(cfg.limit or n_test, n_test)
+    if cfg.limit and cfg.limit > n_test:
+        return f" (note: only {n_test} test items, so the search uses {search} and none are left for a report)"
+    if cfg.final_limit and search + cfg.final_limit > n_test:
+        return f" (note: only {n_test - search} test items are left after the search for the report)"
+    return ""
 
 
 def render(plan: DryRun) -> list[str]:
@@ -110,7 +124,7 @@ def render(plan: DryRun) -> list[str]:
                f"{s.get('test')} test at train share {cfg.train_share}; scorer {cfg.scorer or 'none'})")
     out += [f"task: {task.name}{own}: {n_test} test items, {n_train} train items; metrics {', '.join(task.metrics)}",
             f"items: search {cfg.limit or 'all'} (proxy {cfg.proxy_limit or 'none'}), report "
-            f"{cfg.final_limit or 'none'}; seed {cfg.seed}",
+            f"{cfg.final_limit or 'none'}; seed {cfg.seed}" + _items_note(cfg, n_test),
             f"objectives: {', '.join(cfg.objectives)} · max kld {cfg.max_kld} · min retention {cfg.min_retention} · "
             f"sampler {cfg.sampler} · episodes {cfg.episodes}", "", "search space (methods per slot):",
             f"  prune:   {', '.join(space.prune_methods)}",
