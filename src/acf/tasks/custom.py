@@ -78,9 +78,10 @@ class CustomTask(Task):
         if self.scorer is not None:
             self.metrics = ("accuracy", "answer_nll")
             self.quality_metric = "accuracy"
+        items = {r.line: self._item(r) for r in self.data.rows}    # in file order: the first bad row is named
         train, test = self.data.split(self.train_share)
         self.split_facts: dict[str, Any] = describe_split(self.data, train, test, self.train_share)
-        self._items = {"train": [self._item(r) for r in train], "test": [self._item(r) for r in test]}
+        self._items = {"train": [items[r.line] for r in train], "test": [items[r.line] for r in test]}
 
     def _item(self, row: Row) -> Item:
         target = None
