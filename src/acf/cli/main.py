@@ -22,6 +22,7 @@ from acf.core.errors import AcfError
 from acf.core.logsetup import setup_logging
 from acf.methods.base import DEFAULT_CALIB_MIX
 
+from acf.cli.config_file import load_into
 from acf.cli.console import console, err_console
 from acf.cli.eval_cmd import eval_cmd
 from acf.cli.export_cmd import export_cmd, merge_cmd
@@ -56,6 +57,19 @@ def _check_terminal(interactive: bool, recorded: bool = False) -> None:
                        f".resume(answer))")
 
 
+def _read_config(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
+    """`--config FILE` (eager): the file's options become the defaults of the other options (acf.cli.config_file)."""
+    return load_into(ctx, value)
+
+
+def _dataset_value(dataset: str) -> str:
+    """What run_config.json records for --dataset: a task name as given, a file as its absolute path (so a resume
+    or a worker started from another folder reads the same file)."""
+    from acf.tasks.own_data import is_dataset_file
+
+    return str(Path(dataset).expanduser().resolve()) if is_dataset_file(dataset) else dataset
+
+
 def _steps(value: str, flag: str = "--recover-steps") -> list[int]:
     try:
         steps = [int(v) for v in _csv(value) or []]
@@ -67,7 +81,20 @@ def _steps(value: str, flag: str = "--recover-steps") -> list[int]:
 @app.command()
 def run(
     model: str = typer.Option("smollm2-135m", help="alias (smollm2-135m), local HF directory, or hub id"),
-    dataset: str = typer.Option("gsm8k", help="task name (gsm8k, ...)"),
+    dataset: str = typer.Option("gsm8k", help="task name (gsm8k, commonsenseqa, truthfulqa, bbh[:task], humaneval), "
+                                "or your own .jsonl (chat messages or prompt/response pairs) or .csv (prompt, response "
+                                "columns) file: see docs/tasks.md"),
+    train_share: Optional[float] = typer.Option(None, help="with --dataset FILE: share of its rows kept for "
+                                                "calibration and training, never evaluated (default 0.2; chosen by "
+                                                "a hash of each row's content)"),
+    scorer: Optional[str] = typer.Option(None, help="with --dataset FILE: add generation accuracy, scored by 'exact' "
+                                         "(the completion equals the reference) or 'regex:PATTERN' (its first match, "
+                                         "group 1 if any, equals the reference's)"),
+    config: Optional[Path] = typer.Option(None, is_eager=True, callback=_read_config,
+                                          help="a YAML file of acf run options by long name (e.g. `episodes: 12`, "
+                                          "`run-dir: runs/x`); options on the command line override it"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check everything, print the search space, seeds, "
+                                 "recipes and estimated cost per step, and exit: no run directory, no weights loaded"),
     episodes: Optional[int] = typer.Option(None, help="compression episodes to run (default 4; with --resume: "
                                            "a larger number extends the run)"),
     run_dir: Optional[Path] = typer.Option(None, help="default runs/<model>-<dataset>-<time>"),
@@ -149,8 +176,13 @@ def run(
         cfg = load_run_config(resume)
         if model != "smollm2-135m" and model != cfg.model:
             raise AcfError(f"--resume {resume}: that run is for model {cfg.model!r}, not {model!r}")
-        if dataset != "gsm8k" and dataset != cfg.dataset:
+        if dataset != "gsm8k" and _dataset_value(dataset) != cfg.dataset:
             raise AcfError(f"--resume {resume}: that run is for dataset {cfg.dataset!r}, not {dataset!r}")
+        for flag, given, recorded in (("--train-share", train_share, cfg.train_share),
+                                      ("--scorer", scorer, cfg.scorer)):
+            if given is not None and given != recorded:
+                raise AcfError(f"--resume {resume}: that run was started with {flag} {recorded}; its measurements "
+                               f"depend on it, so it cannot change to {given}")
         if episodes is not None and episodes > cfg.episodes:
             cfg.episodes = episodes  # resuming with more episodes extends the run
         _check_terminal(interactive or cfg.interactive, recorded=not interactive)
@@ -168,10 +200,13 @@ def run(
         from acf.tasks import get_task
 
         _check_terminal(interactive)
-        get_task(dataset, str(data_dir) if data_dir else None)  # an unknown task fails before a run dir is made
+        # an unknown task, or a bad row of a dataset file, fails before a run dir is made
+        task = get_task(dataset, str(data_dir) if data_dir else None, train_share=train_share, scorer=scorer)
         objs = objectives or ",".join(default_objectives(runtime))
-        rd = run_dir or Path("runs") / f"{Path(model).name}-{dataset.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-        cfg = RunConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, episodes=4 if episodes is None else episodes,
+        label = Path(task.path).stem if getattr(task, "path", None) else dataset.replace(':', '_')
+        rd = run_dir or Path("runs") / f"{Path(model).name}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = RunConfig(model=model, dataset=_dataset_value(dataset), data_dir=str(data_dir) if data_dir else None,
+                        train_share=train_share, scorer=scorer, episodes=4 if episodes is None else episodes,
                         run_dir=str(rd), interactive=interactive, sampler=sampler, preset=preset,
                         objectives=objs.split(","), min_retention=min_retention, limit=limit, proxy_limit=proxy_limit,
                         max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld, controls=controls,
@@ -185,6 +220,12 @@ def run(
                         recover_steps=_steps(recover_steps), tune_steps=_steps(tune_steps, "--tune-steps"),
                         tune_methods=_csv(tune_methods), calib_mix=calib_mix, recipes=_csv(recipes),
                         trust_remote_code=trust_remote_code, skip_sanity=skip_sanity, command=[Path(sys.argv[0]).name] + sys.argv[1:])
+    if dry_run:
+        from acf.coordinator.dry_run import plan_run, render
+
+        for line in render(plan_run(cfg, resume=resume is not None)):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return
     try:
         if workers is not None:
             return _run_workers(cfg, workers, artifacts, resume=resume is not None)

@@ -98,7 +98,8 @@ def run_meta(cfg: RunConfig, model_path: str, run_id: str) -> RunMeta:
 def item_sets(cfg: RunConfig) -> dict[str, Any]:
     """What frontier.json says about which items rank candidates and which the report uses (disjoint)."""
     lim = cfg.limit
-    return {"split": "test", "permutation_seed": cfg.seed,
+    own = {"dataset_split": cfg.dataset_split} if cfg.dataset_split else {}
+    return {**own, "split": "test", "permutation_seed": cfg.seed,
             "search": {"offset": 0, "count": lim, "proxy_count": cfg.proxy_limit,
                        "use": "ranks candidates (proxy = its first proxy_count items)"},
             "report": {"offset": lim or 0, "count": cfg.final_limit,

@@ -4,21 +4,43 @@ step's peak memory from acf.methods.memory against the device's free memory)."""
 from __future__ import annotations
 
 import shutil
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from acf.coordinator.run_context import RunContext
 from acf.methods.strategy import Strategy
 
+
+@dataclass
+class StepEstimate:
+    """One step's estimated wall seconds and peak memory (an Estimate of acf.methods.memory, or None where the
+    method has no memory model): what `acf run --dry-run` prints per step, and what estimate_cost sums."""
+
+    method: str
+    seconds: float
+    memory: Optional[Any]
+
+
+def step_estimates(ctx: RunContext, strategy: Strategy) -> list[StepEstimate]:
+    """Each step's estimates from the registry's cost and memory models (not measurements), on the run's device."""
+    from acf.methods.memory import Shape
+    from acf.methods.registry import estimate_step_memory, estimate_step_seconds
+
+    spec, device = ctx.spec, ctx.cfg.device
+    shape = Shape.of(spec)
+    return [StepEstimate(s.method, estimate_step_seconds(s.method, s.params, spec.params, device),
+                         estimate_step_memory(s.method, s.params, shape, device)) for s in strategy.steps]
+
+
 def estimate_cost(ctx: RunContext, strategy: Strategy) -> dict:
     """A rough estimate (not a measurement) of an episode's cost, shown before approval and read by preflight: the
     registry's cost model per step (the same one the `estimate_cost` tool reports)."""
-    from acf.methods.registry import estimate_step_seconds
-
     spec = ctx.spec
-    secs = sum(estimate_step_seconds(s.method, s.params, spec.params, ctx.cfg.device) for s in strategy.steps)
+    steps = step_estimates(ctx, strategy)
+    secs = sum(e.seconds for e in steps)
     base_size = (ctx.ff.baseline.metrics["size"].value if ctx.ff and ctx.ff.baseline and "size" in ctx.ff.baseline.metrics
                  else spec.params * 2)
-    mem = memory_estimates(ctx, strategy)
+    mem = [e.memory for e in steps if e.memory is not None]
     worst = max(mem, key=lambda e: e.total) if mem else None
     return {"estimated_compress_seconds": round(secs, 1), "estimated_peak_disk_bytes": int(base_size * 2.2),
             "estimated_peak_memory_bytes": worst.total if worst else None,
@@ -28,12 +50,7 @@ def estimate_cost(ctx: RunContext, strategy: Strategy) -> dict:
 
 def memory_estimates(ctx: RunContext, strategy: Strategy) -> list:
     """Each step's estimated peak memory on the run's device (acf.methods.memory), from the input model's shapes."""
-    from acf.methods.memory import Shape
-    from acf.methods.registry import estimate_step_memory
-
-    shape = Shape.of(ctx.spec)
-    ests = [estimate_step_memory(s.method, s.params, shape, ctx.cfg.device) for s in strategy.steps]
-    return [e for e in ests if e is not None]
+    return [e.memory for e in step_estimates(ctx, strategy) if e.memory is not None]
 
 
 def free_memory(device: str) -> tuple[int, str]:

@@ -45,8 +45,17 @@ class RunConfig(BaseModel):
     """Everything that defines a run; saved as run_config.json so `--resume` needs only the directory."""
 
     model: str = "smollm2-135m"
+    #: a task name, or the absolute path of the user's own .jsonl/.csv file (acf.tasks.custom)
     dataset: str = "gsm8k"
     data_dir: Optional[str] = None
+    #: own data only: share of the file's rows kept for calibration (None: the default, recorded once bound)
+    train_share: Optional[float] = None
+    #: own data only: generation accuracy by `exact` or `regex:PATTERN` (None: no accuracy metric)
+    scorer: Optional[str] = None
+    #: own data only, recorded when the run starts: the file's SHA-256 (a resume with a changed file is refused)
+    #: and its train/test split (acf.tasks.own_data.describe_split)
+    dataset_sha256: Optional[str] = None
+    dataset_split: Optional[dict[str, Any]] = None
     episodes: int = 4
     run_dir: str
     interactive: bool = False
@@ -103,6 +112,36 @@ class RunConfig(BaseModel):
 
     def study(self) -> str:
         return self.study_name or f"acf-{Path(self.run_dir).name}"
+
+
+def task_for(cfg: RunConfig):
+    """The run's task, with the run's own-data settings; for a dataset file, the file is bound to the run: its
+    digest and split are recorded in `cfg` at the start and checked on every later build (resume, workers)."""
+    from acf.tasks import get_task
+
+    task = get_task(cfg.dataset, cfg.data_dir, train_share=cfg.train_share, scorer=cfg.scorer)
+    bind_dataset(cfg, task)
+    return task
+
+
+def bind_dataset(cfg: RunConfig, task) -> None:
+    """Record a dataset file's SHA-256 and split in `cfg` (a new run), or refuse a file that changed since they
+    were recorded: the run's items, baseline references, recipes and calibration all came from the old content."""
+    digest = getattr(task, "sha256", None)
+    if digest is None:
+        return
+    if cfg.dataset_sha256 is None:
+        cfg.dataset_sha256 = digest
+        cfg.train_share = task.train_share
+        cfg.dataset_split = task.split_facts
+        return
+    if cfg.dataset_sha256 != digest:
+        from acf.core.errors import DataError
+
+        raise DataError(f"--dataset {cfg.dataset}: the file changed since this run started (sha256 "
+                        f"{cfg.dataset_sha256[:12]}... recorded in run_config.json, now {digest[:12]}...); its items, "
+                        f"references and calibration came from the recorded content: restore that file, or start a "
+                        f"new run")
 
 
 def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
@@ -226,12 +265,10 @@ class RunContext:
     def __init__(self, cfg: RunConfig, console=None):
         from rich.console import Console
 
-        from acf.tasks import get_task
-
         self.cfg = cfg
         self.dir = Path(cfg.run_dir)
         self.console = console or Console(stderr=False)
-        self.task = get_task(cfg.dataset, cfg.data_dir)
+        self.task = task_for(cfg)
         self._study: Optional[optuna.Study] = None
         self._space: Optional[SearchSpace] = None
         self._spec = None

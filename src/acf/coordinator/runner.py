@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from acf.core.atomic import write_text
 from acf.core.errors import AcfError, RunDirError
 from acf.models.loading import freeze_library_objects
-from acf.coordinator.run_context import RunConfig, RunContext, make_run_dir, validate_config
+from acf.coordinator.run_context import RunConfig, RunContext, make_run_dir, task_for, validate_config
 
 THREAD = {"configurable": {"thread_id": "acf-run"}, "recursion_limit": 100000}
 
@@ -52,14 +52,13 @@ class Pipeline:
         from langgraph.checkpoint.sqlite import SqliteSaver
 
         from acf.coordinator.graph import build_graph
-        from acf.tasks import get_task
 
         run_dir = Path(cfg.run_dir)
         if resume:
             check_study_db(run_dir)
         elif (run_dir / "run_config.json").exists():
             raise RunDirError(f"{run_dir} already holds a run: use --resume {run_dir} or another --run-dir")
-        validate_config(cfg, get_task(cfg.dataset, cfg.data_dir).metrics)
+        validate_config(cfg, task_for(cfg).metrics)   # a dataset file is read, checked and bound here
         from acf.models.loading import resolve_device, resolve_model
 
         cfg.device = resolve_device(cfg.device)

@@ -57,6 +57,10 @@ def cache_key(ctx: RunContext, model_path: str) -> tuple[str, dict[str, Any]]:
              "calibration": {"samples": cfg.calib_samples, "seq_len": cfg.seq_len, "general_share": cfg.calib_mix},
              "device": "cuda" if cfg.device.startswith("cuda") else "cpu", "runtime": cfg.runtime,
              "metrics": sorted(metrics_to_measure(ctx))}
+    if cfg.dataset_sha256:
+        # own data: the path says nothing of the content, and the train share moves calibration (built-in tasks'
+        # keys are unchanged, so their caches stay valid)
+        parts["dataset_file"] = {"sha256": cfg.dataset_sha256, "train_share": cfg.train_share}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20], parts
 
 

@@ -39,10 +39,9 @@ class Coordinator:
         from rich.console import Console
 
         from acf.models.loading import resolve_device
-        from acf.tasks import get_task
 
         self.console = console or Console(stderr=False)
-        RC.validate_config(cfg, get_task(cfg.dataset, cfg.data_dir).metrics)
+        RC.validate_config(cfg, RC.task_for(cfg).metrics)
         cfg.device = resolve_device(cfg.device)
         run_dir = RC.make_run_dir(cfg.run_dir)
         self.url = storage_url or cfg.storage or f"journal://{run_dir.resolve() / 'study.log'}"
