@@ -315,6 +315,7 @@ for _spec in [
                            "size unchanged",
                cost=training(teacher=True), search=tune_fragment(0), card="distillation", needs_teacher=True,
                card_ranges={"steps": [20, 2000], "lr": [1.0e-4, 5.0e-3], "embedding_lr": [0.0, 1.0e-4],
+                            "scale_lr": [0.0, 1.0e-3],
                             "batch_size": [2, 16], "seq_len": [128, 512], "samples": [128, 4096]}),
     MethodSpec(name="lora", kind="lora", params=LoraParams, impl="acf.methods.lora:lora",
                memory=M.lora_memory,
