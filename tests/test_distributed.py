@@ -184,8 +184,16 @@ def test_two_workers_share_a_postgres_study_through_kill_and_db_restart(pg, tiny
     try:
         coord.start_workers(2, tmp_path / "artifacts")
         victim = coord.procs[0]
-        _wait(lambda: bool(_running_of(pg["url"], name, victim.pid)), 240, "worker-0 to run a trial", coord.procs)
-        killed = _running_of(pg["url"], name, victim.pid)[0].number
+        # a trial the victim runs an episode for: claimed, past the duplicate check and its prediction's screening
+        # (a screened proposal is RUNNING only for a moment, then PRUNED), read from the same query
+        seen: list = []
+
+        def episode_running() -> bool:
+            seen[:] = [t for t in _running_of(pg["url"], name, victim.pid) if "acf_strategy_key" in t.user_attrs]
+            return bool(seen)
+
+        _wait(episode_running, 240, "worker-0 to run a trial", coord.procs)
+        killed = seen[0].number
         time.sleep(1.0)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
@@ -236,8 +244,14 @@ def test_journal_storage_two_workers_kill_and_retry(tiny_model_dir, data_root, t
                           "--grace-period", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     try:
-        _wait(lambda: bool(_running_of(url, "j", p.pid)), 180, "the worker process to run a trial", [p])
-        killed = _running_of(url, "j", p.pid)[0].number
+        seen: list = []
+
+        def episode_running() -> bool:   # as in the PostgreSQL test: past screening, read from the same query
+            seen[:] = [t for t in _running_of(url, "j", p.pid) if "acf_strategy_key" in t.user_attrs]
+            return bool(seen)
+
+        _wait(episode_running, 180, "the worker process to run a trial", [p])
+        killed = seen[0].number
         time.sleep(0.5)
         p.send_signal(signal.SIGKILL)
         p.wait()

@@ -136,13 +136,13 @@ class Surrogate:
 
     def formula_size(self, f: dict[str, float]) -> float:
         """Bytes from the shapes: the uncompressed file with its quantizable Linear weights at `bits` (a GGUF file
-        holds every matrix, embedding included, at its budget), scaled by the blocks kept."""
+        holds every matrix, embedding included, at its budget), only the kept blocks' Linear weights counted."""
         bits = f["bits"]
         total = self.base_size or self.spec.params * self.spec.bytes_per_param
         if f.get("q:gguf"):
             return self.spec.params * f["kept"] * bits / 8
         lin = self._linear_numel()
-        return total - f["kept"] * lin * self.spec.bytes_per_param + f["kept"] * lin * bits / 8
+        return total - lin * self.spec.bytes_per_param + f["kept"] * lin * bits / 8
 
     def size(self, f: dict[str, float]) -> Optional[float]:
         if math.isnan(f["bits"]):
