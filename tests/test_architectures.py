@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -405,21 +404,7 @@ def test_unreadable_tokenizer_is_named(bad_dirs):
             call()
 
 
-def _acf(capsys, *args) -> tuple[int, str, str]:
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    from acf.cli import main as cli
-
-    old = sys.argv
-    sys.argv = ["acf", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+from cli_run import run_cli as _acf  # noqa: E402  (exit code, stdout, stderr)
 
 
 @pytest.mark.parametrize("case,named", [

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,21 +42,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def acf(capsys, *args) -> tuple[int, str, str]:
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    from acf.cli import main as cli
-
-    old = sys.argv
-    sys.argv = ["acf", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+from cli_run import run_cli as acf  # noqa: E402  (exit code, stdout, stderr)
 
 
 # --- reading, the split, prompts ----------------------------------------------------------------------------------

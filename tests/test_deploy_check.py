@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -159,18 +158,10 @@ def test_uniform_w4_g64_outputs_conform(method, extra, tiny_model_dir, tmp_path,
 
 
 def _cli(capsys, *args) -> tuple[int, str]:
-    from acf.cli import main as cli
+    from cli_run import run_cli
 
-    old = sys.argv
-    sys.argv = ["acf", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().out
+    code, out, _ = run_cli(capsys, *args)
+    return code, out
 
 
 def test_mixed_outputs_record_the_verdict_and_the_cli_prints_it(tiny_model_dir, tmp_path, ctx, capsys):

@@ -42,18 +42,10 @@ def _acf(*args, env=None):
 
 def acf_inproc(capsys, *args) -> tuple[int, str]:
     """Run the CLI in this process (fast: no second torch import); returns (exit code, stderr)."""
-    from acf.cli import main as cli
+    from cli_run import run_cli
 
-    old = sys.argv
-    sys.argv = ["acf", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
+    code, _, err = run_cli(capsys, *args)
+    return code, err
 
 
 @pytest.mark.parametrize("args,msg", [

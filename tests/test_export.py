@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -96,20 +95,7 @@ def run_dir(made, tiny_model_dir, tmp_path_factory) -> Path:
     return rd
 
 
-def _acf(capsys, *args) -> tuple[int, str, str]:
-    from acf.cli import main as cli
-
-    old = sys.argv
-    sys.argv = ["acf", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+from cli_run import run_cli as _acf  # noqa: E402  (exit code, stdout, stderr)
 
 
 def _one_line(err: str) -> str:

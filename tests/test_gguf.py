@@ -4,7 +4,6 @@ models (hidden 64: Q8_0/Q4_0/IQ4_NL blocks of 32 fit, k-quant blocks of 256 do n
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -151,20 +150,7 @@ def test_model_gguf_imports_once(exports, tmp_path, monkeypatch):
     assert not [x for x in p1.parent.iterdir() if x.name.startswith(".")]   # no temporary left behind
 
 
-def _acf(capsys, *args) -> tuple[int, str, str]:
-    from acf.cli import main as cli
-
-    old = sys.argv
-    sys.argv = ["acf", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+from cli_run import run_cli as _acf  # noqa: E402  (exit code, stdout, stderr)
 
 
 def _one_line(err: str) -> str:
