@@ -6,7 +6,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from acf.core.errors import DataError
 
@@ -33,6 +33,21 @@ def locate(task: str, data_dir: Optional[str | os.PathLike], required: Sequence[
     return None
 
 
+def json_objects(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL text; a line that is not a JSON object is refused
+    with its file:line (the one rule every JSONL reader of acf applies)."""
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        yield i, obj
+
+
 def read_jsonl(path: Path, required_keys: Sequence[str] = (),
                check: Optional[Callable[[dict], Optional[str]]] = None) -> list[dict]:
     """The JSON objects of a JSONL file (blank lines skipped). A line that is not a JSON object, lacks a required
@@ -45,15 +60,7 @@ def read_jsonl(path: Path, required_keys: Sequence[str] = (),
 
         opener = gzip.open
     with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object")
+        for i, row in json_objects(path, f):
             missing = [k for k in required_keys if k not in row]
             if missing:
                 raise DataError(f"{path}:{i}: missing field(s) {', '.join(missing)}")

@@ -109,16 +109,10 @@ def read_own_data(path: str | Path) -> OwnData:
 
 
 def _read_jsonl(path: Path, text: str) -> list[Row]:
+    from acf.tasks.data import json_objects
+
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+    for i, obj in json_objects(path, text.splitlines()):
         try:
             rows.append(_row(obj, i))
         except ValueError as e:
