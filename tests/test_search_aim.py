@@ -55,6 +55,16 @@ def test_the_aim_is_the_largest_gap_to_the_recipe_frontier():
     ff.candidates.append(_cand("c003", [("gptq", {"avg_bits": 3.5})], 0.5, 98.0 * MiB))
     assert target(ff).recipe_id == "r:gptq_w8_ao"
     assert target(ff, exclude=(159.0 * MiB,)).recipe_id == "r:autoround_w4g64"
+    # the aimed quantizer is the best recipe's there (one that takes a budget): AWQ and NF4 take none
+    from acf.coordinator.screening import aim_quantizer
+
+    space = SimpleNamespace(quant_methods=["gptq", "awq", "bnb_nf4", "autoround"])
+    assert aim_quantizer(ff, space, target(ff)) == "gptq"
+    assert aim_quantizer(ff, space, g["r:autoround_w4g64"]) == "autoround"
+    ff.recipes.append(_cand("r:nf4", [("bnb_nf4", {})], 0.04, 120.0 * MiB))
+    nf4 = [x for x in gaps(ff) if x.recipe_id == "r:nf4"][0]
+    assert aim_quantizer(ff, space, nf4) == "autoround"                 # acf's best there (c001) took a budget
+    assert aim_quantizer(ff, SimpleNamespace(quant_methods=["bnb_nf4"]), nf4) is None
     # seeds first; every third episode after them is left to the sampler
     assert not aims_this_episode(5, seeds_left=True)
     assert [aims_this_episode(e, False) for e in (4, 5, 6, 7)] == [True, True, False, True]
@@ -70,7 +80,10 @@ def test_the_budget_is_continuous_and_maps_both_ways(smol_dir):
     space = SearchSpace(infer_spec(smol_dir), prune_methods=["none"], quant_methods=["gptq"],
                         tune_methods=["none"])
     lo, hi, step = space.budget_range
-    assert space.precisions == ["uniform", "budget"] and lo < 4.25 and hi == 8.0 and step == 0.125
+    assert space.precisions == ["uniform", "budget"] and lo < 4.25 and step == 0.125
+    # the top reaches the uniform W8 recipe's size (8 bits + scales), no further
+    from acf.methods.nominal import format_bits
+    assert 8.0 < format_bits("w8", space.spec) <= hi < format_bits("w8", space.spec) + step
     strat = validate_strategy({"steps": [{"method": "gptq", "params": {"avg_bits": 4.375, "act_order": True}}]},
                               space.spec)
     p = params_for(space, strat)

@@ -122,9 +122,33 @@ def enqueue_aim(ctx: RunContext, episode: int) -> Optional[dict[str, Any]]:
     budget = float(fixed[bname]) if bname in fixed else float(fixed[pname])
     aim = {"size": gap.size, "recipe_id": gap.recipe_id, "recipe_kld": gap.recipe_kld, "acf_id": gap.acf_id,
            "ratio": None if math.isinf(gap.ratio) else round(gap.ratio, 4), "budget": budget}
-    params = {"prune": "none", **({"quant_only": "gguf"} if gguf else {}), **fixed}
+    quant = "gguf" if gguf else aim_quantizer(ff, space, gap)
+    params = {"prune": "none", **({"quant_only": quant} if quant else {}), **fixed}
+    aim["quantizer"] = quant
     study.enqueue_trial(params, user_attrs={T_AIM: aim})
     return aim
+
+
+def aim_quantizer(ff: Any, space: Any, gap: Gap) -> Optional[str]:
+    """The quantizer an aimed episode uses: the one that made the best recipe at the gap's size (the strongest
+    known there), else the one of acf's best candidate there, else the space's first that takes a budget. Only
+    quantizers that take a precision budget qualify: a sampled quantizer without one (bitsandbytes NF4) would
+    ignore the aimed size (seen in cpu16-search, episode 11)."""
+    from acf.methods.registry import get as get_method
+
+    budgeted = [q for q in space.quant_methods
+                if (m := get_method(q)) is not None and m.search is not None and m.search.budgeted]
+    for cid in (gap.recipe_id, gap.acf_id):
+        if cid is None:
+            continue
+        try:
+            steps = ff.candidate(cid).strategy.steps
+        except (KeyError, AttributeError):
+            continue
+        for st in steps:
+            if st.method in budgeted:
+                return st.method
+    return budgeted[0] if budgeted else None
 
 
 def aim_of(study: optuna.Study, number: int) -> Optional[dict[str, Any]]:

@@ -28,6 +28,7 @@ class SearchFragment:
     grid(space) -> this method's entries of the preset grid (sampler=grid), as Optuna params.
     rank orders the slot's choices (Optuna categoricals keep their order); grid_rank orders the preset grid.
     default: part of the space when a run does not name its methods (gguf is asked for by name).
+    budgeted: the method takes a precision budget (`precision`/`budget`), so an aimed episode can fix its size.
     """
 
     suggest: Callable[[Any, Any], dict]
@@ -36,6 +37,7 @@ class SearchFragment:
     rank: int = 100
     grid_rank: Optional[int] = None
     default: bool = True
+    budgeted: bool = False
 
 
 def no_params(calib: bool = False, rank: int = 100, default: bool = True) -> SearchFragment:
@@ -158,7 +160,7 @@ def weight_quant(params_model: type[BaseModel], rank: int, *, mixed: bool, calib
             out.append(d)
         return out
 
-    return SearchFragment(suggest, trial_params, grid, rank=rank, default=default)
+    return SearchFragment(suggest, trial_params, grid, rank=rank, default=default, budgeted=mixed)
 
 
 #: the precision choice that asks for a continuous budget (`budget` / `gguf_budget`, in `space.budget_range`)
@@ -221,4 +223,4 @@ def gguf_fragment() -> SearchFragment:
             p["gguf_type"] = params.get("type", GGUFParams().type)
         return p
 
-    return SearchFragment(suggest, trial_params, rank=6, default=False)
+    return SearchFragment(suggest, trial_params, rank=6, default=False, budgeted=True)

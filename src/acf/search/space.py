@@ -87,7 +87,7 @@ class SearchSpace:
 
     def _budget_range(self) -> tuple[float, float, float]:
         from acf.methods.mixed import default_formats, min_effective_bits, target_palette
-        from acf.methods.nominal import quantizable_shapes
+        from acf.methods.nominal import format_bits, quantizable_shapes
         from acf.methods.params import MixedPrecision
 
         # the default target's palette and fused groups (vllm: no 3-bit, one format per q/k/v): a budget below
@@ -96,7 +96,10 @@ class SearchSpace:
         lo = min_effective_bits(quantizable_shapes(self.spec), target_palette(default_formats(self.spec.valid_group_sizes),
                                                                    target),
                                 self.spec.bytes_per_param, target, self.spec.family)
-        return _grid_up(lo), BUDGET_MAX, BUDGET_STEP
+        # the range ends at the uniform W8 recipe's size (8 bits plus its per-channel scales, a little above 8.0):
+        # a budget of exactly 8.0 cannot reach it, so acf could never match the best recipe there (measured in
+        # cpu16-search: budget 8.0 vs W8's 8.03 bits)
+        return _grid_up(lo), max(BUDGET_MAX, _grid_up(format_bits("w8", self.spec))), BUDGET_STEP
 
     def _gguf_shapes(self) -> list:
         from acf.methods.gguf_mixed import shapes_from_spec
