@@ -102,6 +102,8 @@ def test_llmcompressor_quantization_real(method, params, bits, group, tiny_model
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] != "dense"
     assert (out / "tokenizer_config.json").is_file()
+    # every output says whether vLLM would load it (by its rules): 2- and 3-bit weights, no; 4 and 8 bits, yes
+    assert rec.extra["deploy_check"]["conforms"] == (bits in (4, 8)) and "not loaded" in rec.extra["deploy_check"]["checked"]
     if "calib_samples" in params:
         # train splits only: the task's, plus the default share of general text (other tasks' train splits)
         cal = rec.extra["calibration"]

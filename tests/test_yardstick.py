@@ -60,6 +60,13 @@ def test_the_headline_names_the_best_recipe_at_each_size_not_the_weakest():
     md = "\n".join(headline_section(ff))
     assert "`autoround_w4g64` (111.3 MiB)" in md and "acf's best at no larger size" in md
     assert ff.headline_ids() == ["r:gptq_w3g64_ao", "r:autoround_w4g64", "c001", "r:gptq_w8_ao"]
+    # a recipe whose output breaks vLLM's rules (3-bit) is named as one a vLLM user cannot pick
+    from acf.methods.base import StepRecord
+
+    ff.recipes[3].steps = [StepRecord(method="gptq", params={}, extra={"deploy_check": {"conforms": False}})]
+    ff.recipes[4].steps = [StepRecord(method="gptq", params={}, extra={"deploy_check": {"conforms": True}})]
+    md = "\n".join(headline_section(ff))
+    assert "vLLM would refuse `gptq_w3g64_ao`" in md and "`gptq_w8_ao`" not in md.split("vLLM would refuse")[1]
 
 
 def test_paired_ratio_pairs_items_and_refuses_other_items():

@@ -167,6 +167,12 @@ def llmcompressor_quantize(method: str, params: dict, in_dir: Path, out_dir: Pat
 
         record_measured_size(extra["mixed_precision"], out_dir)
         record_deploy_check(extra["mixed_precision"], out_dir, method)
+    else:
+        # a uniform output is checked too, as a fact and never a failure: a user's own recipe (W3) may be meant for
+        # transformers; the report names the recipes vLLM would refuse
+        from acf.methods.deploy_check import check_vllm, verdict
+
+        extra["deploy_check"] = verdict(check_vllm(out_dir))
     return extra
 
 

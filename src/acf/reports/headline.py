@@ -88,4 +88,19 @@ def headline_section(ff: FrontierFile) -> list[str]:
                     + [_fmt_cmp(h["comparisons"][label]) for label, _, _ in COMPARISONS])
     md += [table(["best recipe at this size", "acf's best at no larger size"] + [c[0] for c in COMPARISONS], rows),
            ""]
+    refused = [c.id[2:] for c in measured if vllm_refuses(c)]
+    if refused:
+        md += [f"vLLM would refuse {', '.join(f'`{r}`' for r in refused)} (checked by rules read from vLLM's "
+               "source, not loaded: `acf check-deploy`); a user serving with vLLM cannot pick them.", ""]
     return md
+
+
+def vllm_refuses(c: Candidate) -> bool:
+    """Whether a step of the candidate recorded an output that breaks vLLM's loader rules (uniform outputs record
+    `deploy_check`, mixed ones record it inside `mixed_precision`)."""
+    for s in c.steps or []:
+        extra = getattr(s, "extra", None) or {}
+        check = extra.get("deploy_check") or (extra.get("mixed_precision") or {}).get("deploy_check")
+        if check is not None and not check.get("conforms", True):
+            return True
+    return False
