@@ -254,3 +254,14 @@ def test_generation_halves_its_batch_when_memory_runs_out(monkeypatch):
     monkeypatch.setattr(gen, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
     with pytest.raises(torch.OutOfMemoryError):
         gen.generate_all(M(), None, ["xyz"], 4, batch_size=4)
+
+
+def test_cli_calibration_the_data_cannot_fill(tmp_path, capsys):
+    """128 windows of 512 tokens with a quarter of general text need 16,384 general tokens; the shipped general
+    train text (the other tasks' train parts) holds about 10,800: refused at the start, in one line naming the
+    settings to change, before the run directory is written (every calibrated episode failed alike on the GPU)."""
+    code, err = acf_inproc(capsys, "run", "--run-dir", str(tmp_path / "r"), "--calib-samples", "128",
+                           "--seq-len", "512", "--limit", "2")
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert "the general calibration text holds" in err and "--calib-mix" in err
+    assert not (tmp_path / "r").exists()

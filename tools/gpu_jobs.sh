@@ -64,13 +64,16 @@ case $job in
     cp experiments/results/recipes-cuda.* "$o/" ;;
   search16) # #28: the 16-episode run with the new defaults (kld,size; continuous budget; screening; aim), the yardstick
             # measured first; killed at the call's limit, resumed by the next call on the same warm machine. The run
-            # without its models comes back as gpu16.tgz after every call.
+            # without its models comes back as gpu16.tgz after every call. 128 windows of 256 tokens: at 512 the
+            # quarter of general text (16,384 tokens) is more than the shipped data holds (~10,800), so every
+            # calibrated step failed (2026-12-08; now refused at the start, acf.methods.calibration.check_supply).
     if [ -f runs/gpu16/run_config.json ]; then
       timeout -s KILL ${PIPE_SECONDS:-540} python3 run_pipeline.py --resume runs/gpu16 2>&1 \
         | grep -v "^\[transformers\]\|it/s\]\|s/it\]" | tail -60
     else
       timeout -s KILL ${PIPE_SECONDS:-540} python3 run_pipeline.py --model smollm2-135m --dataset gsm8k --episodes 16 \
-        --limit 200 --proxy-limit 48 --final-limit 400 --calib-samples 128 --device cuda --run-dir runs/gpu16 2>&1 \
+        --limit 200 --proxy-limit 48 --final-limit 400 --calib-samples 128 --seq-len 256 --device cuda \
+        --run-dir runs/gpu16 2>&1 \
         | grep -v "^\[transformers\]\|it/s\]\|s/it\]" | tail -60
     fi
     rm -rf runs/gpu16-copy; python3 tools/copy_run.py runs/gpu16 runs/gpu16-copy >/dev/null \

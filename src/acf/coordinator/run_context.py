@@ -227,6 +227,17 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
     return cfg
 
 
+def check_calibration(cfg: RunConfig, model_path: str | Path) -> None:
+    """The run's calibration windows can be filled from its data (acf.methods.calibration.check_supply): checked
+    once before the run starts rather than failing every calibrated episode and recipe alike."""
+    from transformers import AutoTokenizer
+
+    from acf.methods.calibration import check_supply
+
+    tok = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=cfg.trust_remote_code)
+    check_supply(tok, task_for(cfg), cfg.calib_samples, cfg.seq_len, cfg.calib_mix)
+
+
 def make_run_dir(run_dir: str | Path) -> Path:
     """Create the run directory, or refuse with RunDirError naming it and why (a file where a folder must be, no
     permission): mkdir's own NotADirectoryError/PermissionError came out as a traceback. Called after the settings

@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 from acf.core.atomic import write_text
 from acf.core.errors import AcfError, RunDirError
 from acf.models.loading import freeze_library_objects
-from acf.coordinator.run_context import RunConfig, RunContext, make_run_dir, task_for, validate_config
+from acf.coordinator.run_context import (RunConfig, RunContext, check_calibration, make_run_dir, task_for,
+                                         validate_config)
 
 THREAD = {"configurable": {"thread_id": "acf-run"}, "recursion_limit": 100000}
 
@@ -66,7 +67,8 @@ class Pipeline:
             # an unknown or unreadable model (no config.json, weights cut short) is refused before the run
             # directory is written, so the same command works again once it is fixed (init_run resolves it again,
             # from the cache)
-            resolve_model(cfg.model)
+            # a calibration its data cannot fill is refused too (every calibrated episode would fail alike)
+            check_calibration(cfg, resolve_model(cfg.model))
         # the study's name is fixed when the run starts, so a run folder that is moved or copied still finds it
         cfg.study_name = cfg.study()
         make_run_dir(run_dir)
