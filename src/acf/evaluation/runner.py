@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from acf.core.errors import AcfError
+from acf.core.metrics import names
 from acf.models.loading import free, load_model
 from acf.core.provenance import Measurement, device_string, runtime_string
 from acf.tasks import Task
@@ -21,15 +22,15 @@ from acf.evaluation.quality import accuracy
 from acf.evaluation.sequences import task_sequences
 from acf.evaluation.shared import EvalResult, Fidelity, build_fidelity, eval_items, measure_kld_general  # noqa: F401  (re-exported)
 
-QUALITY_METRICS = ("accuracy", "answer_nll")
+#: quality metrics acf measures itself on any task that offers them (the others are the task's own)
+QUALITY_METRICS = names(family="quality", default=True)
 #: fidelity to the run's baseline, offered for every task (they need a baseline reference: `Fidelity`)
-FIDELITY_METRICS = ("kld", "top1", "kld_general")
+FIDELITY_METRICS = names(family="fidelity")
 #: tokens per sequence assumed when sizing batches for task-computed metrics (BBH 3-shot CoT prompts are the longest)
 OWN_METRIC_SEQ_LEN = 2048
-MODEL_METRICS = ("latency", "ttft", "throughput", "memory", "size", "params", "sparsity", "bits_per_weight")
+MODEL_METRICS = names(family="model")
 ALL_METRICS = QUALITY_METRICS + FIDELITY_METRICS + MODEL_METRICS
-DEFAULT_METRICS = ("accuracy", "answer_nll", "latency", "memory", "size", "params", "sparsity", "bits_per_weight")
-
+DEFAULT_METRICS = names(default=True)
 
 @dataclass
 class Loaded:
