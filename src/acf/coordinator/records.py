@@ -11,7 +11,7 @@ from typing import Optional
 import optuna
 
 from acf.search.pareto import hypervolume, pareto_front, reference_point
-from acf.core.metrics import display
+from acf.core.metrics import display, logged
 from acf.core.provenance import Measurement
 from acf.search.reward import recommend, retention, reward
 from acf.coordinator.run_context import RunConfig, RunContext
@@ -29,7 +29,7 @@ def objective_values(objectives: list[str], metrics: dict[str, Measurement]) -> 
 
 def metrics_line(label: str, metrics: dict[str, Measurement], objectives: list[str]) -> str:
     parts = []
-    for o in list(dict.fromkeys(objectives + ["kld", "top1", "answer_nll", "accuracy", "size"])):
+    for o in list(dict.fromkeys(objectives + list(logged()))):
         m = metrics.get(o)
         if m is None or m.value is None:
             continue

@@ -2,7 +2,7 @@
 evaluator, reward, run records, reports) reads its properties from this table instead of naming it again.
 
 Adding a metric = one row here + its measurement (a back-end method in acf.evaluation.backend, or a task's own
-metric). Pure data: no imports from the rest of acf.
+metric). Pure data (the one error it raises is imported when raised).
 """
 
 from __future__ import annotations
@@ -19,9 +19,14 @@ Normalise = Literal["ratio", "exp_diff", "exp_neg", "gain", "saving"]
 #: how a value is shown in run logs (`display`): MiB, ms, 3 or 4 decimals, millions
 Display = Literal["mib", "ms", "f3", "f4", "millions"]
 
+#: the evaluation back ends (acf.evaluation.backend): transformers, llama.cpp for GGUF candidates
 BACKENDS = ("transformers", "llamacpp")
-#: where a model metric is measured: on disk (cheap, no model load), or by running the model in its runtime
-Where = Literal["disk", "runtime", "model", "items"]
+#: how acf measures a metric (acf.evaluation.runner.evaluate dispatches on it), when the task does not compute it
+#: itself (`Task.task_metrics`, e.g. multiple choice scores accuracy by choice log-likelihood):
+#: logits: teacher-forced logits on the task's items; general_text: the same on general text; generation: greedy
+#: generation scored by the task; task: only the task computes it; runtime: by running the model in its runtime
+#: (speed, memory); disk: from the stored files; model: from the stored or loaded weights
+Where = Literal["logits", "general_text", "generation", "task", "runtime", "disk", "model"]
 
 
 @dataclass(frozen=True)
@@ -34,11 +39,12 @@ class Metric:
     normalise: Normalise
     needs_reference: bool = False      # compared against the baseline's logits (acf.evaluation.shared.Fidelity)
     backends: tuple[str, ...] = BACKENDS
-    where: Where = "items"             # items: measured on the task's items; runtime: in the model's runtime
+    where: Where = "task"              # how acf measures it (see Where)
     default: bool = False              # measured by `acf eval` when no --metrics are given
     cheap: bool = False                # measured for every candidate of a run (disk/header figures)
     held_out: bool = False             # measured for every frontier member in the held-out report
     fidelity_column: int = 0           # position in the report's fidelity table (0: not shown there)
+    logged: int = 0                    # position in a candidate's run-log line (0: only when it is an objective)
 
     @property
     def objective(self) -> bool:
@@ -49,20 +55,24 @@ _Q = dict(family="quality", unit="fraction", display="f3", normalise="ratio")
 _F = dict(family="fidelity", needs_reference=True, held_out=True)
 
 METRICS: tuple[Metric, ...] = (
-    Metric("accuracy", "maximize", default=True, fidelity_column=5, **_Q),
+    Metric("accuracy", "maximize", where="generation", default=True, fidelity_column=5, logged=4, **_Q),
     Metric("accuracy_norm", "maximize", **_Q),
     Metric("mc1", "maximize", **_Q),
     Metric("mc2", "maximize", **_Q),
     Metric("pass@1", "maximize", **_Q),
-    Metric("answer_nll", "minimize", "quality", "nats/token", "f4", "exp_diff", default=True, fidelity_column=4),
-    Metric("kld", "minimize", unit="nats/token", display="f4", normalise="exp_neg", fidelity_column=1, **_F),
-    Metric("kld_general", "minimize", unit="nats/token", display="f4", normalise="exp_neg", fidelity_column=3, **_F),
-    Metric("top1", "maximize", unit="fraction", display="f3", normalise="ratio", fidelity_column=2, **_F),
+    Metric("answer_nll", "minimize", "quality", "nats/token", "f4", "exp_diff", where="logits", default=True,
+           fidelity_column=4, logged=3),
+    Metric("kld", "minimize", unit="nats/token", display="f4", normalise="exp_neg", where="logits",
+           fidelity_column=1, logged=1, **_F),
+    Metric("kld_general", "minimize", unit="nats/token", display="f4", normalise="exp_neg", where="general_text",
+           fidelity_column=3, **_F),
+    Metric("top1", "maximize", unit="fraction", display="f3", normalise="ratio", where="logits", fidelity_column=2,
+           logged=2, **_F),
     Metric("latency", "minimize", "model", "ms/token", "ms", "saving", where="runtime", default=True),
     Metric("ttft", "minimize", "model", "ms", "ms", "saving", where="runtime"),
     Metric("throughput", "maximize", "model", "tokens/s", "f4", "gain", where="runtime"),
     Metric("memory", "minimize", "model", "bytes", "mib", "saving", where="runtime", default=True),
-    Metric("size", "minimize", "model", "bytes", "mib", "saving", where="disk", default=True, cheap=True),
+    Metric("size", "minimize", "model", "bytes", "mib", "saving", where="disk", default=True, cheap=True, logged=5),
     Metric("params", "minimize", "model", "count", "millions", "saving", where="model", default=True, cheap=True),
     Metric("sparsity", None, "model", "fraction", "f3", "gain", where="model", default=True, cheap=True),
     Metric("bits_per_weight", "minimize", "model", "bits", "f4", "saving", where="model", default=True, cheap=True),
@@ -98,6 +108,25 @@ def display(name: str, v: float) -> str:
     return f"{v:.4f}"
 
 
+def _ordered(column: str) -> tuple[str, ...]:
+    rows = [m for m in METRICS if getattr(m, column)]
+    return tuple(m.name for m in sorted(rows, key=lambda m: getattr(m, column)))
+
+
 def fidelity_columns() -> tuple[str, ...]:
     """The report's fidelity table columns, in their order."""
-    return tuple(m.name for m in sorted((m for m in METRICS if m.fidelity_column), key=lambda m: m.fidelity_column))
+    return _ordered("fidelity_column")
+
+
+def logged() -> tuple[str, ...]:
+    """The metrics a candidate's run-log line shows after its objectives, in their order."""
+    return _ordered("logged")
+
+
+def check_backend(name: str, backend: str) -> None:
+    """Refuse a metric the back end cannot measure (its row's `backends`)."""
+    row = TABLE.get(name)
+    if row is not None and backend not in row.backends:
+        from acf.core.errors import AcfError
+
+        raise AcfError(f"metric {name!r} is not measured in {backend} (only in {', '.join(row.backends)})")

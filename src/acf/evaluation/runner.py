@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from acf.core.errors import AcfError
-from acf.core.metrics import names
+from acf.core.metrics import TABLE, check_backend, names
 from acf.core.provenance import Measurement
 from acf.tasks import Task
 from acf.evaluation.backend import Backend, Loaded, TransformersBackend  # noqa: F401  (Loaded re-exported)
@@ -20,10 +20,11 @@ from acf.evaluation.quality import accuracy
 from acf.evaluation.sequences import encode_prompt, task_sequences
 from acf.evaluation.shared import EvalResult, Fidelity, build_fidelity, eval_items, measure_kld_general  # noqa: F401  (re-exported)
 
-#: quality metrics acf measures itself on any task that offers them (the others are the task's own)
-QUALITY_METRICS = names(family="quality", default=True)
+#: quality metrics acf measures itself (generation, teacher-forced logits) on any task that offers them; the others
+#: are the task's own
+QUALITY_METRICS = names(family="quality", where="generation") + names(family="quality", where="logits")
 #: fidelity to the run's baseline, offered for every task (they need a baseline reference: `Fidelity`)
-FIDELITY_METRICS = names(family="fidelity")
+FIDELITY_METRICS = names(needs_reference=True)
 #: tokens per sequence assumed when sizing batches for task-computed metrics (BBH 3-shot CoT prompts are the longest)
 OWN_METRIC_SEQ_LEN = 2048
 MODEL_METRICS = names(family="model")
@@ -87,21 +88,25 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise AcfError(f"model directory {model_dir} has no config.json")
-    fid_wanted = [m for m in metrics if m in FIDELITY_METRICS]
+    fid_wanted = [m for m in metrics if TABLE[m].needs_reference]
     if fid_wanted and fidelity is None:
         raise AcfError(f"{', '.join(fid_wanted)} compare against the uncompressed model: give a baseline "
                        f"(acf eval --baseline MODEL; a run uses its own)")
     t0 = time.perf_counter()
     backend = open_backend(model_dir, device, loaded=loaded, trust_remote_code=trust_remote_code)
+    for m in metrics:
+        check_backend(m, backend.name)
     out: dict[str, Measurement] = {}
     via_lm: set[str] = set()          # measured by running the model on items (the back end stamps its runtime)
     preds: list[dict] = []
     quality = [m for m in metrics if m in task.metrics]
     # Metrics the task computes itself (multiple choice, BBH, HumanEval) go to task.evaluate_metrics in one
-    # call (MC metrics share one scoring pass); the rest (GSM8K) keep the generic generation/teacher-forced paths.
+    # call (MC metrics share one scoring pass); the rest go where the metric table says acf measures them:
+    # teacher-forced logits (answer NLL on GSM8K, kld, top1), general text (kld_general), generation (accuracy).
     own = [m for m in quality if m in getattr(task, "task_metrics", ())]
-    generic = [m for m in quality if m not in own]
-    forced = [m for m in ("answer_nll", "kld", "top1") if m in metrics and (m != "answer_nll" or m in generic)]
+    forced = [m for m in metrics if TABLE[m].where == "logits" and m not in own]
+    general = [m for m in metrics if TABLE[m].where == "general_text"]
+    generated = [m for m in quality if TABLE[m].where == "generation" and m not in own]
     items = eval_items(task, limit, seed, item_offset) if (quality or forced) else None
     try:
         if "size" in metrics:
@@ -125,7 +130,7 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
         if "sparsity" in metrics:
             out["sparsity"] = backend.sparsity(known_sparsity)
         with _progress(show_progress) as prog:
-            tok = backend.tokenizer if (own or forced or generic or "kld_general" in metrics) else None
+            tok = backend.tokenizer if (own or forced or general or generated) else None
             if own:
                 lm = backend.lm
                 tid = prog.add_task(", ".join(own), total=task.progress_units(own, len(items))) if prog else None
@@ -134,7 +139,7 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
                                                    progress=(lambda k: prog.advance(tid, k)) if prog else None)
                 out.update(res)
                 via_lm.update(res)
-            if forced or "kld_general" in metrics:
+            if forced or general:
                 seqs = task_sequences(task, tok, items, fewshot) if forced else []
                 if hasattr(backend, "reserve"):
                     backend.reserve(max([s.length for s in seqs] + [1] + [s.length for s in (fidelity.general_seqs
@@ -147,16 +152,16 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
                                          progress=(lambda k: prog.advance(tid, k)) if prog else None)
                     out.update(res)
                     via_lm.update(res)
-                if "kld_general" in metrics:
-                    out["kld_general"] = measure_kld_general(backend.lm, tok, fidelity, fbs, prog)
-                    via_lm.add("kld_general")
-            if "accuracy" in generic:
+                for m in general:
+                    out[m] = measure_kld_general(backend.lm, tok, fidelity, fbs, prog)
+                    via_lm.add(m)
+            for m in generated:
                 acc_items = items[:accuracy_limit] if accuracy_limit else items
-                tid = prog.add_task("accuracy (generation)", total=len(acc_items)) if prog else None
-                out["accuracy"], preds = accuracy(backend.lm, tok, task, acc_items, batch_size=batch_size,
-                                                  fewshot=fewshot, max_new_tokens=max_new_tokens,
-                                                  progress=(lambda k: prog.advance(tid, k)) if prog else None)
-                via_lm.add("accuracy")
+                tid = prog.add_task(f"{m} (generation)", total=len(acc_items)) if prog else None
+                out[m], preds = accuracy(backend.lm, tok, task, acc_items, batch_size=batch_size, fewshot=fewshot,
+                                         max_new_tokens=max_new_tokens,
+                                         progress=(lambda k: prog.advance(tid, k)) if prog else None)
+                via_lm.add(m)
     finally:
         backend.close()
     if items is not None:
