@@ -15,6 +15,54 @@ MC_METRICS = ["accuracy", "accuracy_norm", "answer_nll", "kld", "top1", "size"]
 N = 6
 
 
+SRC = Path(__file__).resolve().parents[1] / "src" / "acf"
+
+
+def test_each_metric_is_one_table_row():
+    """A metric is declared once, as a row of acf.core.metrics; objectives, the evaluator's lists and the run's
+    lists are read from it."""
+    import re
+
+    from acf.core.metrics import METRICS, TABLE
+    from acf.core.objectives import DIRECTIONS, FIDELITY, QUALITY
+    from acf.coordinator.run_context import CHEAP_METRICS, FIDELITY_MEASURED, RUNTIME_METRICS
+    from acf.evaluation.runner import ALL_METRICS, DEFAULT_METRICS, FIDELITY_METRICS, QUALITY_METRICS
+
+    assert len(TABLE) == len(METRICS)
+    text = "\n".join(p.read_text() for p in SRC.rglob("*.py"))
+    for name in TABLE:
+        assert len(re.findall(rf'Metric\("{re.escape(name)}"', text)) == 1, name
+    assert list(DIRECTIONS) == [m.name for m in METRICS if m.direction]        # sparsity is no objective
+    assert FIDELITY == set(FIDELITY_METRICS) == set(FIDELITY_MEASURED) == {"kld", "kld_general", "top1"}
+    assert QUALITY == {"accuracy", "accuracy_norm", "mc1", "mc2", "pass@1", "answer_nll"} | FIDELITY
+    assert QUALITY_METRICS == ("accuracy", "answer_nll")
+    assert DEFAULT_METRICS == ("accuracy", "answer_nll", "latency", "memory", "size", "params", "sparsity",
+                               "bits_per_weight")
+    assert set(ALL_METRICS) == set(TABLE) - {"accuracy_norm", "mc1", "mc2", "pass@1"}
+    assert set(CHEAP_METRICS) == {"size", "params", "bits_per_weight", "sparsity"}
+    assert RUNTIME_METRICS == ("latency", "ttft", "throughput", "memory")
+
+
+def test_table_keeps_display_and_reward_rules():
+    from acf.coordinator.records import fmt_value
+    from acf.reports.report import FIDELITY_COLS, fmt
+    from acf.search.reward import normalised_score
+
+    assert fmt_value("size", 2**21) == "2.0 MiB" and fmt_value("memory", 2**20) == "1.0 MiB"
+    assert fmt_value("latency", 3.14159) == "3.1 ms" and fmt_value("ttft", 2) == "2.0 ms"
+    assert fmt_value("kld", 0.123456) == "0.1235" and fmt_value("top1", 0.98765) == "0.988"
+    assert fmt_value("mc2", 0.5) == "0.500" and fmt_value("params", 134_515_008) == "134.5M"
+    assert fmt_value("throughput", 12.5) == "12.5000" and fmt_value("unknown", 1) == "1.0000"
+    assert fmt(2**20, "memory") == "1.0 MiB" and fmt(2e6, "params") == "2.00 M" and fmt(0.123456, "kld") == "0.1235"
+    assert FIDELITY_COLS == ("kld", "top1", "kld_general", "answer_nll", "accuracy")
+    assert normalised_score("answer_nll", 1.5, 1.0) == pytest.approx(2.718281828 ** -0.5)
+    assert normalised_score("kld", 0.1, 0.0) == pytest.approx(2.718281828 ** -0.1)
+    assert normalised_score("accuracy", 0.3, 0.4) == pytest.approx(0.75)
+    assert normalised_score("top1", 0.9, 1.0) == pytest.approx(0.9)
+    assert normalised_score("throughput", 20, 10) == pytest.approx(1.0)
+    assert normalised_score("size", 25, 100) == pytest.approx(0.75)
+
+
 @pytest.fixture(scope="module")
 def csqa(data_root):
     from acf.tasks import get_task

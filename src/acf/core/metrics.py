@@ -45,6 +45,7 @@ class Metric:
     held_out: bool = False             # measured for every frontier member in the held-out report
     fidelity_column: int = 0           # position in the report's fidelity table (0: not shown there)
     logged: int = 0                    # position in a candidate's run-log line (0: only when it is an objective)
+    control_column: int = 0            # position in the report's control table (adaptation vs compression)
 
     @property
     def objective(self) -> bool:
@@ -55,15 +56,16 @@ _Q = dict(family="quality", unit="fraction", display="f3", normalise="ratio")
 _F = dict(family="fidelity", needs_reference=True, held_out=True)
 
 METRICS: tuple[Metric, ...] = (
-    Metric("accuracy", "maximize", where="generation", default=True, fidelity_column=5, logged=4, **_Q),
+    Metric("accuracy", "maximize", where="generation", default=True, fidelity_column=5, logged=4, control_column=3,
+           **_Q),
     Metric("accuracy_norm", "maximize", **_Q),
     Metric("mc1", "maximize", **_Q),
     Metric("mc2", "maximize", **_Q),
     Metric("pass@1", "maximize", **_Q),
     Metric("answer_nll", "minimize", "quality", "nats/token", "f4", "exp_diff", where="logits", default=True,
-           fidelity_column=4, logged=3),
+           fidelity_column=4, logged=3, control_column=1),
     Metric("kld", "minimize", unit="nats/token", display="f4", normalise="exp_neg", where="logits",
-           fidelity_column=1, logged=1, **_F),
+           fidelity_column=1, logged=1, control_column=2, **_F),
     Metric("kld_general", "minimize", unit="nats/token", display="f4", normalise="exp_neg", where="general_text",
            fidelity_column=3, **_F),
     Metric("top1", "maximize", unit="fraction", display="f3", normalise="ratio", where="logits", fidelity_column=2,
@@ -116,6 +118,11 @@ def _ordered(column: str) -> tuple[str, ...]:
 def fidelity_columns() -> tuple[str, ...]:
     """The report's fidelity table columns, in their order."""
     return _ordered("fidelity_column")
+
+
+def control_columns() -> tuple[str, ...]:
+    """The metrics of the report's control table (adaptation vs compression), in their order."""
+    return _ordered("control_column")
 
 
 def logged() -> tuple[str, ...]:

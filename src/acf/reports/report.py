@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import pandas as pd
 
-from acf.core.metrics import fidelity_columns, get as metric_row
+from acf.core.metrics import control_columns, fidelity_columns, get as metric_row
 from acf.core.objectives import DIRECTIONS
 from acf.reports.frontier_frame import NON_OK, frontier_to_frame, write_plots
 from acf.reports.search_quality import search_section
@@ -270,7 +270,7 @@ def _adaptation_section(ff: FrontierFile) -> list[str]:
     rows = []
     for c in with_ctrl:
         ctrl = ff.candidate(c.control)
-        for m in ("answer_nll", "kld", "accuracy"):
+        for m in control_columns():
             if base is None or m not in c.metrics or m not in ctrl.metrics or m not in base.metrics:
                 continue
             b, k, v = base.metrics[m].value, ctrl.metrics[m].value, c.metrics[m].value
