@@ -9,6 +9,7 @@ A back end is what a candidate runs in. `acf.evaluation.runner.evaluate` dispatc
   which those two functions use instead (acf.evaluation.llamacpp.LlamaCppLM).
 - `perf`: latency, ttft, throughput and memory, measured in the back end's runtime;
 - `size`, `params`, `bits_per_weight`, `sparsity`: what the stored model costs;
+- `forced_batch`, `reserve`: the batch and context of a teacher-forced pass;
 - `stamp`: the runtime and device a measurement made through `lm` ran on.
 
 Back ends: transformers (here), llama.cpp for GGUF candidates (acf.evaluation.llamacpp.LlamaCppBackend); vLLM
@@ -52,6 +53,8 @@ class Backend(Protocol):
              longest: int) -> dict[str, Measurement]: ...
 
     def forced_batch(self, batch_size: Optional[int]) -> Optional[int]: ...
+
+    def reserve(self, n_tokens: int) -> None: ...
 
     def stamp(self, m: Measurement, via_lm: bool) -> None: ...
 
@@ -205,6 +208,9 @@ class TransformersBackend:
 
     def forced_batch(self, batch_size: Optional[int]) -> Optional[int]:
         return batch_size
+
+    def reserve(self, n_tokens: int) -> None:
+        """A transformers model needs no context sized before a teacher-forced pass."""
 
     def stamp(self, m: Measurement, via_lm: bool) -> None:
         """Measurements through a transformers model name their device and runtime already."""

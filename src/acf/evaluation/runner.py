@@ -141,9 +141,8 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
                 via_lm.update(res)
             if forced or general:
                 seqs = task_sequences(task, tok, items, fewshot) if forced else []
-                if hasattr(backend, "reserve"):
-                    backend.reserve(max([s.length for s in seqs] + [1] + [s.length for s in (fidelity.general_seqs
-                                                                                         if fidelity else [])]))
+                backend.reserve(max([s.length for s in seqs] + [1]
+                                    + [s.length for s in (fidelity.general_seqs if fidelity else [])]))
                 fbs = backend.forced_batch(batch_size)
                 if forced:
                     tid = prog.add_task(" + ".join(forced), total=len(items)) if prog else None
