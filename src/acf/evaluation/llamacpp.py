@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from acf.core.provenance import Measurement, device_string
+from acf.core.provenance import Measurement
 from acf.evaluation.perf import PeakRSS
 
 @functools.lru_cache(maxsize=None)
