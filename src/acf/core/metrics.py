@@ -46,6 +46,7 @@ class Metric:
     fidelity_column: int = 0           # position in the report's fidelity table (0: not shown there)
     logged: int = 0                    # position in a candidate's run-log line (0: only when it is an objective)
     control_column: int = 0            # position in the report's control table (adaptation vs compression)
+    binary: bool = False               # a share of items right or wrong (its ci95 is a Wilson interval)
 
     @property
     def objective(self) -> bool:
@@ -57,11 +58,11 @@ _F = dict(family="fidelity", needs_reference=True, held_out=True)
 
 METRICS: tuple[Metric, ...] = (
     Metric("accuracy", "maximize", where="generation", default=True, fidelity_column=5, logged=4, control_column=3,
-           **_Q),
-    Metric("accuracy_norm", "maximize", **_Q),
-    Metric("mc1", "maximize", **_Q),
+           binary=True, **_Q),
+    Metric("accuracy_norm", "maximize", binary=True, **_Q),
+    Metric("mc1", "maximize", binary=True, **_Q),
     Metric("mc2", "maximize", **_Q),
-    Metric("pass@1", "maximize", **_Q),
+    Metric("pass@1", "maximize", binary=True, **_Q),
     Metric("answer_nll", "minimize", "quality", "nats/token", "f4", "exp_diff", where="logits", default=True,
            fidelity_column=4, logged=3, control_column=1),
     Metric("kld", "minimize", unit="nats/token", display="f4", normalise="exp_neg", where="logits",
