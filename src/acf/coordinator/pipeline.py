@@ -27,7 +27,7 @@ from acf.core.provenance import Measurement, device_string, git_commit, runtime_
 from acf.coordinator.records import episodes_done, metrics_line, ok_candidates, run_objective_values, tell_like
 from acf.search.pareto import frontier_stalled
 from acf.search.reward import retention
-from acf.coordinator.run_context import RunConfig, RunContext
+from acf.coordinator.run_context import RUNTIME_METRICS, RunConfig, RunContext
 from acf.coordinator.run_eval import evaluate_in_run, metrics_to_measure
 from acf.coordinator.compression import compress  # noqa: F401  (episode stages call it as pipeline.compress)
 from acf.coordinator.state import Candidate, RunMeta, now
@@ -295,8 +295,7 @@ def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
         cand.status, cand.reason = "failed", err
     else:
         try:
-            res = evaluate_in_run(ctx, art, [m for m in metrics_to_measure(ctx) if m not in ("latency", "ttft",
-                                                                                     "throughput", "memory")],
+            res = evaluate_in_run(ctx, art, [m for m in metrics_to_measure(ctx) if m not in RUNTIME_METRICS],
                             ctx.cfg.limit)
             cand.metrics = res.metrics
             cand.objectives = run_objective_values(ctx, res.metrics)

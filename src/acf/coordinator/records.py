@@ -11,6 +11,7 @@ from typing import Optional
 import optuna
 
 from acf.search.pareto import hypervolume, pareto_front, reference_point
+from acf.core.metrics import display, logged
 from acf.core.provenance import Measurement
 from acf.search.reward import recommend, retention, reward
 from acf.coordinator.run_context import RunConfig, RunContext
@@ -28,7 +29,7 @@ def objective_values(objectives: list[str], metrics: dict[str, Measurement]) -> 
 
 def metrics_line(label: str, metrics: dict[str, Measurement], objectives: list[str]) -> str:
     parts = []
-    for o in list(dict.fromkeys(objectives + ["kld", "top1", "answer_nll", "accuracy", "size"])):
+    for o in list(dict.fromkeys(objectives + list(logged()))):
         m = metrics.get(o)
         if m is None or m.value is None:
             continue
@@ -37,17 +38,7 @@ def metrics_line(label: str, metrics: dict[str, Measurement], objectives: list[s
 
 
 def fmt_value(name: str, v: float) -> str:
-    if name in ("size", "memory"):
-        return f"{v / 2**20:.1f} MiB"
-    if name in ("latency", "ttft"):
-        return f"{v:.1f} ms"
-    if name in ("kld", "kld_general"):
-        return f"{v:.4f}"
-    if name in ("accuracy", "sparsity", "mc1", "mc2", "accuracy_norm", "pass@1", "top1"):
-        return f"{v:.3f}"
-    if name == "params":
-        return f"{v / 1e6:.1f}M"
-    return f"{v:.4f}"
+    return display(name, v)
 
 
 def episodes_done(ctx: RunContext) -> int:

@@ -13,6 +13,7 @@ import optuna
 from pydantic import BaseModel, Field
 
 from acf.core.errors import AcfError, RunDirError
+from acf.core.metrics import names
 from acf.core.objectives import DIRECTIONS, FIDELITY, QUALITY, parse_objectives
 from acf.planner import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, check_settings as check_planner_settings
 from acf.search.reward import PRESETS
@@ -22,9 +23,9 @@ from acf.methods.base import DEFAULT_CALIB_MIX
 
 log = logging.getLogger(__name__)
 
-CHEAP_METRICS = ("size", "params", "bits_per_weight", "sparsity")
+CHEAP_METRICS = names(cheap=True)
 #: fidelity to the baseline, measured for every candidate of every run (the search ranks by kld by default)
-FIDELITY_MEASURED = ("kld", "top1", "kld_general")
+FIDELITY_MEASURED = names(family="fidelity")
 #: the objectives of a run that names none: damage and size; latency joins them only where it is measured in the
 #: format's deployment runtime (llama.cpp for GGUF). Elsewhere (compressed-tensors in transformers' dequantized path)
 #: latency is measured and reported with its runtime, never ranked on unless asked for (SPEC.md, "Objectives")
@@ -38,7 +39,7 @@ def default_objectives(runtime: str) -> list[str]:
 DEFAULT_MAX_KLD = 0.5
 RUNTIMES = ("transformers", "llamacpp")
 #: metrics that depend on the runtime: with --runtime llamacpp the baseline's come from its F16 GGUF in llama.cpp
-RUNTIME_METRICS = ("latency", "ttft", "throughput", "memory")
+RUNTIME_METRICS = names(where="runtime")
 
 
 class RunConfig(BaseModel):

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Optional
 
 from acf.core.provenance import Measurement
-from acf.coordinator.run_context import CHEAP_METRICS, FIDELITY_MEASURED, RunContext
+from acf.coordinator.run_context import CHEAP_METRICS, FIDELITY_MEASURED, RUNTIME_METRICS, RunContext
 
 
 def metrics_to_measure(ctx: RunContext) -> list[str]:
     want = list(ctx.cfg.objectives) + list(CHEAP_METRICS) + list(FIDELITY_MEASURED)
     if "answer_nll" in ctx.task.metrics:
         want.append("answer_nll")
-    if any(m in ctx.cfg.objectives for m in ("latency", "memory", "ttft", "throughput")):
+    if any(m in ctx.cfg.objectives for m in RUNTIME_METRICS):
         want += ["ttft", "throughput"]
     return list(dict.fromkeys(want))
 

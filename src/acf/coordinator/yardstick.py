@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 from acf.core.atomic import write_text
 from acf.core.errors import AcfError
+from acf.core.metrics import names
 from acf.core.provenance import Measurement
 from acf.coordinator import run_store as RS
 from acf.coordinator.compression import compress
@@ -75,7 +76,7 @@ def final_metric_names(ctx: RunContext) -> list[str]:
     compressed-tensors through its fake-quantized path at minutes per model, a figure no deployment would see, so it
     is not measured there unless it is an objective (SPEC.md, "Objectives")."""
     extra = ["latency"] if ctx.cfg.device.startswith("cuda") or ctx.cfg.runtime == "llamacpp" else []
-    return list(dict.fromkeys((ctx.cfg.final_metrics or list(ctx.task.metrics)) + ["kld", "top1", "kld_general"]
+    return list(dict.fromkeys((ctx.cfg.final_metrics or list(ctx.task.metrics)) + list(names(held_out=True))
                               + extra))
 
 

@@ -1,33 +1,16 @@
-"""Objective names and their directions. Pure data: used by Pareto, reward, search and reports."""
+"""Objectives: the metrics a run may rank on, their directions and the --objectives check. The names and
+properties come from the metric table (acf.core.metrics); used by Pareto, reward, search and reports."""
 
 from __future__ import annotations
 
-from typing import Literal
+from acf.core.metrics import METRICS, Direction, names
 
-Direction = Literal["maximize", "minimize"]
-
-DIRECTIONS: dict[str, Direction] = {
-    "accuracy": "maximize",
-    "accuracy_norm": "maximize",
-    "mc1": "maximize",
-    "mc2": "maximize",
-    "pass@1": "maximize",
-    "answer_nll": "minimize",
-    "kld": "minimize",
-    "kld_general": "minimize",
-    "top1": "maximize",
-    "latency": "minimize",
-    "ttft": "minimize",
-    "throughput": "maximize",
-    "memory": "minimize",
-    "size": "minimize",
-    "params": "minimize",
-    "bits_per_weight": "minimize",
-}
+#: the objectives (metrics that may be ranked on) and their directions, from the metric table (acf.core.metrics)
+DIRECTIONS: dict[str, Direction] = {m.name: m.direction for m in METRICS if m.direction is not None}
 
 #: fidelity to the run's uncompressed baseline: offered on every task (measured against the baseline's reference)
-FIDELITY = {"kld", "kld_general", "top1"}
-QUALITY = {"accuracy", "accuracy_norm", "mc1", "mc2", "pass@1", "answer_nll"} | FIDELITY
+FIDELITY = set(names(family="fidelity"))
+QUALITY = set(names(family="quality", objective=True)) | FIDELITY
 
 
 def direction(name: str) -> Direction:

@@ -111,6 +111,10 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
     pattern, so each completion is cut where `AnswerDone` would have stopped it (the same check at the same token
     counts): both engines return the same text for the same greedy tokens. Measured on the GPU in
     experiments/bench_scale.py (SPEC.md has the figures)."""
+    if hasattr(model, "complete"):
+        # a back end's own generation (acf.evaluation.backend: e.g. llama.cpp), under the same stopping rules
+        return model.complete(tokenizer, prompts, max_new_tokens, done_pattern=done_pattern,
+                              stop_strings=stop_strings, progress=progress)
     device = next(model.parameters()).device
     engine = os.environ.get("ACF_GEN_ENGINE", DEFAULT_ENGINE)
     if engine not in ENGINES:

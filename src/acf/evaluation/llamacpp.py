@@ -1,16 +1,22 @@
-"""llama.cpp as the measurement runtime of GGUF candidates (llama-cpp-python's bindings, CPU).
+"""llama.cpp as the measurement runtime of GGUF candidates (llama-cpp-python's bindings, CPU): the llama.cpp
+implementation of the evaluation back-end protocol (acf.evaluation.backend), `LlamaCppBackend`.
 
-Everything a GGUF candidate reports is measured in llama.cpp on the file a user deploys:
+Everything a GGUF candidate reports is measured in llama.cpp on the file a user deploys, and dispatched by the same
+evaluator as a transformers candidate (acf.evaluation.runner.evaluate), so both report the same metrics with the
+same meaning:
 - latency (batch-1 decode ms/token), ttft, throughput and memory on a deployment-like context (no per-position
   logits kept, n_ctx sized to the prompt and answer), after one warm-up;
 - answer NLL, kld and top1 from llama.cpp's logits at every position (`logits_all=True`), fed the same token ids
   as the transformers path (acf.evaluation.sequences), and scored by the same code (`fidelity.teacher_forced`)
   against the same cached baseline reference: only the runtime that produces the logits differs;
-- accuracy by greedy decoding in llama.cpp, scored by the task like the transformers path.
+- multiple-choice metrics (accuracy, accuracy_norm, mc1, mc2 and the gold choice's NLL) from llama.cpp's choice
+  log-likelihoods, scored by the task's own code (`LlamaCppLM.choice_logprobs`);
+- generation metrics (accuracy, pass@1) by greedy decoding in llama.cpp (`LlamaCppLM.complete`), scored by the
+  task like the transformers path.
 
-`LlamaCppLM` is written by hand because the teacher-forced pass asks a model for `model(input_ids,
-attention_mask).logits`; the adapter answers that from llama.cpp one sequence at a time, so the KL and NLL code
-(and its intervals) are shared, not duplicated.
+`LlamaCppLM` is written by hand because the measurement code asks a model for `model(input_ids,
+attention_mask).logits`; the adapter answers that from llama.cpp one sequence at a time, so the KL, NLL and
+multiple-choice code (and its intervals) are shared, not duplicated.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from acf.core.provenance import Measurement, device_string
+from acf.core.provenance import Measurement
 from acf.evaluation.perf import PeakRSS
 
 @functools.lru_cache(maxsize=None)
@@ -107,15 +113,33 @@ def _last_logits(llm) -> "Any":
 
 
 class LlamaCppLM:
-    """The slice of a transformers causal LM that `fidelity.teacher_forced` uses, answered by llama.cpp."""
+    """The model handle of the llama.cpp back end: the three primitives acf's measurement code asks of a model.
+
+    - teacher-forced logits: `lm(input_ids, attention_mask).logits` (the slice of a transformers causal LM that
+      `fidelity.teacher_forced` uses), from a `logits_all` context, one sequence at a time;
+    - choice log-likelihoods: `choice_logprobs` (used by `multiple_choice.score_choices`): each prompt evaluated
+      once, each choice on top of its KV cache;
+    - greedy generation: `complete` (used by `generate.generate_all`), on a context without per-position logits.
+    Contexts are opened on first use and reopened larger when a longer sequence comes."""
 
     def __init__(self, path: str | Path, n_ctx: int):
+        self.path = Path(path)
         self.llm = open_llama(path, n_ctx, logits_all=True)
         self.n_ctx = n_ctx
+        self._gen = None
+        self._gen_ctx = 0
         self._p = torch.zeros(1)
 
     def parameters(self):
         yield self._p            # device of the logits: the CPU
+
+    def reserve(self, n_tokens: int) -> None:
+        """Make the logits context hold `n_tokens` (rounded up to 256; reopened only when it must grow)."""
+        n_ctx = _round_up(n_tokens + 1, 256)
+        if n_ctx > self.n_ctx:
+            self.llm.close()
+            self.llm = open_llama(self.path, n_ctx, logits_all=True)
+            self.n_ctx = n_ctx
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_: Any):
         B, L = input_ids.shape
@@ -129,8 +153,61 @@ class LlamaCppLM:
             out[b, :n] = torch.from_numpy(self.llm.scores[:n].copy())
         return SimpleNamespace(logits=out)
 
+    def choice_logprobs(self, enc: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
+        """(summed log-prob, all greedy) of every continuation of every (prompt ids, continuation ids) request."""
+        out = []
+        for prompt, conts in enc:
+            self.reserve(len(prompt) + max(len(c) for c in conts))
+            self.llm.reset()
+            self.llm.eval(prompt)
+            n = len(prompt)
+            rows = []
+            for c in conts:
+                self.llm.n_tokens = n          # drop the previous choice: its KV cells are removed by eval
+                self.llm.eval(c)
+                logits = torch.from_numpy(self.llm.scores[n - 1:n + len(c) - 1].copy())
+                target = torch.tensor(c, dtype=torch.long)
+                lp = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+                rows.append((float(lp.sum()), bool((logits.argmax(-1) == target).all())))
+            out.append(rows)
+        return out
+
+    def complete(self, tokenizer, prompts: list[str], max_new_tokens: int, *, done_pattern: Optional[str] = None,
+                 stop_strings: Sequence[str] = (), progress=None) -> tuple[list[tuple[str, int]], str]:
+        """Greedy completions (text, new tokens) of every prompt, in order, and the engine's name; the same stopping
+        rules as the transformers engines (done pattern, stop strings, end-of-sequence tokens)."""
+        from acf.evaluation.sequences import encode_prompt
+
+        pat = re.compile(done_pattern or r"$^")
+        stops = list(stop_strings)
+
+        def stop(new: list[int]) -> bool:
+            text = tokenizer.decode(new[-96:], skip_special_tokens=True)
+            return bool(pat.search(text)) or any(s in text for s in stops)
+
+        eos = _eos_ids(tokenizer)
+        ids = [encode_prompt(tokenizer, p) for p in prompts]
+        n_ctx = _round_up(max((len(i) for i in ids), default=0) + max_new_tokens + 8, 256)
+        if self._gen is None or n_ctx > self._gen_ctx:
+            if self._gen is not None:
+                self._gen.close()
+            self._gen, self._gen_ctx = open_llama(self.path, n_ctx, logits_all=False), n_ctx
+        outs = []
+        for p in ids:
+            new, _ = _greedy(self._gen, p, max_new_tokens, stop=stop, eos=eos)
+            n = len(new)
+            while n and new[n - 1] in eos:
+                n -= 1
+            outs.append((tokenizer.decode(new[:n], skip_special_tokens=True), n))
+            if progress:
+                progress(1)
+        return outs, "llama.cpp, one sequence at a time"
+
     def close(self) -> None:
         self.llm.close()
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
 
 
 def _greedy(llm, prompt: list[int], max_new: int, stop=None, eos: Sequence[int] = ()) -> tuple[list[int], list[float]]:
@@ -196,114 +273,94 @@ def gguf_params(path: Path) -> int:
     return read_gguf(path).params
 
 
-def evaluate_gguf(model_dir: Path, task, metrics: Sequence[str], *, limit: Optional[int], seed: Optional[int],
-                  fewshot: int = 0, max_new_tokens: int = 256, accuracy_limit: Optional[int] = None,
-                  latency_tokens: int = 32, item_offset: int = 0, fidelity=None, known_sparsity=None,
-                  tokenizer=None, batch_size: Optional[int] = None, **_: Any):
-    """`acf.evaluation.runner.evaluate` for a GGUF candidate directory: every metric measured in llama.cpp."""
-    from acf.methods.gguf import GGUF_NAME, load_manifest, read_gguf
-    from acf.models.loading import load_tokenizer
-    from acf.evaluation.fidelity import teacher_forced
-    from acf.evaluation.shared import EvalResult, eval_items, measure_kld_general
-    from acf.evaluation.sequences import encode_prompt, task_sequences
+class LlamaCppBackend:
+    """A GGUF candidate directory in llama.cpp (the evaluation back-end protocol, acf.evaluation.backend): every
+    metric of it is measured on the file a user deploys."""
 
-    t0 = time.perf_counter()
-    model_dir = Path(model_dir)
-    gpath = model_dir / GGUF_NAME
-    man = load_manifest(model_dir)
-    info = read_gguf(gpath)
-    tok = tokenizer or load_tokenizer(model_dir)
-    out: dict[str, Measurement] = {}
-    preds: list[dict] = []
-    if "size" in metrics:
-        out["size"] = Measurement(value=float(info.size_bytes), unit="bytes", device="disk", runtime=runtime_label(),
-                                  method=f"bytes of the GGUF file ({man.type}; it holds weights and tokenizer)",
-                                  extra={"tensor_types": info.tensor_types})
-    if "params" in metrics:
-        out["params"] = Measurement(value=float(info.params), unit="count", device="disk",
-                                    method="elements of all tensors in the GGUF (tied embeddings stored once)")
-    if "bits_per_weight" in metrics:
-        out["bits_per_weight"] = Measurement(value=round(info.size_bytes * 8 / max(info.params, 1), 4), unit="bits",
-                                             device="disk", method="GGUF file bits (metadata, tokenizer and scales "
-                                                                   "included) / tensor elements")
-    if "sparsity" in metrics:
-        out["sparsity"] = known_sparsity or Measurement(
-            value=None, unit="fraction", device="disk", method="not measurable in a quantized GGUF; the pipeline "
-                                                               "records what its pruning steps measured")
-    quality = [m for m in metrics if m in task.metrics]
-    forced = [m for m in ("answer_nll", "kld", "top1") if m in metrics]
-    items = eval_items(task, limit, seed, item_offset) if (quality or forced) else None
-    llm = None
-    try:
-        perf = [m for m in ("latency", "ttft", "throughput", "memory") if m in metrics]
-        if perf or "accuracy" in quality:
-            first = task.load("test", limit=1, seed=seed)[0]
-            prompt_ids = encode_prompt(tok, task.chat_prompt(first, tok, fewshot))
-            n_ctx = _round_up(max(len(prompt_ids) + latency_tokens,
-                                  _max_prompt(task, tok, items, fewshot) + max_new_tokens) + 8, 256)
-            lat, rss, llm = latency(gpath, prompt_ids, latency_tokens, n_ctx=n_ctx)
-            for k in ("latency", "ttft", "throughput"):
-                if k in metrics or k == "latency" and perf:
-                    out[k] = lat[k]
-            if "memory" in metrics and gpu_offload():
-                # llama.cpp's CUDA buffers are outside torch's allocator and the process RSS; not measured yet
-                out["memory"] = Measurement(value=None, unit="bytes", device=cpu_string(), runtime=runtime_string(),
-                                            method="not measured: llama.cpp's GPU buffers are invisible to process "
-                                                   "RSS and torch (ACF_LLAMA_CPU=1 measures the CPU deployment)")
-            elif "memory" in metrics:
-                out["memory"] = Measurement(value=float(rss.added), unit="bytes", device=cpu_string(),
-                                            runtime=runtime_string(),
-                                            method=f"peak process RSS increase (sampled every 5 ms) over llama.cpp "
-                                                   f"load (mmap) + latency generation, n_ctx {n_ctx}",
-                                            extra={"load_seconds": lat["latency"].extra.get("load_seconds")})
-        if "accuracy" in quality:
-            acc_items = items[:accuracy_limit] if accuracy_limit else items
-            out["accuracy"], preds = _accuracy(llm, tok, task, acc_items, fewshot, max_new_tokens)
-        if llm is not None:
-            llm.close()
-            llm = None
-        if forced or "kld_general" in metrics:
-            seqs = task_sequences(task, tok, items, fewshot) if forced else []
-            longest = max([s.length for s in seqs] + [s.length for s in (fidelity.general_seqs if fidelity else [])]
-                          + [1])
-            lm = LlamaCppLM(gpath, _round_up(longest + 1, 256))
-            try:
-                if forced:
-                    out.update(teacher_forced(lm, tok, seqs, forced, reference=fidelity.task if fidelity else None,
-                                              batch_size=1, label=f"{task.name} test items"))
-                if "kld_general" in metrics:
-                    out["kld_general"] = measure_kld_general(lm, tok, fidelity, 1, None)
-            finally:
-                lm.close()
-            for m in forced + (["kld_general"] if "kld_general" in metrics else []):
-                if m in out and out[m].value is not None:
-                    out[m].runtime = runtime_string()
-                    out[m].device = cpu_string()
-                    out[m].method += " (logits from llama.cpp, one sequence at a time)"
-    finally:
-        if llm is not None:
-            llm.close()
-    if items is not None:
-        first_id = items[0].id if items else None
-        for m in quality + forced:
-            if m in out:
-                out[m].extra.setdefault("items", {"offset": item_offset, "count": len(items), "first_id": first_id})
-    for m in out.values():
-        m.extra.setdefault("gguf_type", man.type)
-    return EvalResult(model_path=str(model_dir), task=task.name, metrics=out, predictions=preds,
-                      seconds=round(time.perf_counter() - t0, 3))
+    name = "llamacpp"
+
+    def __init__(self, model_dir: Path, tokenizer=None):
+        from acf.methods.gguf import GGUF_NAME, load_manifest, read_gguf
+        from acf.models.loading import load_tokenizer
+
+        self.model_dir = Path(model_dir)
+        self.path = self.model_dir / GGUF_NAME
+        self.manifest = load_manifest(self.model_dir)
+        self.info = read_gguf(self.path)
+        self.tokenizer = tokenizer or load_tokenizer(self.model_dir)
+        self._lm: Optional[LlamaCppLM] = None
+
+    @property
+    def lm(self) -> "LlamaCppLM":
+        if self._lm is None:
+            self._lm = LlamaCppLM(self.path, 256)
+        return self._lm
+
+    def size(self) -> Measurement:
+        return Measurement(value=float(self.info.size_bytes), unit="bytes", device="disk", runtime=runtime_label(),
+                           method=f"bytes of the GGUF file ({self.manifest.type}; it holds weights and tokenizer)",
+                           extra={"tensor_types": self.info.tensor_types})
+
+    def params(self) -> Measurement:
+        return Measurement(value=float(self.info.params), unit="count", device="disk",
+                           method="elements of all tensors in the GGUF (tied embeddings stored once)")
+
+    def bits_per_weight(self) -> Measurement:
+        return Measurement(value=round(self.info.size_bytes * 8 / max(self.info.params, 1), 4), unit="bits",
+                           device="disk", method="GGUF file bits (metadata, tokenizer and scales included) / tensor "
+                                                 "elements")
+
+    def sparsity(self, known: Optional[Measurement]) -> Measurement:
+        return known or Measurement(value=None, unit="fraction", device="disk",
+                                    method="not measurable in a quantized GGUF; the pipeline records what its "
+                                           "pruning steps measured")
+
+    def perf(self, wanted: Sequence[str], prompt: str, *, latency_tokens: int, batch_size: Optional[int],
+             longest) -> dict[str, Measurement]:
+        """Latency, ttft and throughput on a deployment-like context (no per-position logits, n_ctx sized to the
+        longest prompt and answer, `longest()` tokens), and the RSS peak over its load and these runs."""
+        from acf.evaluation.sequences import encode_prompt
+
+        prompt_ids = encode_prompt(self.tokenizer, prompt)
+        n_ctx = _round_up(max(len(prompt_ids) + latency_tokens, longest()) + 8, 256)
+        out, rss, llm = latency(self.path, prompt_ids, latency_tokens, n_ctx=n_ctx)
+        llm.close()
+        if gpu_offload():
+            # llama.cpp's CUDA buffers are outside torch's allocator and the process RSS; not measured yet
+            out["memory"] = Measurement(value=None, unit="bytes", device=cpu_string(), runtime=runtime_string(),
+                                        method="not measured: llama.cpp's GPU buffers are invisible to process "
+                                               "RSS and torch (ACF_LLAMA_CPU=1 measures the CPU deployment)")
+        else:
+            out["memory"] = Measurement(value=float(rss.added), unit="bytes", device=cpu_string(),
+                                        runtime=runtime_string(),
+                                        method=f"peak process RSS increase (sampled every 5 ms) over llama.cpp "
+                                               f"load (mmap) + latency generation, n_ctx {n_ctx}",
+                                        extra={"load_seconds": out["latency"].extra.get("load_seconds")})
+        return out
+
+    def forced_batch(self, batch_size: Optional[int]) -> Optional[int]:
+        return 1                 # LlamaCppLM answers one sequence at a time
+
+    def reserve(self, n_tokens: int) -> None:
+        """Size the logits context for sequences of up to `n_tokens` before a teacher-forced pass."""
+        self.lm.reserve(n_tokens)
+
+    def stamp(self, m: Measurement, via_lm: bool) -> None:
+        if via_lm and m.value is not None:
+            m.runtime = runtime_string()
+            m.device = cpu_string()
+            if "llama.cpp" not in m.method:
+                m.method += " (logits from llama.cpp, one sequence at a time)"
+        m.extra.setdefault("gguf_type", self.manifest.type)
+
+    def close(self) -> None:
+        if self._lm is not None:
+            self._lm.close()
+            self._lm = None
 
 
 def _round_up(n: int, k: int) -> int:
     return ((n + k - 1) // k) * k
-
-
-def _max_prompt(task, tok, items, fewshot: int) -> int:
-    from acf.evaluation.sequences import encode_prompt
-
-    if not items:
-        return 0
-    return max(len(encode_prompt(tok, task.chat_prompt(it, tok, fewshot))) for it in items)
 
 
 def _eos_ids(tok) -> list[int]:
@@ -313,41 +370,3 @@ def _eos_ids(tok) -> list[int]:
         if t in vocab:
             ids.add(vocab[t])
     return sorted(ids)
-
-
-def _accuracy(llm, tok, task, items, fewshot: int, max_new_tokens: int):
-    """Greedy generation in llama.cpp, scored by the task (the transformers path's rules: done pattern, stops)."""
-    from acf.core.provenance import Measurement as M
-    from acf.evaluation.quality import GSM8K_DONE
-    from acf.evaluation.sequences import encode_prompt
-    from acf.evaluation.stats import wilson_interval
-
-    t0 = time.perf_counter()
-    pat = re.compile(getattr(task, "done_pattern", GSM8K_DONE) or r"$^")
-    stops = list(task.stop_strings())
-
-    def stop(new: list[int]) -> bool:
-        text = tok.decode(new[-96:], skip_special_tokens=True)
-        return bool(pat.search(text)) or any(s in text for s in stops)
-
-    eos = _eos_ids(tok)
-    rows = []
-    gen = 0
-    for it in items:
-        ids = encode_prompt(tok, task.chat_prompt(it, tok, fewshot))
-        new, _ = _greedy(llm, ids, max_new_tokens, stop=stop, eos=eos)
-        n = len(new)
-        while n and new[n - 1] in eos:
-            n -= 1
-        text = tok.decode(new[:n], skip_special_tokens=True)
-        ok, got = task.score(text, it)
-        gen += n
-        rows.append({"id": it.id, "target": it.target, "extracted": got, "correct": bool(ok), "completion": text,
-                     "new_tokens": n})
-    k = sum(r["correct"] for r in rows)
-    n = len(rows)
-    return M(value=k / n if n else None, unit="fraction", device=cpu_string(), runtime=runtime_string(), n=n,
-             seconds=round(time.perf_counter() - t0, 3), ci95=wilson_interval(k, n),
-             method=f"greedy generation in llama.cpp, one sequence at a time, max {max_new_tokens} new tokens, "
-                    f"{'chat template zero-shot' if fewshot == 0 else f'{fewshot}-shot plain prompt'}, exact match",
-             extra={"correct": k, "generated_tokens": gen}), rows

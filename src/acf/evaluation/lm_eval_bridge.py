@@ -26,6 +26,7 @@ from typing import Optional
 
 from acf.tasks.data import locate
 from acf.core.errors import AcfError
+from acf.core.metrics import TABLE
 from acf.core.provenance import Measurement, device_string, runtime_string
 from acf.evaluation.stats import wilson_interval
 
@@ -221,7 +222,7 @@ def run_lm_eval(model_dir: str | os.PathLike, task: str, limit: Optional[int] = 
             name = mapping.get(metric) or (f"{tname}/{metric}" + (f"[{filt}]" if filt and filt != "none" else ""))
             if name in out:
                 continue
-            binary = name in ("accuracy", "accuracy_norm", "mc1") and n
+            binary = name in TABLE and TABLE[name].binary and n
             out[name] = Measurement(
                 value=float(val), unit="fraction", device=device_string(device),
                 runtime=f"{runtime_string()}, lm-eval {lm_eval_version()}", n=n, seconds=secs,

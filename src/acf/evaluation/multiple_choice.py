@@ -116,7 +116,10 @@ def score_choices(model, tokenizer, requests: Sequence[tuple[str, Sequence[str]]
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         scores = None
-        if mode == "shared":
+        if hasattr(model, "choice_logprobs"):
+            # a back end's own choice scoring (acf.evaluation.backend: e.g. llama.cpp), on the same token ids
+            scores = model.choice_logprobs([enc[i] for i in chunk])
+        elif mode == "shared":
             try:
                 scores = _score_shared(model, tokenizer, [enc[i] for i in chunk], device)
             except _CacheNotGatherable:

@@ -1,5 +1,5 @@
-"""What both evaluation back ends share (transformers in runner.py, llama.cpp in llamacpp.py): the evaluated items,
-the baseline references of fidelity metrics, the result record and the kld_general measurement."""
+"""What every evaluation back end shares (acf.evaluation.backend: transformers; llama.cpp in llamacpp.py): the
+evaluated items, the baseline references of fidelity metrics, the result record and the kld_general measurement."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import pandas as pd
 
+from acf.core.metrics import control_columns, fidelity_columns, get as metric_row
 from acf.core.objectives import DIRECTIONS
 from acf.reports.frontier_frame import NON_OK, frontier_to_frame, write_plots
 from acf.reports.search_quality import search_section
@@ -30,9 +31,10 @@ def fmt(value: Any, metric: str = "", unit: str = "") -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (int, float)):
-        if unit == "bytes" or metric in ("size", "memory"):
+        row = metric_row(metric)
+        if unit == "bytes" or (row is not None and row.unit == "bytes"):
             return f"{value / 2**20:.1f} MiB"
-        if metric == "params":
+        if row is not None and row.unit == "count":
             return f"{value / 1e6:.2f} M"
         return f"{value:.4g}"
     return str(value).replace("|", "\\|")
@@ -154,7 +156,7 @@ def build_report(ff: FrontierFile, plots: Sequence[Path] = (), plot_dir_name: st
     return "\n".join(md)
 
 
-FIDELITY_COLS = ("kld", "top1", "kld_general", "answer_nll", "accuracy")
+FIDELITY_COLS = fidelity_columns()
 
 
 def _runtime_section(ff: FrontierFile) -> list[str]:
@@ -268,7 +270,7 @@ def _adaptation_section(ff: FrontierFile) -> list[str]:
     rows = []
     for c in with_ctrl:
         ctrl = ff.candidate(c.control)
-        for m in ("answer_nll", "kld", "accuracy"):
+        for m in control_columns():
             if base is None or m not in c.metrics or m not in ctrl.metrics or m not in base.metrics:
                 continue
             b, k, v = base.metrics[m].value, ctrl.metrics[m].value, c.metrics[m].value

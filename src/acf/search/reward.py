@@ -15,18 +15,15 @@ from typing import Mapping, Optional, Sequence
 
 from pydantic import BaseModel
 
-from acf.core.objectives import DIRECTIONS, FIDELITY, QUALITY
+from acf.core.metrics import TABLE
+from acf.core.objectives import FIDELITY, QUALITY
 
-# Preset: share of weight on quality, and relative weights among cost objectives.
+# Preset: share of weight on quality, and relative weights among cost objectives (a cost not named weighs 1).
 PRESETS: dict[str, dict] = {
-    "accuracy_focused": {"quality": 0.75, "costs": {"size": 1, "memory": 1, "latency": 1, "ttft": 1, "throughput": 1,
-                                                    "params": 1, "bits_per_weight": 1}},
-    "balanced": {"quality": 0.5, "costs": {"size": 1, "memory": 1, "latency": 1, "ttft": 1, "throughput": 1,
-                                           "params": 1, "bits_per_weight": 1}},
-    "latency_focused": {"quality": 0.4, "costs": {"latency": 4, "ttft": 2, "throughput": 2, "size": 1, "memory": 1,
-                                                  "params": 1, "bits_per_weight": 1}},
-    "memory_constrained": {"quality": 0.4, "costs": {"memory": 3, "size": 3, "bits_per_weight": 2, "params": 1,
-                                                     "latency": 1, "ttft": 1, "throughput": 1}},
+    "accuracy_focused": {"quality": 0.75, "costs": {}},
+    "balanced": {"quality": 0.5, "costs": {}},
+    "latency_focused": {"quality": 0.4, "costs": {"latency": 4, "ttft": 2, "throughput": 2}},
+    "memory_constrained": {"quality": 0.4, "costs": {"memory": 3, "size": 3, "bits_per_weight": 2}},
 }
 PENALTY = 10.0
 
@@ -42,13 +39,15 @@ class RewardResult(BaseModel):
 
 
 def normalised_score(name: str, value: float, baseline: float) -> float:
-    if name == "answer_nll":
+    """The metric table's normalisation of `name` (acf.core.metrics.Metric.normalise)."""
+    how = TABLE[name].normalise
+    if how == "exp_diff":
         return math.exp(baseline - value)
-    if name in ("kld", "kld_general"):
+    if how == "exp_neg":
         return math.exp(-max(value, 0.0))
-    if name in QUALITY:
+    if how == "ratio":
         return value / baseline if baseline else (1.0 if value == 0 else 1.0 + value)
-    if DIRECTIONS[name] == "maximize":
+    if how == "gain":
         return value / baseline - 1 if baseline else 0.0
     return 1 - value / baseline if baseline else 0.0
 
