@@ -337,6 +337,42 @@ def test_step_log_keeps_terminal_quiet(tmp_path):
         assert "real problem" in shown and "loading configuration" not in shown
 
 
+def test_step_log_keeps_compressed_tensors_and_autoround_off_the_terminal(tmp_path):
+    """compressed-tensors' "Could not match" WARNING per Linear (AutoRound allocations, 210 lines an episode on the
+    GPU) and auto-round's own handler (made inside an earlier step, its stream now the terminal) reach the step
+    log only, once setup_logging has set the terminal's threshold."""
+    import io
+    import logging
+    import os
+
+    from acf.core.logsetup import setup_logging
+    from acf.methods.runner import _step_log
+
+    root, ar = logging.getLogger(), logging.getLogger("autoround")
+    root_term, ar_term = io.StringIO(), io.StringIO()
+    rh, ah = logging.StreamHandler(root_term), logging.StreamHandler(ar_term)
+    saved = {n: logging.getLogger(n).level for n in ("compressed_tensors", "autoround")}
+    env = os.environ.get("AR_LOG_LEVEL")
+    root.addHandler(rh)
+    ar.addHandler(ah)
+    try:
+        setup_logging(False)
+        assert os.environ["AR_LOG_LEVEL"] == "ERROR"
+        with _step_log(tmp_path / "step.log", logging.getLogger("acf.methods")):
+            logging.getLogger("compressed_tensors.utils.match").warning("Could not match `model.layers.3.mlp`")
+            ar.info("Applying AutoRound on layer model.layers.0")
+    finally:
+        root.removeHandler(rh)
+        ar.removeHandler(ah)
+        for n, lvl in saved.items():
+            logging.getLogger(n).setLevel(lvl)
+        if env is None:
+            os.environ.pop("AR_LOG_LEVEL", None)
+    log = (tmp_path / "step.log").read_text()
+    assert "Could not match" in log and "Applying AutoRound" in log
+    assert "Could not match" not in root_term.getvalue() and "Applying AutoRound" not in ar_term.getvalue()
+
+
 def test_compress_cli_keeps_library_chatter_in_step_logs(tiny_model_dir, tmp_path, data_root):
     """Two llm-compressor steps in one process: the second used to print every module's GPTQ METRIC lines and
     every model config on the terminal (llm-compressor installs its console sink on first import)."""

@@ -9,7 +9,10 @@ import sys
 
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # compressed_tensors: a "Could not match" WARNING per Linear when AutoRound applies a per-layer allocation
+    # block by block (210 lines per episode on the GPU, 2026-12-08); the step log keeps them (acf.methods.runner)
     for noisy in ("transformers", "llmcompressor", "optuna", "httpx", "urllib3", "datasets", "bitsandbytes",
+                  "compressed_tensors", "autoround",
                   "torch.fx._symbolic_trace"):   # the last: a deprecation notice from llm-compressor's tracing
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,6 +32,9 @@ def setup_logging(verbose: bool) -> None:
         # the second episode on. Its own variable sets that sink's level: ERROR, because its METRIC level (38)
         # ranks above WARNING. The step logs still get everything from INFO up.
         os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+        # auto-round sets its logger's level from this variable when it is imported (lazily, inside a step), which
+        # would undo the ERROR set above; its INFO lines (per block) still reach the step log
+        os.environ.setdefault("AR_LOG_LEVEL", "ERROR")
         try:
             from loguru import logger  # llmcompressor logs through loguru
 

@@ -108,7 +108,8 @@ def _step_log(path: Path, ctx_log: logging.Logger) -> Iterator[None]:
     out_s, err_s = _StepStream(fh, sys.stdout), _StepStream(fh, sys.stderr)
     handler = logging.StreamHandler(out_s)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(n) for n in ("acf", "transformers", "peft")]
+    libs = ("transformers", "peft", "llmcompressor", "compressed_tensors", "autoround")
+    loggers = [logging.getLogger(n) for n in ("acf", *libs)]
     if not (ctx_log.name == "acf" or ctx_log.name.startswith("acf.")):   # acf.* already reaches the acf handler
         loggers.append(ctx_log)
     old_levels = []
@@ -116,7 +117,7 @@ def _step_log(path: Path, ctx_log: logging.Logger) -> Iterator[None]:
     # handler, or the root handler it propagates to when CI is set) keeps the threshold the user chose for them:
     # lowering the logger alone dumped every model config onto the terminal. acf's own INFO lines (training
     # progress every 10 steps) reach the terminal as before.
-    keep = _KeepThreshold({n: logging.getLogger(n).getEffectiveLevel() for n in ("transformers", "peft")})
+    keep = _KeepThreshold({n: logging.getLogger(n).getEffectiveLevel() for n in libs})
     filtered = _handlers_reached(loggers)
     for h in filtered:
         h.addFilter(keep)
