@@ -18,9 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: here it is a local CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	# llama.cpp (GGUF export and the llama.cpp runtime) builds from llama-cpp-python's source distribution: measured
-	# 18.5 min on 2 shared cores (13.5 CPU-min) the first time, then pip's wheel cache makes it seconds. Library only.
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==0.3.36
+	# llama.cpp (GGUF export and the llama.cpp runtime) builds from llama-cpp-python's source distribution (PyPI has
+	# no wheel of it): 18.5 min on 2 shared cores one job at a time; 7 min 46 s with both cores compiling
+	# (CMAKE_BUILD_PARALLEL_LEVEL, measured 2026-12-08 with an empty pip cache while other jobs shared the cores),
+	# then pip's wheel cache makes it seconds. Library only.
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==0.3.36
 	$(PY) -m pip install -q -e ".[dev]"
 	# llama.cpp's HF->GGUF converter (not in the wheel), unpacked from the same sdist (pip's cache)
 	$(PY) -m acf.methods.gguf install-converter
