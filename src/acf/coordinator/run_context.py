@@ -257,21 +257,42 @@ def space_for(cfg: RunConfig, spec) -> SearchSpace:
                        **kw)
 
 
+class RunPaths:
+    """Where a run's files go: RUN_DIR/frontier.json, episodes/NNN (a user's copy of each episode), artifacts/<cid>
+    (candidate models). A shared study's workers lay theirs out otherwise (acf.distributed.worker.SharedPaths)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def frontier_path(self) -> Path:
+        return self.root / "frontier.json"
+
+    def episode_dir(self, episode: int) -> Path:
+        return self.root / "episodes" / f"{episode:03d}"
+
+    def artifact_dir(self, cid: str) -> Path:
+        return self.root / "artifacts" / cid
+
+
 class RunContext:
     """The run's live objects (task, spec, study, frontier) rebuilt from the run directory on demand. `ff` is the
     frontier derived from the study (`acf.coordinator.run_store`), refreshed by every write; it is a view, never
-    written to."""
+    written to. A caller that holds the study or the spec already (a shared study's coordinator, a worker) hands
+    them in; `paths` says where files go (default: the run directory's layout, `RunPaths`)."""
 
-    def __init__(self, cfg: RunConfig, console=None):
+    def __init__(self, cfg: RunConfig, console=None, *, paths: Optional[RunPaths] = None,
+                 study: Optional[optuna.Study] = None, spec=None):
         from rich.console import Console
 
         self.cfg = cfg
-        self.dir = Path(cfg.run_dir)
+        self.paths = paths or RunPaths(cfg.run_dir)
+        self.dir = self.paths.root
         self.console = console or Console(stderr=False)
         self.task = task_for(cfg)
-        self._study: Optional[optuna.Study] = None
+        self._study: Optional[optuna.Study] = study
         self._space: Optional[SearchSpace] = None
-        self._spec = None
+        self._spec = spec
         self.ff: Optional[FrontierFile] = None
         self.t_start = time.time()
         self.planner = None
@@ -281,13 +302,13 @@ class RunContext:
     # ---- paths -------------------------------------------------------------------------------------------
     @property
     def frontier_path(self) -> Path:
-        return self.dir / "frontier.json"
+        return self.paths.frontier_path
 
     def episode_dir(self, episode: int) -> Path:
-        return self.dir / "episodes" / f"{episode:03d}"
+        return self.paths.episode_dir(episode)
 
     def artifact_dir(self, cid: str) -> Path:
-        return self.dir / "artifacts" / cid
+        return self.paths.artifact_dir(cid)
 
     # ---- lazily rebuilt objects --------------------------------------------------------------------------
     @property
@@ -297,6 +318,12 @@ class RunContext:
 
             self._spec = load_spec(self.dir / "model_spec.json")
         return self._spec
+
+    @spec.setter
+    def spec(self, spec) -> None:
+        """The model's spec, once inferred (a new run, a worker): not read back from model_spec.json."""
+        self._spec = spec
+        self._space = None
 
     @property
     def space(self) -> SearchSpace:
