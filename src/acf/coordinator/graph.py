@@ -98,7 +98,8 @@ def build_graph(ctx: RunContext, checkpointer=None):
 
     g = StateGraph(EpisodeState)
     for name, fn in [("spec", spec_node), ("baseline", baseline_node), ("propose", propose_node),
-                     ("approve", approve_node), *((st, stage_node(st)) for st in episode.STAGES), ("update", update_node),
+                     ("approve", approve_node), *((st, stage_node(st)) for st in episode.STAGES),
+                     ("update", update_node),
                      ("user_stop", stop_node), ("finalize", finalize_node)]:
         g.add_node(name, fn)
     g.add_edge(START, "spec")

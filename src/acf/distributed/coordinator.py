@@ -218,7 +218,7 @@ def run_coordinator(cfg: RunConfig, workers: int, artifacts: Optional[Path] = No
                     ask: Optional[Callable[[dict], Any]] = None, resume: bool = False,
                     refresh_seconds: float = 5.0) -> FrontierFile:
     """`acf run --workers K`: the coordinator plus K local workers sharing one study (K=0: workers elsewhere)."""
-    from acf.coordinator.runner import ask_terminal
+    from acf.coordinator.single_process import ask_terminal
 
     run_dir = Path(cfg.run_dir)
     if not resume and (run_dir / "run_config.json").exists():
