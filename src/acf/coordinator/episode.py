@@ -34,7 +34,7 @@ from acf.core.objectives import DIRECTIONS, QUALITY
 from acf.core.provenance import Measurement
 from acf.coordinator import compression
 from acf.coordinator.preflight import estimate_cost, preflight as preflight_refusal
-from acf.coordinator.records import metrics_line, ok_candidates, run_objective_values
+from acf.coordinator.records import metrics_line, objective_values, ok_candidates
 from acf.coordinator.run_context import RunContext
 from acf.coordinator.run_eval import evaluate_in_run, metrics_to_measure
 from acf.coordinator.run_store import put_control, save_run
@@ -302,7 +302,7 @@ def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
                                                                                      "throughput", "memory")],
                             ctx.cfg.limit)
             cand.metrics = res.metrics
-            cand.objectives = run_objective_values(ctx, res.metrics)
+            cand.objectives = objective_values(ctx.cfg.objectives, res.metrics)
             cand.retention = retention(cand.objectives, ff.baseline.objectives, ctx.cfg.objectives)
         except (KeyboardInterrupt, AcfError):
             raise

@@ -15,10 +15,6 @@ from acf.coordinator.run_context import RunConfig, RunContext
 from acf.coordinator.state import Candidate, FrontierFile, HVPoint, Recommendation, episodes_recorded
 
 
-def run_objective_values(ctx: RunContext, metrics: dict[str, Measurement]) -> dict[str, float]:
-    return objective_values(ctx.cfg.objectives, metrics)
-
-
 def objective_values(objectives: list[str], metrics: dict[str, Measurement]) -> dict[str, float]:
     return {o: metrics[o].value for o in objectives if o in metrics and metrics[o].value is not None}
 

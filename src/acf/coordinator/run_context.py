@@ -294,7 +294,7 @@ class RunContext:
         self._space: Optional[SearchSpace] = None
         self._spec = spec
         self.ff: Optional[FrontierFile] = None
-        self.t_start = time.time()
+        self.t_start = time.time()   # when this process's wall time since it last stored it began (`lap`)
         self.planner = None
         self._fidelity: dict[str, Any] = {}
         self._loaded: Optional[tuple[str, Any]] = None
@@ -309,6 +309,13 @@ class RunContext:
 
     def artifact_dir(self, cid: str) -> Path:
         return self.paths.artifact_dir(cid)
+
+    def lap(self) -> float:
+        """The seconds since the last lap (or this process's start), starting the next: the wall time a process adds
+        to its run's when it stores a result."""
+        now = time.time()
+        seconds, self.t_start = now - self.t_start, now
+        return seconds
 
     # ---- lazily rebuilt objects --------------------------------------------------------------------------
     @property

@@ -292,8 +292,7 @@ def open_run(ctx: RunContext) -> Optional[FrontierFile]:
 
 def save_run(ctx: RunContext) -> FrontierFile:
     """After a single process wrote to its study: add its wall time, then derive and write frontier.json."""
-    add_wall(ctx.study, time.time() - ctx.t_start)
-    ctx.t_start = time.time()
+    add_wall(ctx.study, ctx.lap())
     ctx.ff = publish(ctx.study, ctx.dir, prune=not ctx.cfg.keep_all)
     return ctx.ff
 

@@ -28,7 +28,7 @@ from acf.core.errors import AcfError
 from acf.core.provenance import Measurement
 from acf.coordinator.run_store import put_final, put_recipe, save_run
 from acf.coordinator.compression import compress
-from acf.coordinator.records import metrics_line, run_objective_values
+from acf.coordinator.records import metrics_line, objective_values
 from acf.coordinator.run_context import RunContext
 from acf.coordinator.run_eval import evaluate_in_run, metrics_to_measure
 from acf.coordinator.state import Candidate, now
@@ -171,7 +171,7 @@ def measure_recipe(ctx: RunContext, name: str, strategy: Strategy, model_path: s
             cand.status, cand.reason = "failed", f"evaluation: {type(e).__name__}: {str(e)[:300]}"
         else:
             cand.metrics = res.metrics
-            cand.objectives = run_objective_values(ctx, res.metrics)
+            cand.objectives = objective_values(ctx.cfg.objectives, res.metrics)
             ctx.say(metrics_line(name, res.metrics, ctx.cfg.objectives))
     cand.timings = {"recipe": round(time.time() - t0, 2)}
     cand.finished_at = now()
