@@ -106,3 +106,19 @@ def test_the_best_fixed_recipe_is_kept_off_the_frontier_and_compared_held_out(tm
     ff.candidate("c003").final_metrics["kld"] = Measurement(value=0.0691, n=300, unit="nats/token")
     vs = versus_fixed(ff)
     assert abs(vs["held_out_ratio"] - 0.0691 / 0.1404) < 1e-9 and vs["held_out_n"] == 300
+
+
+def test_the_search_stops_on_its_episodes_or_its_time_budget(tmp_path):
+    """stop_reason takes the wall time so far from its caller: a single process's (stored + since its last store),
+    a shared study's (since the study started)."""
+    from acf.coordinator.run_stages import stop_reason
+
+    cfg, study = _study(tmp_path)
+    ff = run_store.frontier_from_study(study)
+    assert stop_reason(cfg, ff, 1e9) is None                                # no budget: time never stops it
+    cfg.budget_minutes = 1.0
+    assert stop_reason(cfg, ff, 59.0) is None
+    assert stop_reason(cfg, ff, 60.0) == "time budget of 1 min used"
+    for i in (1, 2):
+        record(study, cfg, _cand(f"c00{i}", i, None, 0.1 * i, 50.0), None)
+    assert stop_reason(cfg, run_store.frontier_from_study(study), 0.0) == "episodes: 2 done"

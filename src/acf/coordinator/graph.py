@@ -43,7 +43,7 @@ def build_graph(ctx: RunContext, checkpointer=None):
         return {}
 
     def propose_node(state: EpisodeState) -> dict:
-        reason = stop_reason(ctx)
+        reason = stop_reason(ctx.cfg, ctx.ff, ctx.run_seconds())
         if reason:
             return {"stop": reason, "proposal": None}
         prop = episode.next_proposal(ctx)

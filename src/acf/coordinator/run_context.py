@@ -317,6 +317,11 @@ class RunContext:
         seconds, self.t_start = now - self.t_start, now
         return seconds
 
+    def run_seconds(self) -> float:
+        """The run's wall time so far: what its earlier processes stored, and this one's since it last stored."""
+        assert self.ff is not None
+        return self.ff.run.wall_seconds + (time.time() - self.t_start)
+
     # ---- lazily rebuilt objects --------------------------------------------------------------------------
     @property
     def spec(self):

@@ -23,7 +23,7 @@ from acf.coordinator.records import metrics_line
 from acf.coordinator.run_context import RunConfig, RunContext
 from acf.coordinator.run_eval import evaluate_in_run
 from acf.coordinator.run_store import has_run, put_baseline, put_final, put_run, save_run
-from acf.coordinator.state import RunMeta, episodes_recorded, now
+from acf.coordinator.state import FrontierFile, RunMeta, episodes_recorded, now
 from acf.core.objectives import DIRECTIONS
 from acf.search.pareto import frontier_stalled
 
@@ -104,12 +104,12 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
-def stop_reason(ctx: RunContext) -> Optional[str]:
-    cfg, ff = ctx.cfg, ctx.ff
-    assert ff is not None
+def stop_reason(cfg: RunConfig, ff: FrontierFile, seconds: float) -> Optional[str]:
+    """Why the search stops (None: it goes on): its episodes are done, its time budget is used by `seconds` of wall
+    time so far (`RunContext.run_seconds`; a shared study's counts from its start), or the frontier stalled."""
     if episodes_recorded(ff) >= cfg.episodes:
         return f"episodes: {cfg.episodes} done"
-    if cfg.budget_minutes is not None and ff.run.wall_seconds + (time.time() - ctx.t_start) >= cfg.budget_minutes * 60:
+    if cfg.budget_minutes is not None and seconds >= cfg.budget_minutes * 60:
         return f"time budget of {cfg.budget_minutes:g} min used"
     if cfg.patience is not None and frontier_stalled([c.id for c in ff.candidates], ff.frontier, cfg.patience):
         return f"patience: frontier unchanged for {cfg.patience} episodes"

@@ -200,11 +200,9 @@ class Worker:
         cfg = self.ctx.cfg
         cfg.episodes = int(attrs[A_CONFIG].get("episodes", cfg.episodes))  # a coordinator may extend the search
         ff = self.refresh()
-        ff.run.wall_seconds = time.time() - float(attrs.get(A_STARTED, time.time()))
-        self.ctx.lap()   # the study's clock counts from its start: nothing of this process's is added to it
         # Episodes in flight elsewhere are not done: while they run this worker waits (`claim` returns None), in
         # case one of them dies and its trial is retried.
-        return stop_reason(self.ctx)
+        return stop_reason(cfg, ff, time.time() - float(attrs.get(A_STARTED, time.time())))
 
     def _in_flight(self) -> list:
         return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
