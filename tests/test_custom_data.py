@@ -207,7 +207,7 @@ def test_two_episodes_on_a_chat_file_measure_kld_on_its_held_out_items(tiny_mode
 
 def _captured_config(monkeypatch, capsys, *args):
     """The RunConfig `acf run ARGS` hands to the runner (the runner is replaced: nothing runs)."""
-    import acf.coordinator.runner as runner
+    import acf.coordinator.single_process as single_process
 
     got = []
 
@@ -215,7 +215,7 @@ def _captured_config(monkeypatch, capsys, *args):
         got.append(cfg)
         raise AcfError("captured")
 
-    monkeypatch.setattr(runner, "run_in_terminal", fake)
+    monkeypatch.setattr(single_process, "run_in_terminal", fake)
     code, _, err = acf(capsys, "run", *args)
     assert code == 2 and "captured" in err, err
     return got[0]
@@ -243,7 +243,7 @@ def test_yaml_config_gives_the_same_run_config_as_the_flags(tiny_model_dir, tmp_
                             "--controls")
     assert over.episodes == 5 and over.controls is True and over.limit == 4
     # what the run writes as run_config.json is that RunConfig (its file values included)
-    from acf.coordinator.runner import Pipeline
+    from acf.coordinator.single_process import Pipeline
     from rich.console import Console
 
     Pipeline(by_yaml, Console(quiet=True))

@@ -3,18 +3,18 @@ distributed workers share; the full episodes run in test_pipeline.py and test_di
 
 from types import SimpleNamespace
 
-from acf.coordinator import episode as E
+from acf.coordinator import episode
 
 
 def test_route_goes_through_every_stage_when_ok_and_to_record_otherwise():
     stage, seen = "preflight", []
     while stage != "record":
         seen.append(stage)
-        stage = E.route(stage, {"status": "ok"})
-    assert seen == list(E.STAGES) == ["preflight", "compress", "proxy", "evaluate"]
-    for stage in E.STAGES:
+        stage = episode.route(stage, {"status": "ok"})
+    assert seen == list(episode.STAGES) == ["preflight", "compress", "proxy", "evaluate"]
+    for stage in episode.STAGES:
         for status in ("rejected", "failed", "pruned"):
-            assert E.route(stage, {"status": status}) == "record"
+            assert episode.route(stage, {"status": status}) == "record"
 
 
 def test_the_graph_routes_with_the_engines_route():
@@ -28,11 +28,11 @@ def test_the_graph_routes_with_the_engines_route():
 
 def test_approval_answers():
     ctx = SimpleNamespace(spec=None, cfg=SimpleNamespace(device="cpu"))
-    assert E.decide(ctx, "approve") == ("approve", None, None)
-    assert E.decide(ctx, " Skip ") == ("skip", None, None)
-    action, strat, note = E.decide(ctx, '{"action": "edit", "strategy": [{"method": "rtn"}]}')
+    assert episode.decide(ctx, "approve") == ("approve", None, None)
+    assert episode.decide(ctx, " Skip ") == ("skip", None, None)
+    action, strat, note = episode.decide(ctx, '{"action": "edit", "strategy": [{"method": "rtn"}]}')
     assert action == "edit" and strat.steps[0].params["bits"] == 4 and note is None
-    action, strat, note = E.decide(ctx, {"action": "edit", "strategy": [{"method": "rtn", "params": {"bits": 5}}]})
+    action, strat, note = episode.decide(ctx, {"action": "edit", "strategy": [{"method": "rtn", "params": {"bits": 5}}]})
     assert action == "reask" and strat is None and "bits" in note
-    assert E.decide(ctx, "maybe")[0] == "reask" and "unknown choice" in E.decide(ctx, "maybe")[2]
-    assert E.decide(ctx, "{not json")[0] == "reask"
+    assert episode.decide(ctx, "maybe")[0] == "reask" and "unknown choice" in episode.decide(ctx, "maybe")[2]
+    assert episode.decide(ctx, "{not json")[0] == "reask"

@@ -77,7 +77,7 @@ def test_pipeline_episode_on_cuda(tiny_model_dir, data_root, tmp_path):
     from rich.console import Console
 
     from acf.coordinator.run_context import RunConfig
-    from acf.coordinator.runner import run_in_terminal
+    from acf.coordinator.single_process import run_in_terminal
 
     cfg = RunConfig(model=str(tiny_model_dir), run_dir=str(tmp_path / "run"), episodes=2, device="cuda",
                     objectives=["answer_nll", "size"], limit=4, proxy_limit=None, calib_samples=4, seq_len=64,

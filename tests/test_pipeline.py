@@ -19,7 +19,7 @@ from rich.console import Console
 from acf.core.errors import AcfError, RunDirError
 from acf.search.pareto import pareto_front
 from acf.coordinator.run_context import RunConfig
-from acf.coordinator.runner import Pipeline, run_in_terminal
+from acf.coordinator.single_process import Pipeline, run_in_terminal
 from acf.coordinator.run_store import kept_model_ids
 from acf.coordinator.state import load_frontier_file
 
@@ -77,7 +77,7 @@ def test_three_episodes_give_a_valid_frontier(e2e_run):
 
 
 def test_resume_refusals(e2e_run, tmp_path, tiny_model_dir):
-    from acf.coordinator.runner import load_run_config
+    from acf.coordinator.single_process import load_run_config
 
     with pytest.raises(RunDirError, match="not an acf run"):
         load_run_config(tmp_path)
@@ -182,7 +182,7 @@ def test_the_study_is_the_runs_store(e2e_run, tmp_path, capsys):
     frontier.json was lost resumes with every episode it recorded."""
     from acf.coordinator.run_context import RunContext
     from acf.coordinator.run_store import frontier_from_study, open_run
-    from acf.coordinator.runner import load_run_config
+    from acf.coordinator.single_process import load_run_config
     from test_evaluation import acf_inproc
 
     ff = load_frontier_file(e2e_run / "frontier.json")

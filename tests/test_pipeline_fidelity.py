@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from acf.coordinator.run_context import RunConfig
-from acf.coordinator.runner import Pipeline, run_in_terminal
+from acf.coordinator.single_process import Pipeline, run_in_terminal
 from acf.coordinator.state import load_frontier_file
 
 FAST = dict(limit=4, proxy_limit=None, calib_samples=4, seq_len=64, recover_steps=[2], tune_steps=[2],
@@ -89,7 +89,7 @@ def test_recovery_steps_get_a_control_row(fid_run):
 
 
 def test_resume_reuses_the_reference_and_rebuilds_a_corrupt_one(fid_run, tiny_model_dir):
-    from acf.coordinator.runner import load_run_config
+    from acf.coordinator.single_process import load_run_config
 
     ref = fid_run / "reference" / "task-search.safetensors"
     before = ref.stat().st_mtime_ns

@@ -25,7 +25,7 @@ from acf.core.errors import AcfError
 from acf.coordinator.run_store import open_run
 from acf.coordinator.run_context import RunContext
 from acf.planner import Planner, params_for, parse_proposal_text, read_planner_log, scrub
-from acf.coordinator.runner import Pipeline, load_run_config, run_in_terminal
+from acf.coordinator.single_process import Pipeline, load_run_config, run_in_terminal
 from acf.search.space import SearchSpace
 from acf.coordinator.state import load_frontier_file
 from acf.methods.strategy import Strategy, validate_strategy

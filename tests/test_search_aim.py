@@ -113,7 +113,7 @@ def _points_ff(spec, base_size: float) -> tuple[FrontierFile, object]:
 
 
 def test_a_screened_proposal_is_recorded_with_its_prediction_and_loads_no_model(tiny_model_dir, monkeypatch):
-    from acf.coordinator import screening as SC
+    from acf.coordinator import screening
     from acf.coordinator.run_store import screened_records
     from acf.evaluation.runner import Loaded
     from acf.models.spec import infer_spec
@@ -133,18 +133,18 @@ def test_a_screened_proposal_is_recorded_with_its_prediction_and_loads_no_model(
     bad = Strategy(steps=[Step(method="magnitude", params={"sparsity": 0.5}),
                           Step(method="rtn", params={"bits": 4, "group_size": None})])
     trial = study.ask()
-    pred, rec = SC.assess(ctx, trial, bad, "optuna:tpe", screenable=True)
+    pred, rec = screening.assess(ctx, trial, bad, "optuna:tpe", screenable=True)
     assert rec is not None and pred.kld is not None and pred.kld >= 2 * 0.30 and "estimate" in pred.how
-    assert rec.dominated_by == "r:0" and rec.prediction == pred and rec.margin >= SC.SCREEN_MARGIN
+    assert rec.dominated_by == "r:0" and rec.prediction == pred and rec.margin >= screening.SCREEN_MARGIN
     t = study.get_trials(deepcopy=False)[trial.number]
     assert t.state == optuna.trial.TrialState.PRUNED
     assert [s.trial_number for s in screened_records(study)] == [trial.number]
     assert screened_records(study)[0].prediction.kld == pytest.approx(pred.kld)
     # a plausible proposal runs, and keeps its prediction; a seed is never screened
     good = Strategy(steps=[Step(method="gptq", params={"avg_bits": 4.5})])
-    pred2, rec2 = SC.assess(ctx, study.ask(), good, "optuna:tpe", screenable=True)
+    pred2, rec2 = screening.assess(ctx, study.ask(), good, "optuna:tpe", screenable=True)
     assert rec2 is None and pred2.kld is not None and pred2.size is not None
-    _, rec3 = SC.assess(ctx, study.ask(), bad, "seed recipe", screenable=False)
+    _, rec3 = screening.assess(ctx, study.ask(), bad, "seed recipe", screenable=False)
     assert rec3 is None
 
 

@@ -99,7 +99,7 @@ def test_recipes_are_measured_once_reused_on_resume_and_by_a_later_run(tiny_mode
     from test_pipeline import cfg_for, quiet
 
     from acf.coordinator import yardstick
-    from acf.coordinator.runner import Pipeline, load_run_config, run_in_terminal
+    from acf.coordinator.single_process import Pipeline, load_run_config, run_in_terminal
     from acf.coordinator.state import load_frontier_file
 
     monkeypatch.setenv("ACF_CACHE", str(tmp_path / "cache"))

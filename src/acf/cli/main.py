@@ -53,8 +53,8 @@ def _check_terminal(interactive: bool, recorded: bool = False) -> None:
     if interactive and not sys.stdin.isatty():
         how = "this run was started with --interactive (run_config.json)" if recorded else "--interactive"
         raise AcfError(f"{how} asks you to approve each strategy at the terminal, but stdin is not a terminal; run "
-                       f"it from a terminal, or answer from Python (acf.coordinator.runner.Pipeline(cfg).start() / "
-                       f".resume(answer))")
+                       f"it from a terminal, or answer from Python "
+                       f"(acf.coordinator.single_process.Pipeline(cfg).start() / .resume(answer))")
 
 
 def _read_config(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
@@ -169,7 +169,7 @@ def run(
 ):
     """Search compressed versions of MODEL for DATASET: propose, compress, evaluate, keep the Pareto frontier."""
     from acf.coordinator.run_context import DEFAULT_MAX_KLD, RunConfig, default_objectives
-    from acf.coordinator.runner import load_run_config, run_in_terminal
+    from acf.coordinator.single_process import load_run_config, run_in_terminal
 
     setup_logging(verbose)
     if resume is not None:

@@ -12,7 +12,7 @@ from acf.core.atomic import write_json
 from acf.core.errors import AcfError
 from acf.core.objectives import QUALITY
 from acf.core.provenance import Measurement
-from acf.coordinator.records import metrics_line, run_objective_values
+from acf.coordinator.records import metrics_line, objective_values
 from acf.coordinator.run_context import RUNTIME_METRICS, RunContext
 from acf.coordinator.run_eval import evaluate_in_run, metrics_to_measure
 from acf.coordinator.state import Candidate, now
@@ -52,7 +52,7 @@ def evaluate_baseline(ctx: RunContext, model_path: str) -> Candidate:
         baseline_costs_in_llamacpp(ctx, Path(model_path), res.metrics)
     cand = Candidate(id="baseline", episode=0, strategy=Strategy(), description="baseline (no compression)",
                      proposed_by="baseline", metrics=res.metrics, proxy_metrics=proxy,
-                     objectives=run_objective_values(ctx, res.metrics), retention=1.0, artifact=model_path,
+                     objectives=objective_values(ctx.cfg.objectives, res.metrics), retention=1.0, artifact=model_path,
                      artifact_kept=True, timings={"evaluate": round(time.time() - t0, 2)}, started_at=now(),
                      finished_at=now())
     write_json(ctx.dir / "baseline_predictions.json", res.predictions)

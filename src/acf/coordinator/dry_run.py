@@ -57,8 +57,7 @@ def plan_run(cfg: RunConfig, resume: bool = False) -> DryRun:
     select(spec, cfg.runtime, {}, cfg.recipes)
     from rich.console import Console
 
-    ctx = RunContext(cfg, Console(quiet=True))
-    ctx._spec = spec   # what init_run would save as model_spec.json, kept in memory
+    ctx = RunContext(cfg, Console(quiet=True), spec=spec)   # the spec init_run would save, kept in memory
     first = "grid" if cfg.sampler == "grid" else "seeds"
     params = ctx.space.grid() if first == "grid" else ctx.space.seeds()
     seeds = [_planned(ctx, f"{i}", lambda p=p: ctx.space.suggest(optuna.trial.FixedTrial(p)))

@@ -1,4 +1,5 @@
-"""One episode engine: an approved proposal -> preflight -> compress -> proxy evaluation -> full evaluation -> record.
+"""One episode engine: a proposal -> approval -> preflight -> compress -> proxy evaluation -> full evaluation ->
+record, each stage's work written here, next to the stage.
 
 The episode used to be written twice, as the coordinator graph's nodes and again in the distributed worker, so
 every change to an episode had to be made in both. Both now run these stages and this `route` between them:
@@ -7,30 +8,42 @@ every change to an episode had to be made in both. Both now run these stages and
   resumes at the stage that was running (the LangGraph checkpoint holds the outcome between stages);
 * a distributed worker (acf.distributed) calls `run_episode`, the same stages and the same `route` in one call.
 
-Approval is shared too: what the user is shown (`approval_request`) and how an answer is decided (`decide`). What
-differs by nature stays with the callers: where proposals come from and how an answer is waited for (an Optuna ask
-or the planner and a LangGraph interrupt in one process; the study used as a queue across workers), and where a
-record goes (frontier.json and the run's study, or the trial's attributes): `record` takes that sink as an argument
-(`record_in_run` is the single-process one).
+A trial's proposal, record and close are acf.coordinator.trial's, shared the same way. Approval is shared too:
+what the user is shown (`approval_request`) and how an answer is decided (`decide`). What differs by nature stays
+with the callers: where proposals come from and how an answer is waited for (`next_proposal`: the planner or Optuna
+and a LangGraph interrupt in one process; the study used as a queue across workers), and where a finished
+candidate goes: `finish` hands it to the caller's sink (`record_in_run` is the single-process one). The run's own
+stages (set-up, baseline, final evaluation) are acf.coordinator.run_stages'.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from acf.coordinator import pipeline as P
-from acf.coordinator import preflight as PF
-from acf.coordinator import records as REC
-from acf.coordinator import run_context as RC
+import optuna
+
 from acf.core.errors import AcfError, StrategyError
-from acf.coordinator.state import Candidate, now
-from acf.methods.strategy import Strategy, validate_strategy
+from acf.core.objectives import DIRECTIONS, QUALITY
+from acf.core.provenance import Measurement
+from acf.coordinator import compression
+from acf.coordinator.preflight import estimate_cost, preflight as preflight_refusal
+from acf.coordinator.records import metrics_line, objective_values, ok_candidates
+from acf.coordinator.run_context import RUNTIME_METRICS, RunContext
+from acf.coordinator.run_eval import evaluate_in_run, metrics_to_measure
+from acf.coordinator.run_store import put_control, save_run
+from acf.coordinator.screening import MAX_SCREENS, T_AIM, aim_of, enqueue_aim, surrogate
+from acf.coordinator.state import Candidate, episodes_recorded, now
+from acf.coordinator.trial import close, propose, record
+from acf.methods.strategy import Strategy, kind_of, validate_strategy
+from acf.search.pareto import dominates
+from acf.search.reward import retention
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +61,7 @@ Sink = Callable[[Candidate, Optional[list]], bool]
 class Episode:
     """What every stage needs: the run, the candidate's id and folders, its strategy and the input model."""
 
-    ctx: RC.RunContext
+    ctx: RunContext
     cid: str            # c001 (one process, by episode) or t001 (workers, by trial number)
     number: int         # names the episode's folders (RunContext.episode_dir)
     strategy: Strategy
@@ -60,19 +73,17 @@ class Episode:
 CHOICES = ("approve", "edit", "skip", "stop")
 
 
-def approval_request(ctx: RC.RunContext, strategy: Strategy, proposed_by: str, **extra: Any) -> dict:
+def approval_request(ctx: RunContext, strategy: Strategy, proposed_by: str, **extra: Any) -> dict:
     """What the user sees before an episode runs, in the graph's interrupt and in the workers' approval queue."""
-    from acf.coordinator.screening import surrogate
-
     try:
         pred = surrogate(ctx).predict(strategy).model_dump(mode="json")
     except Exception as e:  # noqa: BLE001 - advisory: the request is shown without it
         pred = {"how": f"no prediction: {type(e).__name__}: {e}"}
     return {"strategy": strategy.model_dump(), "describe": strategy.describe(), "proposed_by": proposed_by,
-            "estimate": PF.estimate_cost(ctx, strategy), "prediction": pred, **extra}
+            "estimate": estimate_cost(ctx, strategy), "prediction": pred, **extra}
 
 
-def decide(ctx: RC.RunContext, answer: Any) -> tuple[str, Optional[Strategy], Optional[str]]:
+def decide(ctx: RunContext, answer: Any) -> tuple[str, Optional[Strategy], Optional[str]]:
     """An approval answer as (action, edited strategy, note): action is approve | edit | skip | stop, or reask with
     the note to show (an edit that does not validate, an unknown choice). Answers: 'approve' | 'skip' | 'stop' |
     {'action': 'edit', 'strategy': {...}} (or that as a JSON string)."""
@@ -101,6 +112,51 @@ def _parse_answer(answer: Any) -> tuple[str, Any]:
     return "reask", None
 
 
+# ---- the single process's proposals ---------------------------------------------------------------------------
+
+def next_proposal(ctx: RunContext) -> dict:
+    """The next episode's proposal in a single process: the planner's, on its turns; else Optuna's, asked until a
+    trial is to be run (`trial.propose` tells repeats of evaluated strategies and screened-out proposals at once)
+    or validation refuses it (its trial told FAIL; the episode is recorded as rejected)."""
+    assert ctx.ff is not None
+    episode = episodes_recorded(ctx.ff) + 1
+    t0 = time.time()
+    started = {"t0_epoch": t0, "t0": now()}
+    if ctx.planner is not None and ctx.planner.wants_turn(episode, ctx):
+        prop = ctx.planner.propose(ctx)
+        if prop is not None:
+            return {**prop, **started, "episode": episode, "t_propose": round(time.time() - t0, 3)}
+    study = ctx.study
+    screens = 0
+    for attempt in range(50 + MAX_SCREENS):
+        # aimed on its first attempts; a space where the aim keeps repeating evaluated strategies samples freely
+        if attempt < 3 and not _waiting_aim(study):
+            enqueue_aim(ctx, episode)
+        trial = study.ask()
+        p = propose(ctx, trial, screens_so_far=screens)
+        aim = aim_of(study, trial.number)
+        if p.rejected is not None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return {**started, "episode": episode, "trial": trial.number, "strategy": p.strategy.model_dump(),
+                    "proposed_by": p.proposed_by, "rejected": p.rejected, "t_propose": round(time.time() - t0, 3)}
+        if p.closed == "screened":
+            screens += 1
+        if not p.runs:
+            continue
+        assert p.prediction is not None
+        return {**started, "episode": episode, "trial": trial.number, "strategy": p.strategy.model_dump(),
+                "proposed_by": p.proposed_by, "prediction": p.prediction.model_dump(mode="json"), "aim": aim,
+                "t_propose": round(time.time() - t0, 3)}
+    raise AcfError(f"the search space is exhausted: {50 + MAX_SCREENS} proposals in a row repeated evaluated "
+                   f"strategies or were screened out")
+
+
+def _waiting_aim(study: optuna.Study) -> bool:
+    """An aimed trial enqueued earlier and not asked yet (a resume after it was enqueued): not enqueued twice."""
+    return any(T_AIM in t.user_attrs for t in study.get_trials(deepcopy=False,
+                                                                states=(optuna.trial.TrialState.WAITING,)))
+
+
 # ---- the stages ----------------------------------------------------------------------------------------------------
 
 def start() -> Outcome:
@@ -109,7 +165,7 @@ def start() -> Outcome:
 
 def preflight(ep: Episode, out: Outcome) -> Outcome:
     """Refuse an episode that will not fit (disk, memory) before anything runs."""
-    reason = PF.preflight(ep.ctx, ep.strategy)
+    reason = preflight_refusal(ep.ctx, ep.strategy)
     if reason:
         ep.ctx.say(f"  [yellow]preflight refused[/]: {reason}")
         return {**out, "status": "rejected", "reason": "preflight: " + reason}
@@ -118,7 +174,7 @@ def preflight(ep: Episode, out: Outcome) -> Outcome:
 
 def compress(ep: Episode, out: Outcome) -> Outcome:
     t0 = time.time()
-    records, err = P.compress(ep.ctx, ep.cid, ep.strategy, ep.model_path, ep.number)
+    records, err = compression.compress(ep.ctx, ep.cid, ep.strategy, ep.model_path, ep.number)
     dt = round(time.time() - t0, 2)
     out = {**out, "steps": [r.model_dump() for r in records], "timings": {**out.get("timings", {}), "compress": dt}}
     if err:
@@ -133,7 +189,7 @@ def proxy(ep: Episode, out: Outcome) -> Outcome:
     candidate stays in memory for the full evaluation."""
     t0 = time.time()
     try:
-        metrics, prune = P.proxy_decision(ep.ctx, ep.cid)
+        metrics, prune = proxy_decision(ep.ctx, ep.cid)
     except (KeyboardInterrupt, AcfError):
         ep.ctx.release()
         raise
@@ -149,12 +205,56 @@ def proxy(ep: Episode, out: Outcome) -> Outcome:
     return out
 
 
+def proxy_decision(ctx: RunContext, cid: str) -> tuple[dict[str, Measurement], Optional[str]]:
+    """Cheap evaluation on --proxy-limit items; returns (proxy metrics, prune reason or None)."""
+    cfg, ff = ctx.cfg, ctx.ff
+    assert ff is not None and ff.baseline is not None
+    q = [m for m in cfg.objectives if m in QUALITY]
+    if not cfg.proxy_limit or not q or not ff.baseline.proxy_metrics:
+        return {}, None
+    art = ctx.artifact_dir(cid)
+    res = evaluate_in_run(ctx, art, q + ["size"], cfg.proxy_limit, loaded=ctx.loaded(cid, art))
+    base = {o: ff.baseline.proxy_metrics[o].value for o in q if o in ff.baseline.proxy_metrics}
+    vals = {o: res.metrics[o].value for o in q}
+    ret = retention(vals, base, cfg.objectives)
+    if ret is not None and cfg.min_retention is not None and ret < cfg.min_retention - 0.1:
+        return res.metrics, (f"proxy retention {ret:.3f} on {cfg.proxy_limit} items is far below the "
+                             f"--min-retention {cfg.min_retention} (margin 0.1)")
+    pk = vals.get("kld")
+    if pk is not None and cfg.max_kld is not None and pk > 2 * cfg.max_kld:
+        return res.metrics, (f"proxy kld {pk:.3f} on {cfg.proxy_limit} items is more than twice the --max-kld "
+                             f"{cfg.max_kld}")
+    # Optimistic full-evaluation estimate: quality 5% better than the proxy, costs not yet measured as ideal.
+    est: dict[str, float] = {}
+    for o in cfg.objectives:
+        if o in q:
+            v = vals[o]
+            est[o] = v * 0.95 if DIRECTIONS[o] == "minimize" else v * 1.05 + 0.02
+        elif o == "size":
+            est[o] = res.metrics["size"].value
+        else:
+            est[o] = 0.0 if DIRECTIONS[o] == "minimize" else math.inf
+    # Proxy quality of frontier members is compared on the same proxy items.
+    for c in ok_candidates(ff):
+        if c.id not in ff.frontier or not c.proxy_metrics:
+            continue
+        other = dict(c.objectives)
+        for o in q:
+            if o in c.proxy_metrics and c.proxy_metrics[o].value is not None:
+                other[o] = c.proxy_metrics[o].value
+        if all(o in other for o in cfg.objectives) and dominates(other, est, cfg.objectives):
+            return res.metrics, f"dominated by {c.id} even with an optimistic estimate from the proxy evaluation"
+    return res.metrics, None
+
+
 def evaluate(ep: Episode, out: Outcome) -> Outcome:
     """The full evaluation on the search items, then the control row of a strategy with recovery steps."""
     ctx = ep.ctx
     t0 = time.time()
     try:
-        res = P.full_evaluation(ctx, ep.cid, known_sparsity=P.sparsity_from_steps(ep.strategy, out.get("steps", [])))
+        art = ctx.artifact_dir(ep.cid)
+        res = evaluate_in_run(ctx, art, metrics_to_measure(ctx), ctx.cfg.limit, loaded=ctx.loaded(ep.cid, art),
+                              known_sparsity=sparsity_from_steps(ep.strategy, out.get("steps", [])))
     except (KeyboardInterrupt, AcfError):
         raise
     except Exception as e:  # noqa: BLE001 - one candidate's evaluation failing must not end the run
@@ -163,13 +263,80 @@ def evaluate(ep: Episode, out: Outcome) -> Outcome:
         ctx.release()
     timings = {**out.get("timings", {}), "evaluate": round(time.time() - t0, 2)}
     out = {**out, "metrics": _dump(res.metrics), "predictions": res.predictions, "timings": timings}
-    ctx.say(REC.metrics_line(ep.cid, res.metrics, ctx.cfg.objectives))
+    ctx.say(metrics_line(ep.cid, res.metrics, ctx.cfg.objectives))
     if ctx.cfg.controls:
         t1 = time.time()
-        out["control"] = P.ensure_control(ctx, ep.strategy)
+        out["control"] = ensure_control(ctx, ep.strategy)
         if out["control"]:
             out["timings"] = {**out["timings"], "control": round(time.time() - t1, 2)}
     return out
+
+
+def ensure_control(ctx: RunContext, strategy: Strategy) -> Optional[str]:
+    """The control row for a strategy with recovery steps: the uncompressed model given the same recovery
+    (LoRA/distillation steps and their params) and no compression, measured once per distinct recovery and
+    reused. Its quality change is task adaptation; the candidate's change beyond it is compression.
+    Returns the control's id (None when the strategy has no recovery step)."""
+    ff = ctx.ff
+    assert ff is not None
+    rec = [st for st in strategy.steps if kind_of(st.method) in ("lora", "distill") and not st.params.get("qlora")]
+    if not rec:
+        return None
+    cs = Strategy(steps=rec)
+    for c in ff.controls:
+        if c.strategy.key() == cs.key():
+            return c.id
+    cid = f"ctrl{len(ff.controls) + 1:02d}"
+    ctx.say(f"  [bold]control[/] {cid}: baseline + {cs.describe()} (no compression), to measure task adaptation "
+            f"apart")
+    t0 = time.time()
+    records, err = compression.compress(ctx, cid, cs, ff.run.model_path, 0, log_dir=ctx.dir / "controls" / cid / "logs")
+    cand = Candidate(id=cid, episode=0, strategy=cs, description=cs.describe() + " (control: no compression)",
+                     proposed_by="control", steps=records, started_at=now())
+    art = ctx.artifact_dir(cid)
+    if err:
+        cand.status, cand.reason = "failed", err
+    else:
+        try:
+            res = evaluate_in_run(ctx, art, [m for m in metrics_to_measure(ctx) if m not in RUNTIME_METRICS],
+                                  ctx.cfg.limit)
+            cand.metrics = res.metrics
+            cand.objectives = objective_values(ctx.cfg.objectives, res.metrics)
+            cand.retention = retention(cand.objectives, ff.baseline.objectives, ctx.cfg.objectives)
+        except (KeyboardInterrupt, AcfError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed control leaves the candidate without its split
+            cand.status, cand.reason = "failed", f"evaluation: {type(e).__name__}: {str(e)[:300]}"
+    cand.timings = {"control": round(time.time() - t0, 2)}
+    cand.finished_at = now()
+    cand.artifact = str(art) if art.exists() and cand.status == "ok" else None
+    cand.artifact_kept = cand.artifact is not None
+    if cand.status != "ok" or not (ctx.cfg.keep_all or ctx.cfg.final_limit):
+        shutil.rmtree(art, ignore_errors=True)
+        cand.artifact, cand.artifact_kept = None, False
+    put_control(ctx.study, cand)
+    save_run(ctx)
+    ctx.say(metrics_line(cid, cand.metrics, ctx.cfg.objectives) if cand.status == "ok"
+            else f"  [red]control {cid} failed[/]: {cand.reason}")
+    return cid
+
+
+def sparsity_from_steps(strategy: Strategy, steps: list) -> Optional[Measurement]:
+    """For a quantized result: the sparsity its pruning steps measured before quantization (0 without one)."""
+    if not any(kind_of(s.method) == "quantize" for s in strategy.steps):
+        return None
+    measured = None
+    for r in steps:
+        extra = r.get("extra", {}) if isinstance(r, dict) else r.extra
+        method = r.get("method") if isinstance(r, dict) else r.method
+        if "measured_sparsity" in extra:
+            measured = (float(extra["measured_sparsity"]), method)
+    if measured is None:
+        return Measurement(value=0.0, unit="fraction", device="", method="no pruning step: no sparsity (the exact "
+                                                                         "zeros of a quantized grid are not sparsity)")
+    return Measurement(value=measured[0], unit="fraction", device="",
+                       method=f"share of exact zeros in Linear weights measured after the {measured[1]} step, before "
+                              f"quantization (a dequantized grid's zeros are not counted)")
 
 
 def _failed(ep: Episode, out: Outcome, e: BaseException) -> Outcome:
@@ -214,28 +381,26 @@ def candidate(ep: Episode, out: Outcome, *, episode: int, trial_number: Optional
         prediction=prediction, aim=aim)
 
 
-def record(ep: Episode, out: Outcome, sink: Sink, **meta: Any) -> tuple[Candidate, bool]:
+def finish(ep: Episode, out: Outcome, sink: Sink, **meta: Any) -> tuple[Candidate, bool]:
     """Build the candidate and hand it to the caller's sink; returns it and whether it was recorded."""
     cand = candidate(ep, out, **meta)
     return cand, sink(cand, out.get("predictions"))
 
 
 def run_episode(ep: Episode, sink: Sink, **meta: Any) -> tuple[Candidate, bool]:
-    """Every stage of an approved proposal, routed by `route`, then `record` (what the graph's nodes do one by
+    """Every stage of an approved proposal, routed by `route`, then `finish` (what the graph's nodes do one by
     one). `meta` are the candidate's facts from the proposal (see `candidate`)."""
     out, stage = start(), "preflight"
     while stage != "record":
         out = STAGES[stage](ep, out)
         stage = route(stage, out)
-    return record(ep, out, sink, **meta)
+    return finish(ep, out, sink, **meta)
 
 
 def record_in_run(ep: Episode, prop: dict, out: Outcome, decision: Optional[str]) -> Candidate:
     """The single-process run's recording (the graph's update node): the candidate, with the episode's wall time,
-    into the run's study (`run_store.put_record`, which tells Optuna), the episode folder, then frontier.json
-    derived from the study; a proposal rejected by validation or skipped at approval is recorded as such."""
-    from acf.coordinator import run_store as RS
-
+    into the run's study (`trial.record`, which tells Optuna), the episode folder, then frontier.json derived from
+    the study; a proposal rejected by validation or skipped at approval is recorded as such."""
     ctx = ep.ctx
     if decision == "rejected":
         out = {"status": "rejected", "reason": prop["rejected"]}
@@ -243,7 +408,7 @@ def record_in_run(ep: Episode, prop: dict, out: Outcome, decision: Optional[str]
         out = {"status": "skipped", "reason": "skipped by the user at approval"}
     trial = prop.get("trial")
     if prop.get("edited_from_trial") is not None:
-        REC.release_trial(ctx, prop["edited_from_trial"], "replaced by a user edit")
+        close(ctx.study, prop["edited_from_trial"], "replaced by a user edit")
         trial = None
 
     def sink(cand: Candidate, predictions: Optional[list]) -> bool:
@@ -255,12 +420,12 @@ def record_in_run(ep: Episode, prop: dict, out: Outcome, decision: Optional[str]
             cand.timings["episode_wall"] = round(time.time() - begun, 3)
             if prop["t0_epoch"] < _PROCESS_START:
                 cand.timings["interrupted_before_resume"] = round(_PROCESS_START - prop["t0_epoch"], 3)
-        stored = RS.put_record(ctx.study, ctx.cfg, cand, trial)
+        stored = record(ctx.study, ctx.cfg, cand, trial) == "recorded"
         write_episode_files(ctx.episode_dir(cand.episode), cand, predictions)
-        RS.save_run(ctx)
+        save_run(ctx)
         return stored
 
-    cand, _ = record(ep, out, sink, episode=prop["episode"], trial_number=prop.get("trial"),
+    cand, _ = finish(ep, out, sink, episode=prop["episode"], trial_number=prop.get("trial"),
                      proposed_by=prop["proposed_by"], rationale=prop.get("rationale"),
                      t_propose=prop.get("t_propose", 0.0), started_at=prop.get("t0"),
                      prediction=prop.get("prediction"), aim=prop.get("aim"))

@@ -1,5 +1,6 @@
-"""The coordinator graph: nodes and routing only. What each node does lives in `pipeline` and `episode` (this
-package).
+"""The coordinator graph: nodes and routing only. What each node does lives in `run_stages` (the run's set-up,
+baseline and final evaluation), `episode` (an episode's proposal, approval and stages) and `trial` (a trial's
+record and close), this package's.
 
 spec -> baseline -> propose -> approve -> preflight -> compress -> proxy -> evaluate -> update -> propose | finalize
 
@@ -17,10 +18,10 @@ from typing import Optional, TypedDict
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
-from acf.coordinator import episode as E
-from acf.coordinator import pipeline as P
-from acf.coordinator import records as REC
-from acf.coordinator import run_context as RC
+from acf.coordinator import episode
+from acf.coordinator.run_context import RunContext
+from acf.coordinator.run_stages import ensure_baseline, final_evaluation, init_run, stop_reason
+from acf.coordinator.trial import close
 from acf.methods.strategy import Strategy
 
 
@@ -33,19 +34,19 @@ class EpisodeState(TypedDict, total=False):
     stop: Optional[str]
 
 
-def build_graph(ctx: RC.RunContext, checkpointer=None):
+def build_graph(ctx: RunContext, checkpointer=None):
     def spec_node(state: EpisodeState) -> dict:
-        return P.init_run(ctx)
+        return init_run(ctx)
 
     def baseline_node(state: EpisodeState) -> dict:
-        P.ensure_baseline(ctx, state["model_path"])
+        ensure_baseline(ctx, state["model_path"])
         return {}
 
     def propose_node(state: EpisodeState) -> dict:
-        reason = P.stop_reason(ctx)
+        reason = stop_reason(ctx.cfg, ctx.ff, ctx.run_seconds())
         if reason:
             return {"stop": reason, "proposal": None}
-        prop = P.propose(ctx)
+        prop = episode.next_proposal(ctx)
         ctx.say(f"\n[bold cyan]── episode {prop['episode']}/{ctx.cfg.episodes}[/] · frontier "
                 f"{len(ctx.ff.frontier)} · hypervolume {ctx.ff.hypervolume[-1].hypervolume if ctx.ff.hypervolume else 0:.4f}")
         ctx.say(f"  proposed by {prop['proposed_by']}: {Strategy(**prop['strategy']).describe()}")
@@ -59,11 +60,11 @@ def build_graph(ctx: RC.RunContext, checkpointer=None):
             return {"decision": "approve"}
         strategy = Strategy(**prop["strategy"])
         answer = interrupt({
-            "episode": prop["episode"], **E.approval_request(ctx, strategy, prop["proposed_by"]),
+            "episode": prop["episode"], **episode.approval_request(ctx, strategy, prop["proposed_by"]),
             "rationale": prop.get("rationale"), "frontier": _frontier_summary(ctx), "note": state.get("note"),
-            "choices": list(E.CHOICES),
+            "choices": list(episode.CHOICES),
         })
-        action, edited, note = E.decide(ctx, answer)
+        action, edited, note = episode.decide(ctx, answer)
         if action == "reask":
             return {"decision": "reask", "note": note}
         if action == "edit":
@@ -74,30 +75,31 @@ def build_graph(ctx: RC.RunContext, checkpointer=None):
 
     def stage_node(stage: str):
         def node(state: EpisodeState) -> dict:
-            out = E.start() if stage == "preflight" else dict(state.get("outcome") or E.start())
-            return {"outcome": E.STAGES[stage](_episode(ctx, state), out)}
+            out = episode.start() if stage == "preflight" else dict(state.get("outcome") or episode.start())
+            return {"outcome": episode.STAGES[stage](_episode(ctx, state), out)}
 
         node.__name__ = f"{stage}_node"
         return node
 
     def update_node(state: EpisodeState) -> dict:
-        E.record_in_run(_episode(ctx, state), state["proposal"], dict(state.get("outcome") or {}),
+        episode.record_in_run(_episode(ctx, state), state["proposal"], dict(state.get("outcome") or {}),
                         state.get("decision"))
         return {"proposal": None, "outcome": None, "decision": None}
 
     def stop_node(state: EpisodeState) -> dict:
         prop = state.get("proposal")
         if prop and prop.get("trial") is not None:
-            REC.release_trial(ctx, prop["trial"], "stopped by the user at approval")
+            _close(ctx, prop["trial"], "stopped by the user at approval")
         return {"stop": "stopped by the user", "proposal": None}
 
     def finalize_node(state: EpisodeState) -> dict:
-        P.final_evaluation(ctx)
+        final_evaluation(ctx)
         return {}
 
     g = StateGraph(EpisodeState)
     for name, fn in [("spec", spec_node), ("baseline", baseline_node), ("propose", propose_node),
-                     ("approve", approve_node), *((st, stage_node(st)) for st in E.STAGES), ("update", update_node),
+                     ("approve", approve_node), *((st, stage_node(st)) for st in episode.STAGES),
+                     ("update", update_node),
                      ("user_stop", stop_node), ("finalize", finalize_node)]:
         g.add_node(name, fn)
     g.add_edge(START, "spec")
@@ -106,9 +108,9 @@ def build_graph(ctx: RC.RunContext, checkpointer=None):
     g.add_conditional_edges("propose", lambda s: "finalize" if s.get("stop") else "approve", ["approve", "finalize"])
     g.add_conditional_edges("approve", _after_approve, ["preflight", "update", "approve", "user_stop"])
     # the episode's stages, routed as episode.route routes a worker's: anything but ok goes to update (record)
-    for st in E.STAGES:
-        nexts = sorted({E.route(st, {"status": "ok"}), "record"})
-        g.add_conditional_edges(st, lambda s, st=st: _node(E.route(st, s["outcome"])), [_node(n) for n in nexts])
+    for st in episode.STAGES:
+        nexts = sorted({episode.route(st, {"status": "ok"}), "record"})
+        g.add_conditional_edges(st, lambda s, st=st: _node(episode.route(st, s["outcome"])), [_node(n) for n in nexts])
     g.add_edge("update", "propose")
     g.add_edge("user_stop", END)
     g.add_edge("finalize", END)
@@ -120,10 +122,16 @@ def _node(stage: str) -> str:
     return "update" if stage == "record" else stage
 
 
-def _episode(ctx: RC.RunContext, state: EpisodeState) -> E.Episode:
+def _episode(ctx: RunContext, state: EpisodeState) -> episode.Episode:
     prop = state["proposal"]
-    return E.Episode(ctx=ctx, cid=_cid(prop), number=prop["episode"], strategy=Strategy(**prop["strategy"]),
+    return episode.Episode(ctx=ctx, cid=_cid(prop), number=prop["episode"], strategy=Strategy(**prop["strategy"]),
                      model_path=state["model_path"])
+
+
+def _close(ctx: RunContext, number: int, reason: str) -> None:
+    # not inlined in its node: LangGraph reads the attributes a node's closure names (ctx.study) when the graph is
+    # built, and reading this one opens the study, before a resume has checked the run directory
+    close(ctx.study, number, reason)
 
 
 def _after_approve(s: EpisodeState) -> str:
@@ -141,7 +149,7 @@ def _cid(prop: dict) -> str:
     return f"c{prop['episode']:03d}"
 
 
-def _frontier_summary(ctx: RC.RunContext) -> list[dict]:
+def _frontier_summary(ctx: RunContext) -> list[dict]:
     ff = ctx.ff
     out = []
     for cid in ff.frontier:

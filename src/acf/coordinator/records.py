@@ -1,26 +1,19 @@
 """Scoring an episode's outcome: objectives and reward against the baseline (`score`), the Pareto front,
-hypervolume and recommended pick (`refresh_frontier`), the Optuna constraints, and what the console shows of it.
-Pure of compression, evaluation and storage (`acf.coordinator.run_store` stores and derives through these functions),
-so every
-recorder (the graph's episode, a distributed worker, a study rebuild) scores alike."""
+hypervolume and recommended pick (`refresh_frontier`), and what the console shows of it. Pure of compression,
+evaluation and storage (`acf.coordinator.run_store` stores and derives through these functions, the Optuna tell is
+`acf.coordinator.trial`'s), so every recorder (the graph's episode, a distributed worker, a study rebuild) scores
+alike. Scoring takes what it reads (the config, the frontier), never the whole run."""
 
 from __future__ import annotations
 
 from typing import Optional
-
-import optuna
 
 from acf.search.pareto import hypervolume, pareto_front, reference_point
 from acf.core.metrics import display, logged
 from acf.core.provenance import Measurement
 from acf.search.reward import recommend, retention, reward
 from acf.coordinator.run_context import RunConfig, RunContext
-from acf.search.space import trial_for
-from acf.coordinator.state import Candidate, HVPoint, Recommendation, episodes_recorded
-
-
-def run_objective_values(ctx: RunContext, metrics: dict[str, Measurement]) -> dict[str, float]:
-    return objective_values(ctx.cfg.objectives, metrics)
+from acf.coordinator.state import Candidate, FrontierFile, HVPoint, Recommendation, episodes_recorded
 
 
 def objective_values(objectives: list[str], metrics: dict[str, Measurement]) -> dict[str, float]:
@@ -41,36 +34,12 @@ def fmt_value(name: str, v: float) -> str:
     return display(name, v)
 
 
-def episodes_done(ctx: RunContext) -> int:
-    return episodes_recorded(ctx.ff)
-
-
-def ok_candidates(ctx: RunContext) -> list[Candidate]:
-    assert ctx.ff is not None
-    out = [c for c in ctx.ff.candidates if c.status == "ok"]
-    if ctx.ff.baseline is not None:
-        out = [ctx.ff.baseline] + out
+def ok_candidates(ff: FrontierFile) -> list[Candidate]:
+    """The baseline (once measured) and every ok candidate: what the frontier is drawn from."""
+    out = [c for c in ff.candidates if c.status == "ok"]
+    if ff.baseline is not None:
+        out = [ff.baseline] + out
     return out
-
-
-def tell_like(ctx: RunContext, trial: optuna.Trial, prev: Candidate) -> None:
-    if prev.status == "ok" and len(prev.objectives) == len(ctx.cfg.objectives):
-        set_constraint(ctx.cfg, trial, prev)
-        ctx.study.tell(trial, [prev.objectives[o] for o in ctx.cfg.objectives])
-    elif prev.status == "pruned":
-        ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    else:
-        ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-
-
-def set_constraint(cfg: RunConfig, trial: optuna.Trial, cand: Candidate) -> None:
-    """Optuna constraints (feasible when <= 0): task-quality retention and kld, each set on every told trial."""
-    if cfg.min_retention is not None:
-        ret = cand.retention
-        trial.set_constraint("retention", cfg.min_retention - ret if ret is not None else 0.0)
-    if cfg.max_kld is not None:
-        k = kld_of(cand)
-        trial.set_constraint("kld", k - cfg.max_kld if k is not None else 0.0)
 
 
 def kld_of(cand: Candidate) -> Optional[float]:
@@ -94,30 +63,29 @@ def score(cfg: RunConfig, base: dict[str, float], cand: Candidate) -> None:
             o for o in cfg.objectives if o not in cand.objectives)
 
 
-def refresh_frontier(ctx: RunContext) -> None:
+def refresh_frontier(cfg: RunConfig, ff: FrontierFile) -> None:
     """Recompute frontier ids, hypervolume history and the recommended pick from the recorded candidates."""
-    ff = ctx.ff
-    assert ff is not None and ff.baseline is not None
-    objs = ctx.cfg.objectives
-    points = {c.id: c.objectives for c in ok_candidates(ctx) if len(c.objectives) == len(objs)}
+    assert ff.baseline is not None
+    objs = cfg.objectives
+    points = {c.id: c.objectives for c in ok_candidates(ff) if len(c.objectives) == len(objs)}
     ff.frontier = pareto_front(points, objs)
     base = ff.baseline.objectives
     if len(base) == len(objs):
-        ref = reference_point(base, objs, fixed={"kld": ctx.cfg.max_kld} if ctx.cfg.max_kld else None)
+        ref = reference_point(base, objs, fixed={"kld": cfg.max_kld} if cfg.max_kld else None)
         ff.reference_point = ref
         hv = hypervolume([points[k] for k in ff.frontier], objs, ref, normalise=base)
-        ep = episodes_done(ctx)
+        ep = episodes_recorded(ff)
         ff.hypervolume = [h for h in ff.hypervolume if h.episode != ep] + [HVPoint(episode=ep, hypervolume=hv)]
-        klds = {c.id: kld_of(c) for c in ok_candidates(ctx)}
-        rec = recommend(points, [k for k in ff.frontier], base, objs, ctx.cfg.preset, ctx.cfg.min_retention,
-                        ctx.cfg.max_kld, klds)
+        klds = {c.id: kld_of(c) for c in ok_candidates(ff)}
+        rec = recommend(points, [k for k in ff.frontier], base, objs, cfg.preset, cfg.min_retention,
+                        cfg.max_kld, klds)
         if rec is not None:
             cid, r = rec
-            ff.recommended = Recommendation(id=cid, reward=r.reward, terms=r.terms, preset=ctx.cfg.preset,
-                                            why=why(cid, r, ctx.cfg.min_retention))
+            ff.recommended = Recommendation(id=cid, reward=r.reward, terms=r.terms, preset=cfg.preset,
+                                            why=why(cid, r, cfg.min_retention))
     for c in ff.candidates:
         if c.status == "ok" and len(c.objectives) == len(objs):
-            c.reward = reward(c.objectives, base, objs, ctx.cfg.preset, ctx.cfg.min_retention, ctx.cfg.max_kld,
+            c.reward = reward(c.objectives, base, objs, cfg.preset, cfg.min_retention, cfg.max_kld,
                               kld_of(c)).reward
 
 
@@ -134,7 +102,7 @@ def frontier_table(ctx: RunContext):
 
     ff = ctx.ff
     assert ff is not None
-    t = Table(title=f"Frontier after {episodes_done(ctx)} episodes ({len(ff.frontier)} members)")
+    t = Table(title=f"Frontier after {episodes_recorded(ff)} episodes ({len(ff.frontier)} members)")
     t.add_column("id")
     t.add_column("strategy", overflow="fold")
     cols = list(dict.fromkeys(ctx.cfg.objectives + ["answer_nll", "size"]))
@@ -151,12 +119,3 @@ def frontier_table(ctx: RunContext):
                   f"{c.retention:.3f}" if c.retention is not None else "-",
                   f"{c.reward:.3f}" if c.reward is not None else "-")
     return t
-
-
-def release_trial(ctx: RunContext, number: int, reason: str) -> None:
-    """Close a trial that will not be evaluated as proposed (user edit or stop), so it never stays RUNNING."""
-    study = ctx.study
-    t = study.get_trials(deepcopy=False)[number]
-    if t.state == optuna.trial.TrialState.RUNNING:
-        trial_for(study, number).set_user_attr("reason", reason)
-        study.tell(number, state=optuna.trial.TrialState.FAIL)

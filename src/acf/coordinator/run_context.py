@@ -269,23 +269,44 @@ def space_for(cfg: RunConfig, spec) -> SearchSpace:
                        **kw)
 
 
+class RunPaths:
+    """Where a run's files go: RUN_DIR/frontier.json, episodes/NNN (a user's copy of each episode), artifacts/<cid>
+    (candidate models). A shared study's workers lay theirs out otherwise (acf.distributed.worker.SharedPaths)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def frontier_path(self) -> Path:
+        return self.root / "frontier.json"
+
+    def episode_dir(self, episode: int) -> Path:
+        return self.root / "episodes" / f"{episode:03d}"
+
+    def artifact_dir(self, cid: str) -> Path:
+        return self.root / "artifacts" / cid
+
+
 class RunContext:
     """The run's live objects (task, spec, study, frontier) rebuilt from the run directory on demand. `ff` is the
     frontier derived from the study (`acf.coordinator.run_store`), refreshed by every write; it is a view, never
-    written to."""
+    written to. A caller that holds the study or the spec already (a shared study's coordinator, a worker) hands
+    them in; `paths` says where files go (default: the run directory's layout, `RunPaths`)."""
 
-    def __init__(self, cfg: RunConfig, console=None):
+    def __init__(self, cfg: RunConfig, console=None, *, paths: Optional[RunPaths] = None,
+                 study: Optional[optuna.Study] = None, spec=None):
         from rich.console import Console
 
         self.cfg = cfg
-        self.dir = Path(cfg.run_dir)
+        self.paths = paths or RunPaths(cfg.run_dir)
+        self.dir = self.paths.root
         self.console = console or Console(stderr=False)
         self.task = task_for(cfg)
-        self._study: Optional[optuna.Study] = None
+        self._study: Optional[optuna.Study] = study
         self._space: Optional[SearchSpace] = None
-        self._spec = None
+        self._spec = spec
         self.ff: Optional[FrontierFile] = None
-        self.t_start = time.time()
+        self.t_start = time.time()   # when this process's wall time since it last stored it began (`lap`)
         self.planner = None
         self._fidelity: dict[str, Any] = {}
         self._loaded: Optional[tuple[str, Any]] = None
@@ -293,13 +314,25 @@ class RunContext:
     # ---- paths -------------------------------------------------------------------------------------------
     @property
     def frontier_path(self) -> Path:
-        return self.dir / "frontier.json"
+        return self.paths.frontier_path
 
     def episode_dir(self, episode: int) -> Path:
-        return self.dir / "episodes" / f"{episode:03d}"
+        return self.paths.episode_dir(episode)
 
     def artifact_dir(self, cid: str) -> Path:
-        return self.dir / "artifacts" / cid
+        return self.paths.artifact_dir(cid)
+
+    def lap(self) -> float:
+        """The seconds since the last lap (or this process's start), starting the next: the wall time a process adds
+        to its run's when it stores a result."""
+        now = time.time()
+        seconds, self.t_start = now - self.t_start, now
+        return seconds
+
+    def run_seconds(self) -> float:
+        """The run's wall time so far: what its earlier processes stored, and this one's since it last stored."""
+        assert self.ff is not None
+        return self.ff.run.wall_seconds + (time.time() - self.t_start)
 
     # ---- lazily rebuilt objects --------------------------------------------------------------------------
     @property
@@ -309,6 +342,12 @@ class RunContext:
 
             self._spec = load_spec(self.dir / "model_spec.json")
         return self._spec
+
+    @spec.setter
+    def spec(self, spec) -> None:
+        """The model's spec, once inferred (a new run, a worker): not read back from model_spec.json."""
+        self._spec = spec
+        self._space = None
 
     @property
     def space(self) -> SearchSpace:

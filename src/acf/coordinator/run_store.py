@@ -20,7 +20,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import optuna
@@ -28,9 +27,8 @@ from optuna.trial import TrialState
 
 from acf.core.errors import AcfError, RunDirError
 from acf.core.provenance import Measurement
-from acf.coordinator.records import refresh_frontier, score, set_constraint
+from acf.coordinator.records import refresh_frontier, score
 from acf.coordinator.run_context import RunConfig, RunContext
-from acf.search.space import trial_for
 from acf.coordinator.state import (Candidate, FrontierFile, RunMeta, Screened, load_frontier_file,
                                    save_frontier_file)
 
@@ -49,6 +47,13 @@ A_FINAL = "acf_final:"             # + candidate id: {"metrics", "seconds"} on t
 # trial user attributes
 T_RECORD = "acf_record"            # the Candidate record (JSON) of the trial's episode
 T_SCREENED = "acf_screened"        # a proposal screened out by its prediction (state.Screened); trial PRUNED
+T_CLOSED = "reason"                # why a single process closed a trial without an episode (a user's edit or stop)
+# trial user attributes of a shared study (acf.distributed), written through acf.coordinator.trial
+T_PROPOSAL = "acf_proposal"        # {strategy, proposed_by, describe, estimate} shown at approval
+T_STRATEGY = "acf_strategy"        # an edited strategy that replaces the sampled one
+T_RELEASED = "acf_released"        # why a trial was closed without an episode (budget, duplicate, approval moves)
+T_DUPLICATE = "acf_duplicate_of"   # the candidate whose result a repeated strategy was told
+T_STRATEGY_KEY = "acf_strategy_key"  # the strategy a worker runs: another worker does not run it twice
 
 
 def _json(model: Any) -> Any:
@@ -104,42 +109,26 @@ def add_wall(study: optuna.Study, seconds: float) -> None:
     study.set_user_attr(A_WALL, round(float(study.user_attrs.get(A_WALL, 0.0)) + max(0.0, seconds), 1))
 
 
-def write_trial_record(study: optuna.Study, cfg: RunConfig, number: int, cand: Candidate) -> None:
-    """The candidate onto its RUNNING trial, then the tell (values and constraints, or PRUNED / FAIL)."""
-    trial = trial_for(study, number)
+def put_trial_record(trial: optuna.Trial, cand: Candidate) -> None:
+    """The candidate record onto its trial (told by the caller: acf.coordinator.trial.record)."""
     trial.set_user_attr(T_RECORD, _json(cand))
     trial.set_user_attr("candidate", cand.id)
     if cand.reason:
         trial.set_user_attr("reason", cand.reason)
-    if cand.status == "ok" and len(cand.objectives) == len(cfg.objectives):
-        set_constraint(cfg, trial, cand)
-        study.tell(trial, [cand.objectives[o] for o in cfg.objectives])
-    elif cand.status == "pruned":
-        study.tell(trial, state=TrialState.PRUNED)
-    else:
-        study.tell(trial, state=TrialState.FAIL)
 
 
-def put_record(study: optuna.Study, cfg: RunConfig, cand: Candidate, trial_number: Optional[int]) -> bool:
-    """Score and store a single-process episode's candidate: on its trial while the trial runs, else as a study
-    attribute. Idempotent: returns False when this candidate is already stored and told (the process died after
-    that, before the graph's checkpoint, and the update node runs again)."""
-    base = study.user_attrs.get(A_BASELINE)
-    if base is not None:
-        score(cfg, Candidate.model_validate(base).objectives, cand)
-    if cand.reason:
-        cand.reason = cand.reason[:500]
-    if trial_number is not None:
-        t = study.get_trials(deepcopy=False)[trial_number]
-        if t.state == TrialState.RUNNING:   # also when a killed process wrote the record but had not told yet
-            write_trial_record(study, cfg, trial_number, cand)
-            return True
-        if (t.user_attrs.get(T_RECORD) or {}).get("id") == cand.id:
-            return False
+def put_loose_record(study: optuna.Study, cand: Candidate) -> bool:
+    """A candidate with no running trial of its own, as a study attribute; False when it is there already."""
     if A_RECORD + cand.id in study.user_attrs:
         return False
     study.set_user_attr(A_RECORD + cand.id, _json(cand))
     return True
+
+
+def baseline_objectives(study: optuna.Study) -> Optional[dict[str, float]]:
+    """The stored baseline's objective values (what candidates are scored against), None before it is measured."""
+    base = study.user_attrs.get(A_BASELINE)
+    return None if base is None else Candidate.model_validate(base).objectives
 
 
 def adopt_frontier_file(study: optuna.Study, cfg: RunConfig, ff: FrontierFile) -> None:
@@ -228,9 +217,8 @@ def frontier_from_study(study: optuna.Study, run_id: Optional[str] = None) -> Fr
     numbered = sorted([c for _, c in on_trials if c.episode > 0] + [c for c in loose if c.episode > 0],
                       key=lambda c: c.episode)
     unnumbered = [c for _, c in on_trials if c.episode == 0] + [c for c in loose if c.episode == 0]
-    ns = SimpleNamespace(ff=ff, cfg=cfg)
     if ff.baseline is not None:
-        refresh_frontier(ns)  # type: ignore[arg-type]
+        refresh_frontier(cfg, ff)
     for c in numbered + unnumbered:
         if c.episode == 0:
             c.episode = len(ff.candidates) + 1
@@ -238,7 +226,7 @@ def frontier_from_study(study: optuna.Study, run_id: Optional[str] = None) -> Fr
         ff.candidates.append(merged(c))
         if ff.baseline is not None:
             score(cfg, ff.baseline.objectives, c)
-            refresh_frontier(ns)  # type: ignore[arg-type]
+            refresh_frontier(cfg, ff)
     if A_WALL in attrs:
         meta.wall_seconds = float(attrs[A_WALL])
     elif on_trials and A_STARTED in attrs:
@@ -304,8 +292,7 @@ def open_run(ctx: RunContext) -> Optional[FrontierFile]:
 
 def save_run(ctx: RunContext) -> FrontierFile:
     """After a single process wrote to its study: add its wall time, then derive and write frontier.json."""
-    add_wall(ctx.study, time.time() - ctx.t_start)
-    ctx.t_start = time.time()
+    add_wall(ctx.study, ctx.lap())
     ctx.ff = publish(ctx.study, ctx.dir, prune=not ctx.cfg.keep_all)
     return ctx.ff
 

@@ -9,7 +9,8 @@
   partly fixed Optuna trial: no pruning, the precision budget whose predicted size is the recipe's; the sampler
   chooses the quantizer, its settings and kd_tune.
 
-Both drivers use these: the single-process graph (acf.coordinator.pipeline.propose) and a distributed worker.
+Both drivers use these, through a trial's proposal (acf.coordinator.trial.propose): the single-process graph and a
+distributed worker.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ from acf.core.atomic import write_text
 from acf.core.errors import AcfError
 from acf.core.metrics import names
 from acf.core.provenance import Measurement
-from acf.coordinator import run_store as RS
+from acf.coordinator.run_store import put_final, put_recipe, save_run
 from acf.coordinator.compression import compress
-from acf.coordinator.records import metrics_line, run_objective_values
+from acf.coordinator.records import metrics_line, objective_values
 from acf.coordinator.run_context import RunContext
 from acf.coordinator.run_eval import evaluate_in_run, metrics_to_measure
 from acf.coordinator.state import Candidate, now
@@ -120,7 +120,7 @@ def ensure_recipes(ctx: RunContext, model_path: str, refresh: Optional[Callable[
     recipe frontier only. A recipe that fails is recorded with its reason; the run goes on. `refresh` re-derives
     `ctx.ff` after each write (default: the single process's `run_store.save_run`, which also writes frontier.json;
     a worker passes its own)."""
-    refresh = refresh or (lambda: RS.save_run(ctx))
+    refresh = refresh or (lambda: save_run(ctx))
     assert ctx.ff is not None and ctx.ff.baseline is not None
     strategies = recipe_strategies(ctx)
     have = {c.id for c in ctx.ff.recipes}
@@ -136,17 +136,17 @@ def ensure_recipes(ctx: RunContext, model_path: str, refresh: Optional[Callable[
             cand = Candidate.model_validate(rec["candidate"])
             cand.artifact = str(cache.model_dir(name)) if cache.model_dir(name).is_dir() else None
             ctx.say(f"  [dim]recipe {i}/{len(missing)} {name}: from the cache[/]")
-            RS.put_recipe(ctx.study, cand)
+            put_recipe(ctx.study, cand)
             fin = rec.get("finals", {}).get(_final_key(ctx))
             if fin is not None:
                 metrics = {k: Measurement.model_validate(m) for k, m in fin["metrics"].items()}
-                RS.put_final(ctx.study, cand.id, metrics, fin["seconds"])
+                put_final(ctx.study, cand.id, metrics, fin["seconds"])
         else:
             ctx.say(f"  [bold]recipe {i}/{len(missing)}[/] {name}: {strategy.describe()}")
             cand = measure_recipe(ctx, name, strategy, model_path, cache)
             if cand.status == "ok":   # a failure (out of memory, a library error) is tried again by a later run
                 cache.write(name, cand)
-            RS.put_recipe(ctx.study, cand)
+            put_recipe(ctx.study, cand)
         refresh()
     keep_frontier_models(ctx, cache)
 
@@ -172,7 +172,7 @@ def measure_recipe(ctx: RunContext, name: str, strategy: Strategy, model_path: s
             cand.status, cand.reason = "failed", f"evaluation: {type(e).__name__}: {str(e)[:300]}"
         else:
             cand.metrics = res.metrics
-            cand.objectives = run_objective_values(ctx, res.metrics)
+            cand.objectives = objective_values(ctx.cfg.objectives, res.metrics)
             ctx.say(metrics_line(name, res.metrics, ctx.cfg.objectives))
     cand.timings = {"recipe": round(time.time() - t0, 2)}
     cand.finished_at = now()

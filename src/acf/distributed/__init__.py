@@ -24,8 +24,10 @@ The package, by concern (each module imports only those above it):
   schema       the attribute names only shared runs use (claims, approvals, heartbeats) and heartbeat defaults
   storage      make_storage (RDB or journal file, with heartbeats), retry_db, load_study, Beat / trial heartbeats
   study        create_or_join, rebuild_frontier (frontier_from_study is acf.coordinator.run_store's)
-  approval     release, trial_proposal, make_pending, ApprovalQueue (approval with several workers)
+  approval     release, make_pending, ApprovalQueue (approval with several workers)
   worker       Worker: claim a trial, run acf.coordinator.episode.run_episode, record into the trial
+A trial's proposal, record and close are acf.coordinator.trial's (propose, record, close), the functions the
+single-process graph uses too; `trial_proposal` and `release` here are that module's.
   processes    spawn_workers / stop_processes (local `acf worker` processes)
   coordinator  Coordinator, run_coordinator (`acf run --workers K`)
   commands     the Typer commands `acf worker` and `acf rebuild`

@@ -1,5 +1,6 @@
 """Trials that wait for the user while several workers run: proposals are RUNNING trials marked pending; approving
-enqueues a WAITING copy that exactly one worker pops. Also `release`, which closes a trial that will not run."""
+enqueues a WAITING copy that exactly one worker pops. Also `release`, how a shared study closes a trial that will
+not run (acf.coordinator.trial.close)."""
 
 from __future__ import annotations
 
@@ -8,48 +9,22 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import TrialState
 
-from acf.search.space import trial_for
-from acf.coordinator import run_context as RC
+from acf.coordinator.episode import approval_request, decide
+from acf.coordinator.run_context import RunContext
 from acf.core.errors import AcfError, StrategyError
 from acf.coordinator.state import Candidate, now
+from acf.coordinator.trial import close, record, trial_proposal
 from acf.methods.strategy import Strategy, validate_strategy
-from acf.coordinator.run_store import write_trial_record
-from acf.distributed.schema import A_STOP, T_APPROVAL, T_PROPOSAL, T_RELEASED, T_STRATEGY
+from acf.distributed.schema import A_STOP, T_APPROVAL, T_PROPOSAL, T_STRATEGY
 from acf.distributed.study import cid_for
-
-
-def _proposer(ctx: RC.RunContext, system_attrs: dict) -> str:
-    """Like `pipeline._proposer`, which cannot see system attrs through Optuna 5's Trial."""
-    if system_attrs.get("fixed_params"):
-        return "seed recipe" if ctx.cfg.sampler != "grid" else "preset grid"
-    return f"optuna:{ctx.cfg.sampler}"
 
 
 def release(study: optuna.Study, number: int, reason: str) -> None:
     """Close a trial that will not run (budget, duplicate, approval bookkeeping) without a candidate record."""
-    t = study.get_trials(deepcopy=False)[number]
-    if t.state == TrialState.RUNNING:
-        tr = trial_for(study, number)
-        tr.set_user_attr(T_RELEASED, reason[:300])
-        try:
-            study.tell(tr, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass
+    close(study, number, reason, shared=True)
 
 
-def trial_proposal(ctx: RC.RunContext, trial: optuna.Trial) -> tuple[Strategy, str]:
-    """A trial's strategy (an edited one, or the space's for its params: sampled or enqueued; not yet validated)
-    and who proposed it."""
-    ua = trial.user_attrs
-    sa = ctx.study._storage.get_trial(trial._trial_id).system_attrs
-    proposed_by = (ua.get(T_PROPOSAL) or {}).get("proposed_by") or _proposer(ctx, sa)
-    if "retry_history" in sa:
-        proposed_by += f" (retry of trial {sa['retry_history'][-1]})"
-    strategy = Strategy(**ua[T_STRATEGY]) if ua.get(T_STRATEGY) else ctx.space.suggest(trial)
-    return strategy, proposed_by
-
-
-def make_pending(ctx: RC.RunContext, trial: optuna.Trial) -> None:
+def make_pending(ctx: RunContext, trial: optuna.Trial) -> None:
     """Turn a RUNNING trial into a proposal waiting for approval (no heartbeat: it is never failed as stale)."""
     strategy, proposed_by = trial_proposal(ctx, trial)
     try:
@@ -57,8 +32,6 @@ def make_pending(ctx: RC.RunContext, trial: optuna.Trial) -> None:
     except StrategyError as e:
         release(ctx.study, trial.number, f"invalid proposal: {e}")
         return
-    from acf.coordinator.episode import approval_request
-
     trial.set_user_attr(T_PROPOSAL, approval_request(ctx, strategy, proposed_by))
     trial.set_user_attr(T_APPROVAL, "pending")
 
@@ -70,7 +43,7 @@ class ApprovalQueue:
     `answer(number, answer)` takes the graph's answers: approve | skip | stop | {'action': 'edit', 'strategy': ...}.
     """
 
-    def __init__(self, ctx: RC.RunContext):
+    def __init__(self, ctx: RunContext):
         self.ctx = ctx
 
     @property
@@ -111,8 +84,6 @@ class ApprovalQueue:
 
     def answer(self, number: int, answer: Any) -> str:
         """Apply the user's answer to pending trial `number`; returns the decision taken."""
-        from acf.coordinator.episode import decide
-
         study, ctx = self.study, self.ctx
         t = study.get_trials(deepcopy=False)[number]
         if t.state != TrialState.RUNNING or t.user_attrs.get(T_APPROVAL) != "pending":
@@ -139,7 +110,7 @@ class ApprovalQueue:
             cand = Candidate(id=cid_for(number), episode=0, trial_number=number, strategy=s, description=s.describe(),
                              status="skipped", reason="skipped by the user at approval",
                              proposed_by=prop["proposed_by"], started_at=now(), finished_at=now())
-            write_trial_record(study, self.ctx.cfg, number, cand)   # told FAIL, as a skip
+            record(study, ctx.cfg, cand, number, shared=True)   # told FAIL, as a skip
             return "skip"
         if action == "stop":
             study.set_user_attr(A_STOP, "stopped by the user")

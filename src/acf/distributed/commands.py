@@ -47,7 +47,7 @@ def rebuild_cmd(
     from rich.console import Console
 
     if storage is None or study is None:
-        from acf.coordinator.runner import load_run_config
+        from acf.coordinator.single_process import load_run_config
 
         cfg = load_run_config(run_dir)
         storage = storage or cfg.storage or f"sqlite:///{Path(run_dir).resolve() / 'study.db'}"

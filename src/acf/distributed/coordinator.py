@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from acf.core.objectives import DIRECTIONS
-from acf.coordinator import run_context as RC
+from acf.coordinator.run_context import RunConfig, RunContext, make_run_dir, task_for, validate_config
 from acf.core.errors import AcfError
 from acf.coordinator.run_store import A_STOPPED, publish
 from acf.coordinator.state import FrontierFile
@@ -33,7 +33,7 @@ class Coordinator:
     """Owns frontier.json for a shared study: holds the study's coordinator lock, creates/joins the study, starts
     local workers, serves approvals, and rebuilds frontier.json from the study periodically and at the end."""
 
-    def __init__(self, cfg: RC.RunConfig, storage_url: Optional[str] = None, console=None,
+    def __init__(self, cfg: RunConfig, storage_url: Optional[str] = None, console=None,
                  lock_timeout: float = 60.0, heartbeat_interval: int = DEFAULT_HEARTBEAT,
                  grace_period: int = DEFAULT_GRACE, connect_timeout: int = DEFAULT_CONNECT_TIMEOUT):
         from rich.console import Console
@@ -41,9 +41,9 @@ class Coordinator:
         from acf.models.loading import resolve_device
 
         self.console = console or Console(stderr=False)
-        RC.validate_config(cfg, RC.task_for(cfg).metrics)
+        validate_config(cfg, task_for(cfg).metrics)
         cfg.device = resolve_device(cfg.device)
-        run_dir = RC.make_run_dir(cfg.run_dir)
+        run_dir = make_run_dir(cfg.run_dir)
         self.url = storage_url or cfg.storage or f"journal://{run_dir.resolve() / 'study.log'}"
         cfg.storage = self.url
         self.cfg = cfg
@@ -55,7 +55,7 @@ class Coordinator:
         self.procs: list[subprocess.Popen] = []
         self._lock_beat: Optional[Beat] = None
         self.study: Optional[optuna.Study] = None
-        self.ctx: Optional[RC.RunContext] = None
+        self.ctx: Optional[RunContext] = None
         self.queue: Optional[ApprovalQueue] = None
 
     # -- lock ----------------------------------------------------------------------------------------------------
@@ -127,11 +127,8 @@ class Coordinator:
         from acf.models.spec import save_spec
 
         save_spec(spec, Path(self.cfg.run_dir) / "model_spec.json")
-        ctx = RC.RunContext(self.cfg, self.console)
-        ctx._study = study
-        ctx._spec = spec
-        self.ctx = ctx
-        self.queue = ApprovalQueue(ctx)
+        self.ctx = RunContext(self.cfg, self.console, study=study, spec=spec)
+        self.queue = ApprovalQueue(self.ctx)
         return study
 
     def rebuild(self) -> FrontierFile:
@@ -217,11 +214,11 @@ class Coordinator:
         stop_processes(self.procs)
 
 
-def run_coordinator(cfg: RC.RunConfig, workers: int, artifacts: Optional[Path] = None, console=None,
+def run_coordinator(cfg: RunConfig, workers: int, artifacts: Optional[Path] = None, console=None,
                     ask: Optional[Callable[[dict], Any]] = None, resume: bool = False,
                     refresh_seconds: float = 5.0) -> FrontierFile:
     """`acf run --workers K`: the coordinator plus K local workers sharing one study (K=0: workers elsewhere)."""
-    from acf.coordinator.runner import ask_terminal
+    from acf.coordinator.single_process import ask_terminal
 
     run_dir = Path(cfg.run_dir)
     if not resume and (run_dir / "run_config.json").exists():

@@ -16,7 +16,7 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
-from acf.coordinator import run_context as RC
+from acf.coordinator.run_context import RunConfig
 from acf.core.errors import AcfError
 from acf.coordinator.run_store import A_CONFIG
 from acf.distributed.schema import DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT, DEFAULT_GRACE, DEFAULT_HEARTBEAT, HB_ATTR
@@ -196,8 +196,8 @@ def load_study(storage: BaseStorage, url: str, study_name: str) -> optuna.Study:
     return study
 
 
-def study_config(study: optuna.Study) -> RC.RunConfig:
-    return RC.RunConfig.model_validate(study.user_attrs[A_CONFIG])
+def study_config(study: optuna.Study) -> RunConfig:
+    return RunConfig.model_validate(study.user_attrs[A_CONFIG])
 
 
 # ---- heartbeats ------------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
-from acf.coordinator import pipeline as P
-from acf.coordinator import run_context as RC
+from acf.coordinator.run_context import RunConfig, space_for
+from acf.coordinator.run_stages import run_meta
 from acf.coordinator.run_store import A_CONFIG, has_run, publish, put_run
 from acf.search.space import enqueue_first, open_study
 from acf.coordinator.state import FrontierFile
@@ -18,7 +18,7 @@ from acf.distributed.schema import A_APPROVAL
 from acf.distributed.storage import load_study, make_storage, study_config
 
 
-def create_or_join(cfg: RC.RunConfig, storage: BaseStorage, approval: bool = False,
+def create_or_join(cfg: RunConfig, storage: BaseStorage, approval: bool = False,
                    console=None) -> tuple[optuna.Study, str, Any]:
     """Create the shared study (config, spec, run metadata, seed recipes) or join it; refuse a study made for
     another model/task/objectives (`open_study`). Returns (study, resolved model path, model spec)."""
@@ -31,7 +31,7 @@ def create_or_join(cfg: RC.RunConfig, storage: BaseStorage, approval: bool = Fal
     study = open_study(storage, cfg.study(), cfg.objectives, cfg.sampler, cfg.seed, meta)  # type: ignore[arg-type]
     attrs = study.user_attrs
     if not has_run(study):
-        rm = P.run_meta(cfg, str(model_path), cfg.study())
+        rm = run_meta(cfg, str(model_path), cfg.study())
         put_run(study, cfg, rm, spec_summary(spec))
     else:
         old = study_config(study)
@@ -39,7 +39,7 @@ def create_or_join(cfg: RC.RunConfig, storage: BaseStorage, approval: bool = Fal
             study.set_user_attr(A_CONFIG, {**attrs[A_CONFIG], "episodes": max(old.episodes, cfg.episodes)})
     study.set_user_attr(A_APPROVAL, bool(approval))
     if not study.trials:
-        enqueue_first(study, RC.space_for(cfg, spec), cfg.sampler)
+        enqueue_first(study, space_for(cfg, spec), cfg.sampler)
     return study, str(model_path), spec
 
 

@@ -16,18 +16,19 @@ import optuna
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
-from acf.coordinator import pipeline as P
-from acf.coordinator import baseline as BL
-from acf.coordinator import records as REC
-from acf.coordinator import run_context as RC
-from acf.core.errors import AcfError, StrategyError
+from acf.coordinator.baseline import evaluate_baseline
+from acf.coordinator.episode import Episode, run_episode, write_episode_files
+from acf.coordinator.run_context import RunConfig, RunContext, RunPaths
+from acf.coordinator.run_stages import stop_reason
+from acf.coordinator.trial import propose, record
+from acf.core.errors import AcfError
 from acf.coordinator.state import Candidate, FrontierFile, RunMeta, now
-from acf.methods.strategy import Strategy, validate_strategy
-from acf.distributed.approval import make_pending, release, trial_proposal
-from acf.coordinator.run_store import (A_BASELINE, A_CONFIG, A_RUN_META, A_SPEC, A_STARTED, T_RECORD,
-                                       frontier_from_study, prune_artifact_dirs, put_baseline, write_trial_record)
+from acf.methods.strategy import Strategy
+from acf.distributed.approval import make_pending, release
+from acf.coordinator.run_store import (A_BASELINE, A_CONFIG, A_RUN_META, A_SPEC, A_STARTED, frontier_from_study,
+                                       prune_artifact_dirs, put_baseline)
 from acf.distributed.schema import (A_APPROVAL, A_BASELINE_CLAIM, A_STOP, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_WAIT,
-                                    DEFAULT_GRACE, DEFAULT_HEARTBEAT, T_APPROVAL, T_DUPLICATE, T_WORKER)
+                                    DEFAULT_GRACE, DEFAULT_HEARTBEAT, T_APPROVAL, T_WORKER)
 from acf.distributed.storage import (Beat, fail_stale, first_line, load_study, make_storage, retry_db, study_config,
                                      trial_heartbeat, where)
 from acf.distributed.study import cid_for
@@ -35,22 +36,24 @@ from acf.distributed.study import cid_for
 log = logging.getLogger(__name__)
 
 
-class WorkerContext(RC.RunContext):
-    """A RunContext whose run directory is the shared artifacts folder and whose frontier comes from the study.
-
-    Artifacts live at <artifacts>/<study>/<cid>/model so each trial has a private parent folder (`compress` cleans
-    partial siblings of its output, which must never be another worker's work in progress)."""
-
-    def __init__(self, cfg: RC.RunConfig, study: optuna.Study, console=None):
-        super().__init__(cfg, console)
-        self._study = study
-        self.ff = None
+class SharedPaths(RunPaths):
+    """Where a worker's files go, under the shared artifacts folder: <artifacts>/<study>/<cid>/model, so each trial
+    has a private parent folder (`compress` cleans partial siblings of its output, which must never be another
+    worker's work in progress), and the episode's files next to it."""
 
     def artifact_dir(self, cid: str) -> Path:
-        return self.dir / cid / "model"
+        return self.root / cid / "model"
 
     def episode_dir(self, episode: int) -> Path:
-        return self.dir / cid_for(episode)
+        return self.root / cid_for(episode)
+
+
+class WorkerContext(RunContext):
+    """A RunContext whose run directory is the shared artifacts folder (`SharedPaths`) and whose frontier comes from
+    the study."""
+
+    def __init__(self, cfg: RunConfig, study: optuna.Study, console=None):
+        super().__init__(cfg, console, paths=SharedPaths(cfg.run_dir), study=study)
 
 
 def check_artifacts_dir(path: str | Path) -> Path:
@@ -118,7 +121,7 @@ class Worker:
 
         cfg = self.ctx.cfg
         self.model_path = str(resolve_model(cfg.model))
-        self.ctx._spec = infer_spec(self.model_path, cfg.trust_remote_code)
+        self.ctx.spec = infer_spec(self.model_path, cfg.trust_remote_code)
         self.ctx.dir.mkdir(parents=True, exist_ok=True)
         self.ensure_baseline()
 
@@ -150,11 +153,10 @@ class Worker:
             study.set_user_attr(A_BASELINE_CLAIM, {"owner": self.id, "heartbeat": time.time()})
 
         with Beat(beat, max(1.0, self.grace / 4), "baseline"):
-            cand = BL.evaluate_baseline(ctx, self.model_path)
+            cand = evaluate_baseline(ctx, self.model_path)
         self._db(lambda: put_baseline(study, cand), "storing the baseline")
         ctx.ff.baseline = cand
         # the yardstick's recipes, by the worker that measured the baseline (the others start episodes meanwhile)
-        from acf.coordinator.run_store import frontier_from_study
         from acf.coordinator.yardstick import ensure_recipes
 
         def refresh() -> None:
@@ -198,11 +200,9 @@ class Worker:
         cfg = self.ctx.cfg
         cfg.episodes = int(attrs[A_CONFIG].get("episodes", cfg.episodes))  # a coordinator may extend the search
         ff = self.refresh()
-        ff.run.wall_seconds = time.time() - float(attrs.get(A_STARTED, time.time()))
-        self.ctx.t_start = time.time()
         # Episodes in flight elsewhere are not done: while they run this worker waits (`claim` returns None), in
         # case one of them dies and its trial is retried.
-        return P.stop_reason(self.ctx)
+        return stop_reason(cfg, ff, time.time() - float(attrs.get(A_STARTED, time.time())))
 
     def _in_flight(self) -> list:
         return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -248,42 +248,25 @@ class Worker:
         return trial, prop
 
     def _strategy_for(self, trial: optuna.Trial) -> Optional[dict]:
-        """The trial's strategy (sampled, enqueued or edited), or None when it was closed as a duplicate."""
-        ctx, study = self.ctx, self.study
-        strategy, proposed_by = trial_proposal(ctx, trial)
-        try:
-            strategy = validate_strategy(strategy, ctx.spec, ctx.cfg.device)
-        except StrategyError as e:
-            cand = Candidate(id=cid_for(trial.number), episode=0, trial_number=trial.number, strategy=strategy,
-                             description=strategy.describe(), status="rejected", reason=str(e)[:500],
-                             proposed_by=proposed_by, started_at=now(), finished_at=now())
+        """The trial's proposal (`trial.propose`: sampled, enqueued or edited), or None when its trial was closed: a
+        strategy validation refuses is recorded as rejected; a repeat (of an evaluated strategy or one running on
+        another worker) and a screened-out proposal were told at once."""
+        p = propose(self.ctx, trial, in_flight=self._in_flight)
+        if p.rejected is not None:
+            cand = Candidate(id=cid_for(trial.number), episode=0, trial_number=trial.number, strategy=p.strategy,
+                             description=p.strategy.describe(), status="rejected", reason=p.rejected[:500],
+                             proposed_by=p.proposed_by, started_at=now(), finished_at=now())
             self.record(trial, cand)
             return None
-        key = strategy.key()
-        prev = P.evaluated_twin(ctx, strategy)
-        if prev is not None:
-            # Same as an evaluated strategy: the sampler learns the earlier result, no compute is spent.
-            trial.set_user_attr(T_DUPLICATE, prev.id)
-            REC.tell_like(ctx, trial, prev)
+        if not p.runs:
             return None
-        for t in self._in_flight():
-            if t.number != trial.number and t.user_attrs.get("acf_strategy_key") == key:
-                release(study, trial.number, f"duplicate of trial {t.number}, which is running")
-                return None
-        from acf.coordinator import screening as SC
-
-        pred, screened = SC.assess(ctx, trial, strategy, proposed_by, screenable=proposed_by.startswith("optuna"))
-        if screened is not None:
-            return None
-        trial.set_user_attr("acf_strategy_key", key)
-        return {"strategy": strategy.model_dump(), "proposed_by": proposed_by,
-                "prediction": pred.model_dump(mode="json")}
+        assert p.prediction is not None
+        return {"strategy": p.strategy.model_dump(), "proposed_by": p.proposed_by,
+                "prediction": p.prediction.model_dump(mode="json")}
 
     def run_trial(self, trial: optuna.Trial, prop: dict) -> Optional[Candidate]:
-        """The episode engine's stages (acf.coordinator.episode.run_episode, as the coordinator graph runs them), recorded
-        into the trial (idempotent)."""
-        from acf.coordinator.episode import Episode, run_episode, write_episode_files
-
+        """The episode engine's stages (acf.coordinator.episode.run_episode, as the coordinator graph runs them),
+        recorded into the trial (idempotent)."""
         ctx = self.ctx
         cid = cid_for(trial.number)
         strategy = Strategy(**prop["strategy"])
@@ -307,45 +290,27 @@ class Worker:
         return cand if recorded else None
 
     def record(self, trial: optuna.Trial, cand: Candidate) -> bool:
-        """Write the candidate into the trial and tell, only while the trial is still RUNNING.
+        """Write the candidate into the trial and tell (`trial.record`), only while the trial is still RUNNING.
 
         Returns False when the trial was finished behind our back (failed by the heartbeat during a long outage and
-        retried elsewhere): the result is then discarded, so nothing is recorded twice."""
-        study, ctx = self.study, self.ctx
-        ft = study._storage.get_trial(trial._trial_id)
-        state = ft.state
-        mine = (ft.user_attrs.get(T_RECORD) or {}).get("finished_at") == cand.finished_at
-        told = {"ok": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(cand.status, TrialState.FAIL)
-        if state != TrialState.RUNNING and mine and state == told and not self._was_retried(trial.number):
-            return True  # our tell went through before the connection dropped; the retry of `record` is a no-op
-        if state != TrialState.RUNNING:
-            ctx.say(f"  [yellow]trial {trial.number} was already {state.name}[/] (failed by the heartbeat?); "
-                    f"its result is discarded, the retry counts")
+        retried elsewhere): the result is then discarded, so nothing is recorded twice. A retry of a `record` whose
+        tell went through before the connection dropped finds it recorded."""
+        got = record(self.study, self.ctx.cfg, cand, trial.number, shared=True)
+        if got == "discarded":
+            self.ctx.say(f"  [yellow]trial {trial.number} was finished elsewhere[/] (failed by the heartbeat?); "
+                         f"its result is discarded, the retry counts")
             if cand.artifact:
                 shutil.rmtree(cand.artifact, ignore_errors=True)
             return False
-        ff = ctx.ff
-        if ff is not None and ff.baseline is not None:
-            REC.score(ctx.cfg, ff.baseline.objectives, cand)
-        if cand.reason:
-            cand.reason = cand.reason[:500]
-        try:
-            write_trial_record(study, ctx.cfg, trial.number, cand)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            ctx.say(f"  [yellow]trial {trial.number} was finished elsewhere while recording[/]; result discarded")
-            return False
-        if not ctx.cfg.keep_all:
+        if got == "recorded" and not self.ctx.cfg.keep_all:
             try:
                 prune_artifact_dirs(self.refresh())
             except Exception as e:  # noqa: BLE001 — tidying is best effort; the record is safe
                 log.warning("pruning artifacts: %s", first_line(e))
         return True
 
-    def _was_retried(self, number: int) -> bool:
-        return any(number in t.system_attrs.get("retry_history", []) for t in self.study.get_trials(deepcopy=False))
 
-
-def _sampler(cfg: RC.RunConfig, salt: int) -> optuna.samplers.BaseSampler:
+def _sampler(cfg: RunConfig, salt: int) -> optuna.samplers.BaseSampler:
     from acf.search.space import make_sampler
 
     return make_sampler(cfg.sampler, (cfg.seed * 1_000_003 + salt) % 2**31, len(cfg.objectives))

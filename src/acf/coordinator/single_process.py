@@ -1,4 +1,5 @@
-"""Drive the coordinator graph: start or resume a run, hand approvals to a terminal or to Python code.
+"""The single-process driver (`acf run` without --workers; a shared study's is acf.distributed.coordinator): drive the
+coordinator graph, start or resume a run, hand approvals to a terminal or to Python code.
 
 `Pipeline(cfg).start()` returns either None (the run finished) or an approval request; `resume(answer)`
 continues. The terminal front end (`run_in_terminal`) is that loop with a rich prompt.
