@@ -10,6 +10,11 @@ share of windows (and of kd_tune's examples) from general text instead: the othe
 (`acf.evaluation.general_text.general_train_texts`), so statistics fitted on the task alone do not trade away the
 model's behaviour on other text (what kld_general measures). Task and general windows are packed separately (a
 window is all-task or all-general) and then spread evenly through the batch.
+
+With `--calib-data FILE` the step context's task is an `acf.tasks.calib_text.CalibTextTask`: the task part's
+windows (and training examples) come from the file's texts instead of the task's train split, as plain text; the
+general share is drawn as before. Records name the file (`calibration_facts`) and caches key on its digest
+(`calibration_name`).
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def calibration_ids(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, m
     n_gen = general_count(n, general, method)
     eos = tokenizer.eos_token_id
     task_part = _pack(lambda k: _train_token_texts(tokenizer, task, k, seed), eos, n - n_gen, seq_len, method,
-                      "the task's train split") if n_gen < n or n_gen == 0 else None
+                      task_source(task)) if n_gen < n or n_gen == 0 else None
     if n_gen == 0:
         return task_part
     gen_part = _pack(lambda k: _general_token_texts(tokenizer, task, k, seed, method), eos, n_gen, seq_len, method,
@@ -75,6 +80,18 @@ def calibration_ids(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0, m
     if task_part is None:
         return gen_part
     return torch.stack(interleave(list(task_part), list(gen_part)))
+
+
+def task_source(task: Any) -> str:
+    """The task part's source in words: the task's train split, or the user's `--calib-data` file
+    (acf.tasks.calib_text.CalibTextTask)."""
+    return getattr(task, "calib_source", None) or "the task's train split"
+
+
+def calibration_name(task: Any) -> str:
+    """The task part's identity in caches keyed on calibration text (sensitivity passes): the task's name, or the
+    name with the `--calib-data` file's digest, so a pass calibrated on other text is never reused."""
+    return getattr(task, "calib_key", None) or getattr(task, "name", "task")
 
 
 def _pack(fetch: Callable[[int], list[list[int]]], eos: Optional[int], n: int, seq_len: int, method: str,
@@ -115,6 +132,8 @@ def check_supply(tokenizer, task: Any, n: int, seq_len: int, general: float) -> 
         calibration_ids(tokenizer, task, n, seq_len, 0, "calibration", general)
     except MethodFailed as e:
         hint = (f"; or lower --calib-mix (now {general})" if general > 0 and "general" in e.reason else "")
+        if getattr(task, "calib_source", None) and "general" not in e.reason:
+            hint += "; or add text to the --calib-data file"
         raise DataError(f"calibration ({n} samples of {seq_len} tokens, {general:.0%} general text) cannot be "
                         f"filled: {e.reason}{hint}") from None
 
@@ -141,13 +160,18 @@ def calibration_facts(task: Any, n: int, general: float, method: str = "calibrat
                       ) -> dict[str, Any]:
     """What a step's record says of its calibration text: the source in words (`task_note` follows the task's
     part, e.g. its prompt format), the requested general share and how many of the `n` samples it gave.
-    Task-only calibration reads as before ("gsm8k train split")."""
+    Task-only calibration reads as before ("gsm8k train split"); text from a `--calib-data` file is named by the
+    file's name and digest prefix (its texts are plain text, so `task_note` about the prompt format does not apply).
+    """
     from acf.evaluation.general_text import general_train_pool
 
     name = getattr(task, "name", "task")
     n_gen = general_count(n, general, method)
-    facts: dict[str, Any] = {"source": f"{name} train split{task_note}", "general_share": general,
+    own = getattr(task, "calib_source", None)
+    facts: dict[str, Any] = {"source": own or f"{name} train split{task_note}", "general_share": general,
                              "general_samples": n_gen}
+    if own:
+        facts["calib_data"] = {"file": task.calib.path.name, "sha256": task.calib.sha256}
     if n_gen:
         used = general_train_pool(name, 0)[1]
         facts["source"] += f" + {n_gen / n:.0%} general text ({', '.join(used)} train)"

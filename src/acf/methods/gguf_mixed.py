@@ -357,12 +357,12 @@ def allocation_for(model, tok, params: dict, in_dir: Path, f16_path: Path, imatr
     """The step's per-tensor types for `avg_bits`, from the cached (or computed) sensitivity of `in_dir`."""
     from acf.models.loading import cache_dir
     from acf.methods._common import report
-    from acf.methods.calibration import calibration_facts, calibration_ids, general_count
+    from acf.methods.calibration import calibration_facts, calibration_ids, calibration_name, general_count
 
     shapes = allocatable(f16_path)
     types = list(params.get("types") or DEFAULT_TYPES)
     n, L = int(params.get("sensitivity_samples") or 16), int(params.get("sensitivity_seq_len") or 512)
-    task = getattr(ctx.task, "name", "task")
+    task = calibration_name(ctx.task)   # with a --calib-data file, its digest too
     key = gguf_sensitivity_key(weights_digest(in_dir), task, n, L, ctx.seed, types,
                                imatrix_key(params, ctx.calib_mix) if imatrix else None,
                                general_count(n, ctx.calib_mix, "gguf"))

@@ -14,7 +14,7 @@ from acf.evaluation.perf import weight_files_size
 from acf.models.loading import cache_dir
 from acf.methods._common import report, stored_dtype
 from acf.methods.base import StepContext
-from acf.methods.calibration import calibration_facts, calibration_ids, general_count
+from acf.methods.calibration import calibration_facts, calibration_ids, calibration_name, general_count
 from acf.methods.mixed import (KEEP, Allocation, LayerShape, allocate, default_formats, effective_bits,
                                fisher_sensitivity, layer_bytes, parse_format, shapes_of, target_palette)
 from acf.methods.sensitivity_cache import cached_sensitivity, sensitivity_key, weights_digest
@@ -94,7 +94,7 @@ def allocation_for(model, tok, params: dict, in_dir: Path, ctx: StepContext, met
     else:
         formats = palette(params, shapes)
         n, L = int(params.get("sensitivity_samples") or 16), int(params.get("sensitivity_seq_len") or 512)
-        task = getattr(ctx.task, "name", "task")
+        task = calibration_name(ctx.task)   # with a --calib-data file, its digest too
         key = sensitivity_key(weights_digest(in_dir), task, n, L, ctx.seed, formats, ignore,
                               general_count(n, ctx.calib_mix, method))
 
