@@ -90,6 +90,10 @@ def run(
     scorer: Optional[str] = typer.Option(None, help="with --dataset FILE: add generation accuracy, scored by 'exact' "
                                          "(the completion equals the reference) or 'regex:PATTERN' (its first match, "
                                          "group 1 if any, equals the reference's)"),
+    calib_data: Optional[Path] = typer.Option(None, help="calibration and training text apart from the evaluation "
+                                              "data: a .txt (paragraphs separated by blank lines), .jsonl ({\"text\": "
+                                              "...} or chat/prompt-response rows) or .csv (prompt, response) file read "
+                                              "instead of the task's train split (--calib-mix still adds general text)"),
     config: Optional[Path] = typer.Option(None, is_eager=True, callback=_read_config,
                                           help="a YAML file of acf run options by long name (e.g. `episodes: 12`, "
                                           "`run-dir: runs/x`); options on the command line override it"),
@@ -178,8 +182,9 @@ def run(
             raise AcfError(f"--resume {resume}: that run is for model {cfg.model!r}, not {model!r}")
         if dataset != "gsm8k" and _dataset_value(dataset) != cfg.dataset:
             raise AcfError(f"--resume {resume}: that run is for dataset {cfg.dataset!r}, not {dataset!r}")
+        given_calib = str(calib_data.expanduser().resolve()) if calib_data is not None else None
         for flag, given, recorded in (("--train-share", train_share, cfg.train_share),
-                                      ("--scorer", scorer, cfg.scorer)):
+                                      ("--scorer", scorer, cfg.scorer), ("--calib-data", given_calib, cfg.calib_data)):
             if given is not None and given != recorded:
                 raise AcfError(f"--resume {resume}: that run was started with {flag} {recorded}; its measurements "
                                f"depend on it, so it cannot change to {given}")
@@ -202,11 +207,16 @@ def run(
         _check_terminal(interactive)
         # an unknown task, or a bad row of a dataset file, fails before a run dir is made
         task = get_task(dataset, str(data_dir) if data_dir else None, train_share=train_share, scorer=scorer)
+        if calib_data is not None:
+            from acf.tasks.calib_text import read_calib_data
+
+            read_calib_data(calib_data)   # a bad line is refused before a run dir is made (bound in validate_config)
         objs = objectives or ",".join(default_objectives(runtime))
         label = Path(task.path).stem if getattr(task, "path", None) else dataset.replace(':', '_')
         rd = run_dir or Path("runs") / f"{Path(model).name}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
         cfg = RunConfig(model=model, dataset=_dataset_value(dataset), data_dir=str(data_dir) if data_dir else None,
                         train_share=train_share, scorer=scorer, episodes=4 if episodes is None else episodes,
+                        calib_data=str(calib_data.expanduser().resolve()) if calib_data is not None else None,
                         run_dir=str(rd), interactive=interactive, sampler=sampler, preset=preset,
                         objectives=objs.split(","), min_retention=min_retention, limit=limit, proxy_limit=proxy_limit,
                         max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld, controls=controls,
@@ -328,6 +338,8 @@ def compress(
     data_dir: Optional[Path] = typer.Option(None),
     calib_samples: Optional[int] = typer.Option(None, help="override calib_samples of every calibrated step"),
     calib_mix: float = typer.Option(DEFAULT_CALIB_MIX, help="share of calibration text from outside the task"),
+    calib_data: Optional[Path] = typer.Option(None, help="calibration/training text from this .txt, .jsonl or .csv "
+                                              "file instead of the task's train split"),
     device: Optional[str] = typer.Option(None),
     seed: int = typer.Option(0),
     trust_remote_code: bool = typer.Option(False),
@@ -342,6 +354,11 @@ def compress(
     from acf.tasks import get_task
 
     setup_logging(verbose)
+    calib = None
+    if calib_data is not None:
+        from acf.tasks.calib_text import read_calib_data
+
+        calib = read_calib_data(calib_data)   # a bad line is refused before any model loads
     dev = resolve_device(device)
     strat = parse_strategy(strategy)
     if calib_samples:
@@ -356,6 +373,10 @@ def compress(
     if out.exists() and any(out.iterdir()):
         raise AcfError(f"--out {out} exists and is not empty: choose a new directory")
     task = get_task(dataset, str(data_dir) if data_dir else None)
+    if calib is not None:
+        from acf.tasks.calib_text import CalibTextTask
+
+        task = CalibTextTask(task, calib)
     console.print(f"[bold]strategy[/]: {strat.describe()}")
     if not 0.0 <= calib_mix <= 1.0:
         raise AcfError(f"--calib-mix is a share: give 0..1 (got {calib_mix})")

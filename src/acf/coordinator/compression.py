@@ -25,7 +25,8 @@ def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str, epi
     clean_partial_dirs(out.parent)
     if out.exists():
         shutil.rmtree(out)  # an earlier attempt of this episode died half-way: redo it
-    sctx = StepContext(device=ctx.cfg.device, task=ctx.task, teacher_dir=Path(model_path), seed=ctx.cfg.seed,
+    # calibration and training text: the task's train split, or the run's --calib-data file
+    sctx = StepContext(device=ctx.cfg.device, task=ctx.calib_task, teacher_dir=Path(model_path), seed=ctx.cfg.seed,
                        trust_remote_code=ctx.cfg.trust_remote_code, calib_mix=ctx.cfg.calib_mix)
     try:
         records = run_strategy(strategy, Path(model_path), out, sctx,

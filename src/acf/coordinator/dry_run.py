@@ -122,6 +122,10 @@ def render(plan: DryRun) -> list[str]:
         own = (f" (your file, sha256 {cfg.dataset_sha256[:16]}..., {s.get('rows')} rows: {s.get('train')} train / "
                f"{s.get('test')} test at train share {cfg.train_share}; scorer {cfg.scorer or 'none'})")
     out += [f"task: {task.name}{own}: {n_test} test items, {n_train} train items; metrics {', '.join(task.metrics)}",
+            f"calibration: {cfg.calib_samples} samples of {cfg.seq_len} tokens from "
+            + (f"--calib-data {cfg.calib_data} (sha256 {(cfg.calib_data_sha256 or '')[:16]}..., "
+               f"{len(ctx.calib_task.calib.texts)} texts)" if cfg.calib_data else f"{task.name}'s train split")
+            + (f", {cfg.calib_mix:.0%} of them general text" if cfg.calib_mix else ""),
             f"items: search {cfg.limit or 'all'} (proxy {cfg.proxy_limit or 'none'}), report "
             f"{cfg.final_limit or 'none'}; seed {cfg.seed}" + _items_note(cfg, n_test),
             f"objectives: {', '.join(cfg.objectives)} · max kld {cfg.max_kld} · min retention {cfg.min_retention} · "

@@ -57,6 +57,11 @@ class RunConfig(BaseModel):
     #: and its train/test split (acf.tasks.own_data.describe_split)
     dataset_sha256: Optional[str] = None
     dataset_split: Optional[dict[str, Any]] = None
+    #: calibration text apart from the evaluation data (acf.tasks.calib_text): the absolute path of a .txt/.jsonl/.csv
+    #: file whose texts replace the task's train split in every calibration and training step; its SHA-256 is
+    #: recorded when the run starts and checked on every later build (resume, workers), like a dataset file's
+    calib_data: Optional[str] = None
+    calib_data_sha256: Optional[str] = None
     episodes: int = 4
     run_dir: str
     interactive: bool = False
@@ -145,6 +150,34 @@ def bind_dataset(cfg: RunConfig, task) -> None:
                         f"new run")
 
 
+def calibration_task(cfg: RunConfig, task):
+    """The task calibration and training read: `task` itself, or with `--calib-data` the task with its train texts
+    taken from the file (acf.tasks.calib_text), the file bound to the run (`bind_calib_data`)."""
+    if not cfg.calib_data:
+        return task
+    from acf.tasks.calib_text import CalibTextTask
+
+    return CalibTextTask(task, bind_calib_data(cfg))
+
+
+def bind_calib_data(cfg: RunConfig):
+    """Read and check the `--calib-data` file (FILE:LINE for a bad line); record its SHA-256 in `cfg` (a new run), or
+    refuse a file that changed since it was recorded: the run's recipes and calibrated episodes came from the old
+    text. Returns the file's CalibData."""
+    from acf.core.errors import DataError
+    from acf.tasks.calib_text import read_calib_data
+
+    data = read_calib_data(cfg.calib_data)
+    if cfg.calib_data_sha256 is None:
+        cfg.calib_data_sha256 = data.sha256
+    elif cfg.calib_data_sha256 != data.sha256:
+        raise DataError(f"--calib-data {cfg.calib_data}: the file changed since this run started (sha256 "
+                        f"{cfg.calib_data_sha256[:12]}... recorded in run_config.json, now {data.sha256[:12]}...); its "
+                        f"recipes and calibrated candidates came from the recorded text: restore that file, or start "
+                        f"a new run")
+    return data
+
+
 def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
     if cfg.episodes < 1:
         raise AcfError(f"--episodes must be at least 1 (got {cfg.episodes})")
@@ -223,20 +256,23 @@ def validate_config(cfg: RunConfig, task_metrics: tuple[str, ...]) -> RunConfig:
             raise AcfError(f"--recipes: {', '.join(bad)} is not a recipe name; recipes are named like gptq_w4g64_ao, "
                            f"awq_w4g64, autoround_w3g64, gptq_w8_ao, w8a8, gguf_q4_k_m_imat ('none' for no yardstick)")
         cfg.recipes = names
+    if cfg.calib_data:
+        bind_calib_data(cfg)   # a bad line or a changed file is refused before any model loads
     # before the run dir is written: a bad value must not leave a half-made run behind
     check_planner_settings(cfg.planner_share, cfg.planner_max_calls, cfg.planner_timeout, cfg.planner_retries)
     return cfg
 
 
 def check_calibration(cfg: RunConfig, model_path: str | Path) -> None:
-    """The run's calibration windows can be filled from its data (acf.methods.calibration.check_supply): checked
+    """The run's calibration windows can be filled from its data, or its `--calib-data` file
+    (acf.methods.calibration.check_supply): checked
     once before the run starts rather than failing every calibrated episode and recipe alike."""
     from transformers import AutoTokenizer
 
     from acf.methods.calibration import check_supply
 
     tok = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=cfg.trust_remote_code)
-    check_supply(tok, task_for(cfg), cfg.calib_samples, cfg.seq_len, cfg.calib_mix)
+    check_supply(tok, calibration_task(cfg, task_for(cfg)), cfg.calib_samples, cfg.seq_len, cfg.calib_mix)
 
 
 def make_run_dir(run_dir: str | Path) -> Path:
@@ -302,6 +338,8 @@ class RunContext:
         self.dir = self.paths.root
         self.console = console or Console(stderr=False)
         self.task = task_for(cfg)
+        #: what calibration and training read: the task, or the task with its `--calib-data` file's texts
+        self.calib_task = calibration_task(cfg, self.task)
         self._study: Optional[optuna.Study] = study
         self._space: Optional[SearchSpace] = None
         self._spec = spec

@@ -62,6 +62,10 @@ def cache_key(ctx: RunContext, model_path: str) -> tuple[str, dict[str, Any]]:
         # own data: the path says nothing of the content, and the train share moves calibration (built-in tasks'
         # keys are unchanged, so their caches stay valid)
         parts["dataset_file"] = {"sha256": cfg.dataset_sha256, "train_share": cfg.train_share}
+    if cfg.calib_data_sha256:
+        # recipes calibrated on a --calib-data file are not those calibrated on the task's train split (and a run
+        # without the file keeps its key, so existing caches stay valid)
+        parts["calibration"]["text_sha256"] = cfg.calib_data_sha256
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20], parts
 
 
