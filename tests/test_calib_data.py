@@ -174,9 +174,10 @@ def test_a_run_records_the_digest_keys_recipes_on_it_and_refuses_a_changed_file(
     pipe.ctx.cfg.calib_data_sha256 = None
     assert cache_key(pipe.ctx, str(tiny_model_dir))[0] != key       # recipes calibrated on other text: other key
     pipe.conn.close()
-    # the dry run names the file
-    code, out, err = acf(capsys, "run", "--model", str(tiny_model_dir), "--calib-data", str(f), "--run-dir",
-                         str(tmp_path / "dry"), "--device", "cpu", "--recipes", "none", "--dry-run")
+    # the dry run names the file; a --config file gives it as any option
+    (tmp_path / "run.yaml").write_text(f"model: {tiny_model_dir}\ncalib-data: {f}\nrun-dir: {tmp_path / 'dry'}\n"
+                                       f"device: cpu\nrecipes: none\n")
+    code, out, err = acf(capsys, "run", "--config", str(tmp_path / "run.yaml"), "--dry-run")
     assert code == 0, err
     assert f"calibration: 64 samples of 512 tokens from --calib-data {f.resolve()} (sha256 {digest[:16]}" in out
     # a changed file is refused on resume, before anything loads
