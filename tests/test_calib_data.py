@@ -110,7 +110,7 @@ def test_too_little_text_is_refused_with_the_file_named(tok, tmp_path):
 
 
 def test_windows_come_from_the_file(tok, tmp_path):
-    from acf.methods.calibration import calibration_facts, calibration_ids, calibration_name
+    from acf.methods.calibration import calibration_facts, calibration_ids, calibration_name, training_examples
 
     paras = paragraphs(40)
     w = CalibTextTask(SimpleNamespace(name="gsm8k"), read_calib_data(write_txt(tmp_path / "notes.txt", paras)))
@@ -120,6 +120,10 @@ def test_windows_come_from_the_file(tok, tmp_path):
     facts = calibration_facts(w, 4, 0.0, task_note=" (evaluation's prompt format)")
     assert facts["source"] == w.calib_source and facts["calib_data"]["sha256"] == w.calib.sha256
     assert calibration_name(w) != "gsm8k" and calibration_name(SimpleNamespace(name="gsm8k")) == "gsm8k"
+    # kd_tune / LoRA / distill: each text is one example, its whole text the target
+    ex = training_examples(tok, w, 3, 64, seed=0)
+    assert len(ex) == 3 and all(e.labels == e.input_ids for e in ex)
+    assert tok.decode(ex[0].input_ids).lstrip().startswith(w.train_texts(1, seed=0)[0][:20])
 
 
 # --- acf compress ---------------------------------------------------------------------------------------------------

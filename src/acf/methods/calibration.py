@@ -223,7 +223,7 @@ def training_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0,
     if n_gen < n or n_gen == 0:
         out = _task_examples(tokenizer, task, n - n_gen, seq_len, seed)
         if not out:
-            raise MethodFailed(method, "data", "the task's train split gave no training examples")
+            raise MethodFailed(method, "data", f"{task_source(task)} gave no training examples")
     if n_gen:
         gen = _text_examples(tokenizer, general_texts_for(task, n_gen, seed, method), seq_len)
         if not gen:
