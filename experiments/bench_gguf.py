@@ -77,7 +77,7 @@ def main() -> int:
     from acf.evaluation.perf import latency as hf_latency
     from acf.evaluation.runner import Fidelity, evaluate
     from acf.evaluation.sequences import encode_prompt, task_sequences
-    from acf.methods.gguf import GGUF_NAME, load_manifest
+    from acf.models.gguf_file import GGUF_NAME, load_manifest
     from acf.methods import StepContext, run_strategy
     from acf.models.loading import load_model, resolve_model
     from acf.core.provenance import device_string, git_commit, runtime_string

@@ -191,7 +191,7 @@ def latency(path: Path, prompt_ids: list[int], new_tokens: int = 32, repeats: in
 
 
 def gguf_params(path: Path) -> int:
-    from acf.methods.gguf import read_gguf
+    from acf.models.gguf_file import read_gguf
 
     return read_gguf(path).params
 
@@ -201,7 +201,7 @@ def evaluate_gguf(model_dir: Path, task, metrics: Sequence[str], *, limit: Optio
                   latency_tokens: int = 32, item_offset: int = 0, fidelity=None, known_sparsity=None,
                   tokenizer=None, batch_size: Optional[int] = None, **_: Any):
     """`acf.evaluation.runner.evaluate` for a GGUF candidate directory: every metric measured in llama.cpp."""
-    from acf.methods.gguf import GGUF_NAME, load_manifest, read_gguf
+    from acf.models.gguf_file import GGUF_NAME, load_manifest, read_gguf
     from acf.models.loading import load_tokenizer
     from acf.evaluation.fidelity import teacher_forced
     from acf.evaluation.shared import EvalResult, eval_items, measure_kld_general

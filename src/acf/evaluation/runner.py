@@ -48,7 +48,7 @@ class Loaded:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str, trust_remote_code: bool = False) -> "Loaded":
-        from acf.methods.gguf import is_gguf_dir
+        from acf.models.gguf_file import is_gguf_dir
 
         if is_gguf_dir(model_dir):
             # a GGUF candidate is measured in llama.cpp, which opens the file itself per measurement
@@ -119,7 +119,7 @@ def evaluate(model_dir: str | Path, task: Task, metrics: Sequence[str] = DEFAULT
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise AcfError(f"model directory {model_dir} has no config.json")
-    from acf.methods.gguf import is_gguf_dir
+    from acf.models.gguf_file import is_gguf_dir
 
     if is_gguf_dir(model_dir):
         # the deployment runtime of a GGUF is llama.cpp: every metric of it is measured there, on the CPU

@@ -21,7 +21,7 @@ def parse_export(spec: Optional[str]) -> Optional[str]:
     """`gguf:Q4_K_M` -> "Q4_K_M" (checked against the known types); None passes through."""
     if spec is None:
         return None
-    from acf.methods.gguf import GGUF_TYPES
+    from acf.models.gguf_file import GGUF_TYPES
 
     fmt, _, t = spec.partition(":")
     if fmt != "gguf" or t not in GGUF_TYPES:

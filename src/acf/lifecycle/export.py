@@ -78,7 +78,7 @@ def pick(ff: FrontierFile, run_dir: Path, cid: Optional[str]) -> tuple[Candidate
 def model_format(folder: Path) -> str:
     """gguf, compressed-tensors, bitsandbytes or safetensors (a plain 16/32-bit HF folder)."""
     from acf.methods._common import quant_method
-    from acf.methods.gguf import is_gguf_dir
+    from acf.models.gguf_file import is_gguf_dir
 
     if is_gguf_dir(folder):
         return "gguf"
@@ -131,7 +131,7 @@ def export_candidate(run_dir: str | Path, cid: Optional[str], out: str | Path, f
     weights, llama_v, gtype = None, "", ""
     with atomic_dir(out.resolve()) as tmp:
         if fmt == "gguf":
-            from acf.methods.gguf import GGUF_NAME, MANIFEST_NAME, load_manifest
+            from acf.models.gguf_file import GGUF_NAME, MANIFEST_NAME, load_manifest
 
             man = load_manifest(src)
             weights, llama_v, gtype = gguf_file_name(ff, c.id), man.llama_cpp_python, man.type

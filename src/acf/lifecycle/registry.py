@@ -134,11 +134,11 @@ class Registry:
             raise RegistryError(f"a {kind} entry needs a parent (register its base model first, or pass --parent)")
         ms = dict(metrics or {})
         source = dict(source or {})
-        from acf.methods.gguf import is_gguf_dir
+        from acf.models.gguf_file import is_gguf_dir
 
         if is_gguf_dir(p):
             # a GGUF artifact: its format, type and the runtime that measured it travel with the entry
-            from acf.methods.gguf import load_manifest
+            from acf.models.gguf_file import load_manifest
 
             man = load_manifest(p)
             source.update(format="gguf", gguf_type=man.type, gguf_sha256=man.sha256, runtime="llama.cpp")

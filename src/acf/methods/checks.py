@@ -34,7 +34,7 @@ def drop_layers(where: str, p: Any, spec: Optional[Any], device: str) -> list[st
 def gguf(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
     """GGUF types whose block size the layer widths admit (found by running every method family on tiny Llama,
     Qwen2/3, Gemma2/3, Mistral and Phi3 models: tests/test_architectures.py)."""
-    from acf.methods.gguf import type_problems
+    from acf.models.gguf_file import type_problems
 
     widths = spec.linear_widths(("lm_head",)) if spec is not None else None
     # with avg_bits every matrix gets its allocated type: the file type then names nothing, its widths don't matter
@@ -44,7 +44,7 @@ def gguf(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
         if p.types:
             out.append(f"{where}: 'types' is the palette of avg_bits; give avg_bits too")
         return out
-    from acf.methods.gguf import TENSOR_TYPES
+    from acf.models.gguf_file import TENSOR_TYPES
     from acf.methods.gguf_mixed import DEFAULT_TYPES, min_bits, shapes_from_spec
 
     if p.overrides:

@@ -51,7 +51,7 @@ def model_facts(path: Path) -> dict[str, Any]:
     unchanged into a student (at any index) hashes the same as in its parent.
     """
     from acf.evaluation.perf import dir_size
-    from acf.methods.gguf import GGUF_NAME, is_gguf_dir, read_gguf
+    from acf.models.gguf_file import GGUF_NAME, is_gguf_dir, read_gguf
 
     if is_gguf_dir(path):
         # GGUF: facts from its tensor table (no per-layer hashes: quantized blocks are compared by file hash)

@@ -31,7 +31,7 @@ PRECISION_CHOICES = ["uniform", BUDGET]
 #: the budget dimension's step (bits per weight) and its top: 8 bits is the W8 recipes' size
 BUDGET_STEP = 0.125
 BUDGET_MAX = 8.0
-#: GGUF types the search picks from (those the model's shapes admit: acf.methods.gguf.type_problems)
+#: GGUF types the search picks from (those the model's shapes admit: acf.models.gguf_file.type_problems)
 GGUF_TYPE_CHOICES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M")
 
 
@@ -76,7 +76,7 @@ class SearchSpace:
         self.precisions = [str(p) for p in (precisions if precisions is not None else PRECISION_CHOICES)] or ["uniform"]
         #: (lo, hi, step) of the continuous budget: from the smallest size the default palette reaches to W8's
         self.budget_range = self._budget_range() if BUDGET in self.precisions else None
-        from acf.methods.gguf import type_problems
+        from acf.models.gguf_file import type_problems
 
         widths = spec.linear_widths(("lm_head",))
         self.gguf_types = [t for t in (gguf_types or GGUF_TYPE_CHOICES) if not type_problems(t, widths, {})]
