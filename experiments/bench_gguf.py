@@ -76,7 +76,8 @@ def main() -> int:
     from acf.evaluation.fidelity import build_reference, teacher_forced
     from acf.evaluation.perf import latency as hf_latency
     from acf.evaluation.runner import Fidelity, evaluate
-    from acf.evaluation.sequences import encode_prompt, task_sequences
+    from acf.evaluation.sequences import task_sequences
+    from acf.models.tokenization import encode_prompt
     from acf.models.gguf_file import GGUF_NAME, load_manifest
     from acf.methods import StepContext, run_strategy
     from acf.models.loading import load_model, resolve_model

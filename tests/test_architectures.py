@@ -290,7 +290,8 @@ def _starts_with_one_bos(ids, bos: int) -> bool:
 
 @pytest.mark.parametrize("fewshot", [0, 2])
 def test_bos_once_in_evaluated_sequences(smol_dir, gsm8k, fewshot):
-    from acf.evaluation.sequences import adds_bos, task_sequences
+    from acf.evaluation.sequences import task_sequences
+    from acf.models.tokenization import adds_bos
 
     tok = _bos_tokenizer(smol_dir)
     assert adds_bos(tok) and not tok.chat_template
@@ -313,7 +314,8 @@ def test_bos_once_in_calibration_and_training(smol_dir, gsm8k):
 
 
 def test_chat_template_that_writes_bos_gets_no_second(smol_dir, gsm8k):
-    from acf.evaluation.sequences import encode_prompt, prompt_text, task_sequences
+    from acf.evaluation.sequences import task_sequences
+    from acf.models.tokenization import encode_prompt, prompt_text
     from acf.methods.calibration import training_examples
 
     tmpl = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

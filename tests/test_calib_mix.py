@@ -43,7 +43,7 @@ def _packed(tok, texts: list[list[int]], n: int, seq_len: int) -> torch.Tensor:
 
 
 def _general_ids(tok, k: int) -> list[list[int]]:
-    from acf.evaluation.sequences import encode_prompt
+    from acf.models.tokenization import encode_prompt
 
     return [encode_prompt(tok, t) for t in general_train_texts("gsm8k", k, 0)]
 
@@ -150,7 +150,7 @@ def test_mix_honours_its_proportions(tok, task):
 # --- training examples ------------------------------------------------------------------------------------------------
 
 def test_training_examples_with_general_share(tok, task):
-    from acf.evaluation.sequences import encode_prompt
+    from acf.models.tokenization import encode_prompt
 
     seq = 64
     assert training_examples(tok, task, N, seq, 0, general=0.0) == training_examples(tok, task, N, seq, 0)

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from acf.evaluation.gqa_attention import use_for_generation
-from acf.evaluation.sequences import prompt_text
+from acf.models.tokenization import prompt_text
 
 log = logging.getLogger(__name__)
 

@@ -205,7 +205,8 @@ def evaluate_gguf(model_dir: Path, task, metrics: Sequence[str], *, limit: Optio
     from acf.models.loading import load_tokenizer
     from acf.evaluation.fidelity import teacher_forced
     from acf.evaluation.shared import EvalResult, eval_items, measure_kld_general
-    from acf.evaluation.sequences import encode_prompt, task_sequences
+    from acf.evaluation.sequences import task_sequences
+    from acf.models.tokenization import encode_prompt
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -299,7 +300,7 @@ def _round_up(n: int, k: int) -> int:
 
 
 def _max_prompt(task, tok, items, fewshot: int) -> int:
-    from acf.evaluation.sequences import encode_prompt
+    from acf.models.tokenization import encode_prompt
 
     if not items:
         return 0
@@ -319,7 +320,7 @@ def _accuracy(llm, tok, task, items, fewshot: int, max_new_tokens: int):
     """Greedy generation in llama.cpp, scored by the task (the transformers path's rules: done pattern, stops)."""
     from acf.core.provenance import Measurement as M
     from acf.evaluation.quality import GSM8K_DONE
-    from acf.evaluation.sequences import encode_prompt
+    from acf.models.tokenization import encode_prompt
     from acf.evaluation.stats import wilson_interval
 
     t0 = time.perf_counter()

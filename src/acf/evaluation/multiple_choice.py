@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from acf.core.provenance import Measurement, device_string, runtime_string
-from acf.evaluation.sequences import adds_bos
+from acf.models.tokenization import adds_bos
 from acf.evaluation.stats import wilson_interval
 
 Progress = Optional[Callable[[int], None]]
@@ -63,7 +63,7 @@ def _encode(tokenizer, prompt: str, choices: Sequence[str], max_len: int) -> tup
         conts.append(cont)
     longest = max(len(c) for c in conts)
     if adds_bos(tokenizer) and (not p or p[0] != tokenizer.bos_token_id):
-        p = [tokenizer.bos_token_id] + p   # the one BOS rule (acf.evaluation.sequences)
+        p = [tokenizer.bos_token_id] + p   # the one BOS rule (acf.models.tokenization)
     if not p:  # an empty prompt: condition on the end-of-text token, as lm-eval does
         p = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
     if len(p) + longest > max_len:  # keep the end of the prompt (the question), drop the start (few-shot text)

@@ -152,7 +152,7 @@ class PeakRSS:
 
 def latency(model, tokenizer, prompt: str, *, new_tokens: int = 32, repeats: int = 3, throughput_batch: int = 8) -> dict:
     """Batch-1 time to first token and decode ms/token (after one warm-up), and throughput at a batch size."""
-    from acf.evaluation.sequences import prompt_text
+    from acf.models.tokenization import prompt_text
 
     device = str(next(model.parameters()).device)
     prompt = prompt_text(tokenizer, prompt)

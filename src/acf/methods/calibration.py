@@ -119,7 +119,7 @@ def general_texts_for(task: Any, k: int, seed: int, method: str) -> list[str]:
 
 def _general_token_texts(tokenizer, task: Any, k: int, seed: int, method: str) -> list[list[int]]:
     """General texts as token ids: plain text (no chat template), as kld_general scores it."""
-    from acf.evaluation.sequences import encode_prompt
+    from acf.models.tokenization import encode_prompt
 
     return [encode_prompt(tokenizer, t) for t in general_texts_for(task, k, seed, method)]
 
@@ -146,7 +146,8 @@ def _train_token_texts(tokenizer, task: Any, k: int, seed: int) -> list[list[int
     """Train-split texts as token ids, in the prompt format evaluation uses: a task with (prompt, reference) pairs
     is rendered as evaluation renders it (chat template, BOS rule) followed by its reference, so calibration
     statistics see the text the compressed model will see; other tasks give their plain train texts."""
-    from acf.evaluation.sequences import cut_left, encode_prompt, task_sequences
+    from acf.evaluation.sequences import task_sequences
+    from acf.models.tokenization import cut_left, encode_prompt
 
     if hasattr(task, "train_pairs"):
         return [list(s.prompt + s.target) for s in task_sequences(task, tokenizer, task.train_pairs(k, seed=seed))]
@@ -196,7 +197,8 @@ def training_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0,
 
 
 def _task_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int) -> list[TrainExample]:
-    from acf.evaluation.sequences import cut_left, task_sequences
+    from acf.evaluation.sequences import task_sequences
+    from acf.models.tokenization import cut_left
 
     if not hasattr(task, "train_pairs"):
         return _text_examples(tokenizer, task.train_texts(n, seed=seed), seq_len)
@@ -215,7 +217,7 @@ def _task_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int) -> lis
 
 def _text_examples(tokenizer, texts: list[str], seq_len: int) -> list[TrainExample]:
     """Plain texts (+EOS) as examples whose whole text is the target."""
-    from acf.evaluation.sequences import encode_prompt
+    from acf.models.tokenization import encode_prompt
 
     eos = tokenizer.eos_token or ""
     eos_ids = tokenizer(eos, add_special_tokens=False)["input_ids"]

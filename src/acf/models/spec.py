@@ -12,6 +12,8 @@ from typing import Optional
 
 from pydantic import BaseModel, Field
 
+from acf.models.tokenization import adds_bos
+
 GROUP_SIZE_CANDIDATES = (16, 32, 64, 128, 256)
 
 
@@ -47,7 +49,7 @@ class ModelSpec(BaseModel):
     # Tokenizer facts acf acts on (evaluation, calibration and training prompts follow them). Defaults keep
     # model_spec.json files written before these fields loadable; None there means "not recorded".
     adds_bos: Optional[bool] = Field(None, description="the tokenizer puts BOS in front of a text itself, so every "
-                                     "prompt acf encodes starts with BOS exactly once (acf.evaluation.sequences)")
+                                     "prompt acf encodes starts with BOS exactly once (acf.models.tokenization)")
     bos_token: Optional[str] = None
     eos_token: Optional[str] = None
     chat_template: Optional[bool] = Field(None, description="a chat template is present: zero-shot prompts use it")
@@ -72,7 +74,6 @@ def infer_spec(path: str | Path, trust_remote_code: bool = False) -> ModelSpec:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from acf.evaluation.sequences import adds_bos
     from acf.models.loading import load_config, load_tokenizer
 
     path = Path(path)
