@@ -168,7 +168,7 @@ def test_drop_layers_by_importance_smaller_and_generates(tiny4_dir, tmp_path, ct
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2
     assert len(cfg.get("layer_types", [None, None])) == 2
-    from acf.evaluation.perf import weight_files_size
+    from acf.core.instruments import weight_files_size
     assert weight_files_size(out) < weight_files_size(tiny4_dir)
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert len(model.model.layers) == 2
@@ -297,7 +297,7 @@ def test_gptq_w4_g64_on_default_model(smol_dir, tmp_path, ctx):
     out = tmp_path / "smol-gptq"
     rec = run_ok([{"method": "gptq", "params": {"bits": 4, "group_size": 64, "calib_samples": 8, "seq_len": 128}}],
                  smol_dir, out, ctx)[0]
-    from acf.evaluation.perf import dir_size
+    from acf.core.instruments import dir_size
     assert dir_size(out) < 0.75 * dir_size(smol_dir)
     model = load_plain(out)
     w = model.model.layers[0].mlp.down_proj.weight.detach().float()

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from acf.core.provenance import Measurement, device_string
-from acf.evaluation.perf import PeakRSS
+from acf.core.instruments import PeakRSS
 
 @functools.lru_cache(maxsize=None)
 def gpu_offload() -> bool:

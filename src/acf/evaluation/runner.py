@@ -15,7 +15,8 @@ from acf.models.loading import free, load_model
 from acf.core.provenance import Measurement, device_string, runtime_string
 from acf.tasks import Task
 from acf.evaluation.batching import CPU_BATCH, auto_batch_size
-from acf.evaluation.perf import PeakRSS, latency, model_stats, size_metric, stored_tensor_bits
+from acf.core.instruments import PeakRSS
+from acf.evaluation.perf import latency, model_stats, size_metric, stored_tensor_bits
 from acf.evaluation.fidelity import teacher_forced
 from acf.evaluation.quality import accuracy
 from acf.evaluation.sequences import task_sequences

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from acf.core.errors import MethodFailed
-from acf.evaluation.perf import weight_files_size
+from acf.core.instruments import weight_files_size
 from acf.models.loading import cache_dir
 from acf.methods._common import report, stored_dtype
 from acf.methods.base import StepContext

@@ -21,7 +21,7 @@ import torch
 
 from acf.core.atomic import atomic_dir, clean_partial_dirs
 from acf.core.errors import MethodFailed
-from acf.evaluation.perf import PeakRSS, dir_size
+from acf.core.instruments import PeakRSS, dir_size
 from acf.methods.base import StepContext, StepRecord, get_impl
 
 
