@@ -195,7 +195,7 @@ def sanity_items(gsm8k):
 
 
 def test_sanity_passes_the_default_model(smol, gsm8k, sanity_items):
-    from acf.models.sanity import SanityReport, check_baseline, format_report
+    from acf.evaluation.sanity import SanityReport, check_baseline, format_report
 
     model, tok = smol
     rep = check_baseline(model, tok, gsm8k, sanity_items, "cpu", model_name="smollm2-135m")
@@ -207,7 +207,7 @@ def test_sanity_passes_the_default_model(smol, gsm8k, sanity_items):
 
 
 def test_sanity_stops_shuffled_embeddings(smol, gsm8k, sanity_items):
-    from acf.models.sanity import MAX_NLL, check_baseline, format_report
+    from acf.evaluation.sanity import MAX_NLL, check_baseline, format_report
 
     model, tok = smol
     broken = copy.deepcopy(model)
@@ -227,7 +227,7 @@ def test_sanity_stops_degenerate_repetition_and_char_level_tokenizer(smol, smol_
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoConfig, PreTrainedTokenizerFast
 
-    from acf.models.sanity import check_baseline
+    from acf.evaluation.sanity import check_baseline
 
     model, tok = smol
     spec = json.loads((smol_dir / "tokenizer.json").read_text())
@@ -256,7 +256,7 @@ def test_sanity_stops_degenerate_repetition_and_char_level_tokenizer(smol, smol_
     ([], 0.0, ()),
 ])
 def test_repetition_measure(ids, share, unit):
-    from acf.models.sanity import repetition
+    from acf.evaluation.sanity import repetition
 
     got, u = repetition(ids)
     assert got == pytest.approx(share) and u == unit
@@ -444,7 +444,7 @@ def test_run_stops_on_a_broken_baseline_then_skip_sanity_goes_on(tiny_model_dir,
     """A random-init model (broken by design: NLL ~ ln(vocab), a 1-token loop) stops `acf run` at exit 2 before any
     episode; a resume without the override stops again from the record; `--resume --skip-sanity` runs the search
     and the report shows the measured values and the override."""
-    from acf.models.sanity import MAX_NLL, SanityReport
+    from acf.evaluation.sanity import MAX_NLL, SanityReport
     from acf.coordinator.state import load_frontier_file
 
     run = tmp_path / "run"
