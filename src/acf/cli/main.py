@@ -416,7 +416,7 @@ def _mount_optional() -> None:
         except (ImportError, AttributeError):
             pass
     try:
-        from acf.lifecycle.extract import extract_cmd
+        from acf.cli.extract_cmd import extract_cmd
 
         app.command("extract")(extract_cmd)
     except (ImportError, AttributeError):
