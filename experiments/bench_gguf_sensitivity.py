@@ -65,7 +65,7 @@ def main() -> int:
     from acf.methods import gguf as G
     from acf.models import gguf_file as F
     from acf.methods import gguf_quantize as GQ
-    from acf.methods._common import load_dense
+    from acf.methods.model_io import load_dense
     from acf.methods.calibration import calibration_ids
     from acf.methods.gguf_mixed import allocatable, gguf_sensitivity
     from acf.models.loading import resolve_model

@@ -192,7 +192,7 @@ def acf_step(method: str, params: dict, in_dir: Path, work: Path, task, dev: str
     from acf.methods.base import StepContext
     from acf.methods.memory import Shape
     from acf.methods.registry import estimate_step_memory
-    from acf.methods.runner import run_step
+    from acf.methods.run_steps import run_step
     from acf.models.spec import infer_spec
 
     from acf.methods.registry import get

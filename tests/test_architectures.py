@@ -18,7 +18,7 @@ import torch
 
 from acf.core.errors import ModelNotFound, StrategyError
 from acf.methods import StepContext
-from acf.methods.runner import run_strategy
+from acf.methods.run_steps import run_strategy
 from acf.models.loading import load_model, load_tokenizer, resolve_model
 from acf.models.spec import infer_spec, load_spec
 from acf.methods.strategy import validate_strategy

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from acf.methods.base import StepContext
-from acf.methods.runner import run_strategy
+from acf.methods.run_steps import run_strategy
 from acf.methods.strategy import validate_strategy
 from acf.tasks import get_task
 
@@ -219,7 +219,7 @@ def test_lora_merged_improves_heldout_and_saves_adapter(tiny_model_dir, tmp_path
 def test_qlora_on_nf4_base_reloads_4bit(tiny_model_dir, tmp_path, ctx):
     from transformers import AutoModelForCausalLM
 
-    from acf.methods._train import eval_loss
+    from acf.methods.training_loop import eval_loss
     from acf.methods.calibration import training_examples
     from acf.models.loading import load_tokenizer
 
@@ -253,7 +253,7 @@ def test_failure_leaves_nothing(tiny_model_dir, tmp_path, ctx):
 def test_failure_kinds(tiny_model_dir, tmp_path, ctx):
     from dataclasses import replace
 
-    from acf.methods.runner import classify
+    from acf.methods.run_steps import classify
 
     rec = run([{"method": "rtn"}], tmp_path / "vanished", tmp_path / "o1", ctx)[-1]
     assert rec.status == "failed" and "missing" in rec.reason
@@ -310,7 +310,7 @@ def test_step_log_keeps_terminal_quiet(tmp_path):
     import io
     import logging
 
-    from acf.methods.runner import _step_log
+    from acf.methods.run_steps import _step_log
 
     lg, root = logging.getLogger("transformers"), logging.getLogger()
     term, root_term = io.StringIO(), io.StringIO()
@@ -383,7 +383,7 @@ def test_memory_lean_recovery_paths_run_on_the_cpu_too(tiny_model_dir, tmp_path,
 _HELD_COMPRESS = r"""
 import sys, time
 from pathlib import Path
-import acf.methods.runner as runner
+import acf.methods.run_steps as runner
 
 flags, real = Path(sys.argv[1]), runner.get_impl
 

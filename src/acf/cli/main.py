@@ -335,7 +335,7 @@ def compress(
 ):
     """Run one strategy directly and print each step's record."""
     from acf.methods import StepContext
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.models.loading import resolve_device, resolve_model
     from acf.models.spec import infer_spec
     from acf.methods.strategy import parse_strategy, validate_strategy

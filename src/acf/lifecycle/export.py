@@ -77,7 +77,7 @@ def pick(ff: FrontierFile, run_dir: Path, cid: Optional[str]) -> tuple[Candidate
 
 def model_format(folder: Path) -> str:
     """gguf, compressed-tensors, bitsandbytes or safetensors (a plain 16/32-bit HF folder)."""
-    from acf.methods._common import quant_method
+    from acf.methods.model_io import quant_method
     from acf.models.gguf_file import is_gguf_dir
 
     if is_gguf_dir(folder):

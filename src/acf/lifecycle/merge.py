@@ -32,7 +32,7 @@ def merge_adapter(adapter_dir: str | Path, base: Optional[str], out: str | Path,
     import torch
 
     from acf.core.atomic import atomic_dir, make_readable
-    from acf.methods._common import load_dense, save_model, stored_dtype
+    from acf.methods.model_io import load_dense, save_model, stored_dtype
     from acf.models.loading import free, resolve_model
 
     adapter_dir, out = Path(adapter_dir).expanduser(), Path(out).expanduser()

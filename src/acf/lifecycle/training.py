@@ -156,7 +156,7 @@ def train(config: str | Path | TrainConfig, registry_path: Optional[str | Path] 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from acf.methods._train import NonFiniteLoss, adamw_steps, causal_ce, eval_loss
+    from acf.methods.training_loop import NonFiniteLoss, adamw_steps, causal_ce, eval_loss
     from acf.models.loading import free, resolve_device, resolve_model
 
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config)
@@ -184,7 +184,7 @@ def train(config: str | Path | TrainConfig, registry_path: Optional[str | Path] 
     t0, cap = time.perf_counter(), cfg.max_train_minutes * 60
     stopped = f"train_steps {cfg.train_steps} reached"
     model.train()
-    # the methods' AdamW loop (acf.methods._train); the loss projects only answer positions (`_answer_loss`)
+    # the methods' AdamW loop (acf.methods.training_loop); the loss projects only answer positions (`_answer_loss`)
     stepper = adamw_steps(trainable, tr_ex, steps=cfg.train_steps, lr=cfg.lr, batch_size=cfg.batch_size, pad_id=pad,
                           device=device, seed=cfg.seed, loss_of_batch=lambda b: (_answer_loss(model, b, causal_ce), {}))
     try:

@@ -150,7 +150,7 @@ def convert_hf(in_dir: Path, out_file: Path, outtype: str = "f16") -> None:
     cmd = [sys.executable, str(root / "convert_hf_to_gguf.py"), str(in_dir), "--outfile", str(out_file),
            "--outtype", outtype]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    # printed, not logged: a method step redirects stdout into its own log file (acf.methods.runner)
+    # printed, not logged: a method step redirects stdout into its own log file (acf.methods.run_steps)
     print(r.stdout + r.stderr, flush=True)
     if r.returncode != 0 or not out_file.is_file():
         tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]

@@ -26,7 +26,7 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
     from acf.models import gguf_file as F
     from acf.methods import gguf_quantize as GQ
     from acf.models.loading import free
-    from acf.methods._common import load_dense, quant_method, save_model, versions
+    from acf.methods.model_io import load_dense, quant_method, save_model, versions
 
     t_name = params["type"]
     if t_name not in F.GGUF_TYPES:

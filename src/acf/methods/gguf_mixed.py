@@ -356,7 +356,7 @@ def allocation_for(model, tok, params: dict, in_dir: Path, f16_path: Path, imatr
                    work: Path) -> tuple[GGUFAllocation, dict]:
     """The step's per-tensor types for `avg_bits`, from the cached (or computed) sensitivity of `in_dir`."""
     from acf.models.loading import cache_dir
-    from acf.methods._common import report
+    from acf.methods.model_io import report
     from acf.methods.calibration import calibration_facts, calibration_ids, general_count
 
     shapes = allocatable(f16_path)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from acf.core.errors import MethodFailed
 from acf.core.instruments import weight_files_size
 from acf.models.loading import cache_dir
-from acf.methods._common import report, stored_dtype
+from acf.methods.model_io import report, stored_dtype
 from acf.methods.base import StepContext
 from acf.methods.calibration import calibration_facts, calibration_ids, general_count
 from acf.methods.mixed import (KEEP, Allocation, LayerShape, allocate, default_formats, effective_bits,

@@ -21,7 +21,7 @@ import torch
 from acf.core.errors import MethodFailed
 from acf.models.loading import free, torch_dtype_for
 from acf.methods.base import StepContext
-from acf.methods._common import load_dense, save_model, stored_dtype, versions
+from acf.methods.model_io import load_dense, save_model, stored_dtype, versions
 from acf.methods.calibration import calibration_dataset, calibration_facts
 from acf.methods.memory import autoround_batch
 from acf.methods.mixed import config_groups
@@ -196,7 +196,7 @@ def _bnb(method: str, cfg, in_dir: Path, out_dir: Path, ctx: StepContext) -> dic
     from transformers import AutoModelForCausalLM
 
     from acf.models.loading import load_tokenizer
-    from acf.methods._common import quant_method
+    from acf.methods.model_io import quant_method
 
     qm = quant_method(in_dir)
     if qm is not None:

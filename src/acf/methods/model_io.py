@@ -1,4 +1,5 @@
-"""Helpers shared by the method modules: loading a step's input, saving its output, keeping sparsity masks."""
+"""Loading a step's input model and saving its output, for the method modules and for lifecycle (merge, export):
+full-precision loading of compressed checkpoints, stored dtypes, sparsity masks, library versions, progress."""
 
 from __future__ import annotations
 
