@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from acf.core.errors import AcfError
 from acf.evaluation.gqa_attention import use_for_generation
 from acf.models.tokenization import prompt_text
 
@@ -114,8 +115,6 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
     device = next(model.parameters()).device
     engine = os.environ.get("ACF_GEN_ENGINE", DEFAULT_ENGINE)
     if engine not in ENGINES:
-        from acf.core.errors import AcfError
-
         raise AcfError(f"ACF_GEN_ENGINE={engine!r}: one of {', '.join(ENGINES)}")
     if device.type == "cuda" and engine == "vllm":
         outs = _vllm(model, tokenizer, prompts, max_new_tokens, done_pattern, stop_strings)
@@ -219,8 +218,6 @@ def _finish(tokenizer, gens: list[list[int]], done_pattern: Optional[str],
 
 def _vllm(model, tokenizer, prompts: list[str], max_new_tokens: int, done_pattern: Optional[str],
           stop_strings: Sequence[str]) -> list[tuple[str, int]]:
-    from acf.core.errors import AcfError
-
     try:
         from vllm import LLM, SamplingParams
     except ImportError:

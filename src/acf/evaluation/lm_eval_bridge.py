@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from acf.tasks.data import locate
 from acf.core.errors import AcfError
 from acf.core.provenance import Measurement, device_string, runtime_string
+from acf.evaluation.sandbox import CONSENT_MESSAGE
 from acf.evaluation.stats import wilson_interval
+from acf.tasks.data import locate
 
 GSM8K_INSTRUCTION = "Solve it step by step, then give the final answer after '####'."
 
@@ -167,8 +168,6 @@ def run_lm_eval(model_dir: str | os.PathLike, task: str, limit: Optional[int] = 
     if base not in _BUILTIN:
         raise AcfError(f"--backend lm-eval knows tasks {', '.join(sorted(_BUILTIN))}, not {task!r}")
     if base == "humaneval" and not allow_code_execution:
-        from acf.evaluation.sandbox import CONSENT_MESSAGE
-
         raise AcfError(CONSENT_MESSAGE)
     if limit is not None and limit <= 0:
         raise AcfError(f"--limit must be a positive number of items (got {limit})")

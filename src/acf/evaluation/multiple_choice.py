@@ -22,8 +22,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from acf.core.provenance import Measurement, device_string, runtime_string
-from acf.models.tokenization import adds_bos
+from acf.evaluation.logits import chunk_positions, vocab_size
 from acf.evaluation.stats import wilson_interval
+from acf.models.tokenization import adds_bos
 
 Progress = Optional[Callable[[int], None]]
 
@@ -87,8 +88,6 @@ def _gather_scores(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Ten
 def _position_budget(model) -> int:
     """Scored positions one forward may return logits for: MAX_CHOICE_TOKENS, or fewer where the vocabulary is so
     large that their float32 logits would exceed acf.evaluation.logits.CHUNK_ELEMENTS (64 at 256k)."""
-    from acf.evaluation.logits import chunk_positions, vocab_size
-
     return min(MAX_CHOICE_TOKENS, chunk_positions(vocab_size(model)))
 
 

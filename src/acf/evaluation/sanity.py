@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, Field, computed_field
 
+from acf.core.atomic import write_text
 from acf.core.errors import AcfError
 from acf.evaluation.sequences import Scored
 from acf.models.tokenization import adds_bos, prompt_text
@@ -303,8 +304,6 @@ def format_report(report: SanityReport) -> str:
 
 def save_report(report: SanityReport, path: Path) -> None:
     """Written atomically: a resumed run trusts what it finds here instead of measuring again."""
-    from acf.core.atomic import write_text
-
     write_text(Path(path), report.model_dump_json(indent=2) + "\n")
 
 

@@ -21,6 +21,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from acf.core.errors import DataError, MethodFailed
+from acf.evaluation.general_text import general_train_pool, general_train_texts
+from acf.evaluation.sequences import task_sequences
+from acf.models.tokenization import cut_left, encode_prompt
 
 # Average tokens per GSM8K train text is ~150; start with a guess and double until enough tokens are packed.
 _GUESS_TOKENS_PER_TEXT = 120
@@ -109,8 +112,6 @@ def _pack(fetch: Callable[[int], list[list[int]]], eos: Optional[int], n: int, s
 def general_texts_for(task: Any, k: int, seed: int, method: str) -> list[str]:
     """The first `k` general calibration texts for a run of `task` (never the task's own data); no source
     available is this method's data failure, not a silent fall back to task-only calibration."""
-    from acf.evaluation.general_text import general_train_texts
-
     try:
         return general_train_texts(getattr(task, "name", ""), k, seed)
     except DataError as e:
@@ -119,8 +120,6 @@ def general_texts_for(task: Any, k: int, seed: int, method: str) -> list[str]:
 
 def _general_token_texts(tokenizer, task: Any, k: int, seed: int, method: str) -> list[list[int]]:
     """General texts as token ids: plain text (no chat template), as kld_general scores it."""
-    from acf.models.tokenization import encode_prompt
-
     return [encode_prompt(tokenizer, t) for t in general_texts_for(task, k, seed, method)]
 
 
@@ -129,8 +128,6 @@ def calibration_facts(task: Any, n: int, general: float, method: str = "calibrat
     """What a step's record says of its calibration text: the source in words (`task_note` follows the task's
     part, e.g. its prompt format), the requested general share and how many of the `n` samples it gave.
     Task-only calibration reads as before ("gsm8k train split")."""
-    from acf.evaluation.general_text import general_train_pool
-
     name = getattr(task, "name", "task")
     n_gen = general_count(n, general, method)
     facts: dict[str, Any] = {"source": f"{name} train split{task_note}", "general_share": general,
@@ -146,9 +143,6 @@ def _train_token_texts(tokenizer, task: Any, k: int, seed: int) -> list[list[int
     """Train-split texts as token ids, in the prompt format evaluation uses: a task with (prompt, reference) pairs
     is rendered as evaluation renders it (chat template, BOS rule) followed by its reference, so calibration
     statistics see the text the compressed model will see; other tasks give their plain train texts."""
-    from acf.evaluation.sequences import task_sequences
-    from acf.models.tokenization import cut_left, encode_prompt
-
     if hasattr(task, "train_pairs"):
         return [list(s.prompt + s.target) for s in task_sequences(task, tokenizer, task.train_pairs(k, seed=seed))]
     return [encode_prompt(tokenizer, t) for t in task.train_texts(k, seed=seed)]
@@ -197,9 +191,6 @@ def training_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0,
 
 
 def _task_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int) -> list[TrainExample]:
-    from acf.evaluation.sequences import task_sequences
-    from acf.models.tokenization import cut_left
-
     if not hasattr(task, "train_pairs"):
         return _text_examples(tokenizer, task.train_texts(n, seed=seed), seq_len)
     out: list[TrainExample] = []
@@ -217,8 +208,6 @@ def _task_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int) -> lis
 
 def _text_examples(tokenizer, texts: list[str], seq_len: int) -> list[TrainExample]:
     """Plain texts (+EOS) as examples whose whole text is the target."""
-    from acf.models.tokenization import encode_prompt
-
     eos = tokenizer.eos_token or ""
     eos_ids = tokenizer(eos, add_special_tokens=False)["input_ids"]
     out: list[TrainExample] = []

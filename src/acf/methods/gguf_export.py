@@ -11,9 +11,12 @@ import shutil
 import time
 from pathlib import Path
 
-from acf.core.atomic import sha256_file
+from acf.core.atomic import sha256_file, write_text
 from acf.core.errors import MethodFailed
+from acf.methods import gguf as G
+from acf.methods import gguf_quantize as GQ
 from acf.methods.base import StepContext
+from acf.models import gguf_file as F
 
 #: small files copied from the input (tokenizer, config); the weights are in model.gguf
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -22,9 +25,6 @@ _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
 
 
 def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
-    from acf.methods import gguf as G
-    from acf.models import gguf_file as F
-    from acf.methods import gguf_quantize as GQ
     from acf.models.loading import free
     from acf.methods.model_io import load_dense, quant_method, save_model, versions
 
@@ -109,8 +109,6 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
                          overrides=overrides, fallbacks=fallbacks, info=info,
                          llama_cpp_python=v, sha256=sha256_file(dst))
     man.info.path = F.GGUF_NAME
-    from acf.core.atomic import write_text
-
     write_text(out_dir / F.MANIFEST_NAME, man.model_dump_json(indent=2) + "\n")
     return extra
 

@@ -12,6 +12,8 @@ from typing import Optional
 
 from pydantic import BaseModel, Field
 
+from acf.core.atomic import write_text
+from acf.models.loading import load_config, load_tokenizer
 from acf.models.tokenization import adds_bos
 
 GROUP_SIZE_CANDIDATES = (16, 32, 64, 128, 256)
@@ -73,8 +75,6 @@ def infer_spec(path: str | Path, trust_remote_code: bool = False) -> ModelSpec:
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from acf.models.loading import load_config, load_tokenizer
 
     path = Path(path)
     config = load_config(path, trust_remote_code)
@@ -141,8 +141,6 @@ def spec_summary(spec: ModelSpec) -> dict:
 
 
 def save_spec(spec: ModelSpec, path: str | Path) -> None:
-    from acf.core.atomic import write_text
-
     write_text(path, spec.model_dump_json(indent=2))
 
 
