@@ -29,6 +29,7 @@ from acf.core.provenance import Measurement, device_string, runtime_string
 from acf.evaluation.sandbox import CONSENT_MESSAGE
 from acf.evaluation.stats import wilson_interval
 from acf.tasks.data import locate
+from acf.tasks.truthfulqa import QA_PRIMER
 
 GSM8K_INSTRUCTION = "Solve it step by step, then give the final answer after '####'."
 
@@ -111,8 +112,6 @@ doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
 target_delimiter: " "
 """, metrics=("acc", "acc_norm"))}
     if task == "truthfulqa":
-        from acf.tasks.truthfulqa import QA_PRIMER
-
         common = f"""\
 process_docs: !function utils.truthfulqa_docs
 doc_to_text: {_q(QA_PRIMER + chr(10) + chr(10) + 'Q: {{question}}' + chr(10) + 'A:')}

@@ -17,6 +17,7 @@ from acf.methods import gguf as G
 from acf.methods import gguf_quantize as GQ
 from acf.methods.base import StepContext
 from acf.models import gguf_file as F
+from acf.models.loading import free
 
 #: small files copied from the input (tokenizer, config); the weights are in model.gguf
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -25,7 +26,6 @@ _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
 
 
 def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
-    from acf.models.loading import free
     from acf.methods.model_io import load_dense, quant_method, save_model, versions
 
     t_name = params["type"]
