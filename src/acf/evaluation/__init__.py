@@ -1,11 +1,12 @@
 """Evaluation subagent: task quality (accuracy, answer NLL) and cost (latency, memory, size, bits) with provenance.
 
 `evaluate` and its companions are loaded from `runner` on first use, so a light module of this package (the sanity
-report read by `acf report`, the statistics) does not bring torch in with the package."""
+report read by `acf report`, the scored sequences) does not bring torch in with the package. `wilson_interval`
+lives in acf.core.intervals."""
 
 from typing import TYPE_CHECKING, Any
 
-from acf.evaluation.stats import wilson_interval
+from acf.core.intervals import wilson_interval
 
 if TYPE_CHECKING:
     from acf.evaluation.runner import ALL_METRICS, DEFAULT_METRICS, EvalResult, check_metrics, evaluate

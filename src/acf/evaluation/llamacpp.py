@@ -321,7 +321,7 @@ def _accuracy(llm, tok, task, items, fewshot: int, max_new_tokens: int):
     from acf.core.provenance import Measurement as M
     from acf.evaluation.quality import GSM8K_DONE
     from acf.models.tokenization import encode_prompt
-    from acf.evaluation.stats import wilson_interval
+    from acf.core.intervals import wilson_interval
 
     t0 = time.perf_counter()
     pat = re.compile(getattr(task, "done_pattern", GSM8K_DONE) or r"$^")

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Optional
 
 from acf.core.errors import AcfError
+from acf.core.intervals import wilson_interval
 from acf.core.provenance import Measurement, device_string, runtime_string
 from acf.evaluation.sandbox import CONSENT_MESSAGE
-from acf.evaluation.stats import wilson_interval
 from acf.tasks.data import locate
 from acf.tasks.truthfulqa import QA_PRIMER
 

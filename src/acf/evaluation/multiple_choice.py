@@ -21,9 +21,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from acf.core.intervals import wilson_interval
 from acf.core.provenance import Measurement, device_string, runtime_string
 from acf.evaluation.logits import chunk_positions, vocab_size
-from acf.evaluation.stats import wilson_interval
 from acf.models.tokenization import adds_bos
 
 Progress = Optional[Callable[[int], None]]

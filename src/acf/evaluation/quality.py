@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from acf.core.intervals import wilson_interval
 from acf.core.provenance import Measurement, device_string, runtime_string
 from acf.evaluation.batching import auto_batch_size
 from acf.evaluation.fidelity import teacher_forced
 from acf.evaluation.generate import generate_all
 from acf.evaluation.sequences import task_sequences
-from acf.evaluation.stats import wilson_interval
 from acf.tasks import Item, Task
 
 Progress = Optional[Callable[[int], None]]
