@@ -46,7 +46,7 @@ def _imports(path: Path, modules: set[str]) -> list[tuple[str, list[str]]]:
 #: and do not import each other). `acf` is the root package (`__version__`).
 LAYERS: list[set[str]] = [
     {"acf"},
-    {"core"},          # errors, atomic files, provenance, instruments: nothing of models or tasks
+    {"core"},          # errors, atomic files, provenance, intervals, instruments: nothing of models or tasks
     {"models"},        # resolving and loading models, shapes, the tokenization rule, the GGUF file format
     {"tasks"},         # items, prompts, answers
     {"evaluation"},    # measuring a model on a task: quality, fidelity, cost; the baseline sanity check
@@ -68,7 +68,8 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
     ("acf.tasks.humaneval", "acf.evaluation.generate"),
     ("acf.tasks.mc", "acf.evaluation.multiple_choice"),
     ("acf.tasks.truthfulqa", "acf.evaluation.multiple_choice"),
-    # the frontier file's schema and the agent cards live in coordinator, below which the planner sits
+    # the frontier file's schema (state) and the agent cards (subagents) live in coordinator, above the planner that
+    # reads them; they import nothing of coordinator and could move below the planner
     ("acf.planner.core", "acf.coordinator.state"),
     ("acf.planner.prompt", "acf.coordinator.subagents"),
 }
