@@ -16,6 +16,12 @@ from typing import Optional
 from pydantic import BaseModel
 
 from acf.core.errors import AcfError
+from acf.lifecycle.registry import open_registry
+from acf.methods import StepContext, run_strategy
+from acf.methods.strategy import validate_strategy
+from acf.models.loading import resolve_device, resolve_model
+from acf.models.spec import infer_spec
+from acf.tasks import get_task
 
 BY = {"importance": "importance", "layers": "last", "weight-range": "weight_range"}
 
@@ -44,12 +50,6 @@ def extract(model: str, out: str | Path, by: str = "importance", ratio: Optional
     `weight_range`, at most n - k of them. `recover_params` adds parameters of the recovery step (lr, samples, ...).
     """
     import shutil
-
-    from acf.methods import StepContext, run_strategy
-    from acf.models.loading import resolve_device, resolve_model
-    from acf.models.spec import infer_spec
-    from acf.methods.strategy import validate_strategy
-    from acf.tasks import get_task
 
     if by not in BY:
         raise AcfError(f"--by {by!r}: choose from {', '.join(BY)}")
@@ -101,7 +101,6 @@ def extract(model: str, out: str | Path, by: str = "importance", ratio: Optional
                         strategy=strat.model_dump(), steps=[r.model_dump() for r in records])
     if register:
         from acf.evaluation.perf import size_metric
-        from acf.lifecycle.registry import open_registry
 
         with open_registry(registry_path, create=True) as reg:
             parent = reg.find_path(src)

@@ -11,11 +11,13 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from acf.coordinator.state import now
 from acf.core.atomic import atomic_dir, read_json_strict, write_json
 from acf.core.errors import AcfError, DataError
 from acf.core.provenance import Measurement, device_string, git_commit, runtime_string
-from acf.coordinator.state import now
 from acf.lifecycle.dataset import load_dataset, split_rows
+from acf.lifecycle.registry import open_registry
+from acf.models.loading import free, load_model, load_tokenizer, resolve_device, resolve_model
 
 
 class TrainConfig(BaseModel):
@@ -85,8 +87,6 @@ def load_base(base: Path, adapter_type: str, device: str, training: bool = True)
 
     Evaluation loads a QLoRA adapter's base in 4-bit too: the adapter was fitted to the quantized weights.
     """
-    from acf.models.loading import load_model, load_tokenizer
-
     if adapter_type == "lora":
         return load_model(base, device)
     try:
@@ -157,7 +157,6 @@ def train(config: str | Path | TrainConfig, registry_path: Optional[str | Path] 
     from peft import LoraConfig, get_peft_model
 
     from acf.methods.training_loop import NonFiniteLoss, adamw_steps, causal_ce, eval_loss
-    from acf.models.loading import free, resolve_device, resolve_model
 
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config)
     device = resolve_device(cfg.device)
@@ -237,8 +236,6 @@ KEEP_ADAPTERS = 3
 
 
 def _register_adapter(adapter_dir: Path, base: Path, metrics: dict, registry_path) -> str:
-    from acf.lifecycle.registry import open_registry
-
     dev = metrics["device"]
     ms = {"heldout_loss": Measurement(value=metrics["heldout_loss_after"], unit="nats/token", device=dev,
                                       runtime=metrics["runtime"], n=metrics["heldout_rows"],
