@@ -99,7 +99,7 @@ def main() -> int:
     from acf.evaluation.runner import Loaded, build_fidelity, eval_items, evaluate
     from acf.evaluation.sequences import task_sequences
     from acf.methods.base import StepContext
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.models.loading import resolve_device, resolve_model
     from acf.core.provenance import device_string
     from acf.models.spec import infer_spec

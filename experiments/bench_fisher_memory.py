@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fisher-memory-cpu.json"))
     a = ap.parse_args()
-    from acf.methods._common import load_dense
+    from acf.methods.model_io import load_dense
     from acf.methods.calibration import calibration_ids
     from acf.methods.memory import GiB, Shape
     from acf.methods.mixed import fisher_sensitivity, shapes_of

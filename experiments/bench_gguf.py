@@ -76,8 +76,9 @@ def main() -> int:
     from acf.evaluation.fidelity import build_reference, teacher_forced
     from acf.evaluation.perf import latency as hf_latency
     from acf.evaluation.runner import Fidelity, evaluate
-    from acf.evaluation.sequences import encode_prompt, task_sequences
-    from acf.methods.gguf import GGUF_NAME, load_manifest
+    from acf.evaluation.sequences import task_sequences
+    from acf.models.tokenization import encode_prompt
+    from acf.models.gguf_file import GGUF_NAME, load_manifest
     from acf.methods import StepContext, run_strategy
     from acf.models.loading import load_model, resolve_model
     from acf.core.provenance import device_string, git_commit, runtime_string

@@ -63,8 +63,9 @@ def main() -> int:
     import torch
 
     from acf.methods import gguf as G
+    from acf.models import gguf_file as F
     from acf.methods import gguf_quantize as GQ
-    from acf.methods._common import load_dense
+    from acf.methods.model_io import load_dense
     from acf.methods.calibration import calibration_ids
     from acf.methods.gguf_mixed import allocatable, gguf_sensitivity
     from acf.models.loading import resolve_model
@@ -85,7 +86,7 @@ def main() -> int:
         work = Path(td)
         f16 = work / "model-f16.gguf"
         G.convert_hf(Path(model_dir), f16, "f16")
-        info = G.read_gguf(f16)
+        info = F.read_gguf(f16)
         ids = calibration_ids(tok, task, args.samples, 512, 0, "gguf")
         imat, _ = GQ.compute_imatrix(model, ids, info.architecture, model.config.num_hidden_layers, set(info.widths))
         t = time.perf_counter()

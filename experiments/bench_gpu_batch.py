@@ -26,7 +26,7 @@ def main() -> None:
 
     from acf.evaluation.quality import accuracy, answer_nll
     from acf.methods import StepContext
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.models.loading import free, load_model, resolve_model
     from acf.core.provenance import device_string, runtime_string
     from acf.methods.strategy import Strategy

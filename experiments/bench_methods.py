@@ -67,7 +67,7 @@ def main() -> int:
 
     from acf.evaluation import evaluate
     from acf.methods.base import StepContext
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.models.loading import resolve_device, resolve_model
     from acf.core.provenance import device_string
     from acf.methods.strategy import validate_strategy

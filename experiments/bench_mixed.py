@@ -116,7 +116,7 @@ def sensitivity_part(model_dir: Path, device: str, task, samples: int, direct_wi
                      block_stride: int, formats_direct: list[str]) -> dict:
     import torch
 
-    from acf.methods._common import load_dense
+    from acf.methods.model_io import load_dense
     from acf.methods.calibration import calibration_ids
     from acf.methods.mixed import direct_sensitivity, fisher_sensitivity, parse_format
     from acf.methods.mixed_step import palette
@@ -176,7 +176,7 @@ def main() -> int:
 
     from acf.evaluation.runner import Loaded, build_fidelity, eval_items, evaluate
     from acf.methods.base import StepContext
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.models.loading import resolve_device, resolve_model
     from acf.core.provenance import device_string
     from acf.models.spec import infer_spec

@@ -94,7 +94,7 @@ def main() -> int:
     from acf.evaluation.runner import Loaded, build_fidelity, eval_items, evaluate
     from acf.evaluation.sequences import text_sequences
     from acf.methods.base import StepContext
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.methods.strategy import validate_strategy
     from acf.models.loading import resolve_device, resolve_model
     from acf.models.spec import infer_spec

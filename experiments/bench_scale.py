@@ -192,7 +192,7 @@ def acf_step(method: str, params: dict, in_dir: Path, work: Path, task, dev: str
     from acf.methods.base import StepContext
     from acf.methods.memory import Shape
     from acf.methods.registry import estimate_step_memory
-    from acf.methods.runner import run_step
+    from acf.methods.run_steps import run_step
     from acf.models.spec import infer_spec
 
     from acf.methods.registry import get
@@ -265,7 +265,7 @@ def acf_eval_parts(parts: list[str], model_dir: Path, task, a, res: dict, save) 
         g["padded_batch32_second_call"] = gen_throughput(model, tok, prompts[:a.batch32_prompts], a.gen_new,
                                                          "padded", 32, **old)
         save_g()
-        from acf.evaluation.sequences import prompt_text
+        from acf.models.tokenization import prompt_text
 
         longest = max(len(tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"]) for p in prompts)
         auto = auto_batch_size(model, len(prompts), "generate", longest + a.gen_new, new_tokens=a.gen_new)

@@ -62,7 +62,7 @@ def enumerate_space(space) -> list:
 def measure(a) -> None:
     from acf.evaluation import evaluate
     from acf.methods import StepContext
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.models.loading import resolve_model
     from acf.core.provenance import device_string, runtime_string
     from acf.models.spec import infer_spec

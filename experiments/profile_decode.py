@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU check of the script's logic")
     a = ap.parse_args()
     from acf.evaluation.gqa_attention import register
-    from acf.evaluation.sequences import prompt_text
+    from acf.models.tokenization import prompt_text
     from acf.models.loading import load_tokenizer
     from bench_scale import build, gsm8k_test_prompts, llama31_8b_config
 

@@ -18,7 +18,7 @@ import torch
 
 from acf.core.errors import ModelNotFound, StrategyError
 from acf.methods import StepContext
-from acf.methods.runner import run_strategy
+from acf.methods.run_steps import run_strategy
 from acf.models.loading import load_model, load_tokenizer, resolve_model
 from acf.models.spec import infer_spec, load_spec
 from acf.methods.strategy import validate_strategy
@@ -195,7 +195,7 @@ def sanity_items(gsm8k):
 
 
 def test_sanity_passes_the_default_model(smol, gsm8k, sanity_items):
-    from acf.models.sanity import SanityReport, check_baseline, format_report
+    from acf.evaluation.sanity import SanityReport, check_baseline, format_report
 
     model, tok = smol
     rep = check_baseline(model, tok, gsm8k, sanity_items, "cpu", model_name="smollm2-135m")
@@ -207,7 +207,7 @@ def test_sanity_passes_the_default_model(smol, gsm8k, sanity_items):
 
 
 def test_sanity_stops_shuffled_embeddings(smol, gsm8k, sanity_items):
-    from acf.models.sanity import MAX_NLL, check_baseline, format_report
+    from acf.evaluation.sanity import MAX_NLL, check_baseline, format_report
 
     model, tok = smol
     broken = copy.deepcopy(model)
@@ -227,7 +227,7 @@ def test_sanity_stops_degenerate_repetition_and_char_level_tokenizer(smol, smol_
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoConfig, PreTrainedTokenizerFast
 
-    from acf.models.sanity import check_baseline
+    from acf.evaluation.sanity import check_baseline
 
     model, tok = smol
     spec = json.loads((smol_dir / "tokenizer.json").read_text())
@@ -256,7 +256,7 @@ def test_sanity_stops_degenerate_repetition_and_char_level_tokenizer(smol, smol_
     ([], 0.0, ()),
 ])
 def test_repetition_measure(ids, share, unit):
-    from acf.models.sanity import repetition
+    from acf.evaluation.sanity import repetition
 
     got, u = repetition(ids)
     assert got == pytest.approx(share) and u == unit
@@ -290,7 +290,8 @@ def _starts_with_one_bos(ids, bos: int) -> bool:
 
 @pytest.mark.parametrize("fewshot", [0, 2])
 def test_bos_once_in_evaluated_sequences(smol_dir, gsm8k, fewshot):
-    from acf.evaluation.sequences import adds_bos, task_sequences
+    from acf.evaluation.sequences import task_sequences
+    from acf.models.tokenization import adds_bos
 
     tok = _bos_tokenizer(smol_dir)
     assert adds_bos(tok) and not tok.chat_template
@@ -313,7 +314,8 @@ def test_bos_once_in_calibration_and_training(smol_dir, gsm8k):
 
 
 def test_chat_template_that_writes_bos_gets_no_second(smol_dir, gsm8k):
-    from acf.evaluation.sequences import encode_prompt, prompt_text, task_sequences
+    from acf.evaluation.sequences import task_sequences
+    from acf.models.tokenization import encode_prompt, prompt_text
     from acf.methods.calibration import training_examples
 
     tmpl = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -442,7 +444,7 @@ def test_run_stops_on_a_broken_baseline_then_skip_sanity_goes_on(tiny_model_dir,
     """A random-init model (broken by design: NLL ~ ln(vocab), a 1-token loop) stops `acf run` at exit 2 before any
     episode; a resume without the override stops again from the record; `--resume --skip-sanity` runs the search
     and the report shows the measured values and the override."""
-    from acf.models.sanity import MAX_NLL, SanityReport
+    from acf.evaluation.sanity import MAX_NLL, SanityReport
     from acf.coordinator.state import load_frontier_file
 
     run = tmp_path / "run"

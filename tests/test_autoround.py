@@ -41,7 +41,7 @@ def _max_distinct_per_group(w: torch.Tensor, group) -> int:
 
 
 def _run(params: dict, src: Path, out: Path, ctx: StepContext):
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
 
     strat = validate_strategy({"steps": [{"method": "autoround", "params": params}]}, infer_spec(src))
     recs = run_strategy(strat, src, out, ctx)
@@ -116,7 +116,7 @@ def test_autoround_avg_bits_then_kd_tune_validates(tiny_model_dir):
 
 def test_autoround_avg_bits_then_kd_tune_runs(tiny_model_dir, tmp_path, ctx):
     """kd_tune reads the allocated checkpoint (its first group also targets "Linear") and keeps it quantized."""
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
 
     s = validate_strategy({"steps": [
         {"method": "autoround", "params": {"avg_bits": 5.0, "formats": ["w3g32", "w4g32", "w8", KEEP],

@@ -43,7 +43,7 @@ def _packed(tok, texts: list[list[int]], n: int, seq_len: int) -> torch.Tensor:
 
 
 def _general_ids(tok, k: int) -> list[list[int]]:
-    from acf.evaluation.sequences import encode_prompt
+    from acf.models.tokenization import encode_prompt
 
     return [encode_prompt(tok, t) for t in general_train_texts("gsm8k", k, 0)]
 
@@ -150,7 +150,7 @@ def test_mix_honours_its_proportions(tok, task):
 # --- training examples ------------------------------------------------------------------------------------------------
 
 def test_training_examples_with_general_share(tok, task):
-    from acf.evaluation.sequences import encode_prompt
+    from acf.models.tokenization import encode_prompt
 
     seq = 64
     assert training_examples(tok, task, N, seq, 0, general=0.0) == training_examples(tok, task, N, seq, 0)
@@ -191,7 +191,7 @@ def test_sensitivity_keys_change_with_the_mix_and_not_without_it():
 
 def test_gptq_and_its_fisher_pass_use_the_mix(tiny_model_dir, task, tmp_path, monkeypatch):
     from acf.methods.mixed import KEEP
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.methods.sensitivity_cache import sensitivity_key, weights_digest
     from acf.methods.strategy import validate_strategy
 
@@ -213,7 +213,7 @@ def test_gptq_and_its_fisher_pass_use_the_mix(tiny_model_dir, task, tmp_path, mo
 
 
 def test_kd_tune_and_drop_layers_use_the_mix(tiny_model_dir, task, tmp_path):
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.methods.strategy import validate_strategy
 
     ctx = StepContext(device="cpu", task=task, teacher_dir=tiny_model_dir, calib_mix=0.5)
@@ -234,7 +234,7 @@ def test_kd_tune_and_drop_layers_use_the_mix(tiny_model_dir, task, tmp_path):
 def test_gguf_imatrix_and_its_sensitivity_pass_use_the_mix(tiny_model_dir, task, tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp")
     from acf.methods.gguf_mixed import gguf_sensitivity_key
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.methods.sensitivity_cache import weights_digest
     from acf.methods.strategy import validate_strategy
     from acf.models.spec import infer_spec

@@ -191,7 +191,7 @@ def test_a_non_empty_folder_is_replaced_only_with_force(run_dir, tmp_path, capsy
 
 def test_gguf_export_has_the_measured_file_and_a_modelfile_naming_it(run_dir, made, tmp_path, capsys):
     from acf.core.atomic import sha256_file
-    from acf.methods.gguf import read_gguf
+    from acf.models.gguf_file import read_gguf
 
     out = tmp_path / "gguf-export"
     code, _, err = _acf(capsys, "export", run_dir, "c003", "--out", out)

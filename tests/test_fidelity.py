@@ -76,7 +76,7 @@ def test_kld_equals_a_direct_torch_computation(base, gsm8k):
 
 def test_gptq_w4_tiny_model_has_positive_kld(base, gsm8k, tiny_model_dir, tmp_path):
     from acf.methods import StepContext
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.methods.strategy import validate_strategy
 
     out = tmp_path / "gptq"

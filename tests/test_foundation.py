@@ -8,7 +8,7 @@ import pytest
 
 from acf.tasks.data import subset
 from acf.core.errors import AcfError, DataError, ModelNotFound, StrategyError
-from acf.evaluation.stats import wilson_interval
+from acf.core.intervals import wilson_interval
 from acf.models.loading import resolve_device, resolve_model
 from acf.models.spec import infer_spec
 from acf.methods.strategy import validate_strategy

@@ -68,7 +68,7 @@ def exports(tiny_dirs, gsm8k, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("key,arch,main", [("llama-q8", "llama", "Q8_0"), ("qwen3-q4", "qwen3", "Q4_0")])
 def test_export_quantize_reload(key, arch, main, exports):
     from acf.evaluation.llamacpp import open_llama
-    from acf.methods.gguf import GGUF_NAME, is_gguf_dir, load_manifest, read_gguf
+    from acf.models.gguf_file import GGUF_NAME, is_gguf_dir, load_manifest, read_gguf
 
     d = exports[key]
     assert is_gguf_dir(d)
@@ -102,7 +102,7 @@ def test_q8_top1_agreement_with_hf(tiny_dirs, exports, gsm8k):
     from acf.evaluation.fidelity import build_reference, teacher_forced
     from acf.evaluation.llamacpp import LlamaCppLM
     from acf.evaluation.sequences import task_sequences
-    from acf.methods.gguf import GGUF_NAME
+    from acf.models.gguf_file import GGUF_NAME
     from acf.models.loading import load_model
 
     model, tok = load_model(tiny_dirs["llama"])
@@ -232,7 +232,7 @@ def test_distill_promote_exports_gguf_and_rollback_restores_it(tmp_path, tiny_di
     from typer.testing import CliRunner
 
     from acf.lifecycle.deploy import deploy_link
-    from acf.methods.gguf import read_gguf
+    from acf.models.gguf_file import read_gguf
     from acf.cli.lifecycle_cmd import distill_app
     from acf.lifecycle.registry import open_registry
 

@@ -57,7 +57,7 @@ def test_mixed_gguf_file_holds_the_allocation_and_llamacpp_loads_it(tiny, gsm8k,
     from gguf import GGUFReader
 
     from acf.evaluation.llamacpp import open_llama
-    from acf.methods.gguf import GGUF_NAME, load_manifest
+    from acf.models.gguf_file import GGUF_NAME, load_manifest
 
     monkeypatch.setenv("ACF_CACHE", str(tmp_path / "cache"))
     rec = _run(tiny, tmp_path / "mixed", gsm8k, avg_bits=6.0, types=TYPES)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from acf.methods.base import StepContext
-from acf.methods.runner import run_strategy
+from acf.methods.run_steps import run_strategy
 from acf.methods.strategy import validate_strategy
 from acf.tasks import get_task
 

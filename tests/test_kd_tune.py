@@ -9,7 +9,7 @@ import torch
 
 from acf.core.errors import MethodFailed, StrategyError
 from acf.methods.base import StepContext
-from acf.methods.runner import run_strategy
+from acf.methods.run_steps import run_strategy
 from acf.methods.strategy import validate_strategy
 
 RTN2 = {"method": "rtn", "params": {"bits": 2, "group_size": 16}}   # coarse enough to damage a random model

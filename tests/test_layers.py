@@ -1,6 +1,7 @@
 """The package layering docs/architecture.md promises, checked on the source: no import cycle among acf's modules
-(imports inside functions count: a lazy import only hides a cycle) and no private (`_name`) name imported from
-another module. Pure AST reading, no imports executed."""
+(imports inside functions count: a lazy import only hides a cycle), no private (`_name`) name imported from
+another module, and the packages in one order: a package imports only packages below it (`LAYERS`), lazy imports
+included. Pure AST reading, no imports executed."""
 
 from __future__ import annotations
 
@@ -39,6 +40,48 @@ def _imports(path: Path, modules: set[str]) -> list[tuple[str, list[str]]]:
             subs = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in modules]
             out += [(s, []) for s in subs] + [(mod, [n for n in names if f"{mod}.{n}" not in modules])]
     return out
+
+
+#: acf's packages from the bottom up; a package imports only packages in lower rows (packages in one row are peers
+#: and do not import each other). `acf` is the root package (`__version__`).
+LAYERS: list[set[str]] = [
+    {"acf"},
+    {"core"},          # errors, atomic files, provenance, intervals, instruments: nothing of models or tasks
+    {"models"},        # resolving and loading models, shapes, the tokenization rule, the GGUF file format
+    {"tasks"},         # items, prompts, answers
+    {"evaluation"},    # measuring a model on a task: quality, fidelity, cost; the baseline sanity check
+    {"methods"},       # compression methods and running a strategy's steps
+    {"search"},        # the search space, recipes, surrogate, aim, pareto, reward
+    {"planner"},       # the optional LLM planner
+    {"coordinator"},   # one run: the episode engine, the graph, the study
+    {"distributed", "reports"},  # workers on one shared study; reports over a run's files
+    {"lifecycle"},     # registry, adapter loop, extraction, export (reads reports' markdown, the frontier file)
+    {"cli"},
+]
+
+#: imports that still go up, each with why; the list may only shrink (`test_known_upward_imports_still_exist`)
+KNOWN_UPWARD: set[tuple[str, str]] = {
+    # a task's own metrics call evaluation's engines (generation, multiple choice scoring, the sandbox)
+    ("acf.tasks.bbh", "acf.evaluation.quality"),
+    ("acf.tasks.bbh", "acf.evaluation.multiple_choice"),
+    ("acf.tasks.humaneval", "acf.evaluation.sandbox"),
+    ("acf.tasks.humaneval", "acf.evaluation.generate"),
+    ("acf.tasks.mc", "acf.evaluation.multiple_choice"),
+    ("acf.tasks.truthfulqa", "acf.evaluation.multiple_choice"),
+    # the frontier file's schema (state) and the agent cards (subagents) live in coordinator, above the planner that
+    # reads them; they import nothing of coordinator and could move below the planner
+    ("acf.planner.core", "acf.coordinator.state"),
+    ("acf.planner.prompt", "acf.coordinator.subagents"),
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _rank(package: str) -> int:
+    return next(i for i, row in enumerate(LAYERS) if package in row)
 
 
 def _graph() -> tuple[dict[str, set[str]], list[str]]:
@@ -111,3 +154,32 @@ def test_no_private_name_crosses_modules():
 
 def test_the_checker_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _upward(edges: dict[str, set[str]]) -> set[tuple[str, str]]:
+    return {(m, w) for m, ws in edges.items() for w in ws
+            if _package(m) != _package(w) and _rank(_package(w)) >= _rank(_package(m))}
+
+
+def test_every_package_has_a_layer():
+    packages = {_package(m) for m in _graph()[0]}
+    assert packages - set().union(*LAYERS) == set()
+    assert set().union(*LAYERS) - packages == set()
+
+
+def test_packages_import_only_downward():
+    """A package imports only the packages below it in `LAYERS`, lazy imports included."""
+    edges, _ = _graph()
+    assert sorted(_upward(edges) - KNOWN_UPWARD) == []
+
+
+def test_known_upward_imports_still_exist():
+    """An exception that is gone (the import moved or goes down now) leaves the list."""
+    edges, _ = _graph()
+    assert sorted(KNOWN_UPWARD - _upward(edges)) == []
+
+
+def test_the_checker_finds_an_upward_import():
+    assert _upward({"acf.models.x": {"acf.methods.y", "acf.core.z"}, "acf.cli.a": {"acf.models.x"},
+                    "acf.distributed.b": {"acf.reports.c"}}) == {("acf.models.x", "acf.methods.y"),
+                                                                  ("acf.distributed.b", "acf.reports.c")}

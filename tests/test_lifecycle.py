@@ -377,7 +377,8 @@ def _write(path: Path, obj: dict) -> Path:
 def test_extract_by_importance_differs_from_first_n(tmp_path, smol_dir, data_root):
     from typer.testing import CliRunner
 
-    from acf.lifecycle.extract import extract, extract_cmd
+    from acf.cli.extract_cmd import extract_cmd
+    from acf.lifecycle.extract import extract
     from acf.lifecycle.registry import open_registry
     from conftest import make_tiny_model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from acf.methods.base import StepContext
-from acf.methods.runner import run_strategy
+from acf.methods.run_steps import run_strategy
 from acf.methods.strategy import validate_strategy
 from acf.tasks import get_task
 
@@ -170,7 +170,7 @@ def test_drop_layers_by_importance_smaller_and_generates(tiny4_dir, tmp_path, ct
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2
     assert len(cfg.get("layer_types", [None, None])) == 2
-    from acf.evaluation.perf import weight_files_size
+    from acf.core.instruments import weight_files_size
     assert weight_files_size(out) < weight_files_size(tiny4_dir)
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert len(model.model.layers) == 2
@@ -221,7 +221,7 @@ def test_lora_merged_improves_heldout_and_saves_adapter(tiny_model_dir, tmp_path
 def test_qlora_on_nf4_base_reloads_4bit(tiny_model_dir, tmp_path, ctx):
     from transformers import AutoModelForCausalLM
 
-    from acf.methods._train import eval_loss
+    from acf.methods.training_loop import eval_loss
     from acf.methods.calibration import training_examples
     from acf.models.loading import load_tokenizer
 
@@ -255,7 +255,7 @@ def test_failure_leaves_nothing(tiny_model_dir, tmp_path, ctx):
 def test_failure_kinds(tiny_model_dir, tmp_path, ctx):
     from dataclasses import replace
 
-    from acf.methods.runner import classify
+    from acf.methods.run_steps import classify
 
     rec = run([{"method": "rtn"}], tmp_path / "vanished", tmp_path / "o1", ctx)[-1]
     assert rec.status == "failed" and "missing" in rec.reason
@@ -299,7 +299,7 @@ def test_gptq_w4_g64_on_default_model(smol_dir, tmp_path, ctx):
     out = tmp_path / "smol-gptq"
     rec = run_ok([{"method": "gptq", "params": {"bits": 4, "group_size": 64, "calib_samples": 8, "seq_len": 128}}],
                  smol_dir, out, ctx)[0]
-    from acf.evaluation.perf import dir_size
+    from acf.core.instruments import dir_size
     assert dir_size(out) < 0.75 * dir_size(smol_dir)
     model = load_plain(out)
     w = model.model.layers[0].mlp.down_proj.weight.detach().float()
@@ -312,7 +312,7 @@ def test_step_log_keeps_terminal_quiet(tmp_path):
     import io
     import logging
 
-    from acf.methods.runner import _step_log
+    from acf.methods.run_steps import _step_log
 
     lg, root = logging.getLogger("transformers"), logging.getLogger()
     term, root_term = io.StringIO(), io.StringIO()
@@ -346,7 +346,7 @@ def test_step_log_keeps_compressed_tensors_and_autoround_off_the_terminal(tmp_pa
     import os
 
     from acf.core.logsetup import setup_logging
-    from acf.methods.runner import _step_log
+    from acf.methods.run_steps import _step_log
 
     root, ar = logging.getLogger(), logging.getLogger("autoround")
     root_term, ar_term = io.StringIO(), io.StringIO()
@@ -421,7 +421,7 @@ def test_memory_lean_recovery_paths_run_on_the_cpu_too(tiny_model_dir, tmp_path,
 _HELD_COMPRESS = r"""
 import sys, time
 from pathlib import Path
-import acf.methods.runner as runner
+import acf.methods.run_steps as runner
 
 flags, real = Path(sys.argv[1]), runner.get_impl
 

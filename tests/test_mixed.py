@@ -256,7 +256,7 @@ def _ids(tok, ctx, n=4, L=64):
 
 
 def test_fisher_orders_formats_and_tracks_direct_damage(tiny_model_dir, ctx):
-    from acf.methods._common import load_dense
+    from acf.methods.model_io import load_dense
 
     model, tok = load_dense(tiny_model_dir, "cpu", "test", dtype=torch.float32)
     ids = _ids(tok, ctx)

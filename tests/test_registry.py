@@ -23,7 +23,7 @@ def cast_dtype(params: dict, in_dir: Path, out_dir: Path, ctx) -> dict:
     """The toy method: the model's weights cast to 16-bit floats, really written (half the bytes of fp32)."""
     import torch
 
-    from acf.methods._common import load_dense, save_model
+    from acf.methods.model_io import load_dense, save_model
 
     model, tok = load_dense(in_dir, ctx.device, "cast16", trust_remote_code=ctx.trust_remote_code)
     save_model(model, tok, out_dir, dtype=getattr(torch, params["dtype"]))

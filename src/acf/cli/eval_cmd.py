@@ -95,10 +95,10 @@ def eval_cmd(
 
 
 def _eval_sanity(path: Path, name: str, task, limit, seed, device, batch_size, trust_remote_code):
-    """`acf eval`'s sanity check (acf.models.sanity, as a run starts with): a warning per problem on stderr, not a stop,
+    """`acf eval`'s sanity check (acf.evaluation.sanity, as a run starts with): a warning per problem on stderr, not a stop,
     since measuring an odd model may be the point. Returns the loaded model, which the evaluation reuses."""
     from acf.evaluation.runner import Loaded, eval_items
-    from acf.models.sanity import SANITY_ITEMS, check_baseline, summary
+    from acf.evaluation.sanity import SANITY_ITEMS, check_baseline, summary
 
     ld = Loaded.load(path, device, trust_remote_code)
     try:

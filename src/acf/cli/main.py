@@ -347,7 +347,7 @@ def compress(
 ):
     """Run one strategy directly and print each step's record."""
     from acf.methods import StepContext
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.models.loading import resolve_device, resolve_model
     from acf.models.spec import infer_spec
     from acf.methods.strategy import parse_strategy, validate_strategy
@@ -437,7 +437,7 @@ def _mount_optional() -> None:
         except (ImportError, AttributeError):
             pass
     try:
-        from acf.lifecycle.extract import extract_cmd
+        from acf.cli.extract_cmd import extract_cmd
 
         app.command("extract")(extract_cmd)
     except (ImportError, AttributeError):

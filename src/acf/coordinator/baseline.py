@@ -20,7 +20,7 @@ from acf.methods.strategy import Strategy
 
 if TYPE_CHECKING:
     from acf.evaluation.runner import Loaded
-    from acf.models.sanity import SanityReport
+    from acf.evaluation.sanity import SanityReport
 
 
 def evaluate_baseline(ctx: RunContext, model_path: str) -> Candidate:
@@ -63,7 +63,7 @@ def evaluate_baseline(ctx: RunContext, model_path: str) -> Candidate:
 def recorded_sanity(ctx: RunContext) -> Optional["SanityReport"]:
     """The sanity check this run recorded (RUN_DIR/sanity.json), or None. An unreadable record is named and
     measured again, never taken as a pass."""
-    from acf.models.sanity import SANITY_FILE, load_report
+    from acf.evaluation.sanity import SANITY_FILE, load_report
 
     try:
         return load_report(ctx.dir / SANITY_FILE)
@@ -76,7 +76,7 @@ def measure_sanity(ctx: RunContext, loaded: "Loaded") -> "SanityReport":
     """Check the baseline before the search spends anything (acf.models.sanity): a few search items' text, a greedy
     continuation, the tokenizer's granularity; recorded atomically in RUN_DIR/sanity.json."""
     from acf.evaluation.runner import eval_items
-    from acf.models.sanity import SANITY_FILE, SANITY_ITEMS, check_baseline, save_report
+    from acf.evaluation.sanity import SANITY_FILE, SANITY_ITEMS, check_baseline, save_report
 
     cfg = ctx.cfg
     items = eval_items(ctx.task, min(SANITY_ITEMS, cfg.limit or SANITY_ITEMS), cfg.seed)
@@ -90,7 +90,7 @@ def measure_sanity(ctx: RunContext, loaded: "Loaded") -> "SanityReport":
 
 def judge_sanity(ctx: RunContext, rep: "SanityReport") -> None:
     """Stop the run (SanityFailed, exit 2) when the check found problems, unless --skip-sanity overrides them."""
-    from acf.models.sanity import SANITY_FILE, SanityFailed, failure_message, summary
+    from acf.evaluation.sanity import SANITY_FILE, SanityFailed, failure_message, summary
 
     ctx.say(f"  {summary(rep)}")
     if rep.ok:

@@ -19,7 +19,7 @@ def compress(ctx: RunContext, cid: str, strategy: Strategy, model_path: str, epi
     """Run the strategy's steps into `out` (default artifacts/<cid>). Returns (step records, failure reason or
     None)."""
     from acf.methods import StepContext
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
 
     out = out or ctx.artifact_dir(cid)
     clean_partial_dirs(out.parent)

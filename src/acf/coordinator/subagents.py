@@ -155,7 +155,7 @@ class StrategyArgs(BaseModel):
 def _run_one(kind: str, method: str, model_dir: str, out_dir: str, params: dict, device: str, task: str,
              teacher_dir: Optional[str] = None) -> dict:
     from acf.methods.base import StepContext
-    from acf.methods.runner import run_strategy
+    from acf.methods.run_steps import run_strategy
     from acf.models.loading import resolve_device
     from acf.methods.strategy import METHODS, validate_strategy as _validate
     from acf.tasks import get_task

@@ -28,7 +28,8 @@ import torch
 
 from acf.core.provenance import Measurement, device_string, runtime_string
 from acf.evaluation.batching import CPU_BATCH
-from acf.evaluation.perf import PeakRSS, latency, model_stats, size_metric, stored_tensor_bits
+from acf.core.instruments import PeakRSS
+from acf.evaluation.perf import latency, model_stats, size_metric, stored_tensor_bits
 from acf.models.loading import free, load_model
 
 
@@ -78,7 +79,7 @@ class Loaded:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str, trust_remote_code: bool = False) -> "Loaded":
-        from acf.methods.gguf import is_gguf_dir
+        from acf.models.gguf_file import is_gguf_dir
 
         if is_gguf_dir(model_dir):
             # a GGUF candidate is measured in llama.cpp, which opens the file itself per measurement

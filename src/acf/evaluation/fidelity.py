@@ -35,6 +35,7 @@ from acf.core.provenance import Measurement, device_string, runtime_string
 from acf.core.stats import per_item
 from acf.evaluation.batching import auto_batch_size
 from acf.evaluation.generate import batched
+from acf.evaluation.logits import scored_logits
 from acf.evaluation.sequences import Scored
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,6 @@ def _forward_rows(model, seqs: Sequence[Scored], batch_size: int, pad: int, prog
     """Yield (index, seq, offset, float32 logits [m, vocab]) for the scored positions offset..offset+m-1 of each
     sequence, batch by batch (right padding), in chunks of positions whose logits stay within `chunk_elements`
     values (acf.evaluation.logits: bounded memory for 256k vocabularies)."""
-    from acf.evaluation.logits import scored_logits
-
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: -seqs[i].length)
     for chunk in batched(order, batch_size):

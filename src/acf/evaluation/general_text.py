@@ -18,6 +18,7 @@ import logging
 from typing import Optional
 
 from acf.core.errors import AcfError, DataError
+from acf.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ SEED = 4321
 def general_texts(exclude_task: str, part: str = "search", per_source: int = PER_SOURCE) -> tuple[list[tuple[str, str]], list[str]]:
     """((id, text) pairs, sources used). `part` "search" takes the first `per_source` items of each source's
     permutation, "report" the next `per_source`: the final report never scores the text that ranked candidates."""
-    from acf.tasks import get_task
-
     base = (exclude_task or "").partition(":")[0]
     start = 0 if part == "search" else per_source
     out: list[tuple[str, str]] = []
@@ -67,8 +66,6 @@ def general_train_pool(exclude_task: str, seed: int) -> tuple[list[tuple[str, st
     upstream): items with index i % 8 == 7 vs the others. commonsenseqa: the last 221 dev items vs the first 1000,
     or, with train_rand_split.jsonl or from the hub, the train split vs the dev/validation split.
     """
-    from acf.tasks import get_task
-
     base = (exclude_task or "").partition(":")[0]
     per: list[list[tuple[str, str]]] = []
     used: list[str] = []

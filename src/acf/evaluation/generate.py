@@ -10,8 +10,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from acf.core.errors import AcfError
 from acf.evaluation.gqa_attention import use_for_generation
-from acf.evaluation.sequences import prompt_text
+from acf.models.tokenization import prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,6 @@ def generate_all(model, tokenizer, prompts: list[str], max_new_tokens: int, *, b
     device = next(model.parameters()).device
     engine = os.environ.get("ACF_GEN_ENGINE", DEFAULT_ENGINE)
     if engine not in ENGINES:
-        from acf.core.errors import AcfError
-
         raise AcfError(f"ACF_GEN_ENGINE={engine!r}: one of {', '.join(ENGINES)}")
     if device.type == "cuda" and engine == "vllm":
         outs = _vllm(model, tokenizer, prompts, max_new_tokens, done_pattern, stop_strings)
@@ -223,8 +222,6 @@ def _finish(tokenizer, gens: list[list[int]], done_pattern: Optional[str],
 
 def _vllm(model, tokenizer, prompts: list[str], max_new_tokens: int, done_pattern: Optional[str],
           stop_strings: Sequence[str]) -> list[tuple[str, int]]:
-    from acf.core.errors import AcfError
-
     try:
         from vllm import LLM, SamplingParams
     except ImportError:

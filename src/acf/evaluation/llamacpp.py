@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from acf.core.provenance import Measurement
-from acf.evaluation.perf import PeakRSS
+from acf.core.instruments import PeakRSS
 
 @functools.lru_cache(maxsize=None)
 def gpu_offload() -> bool:
@@ -176,7 +176,7 @@ class LlamaCppLM:
                  stop_strings: Sequence[str] = (), progress=None) -> tuple[list[tuple[str, int]], str]:
         """Greedy completions (text, new tokens) of every prompt, in order, and the engine's name; the same stopping
         rules as the transformers engines (done pattern, stop strings, end-of-sequence tokens)."""
-        from acf.evaluation.sequences import encode_prompt
+        from acf.models.tokenization import encode_prompt
 
         pat = re.compile(done_pattern or r"$^")
         stops = list(stop_strings)
@@ -268,7 +268,7 @@ def latency(path: Path, prompt_ids: list[int], new_tokens: int = 32, repeats: in
 
 
 def gguf_params(path: Path) -> int:
-    from acf.methods.gguf import read_gguf
+    from acf.models.gguf_file import read_gguf
 
     return read_gguf(path).params
 
@@ -280,7 +280,7 @@ class LlamaCppBackend:
     name = "llamacpp"
 
     def __init__(self, model_dir: Path, tokenizer=None):
-        from acf.methods.gguf import GGUF_NAME, load_manifest, read_gguf
+        from acf.models.gguf_file import GGUF_NAME, load_manifest, read_gguf
         from acf.models.loading import load_tokenizer
 
         self.model_dir = Path(model_dir)
@@ -319,7 +319,7 @@ class LlamaCppBackend:
              longest) -> dict[str, Measurement]:
         """Latency, ttft and throughput on a deployment-like context (no per-position logits, n_ctx sized to the
         longest prompt and answer, `longest()` tokens), and the RSS peak over its load and these runs."""
-        from acf.evaluation.sequences import encode_prompt
+        from acf.models.tokenization import encode_prompt
 
         prompt_ids = encode_prompt(self.tokenizer, prompt)
         n_ctx = _round_up(max(len(prompt_ids) + latency_tokens, longest()) + 8, 256)

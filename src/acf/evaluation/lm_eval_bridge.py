@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from acf.tasks.data import locate
 from acf.core.errors import AcfError
+from acf.core.intervals import wilson_interval
 from acf.core.metrics import TABLE
 from acf.core.provenance import Measurement, device_string, runtime_string
-from acf.evaluation.stats import wilson_interval
+from acf.evaluation.sandbox import CONSENT_MESSAGE
+from acf.tasks.data import locate
+from acf.tasks.truthfulqa import QA_PRIMER
 
 GSM8K_INSTRUCTION = "Solve it step by step, then give the final answer after '####'."
 
@@ -111,8 +113,6 @@ doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
 target_delimiter: " "
 """, metrics=("acc", "acc_norm"))}
     if task == "truthfulqa":
-        from acf.tasks.truthfulqa import QA_PRIMER
-
         common = f"""\
 process_docs: !function utils.truthfulqa_docs
 doc_to_text: {_q(QA_PRIMER + chr(10) + chr(10) + 'Q: {{question}}' + chr(10) + 'A:')}
@@ -168,8 +168,6 @@ def run_lm_eval(model_dir: str | os.PathLike, task: str, limit: Optional[int] = 
     if base not in _BUILTIN:
         raise AcfError(f"--backend lm-eval knows tasks {', '.join(sorted(_BUILTIN))}, not {task!r}")
     if base == "humaneval" and not allow_code_execution:
-        from acf.evaluation.sandbox import CONSENT_MESSAGE
-
         raise AcfError(CONSENT_MESSAGE)
     if limit is not None and limit <= 0:
         raise AcfError(f"--limit must be a positive number of items (got {limit})")

@@ -21,9 +21,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from acf.core.intervals import wilson_interval
 from acf.core.provenance import Measurement, device_string, runtime_string
-from acf.evaluation.sequences import adds_bos
-from acf.evaluation.stats import wilson_interval
+from acf.evaluation.logits import chunk_positions, vocab_size
+from acf.models.tokenization import adds_bos
 
 Progress = Optional[Callable[[int], None]]
 
@@ -63,7 +64,7 @@ def _encode(tokenizer, prompt: str, choices: Sequence[str], max_len: int) -> tup
         conts.append(cont)
     longest = max(len(c) for c in conts)
     if adds_bos(tokenizer) and (not p or p[0] != tokenizer.bos_token_id):
-        p = [tokenizer.bos_token_id] + p   # the one BOS rule (acf.evaluation.sequences)
+        p = [tokenizer.bos_token_id] + p   # the one BOS rule (acf.models.tokenization)
     if not p:  # an empty prompt: condition on the end-of-text token, as lm-eval does
         p = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
     if len(p) + longest > max_len:  # keep the end of the prompt (the question), drop the start (few-shot text)
@@ -87,8 +88,6 @@ def _gather_scores(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Ten
 def _position_budget(model) -> int:
     """Scored positions one forward may return logits for: MAX_CHOICE_TOKENS, or fewer where the vocabulary is so
     large that their float32 logits would exceed acf.evaluation.logits.CHUNK_ELEMENTS (64 at 256k)."""
-    from acf.evaluation.logits import chunk_positions, vocab_size
-
     return min(MAX_CHOICE_TOKENS, chunk_positions(vocab_size(model)))
 
 

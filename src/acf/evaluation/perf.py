@@ -6,26 +6,21 @@ import json
 import os
 import statistics
 import struct
-import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from acf.core.instruments import dir_size
 from acf.core.provenance import Measurement, device_string, runtime_string
-
-ST_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
-            "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64}
+from acf.models.facts import ST_BITS
+from acf.models.tokenization import prompt_text
 
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def dir_size(path: str | os.PathLike) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def size_metric(path: str | os.PathLike) -> Measurement:
@@ -41,11 +36,6 @@ def size_metric(path: str | os.PathLike) -> Measurement:
                        method="bytes of the model directory's own files (weights, config, tokenizer); "
                               "sub-folders such as adapter/ not counted",
                        extra={"not_counted": extras} if extras else {})
-
-
-def weight_files_size(path: str | os.PathLike) -> int:
-    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors")) + sum(
-        p.stat().st_size for p in Path(path).glob("*.bin"))
 
 
 def stored_tensor_bits(path: str | os.PathLike) -> Optional[int]:
@@ -115,45 +105,8 @@ def _logical_numel(w) -> int:
     return w.numel()
 
 
-class PeakRSS:
-    """Samples the process RSS every few ms; `peak - start` is the memory a block added (CPU memory metric)."""
-
-    def __init__(self, interval: float = 0.005):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.start = self.peak = self.proc.memory_info().rss
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            r = self.proc.memory_info().rss
-            if r > self.peak:
-                self.peak = r
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        r = self.proc.memory_info().rss
-        self.peak = max(self.peak, r)
-
-    @property
-    def added(self) -> int:
-        return self.peak - self.start
-
-
 def latency(model, tokenizer, prompt: str, *, new_tokens: int = 32, repeats: int = 3, throughput_batch: int = 8) -> dict:
     """Batch-1 time to first token and decode ms/token (after one warm-up), and throughput at a batch size."""
-    from acf.evaluation.sequences import prompt_text
-
     device = str(next(model.parameters()).device)
     prompt = prompt_text(tokenizer, prompt)
     enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(device)

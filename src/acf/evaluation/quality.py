@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from acf.core.intervals import wilson_interval
 from acf.core.provenance import Measurement, device_string, runtime_string
-from acf.tasks import Item, Task
 from acf.evaluation.batching import auto_batch_size
+from acf.evaluation.fidelity import teacher_forced
 from acf.evaluation.generate import generate_all
-from acf.evaluation.stats import wilson_interval
+from acf.evaluation.sequences import task_sequences
+from acf.tasks import Item, Task
 
 Progress = Optional[Callable[[int], None]]
 #: a GSM8K answer is complete once a newline follows its number; end of text is not enough, because numbers are
@@ -55,8 +57,5 @@ def answer_nll(model, tokenizer, task: Task, items: list[Item], *, batch_size: O
     """Mean NLL per reference token given the prompt (token-weighted over all items), one forward per batch.
 
     The same teacher-forced pass as kld/top1 (acf.evaluation.fidelity), on the same sequences."""
-    from acf.evaluation.fidelity import teacher_forced
-    from acf.evaluation.sequences import task_sequences
-
     seqs = task_sequences(task, tokenizer, items, fewshot)
     return teacher_forced(model, tokenizer, seqs, ["answer_nll"], batch_size=batch_size, progress=progress)["answer_nll"]

@@ -17,7 +17,8 @@ from acf.evaluation.backend import Backend, Loaded, TransformersBackend  # noqa:
 from acf.evaluation.batching import auto_batch_size
 from acf.evaluation.fidelity import teacher_forced
 from acf.evaluation.quality import accuracy
-from acf.evaluation.sequences import encode_prompt, task_sequences
+from acf.evaluation.sequences import task_sequences
+from acf.models.tokenization import encode_prompt
 from acf.evaluation.shared import EvalResult, Fidelity, build_fidelity, eval_items, measure_kld_general  # noqa: F401  (re-exported)
 
 #: quality metrics acf measures itself (generation, teacher-forced logits) on any task that offers them; the others
@@ -62,7 +63,7 @@ def open_backend(model_dir: Path, device: str = "cpu", *, loaded: Optional[Loade
                  trust_remote_code: bool = False) -> Backend:
     """The back end a candidate is measured in: llama.cpp for a GGUF directory (its deployment runtime, on the CPU
     or every layer offloaded), transformers otherwise."""
-    from acf.methods.gguf import is_gguf_dir
+    from acf.models.gguf_file import is_gguf_dir
 
     if is_gguf_dir(model_dir):
         from acf.evaluation.llamacpp import LlamaCppBackend

@@ -10,9 +10,10 @@ import torch
 from pydantic import BaseModel, Field
 
 from acf.core.provenance import Measurement
-from acf.tasks import Task
 from acf.evaluation.fidelity import Reference, build_reference, teacher_forced
+from acf.evaluation.general_text import general_note, general_texts
 from acf.evaluation.sequences import Scored, task_sequences, text_sequences
+from acf.tasks import Task
 
 
 @dataclass
@@ -42,8 +43,6 @@ def build_fidelity(model, tokenizer, task: Task, items: list, *, general: bool =
 
     `cache(name, seqs, build)` may return a cached reference (the pipeline keeps them in the run directory);
     `model` may be a function that loads the baseline, called only when a reference must be computed."""
-    from acf.evaluation.general_text import general_texts
-
     def get(name: str, seqs: list[Scored]) -> Reference:
         def build() -> Reference:
             m = model if isinstance(model, torch.nn.Module) else model()
@@ -76,8 +75,6 @@ class EvalResult(BaseModel):
 
 
 def measure_kld_general(model, tok, fidelity: Fidelity, batch_size, prog) -> Measurement:
-    from acf.evaluation.general_text import general_note
-
     if fidelity.general is None or not fidelity.general_seqs:
         return Measurement(value=None, unit="nats/token", method="kld_general: no general text available here "
                                                                   "(none of the other tasks' data was found)")

@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import Optional
 
 from acf.core.errors import AcfError
+from acf.lifecycle.merge import merge_adapter
+from acf.lifecycle.registry_model import acf_home
+from acf.methods import StepContext, run_strategy
+from acf.methods.strategy import validate_strategy
+from acf.models.gguf_file import GGUF_TYPES
 
 
 def parse_export(spec: Optional[str]) -> Optional[str]:
     """`gguf:Q4_K_M` -> "Q4_K_M" (checked against the known types); None passes through."""
     if spec is None:
         return None
-    from acf.methods.gguf import GGUF_TYPES
 
     fmt, _, t = spec.partition(":")
     if fmt != "gguf" or t not in GGUF_TYPES:
@@ -35,10 +39,6 @@ def export_adapter(adapter_dir: Path, base_dir: Path, type_name: str, seed: int 
     No importance matrix: the adapter loop has no task calibration split (its rows are the adapter's training
     data), and an imatrix from training rows would fit the quantizer to them. Returns the export directory."""
     import torch
-
-    from acf.lifecycle.merge import merge_adapter
-    from acf.methods import StepContext, run_strategy
-    from acf.methods.strategy import validate_strategy
 
     out = adapter_dir / f"gguf-{type_name}"
     if (out / "model.gguf").is_file():
@@ -58,8 +58,6 @@ def export_adapter(adapter_dir: Path, base_dir: Path, type_name: str, seed: int 
 
 
 def deploy_link(base_name: str) -> Path:
-    from acf.lifecycle.registry_model import acf_home
-
     return acf_home() / "deploy" / f"{base_name}.gguf"
 
 

@@ -12,12 +12,15 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel
 
+from acf.coordinator.state import now
 from acf.core.atomic import write_text
 from acf.core.errors import AcfError, DataError
 from acf.core.provenance import device_string, runtime_string
-from acf.coordinator.state import now
 from acf.lifecycle.dataset import load_dataset, read_rows, row_field
+from acf.lifecycle.registry import open_registry
 from acf.lifecycle.training import load_base, prompt_text
+from acf.models.loading import free, resolve_device
+from acf.tasks.gsm8k import extract_answer
 
 
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -42,8 +45,6 @@ def token_f1(pred: str, ref: str) -> float:
 
 def exact_numeric(pred: str, ref: str) -> float:
     """GSM8K-style: the final number of the prediction equals the reference's (after '####' if present)."""
-    from acf.tasks.gsm8k import extract_answer
-
     want = extract_answer(ref)
     return float(want is not None and extract_answer(pred) == want)
 
@@ -117,7 +118,6 @@ def resolve_adapter_dir(ref: str | Path, registry_path=None) -> Path:
     p = Path(ref).expanduser()
     if (p / "adapter_config.json").is_file():
         return p.resolve()
-    from acf.lifecycle.registry import open_registry
 
     with open_registry(registry_path, write=False) as reg:
         e = reg.get(str(ref))
@@ -134,8 +134,6 @@ def evaluate_adapter(adapter: str | Path, eval_csv: Optional[str | Path] = None,
     The base is the same loaded model with the adapter disabled, so both sides see identical weights otherwise.
     """
     from peft import PeftModel
-
-    from acf.models.loading import free, resolve_device
 
     adir = resolve_adapter_dir(adapter, registry_path)
     meta = json.loads((adir / "metrics.json").read_text()) if (adir / "metrics.json").is_file() else None

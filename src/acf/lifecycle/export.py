@@ -16,9 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from acf import __version__
 from acf.coordinator.state import Candidate, FrontierFile, load_frontier_file, now
+from acf.core.atomic import atomic_dir, make_readable, sha256_file, write_json, write_text
 from acf.core.errors import AcfError
+from acf.core.provenance import git_commit
 from acf.lifecycle.export_card import card_text, modelfile_text
+from acf.models.gguf_file import GGUF_NAME, MANIFEST_NAME, is_gguf_dir, load_manifest
 
 EXPORT_SCHEMA = 1
 
@@ -77,8 +81,7 @@ def pick(ff: FrontierFile, run_dir: Path, cid: Optional[str]) -> tuple[Candidate
 
 def model_format(folder: Path) -> str:
     """gguf, compressed-tensors, bitsandbytes or safetensors (a plain 16/32-bit HF folder)."""
-    from acf.methods._common import quant_method
-    from acf.methods.gguf import is_gguf_dir
+    from acf.methods.model_io import quant_method
 
     if is_gguf_dir(folder):
         return "gguf"
@@ -119,10 +122,6 @@ def _check_target(out: Path, src: Path, run_dir: Path, force: bool) -> None:
 
 def export_candidate(run_dir: str | Path, cid: Optional[str], out: str | Path, force: bool = False) -> Exported:
     """Copy candidate `cid` (default: the recommended pick) of the run in `run_dir` into `out` with its card."""
-    from acf import __version__
-    from acf.core.atomic import atomic_dir, make_readable, sha256_file, write_json, write_text
-    from acf.core.provenance import git_commit
-
     run_dir, out = Path(run_dir), Path(out).expanduser()
     ff = load_frontier_file(run_dir)
     c, src = pick(ff, run_dir, cid)
@@ -131,8 +130,6 @@ def export_candidate(run_dir: str | Path, cid: Optional[str], out: str | Path, f
     weights, llama_v, gtype = None, "", ""
     with atomic_dir(out.resolve()) as tmp:
         if fmt == "gguf":
-            from acf.methods.gguf import GGUF_NAME, MANIFEST_NAME, load_manifest
-
             man = load_manifest(src)
             weights, llama_v, gtype = gguf_file_name(ff, c.id), man.llama_cpp_python, man.type
             shutil.copy2(src / GGUF_NAME, tmp / weights)

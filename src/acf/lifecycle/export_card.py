@@ -17,6 +17,7 @@ from typing import Any, Optional
 from acf.coordinator.state import Candidate, FrontierFile
 from acf.core.provenance import Measurement
 from acf.core.stats import paired_ratio
+from acf.models.loading import ALIASES
 from acf.reports.markdown import table
 
 #: the figures the card always states, in this order (others measured follow them)
@@ -164,8 +165,6 @@ def strategy_section(c: Candidate) -> list[str]:
 
 def base_model_line(ff: FrontierFile) -> str:
     """The base model as the run named it; an alias is spelled out with where its weights came from."""
-    from acf.models.loading import ALIASES
-
     r = ff.run
     alias = ALIASES.get(r.model.lower())
     if alias is not None:
@@ -177,8 +176,6 @@ def base_model_line(ff: FrontierFile) -> str:
 
 def hub_id(model: str) -> Optional[str]:
     """The hub id of the run's model, for the card's `base_model` field; None for a local folder."""
-    from acf.models.loading import ALIASES
-
     if model.lower() in ALIASES:
         return ALIASES[model.lower()].hub_id
     if re.match(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$", model) and not model.startswith((".", "/", "~")):

@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from acf.core.atomic import atomic_dir, make_readable
 from acf.core.errors import AcfError
+from acf.models.loading import free, resolve_model
 
 
 def adapter_base(adapter_dir: Path) -> Optional[str]:
@@ -31,9 +33,7 @@ def merge_adapter(adapter_dir: str | Path, base: Optional[str], out: str | Path,
     (default: the base's stored one). Returns `out`."""
     import torch
 
-    from acf.core.atomic import atomic_dir, make_readable
-    from acf.methods._common import load_dense, save_model, stored_dtype
-    from acf.models.loading import free, resolve_model
+    from acf.methods.model_io import load_dense, save_model, stored_dtype
 
     adapter_dir, out = Path(adapter_dir).expanduser(), Path(out).expanduser()
     if not (adapter_dir / "adapter_config.json").is_file():

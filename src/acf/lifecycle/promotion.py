@@ -8,7 +8,9 @@ from typing import Optional
 
 from acf.core.errors import AcfError
 from acf.core.provenance import Measurement
+from acf.lifecycle.deploy import deploy_link, export_adapter, parse_export, point_deploy_link
 from acf.lifecycle.evaluation import AdapterEval, resolve_adapter_dir
+from acf.lifecycle.registry import PromotionRefused, open_registry
 from acf.lifecycle.training import keep_last_adapters
 
 
@@ -22,9 +24,6 @@ def promote_adapter(adapter: str | Path, min_gain: float = MIN_GAIN, registry_pa
     `export` ("gguf:Q4_K_M"): also merge it into its base, export that to GGUF (acf.lifecycle.deploy), record the file
     in the registry entry and point the base's deploy link at it; the export runs before the registry changes, so a
     failed export promotes nothing."""
-    from acf.lifecycle.deploy import parse_export
-    from acf.lifecycle.registry import PromotionRefused, open_registry
-
     gguf_type = parse_export(export)
     adir = resolve_adapter_dir(adapter, registry_path)
     if not (adir / "eval.json").is_file():
@@ -51,8 +50,6 @@ def promote_adapter(adapter: str | Path, min_gain: float = MIN_GAIN, registry_pa
           for g in ev.groups}
     gguf_file = None
     if gguf_type:
-        from acf.lifecycle.deploy import export_adapter
-
         meta = json.loads((adir / "metrics.json").read_text())
         gguf_file = export_adapter(adir, Path(meta["base_model"]), gguf_type) / "model.gguf"
     with open_registry(registry_path) as reg:
@@ -62,8 +59,6 @@ def promote_adapter(adapter: str | Path, min_gain: float = MIN_GAIN, registry_pa
                            f"`acf registry add-model {adir} --kind adapter --parent BASE_ID`)")
         e.metrics.update(ms)
         if gguf_file is not None:
-            from acf.lifecycle.deploy import deploy_link, point_deploy_link
-
             base = reg.get(e.parent) if e.parent else None
             e.source["gguf_export"] = {"type": gguf_type, "path": str(gguf_file), "runtime": "llama.cpp",
                                        "bytes": gguf_file.stat().st_size}
@@ -76,14 +71,10 @@ def promote_adapter(adapter: str | Path, min_gain: float = MIN_GAIN, registry_pa
 
 def rollback_adapter(ref: str, registry_path=None):
     """Restore an earlier adapter as active, then keep only the last 3 adapters."""
-    from acf.lifecycle.registry import open_registry
-
     with open_registry(registry_path) as reg:
         e = reg.get(ref)
         target, prev = reg.rollback("adapter", to=e.id)
         # the deploy link follows: the restored adapter's GGUF, or none (never the rolled-back one's)
-        from acf.lifecycle.deploy import deploy_link, point_deploy_link
-
         base = reg.get(target.parent) if target.parent else None
         link = deploy_link(base.name if base else "model")
         exp = (target.source or {}).get("gguf_export")

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from acf import __version__
-from acf.core.atomic import read_json_strict, validate_strict
+from acf.core.atomic import read_json_strict, validate_strict, write_text
 from acf.core.objectives import DIRECTIONS
 from acf.core.provenance import Measurement, git_commit
-from acf.coordinator.state import now
+from acf.coordinator.state import load_frontier_file, now
 from acf.methods.strategy import Strategy
 from acf.models.facts import model_facts
+from acf.models.gguf_file import is_gguf_dir, load_manifest
 
 from acf.lifecycle.registry_model import (KINDS, REGISTRY_SCHEMA, ActiveEvent, Entry, PromotionRefused,
                                           RegistryError, RegistryFile, default_registry_path)
@@ -134,12 +135,8 @@ class Registry:
             raise RegistryError(f"a {kind} entry needs a parent (register its base model first, or pass --parent)")
         ms = dict(metrics or {})
         source = dict(source or {})
-        from acf.methods.gguf import is_gguf_dir
-
         if is_gguf_dir(p):
             # a GGUF artifact: its format, type and the runtime that measured it travel with the entry
-            from acf.methods.gguf import load_manifest
-
             man = load_manifest(p)
             source.update(format="gguf", gguf_type=man.type, gguf_sha256=man.sha256, runtime="llama.cpp")
         if "size" not in ms:
@@ -160,8 +157,6 @@ class Registry:
 
         Returns (candidate entry, base entry newly created or None).
         """
-        from acf.coordinator.state import load_frontier_file
-
         ff = load_frontier_file(run_dir)
         if candidate_id == "recommended":
             if ff.recommended is None:
@@ -383,8 +378,6 @@ def open_registry(path: Optional[str | Path] = None, *, create: bool = False, wr
         reg = Registry(path, _read(path) if path.exists() else RegistryFile())
         yield reg
         if reg._log or not path.exists():
-            from acf.core.atomic import write_text
-
             write_text(path, reg.data.model_dump_json(indent=2))
             with open(reg.log_path, "a", encoding="utf-8") as f:
                 for rec in reg._log:

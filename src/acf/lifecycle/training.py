@@ -11,11 +11,13 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from acf.coordinator.state import now
 from acf.core.atomic import atomic_dir, read_json_strict, write_json
 from acf.core.errors import AcfError, DataError
 from acf.core.provenance import Measurement, device_string, git_commit, runtime_string
-from acf.coordinator.state import now
 from acf.lifecycle.dataset import load_dataset, split_rows
+from acf.lifecycle.registry import open_registry
+from acf.models.loading import free, load_model, load_tokenizer, resolve_device, resolve_model
 
 
 class TrainConfig(BaseModel):
@@ -85,8 +87,6 @@ def load_base(base: Path, adapter_type: str, device: str, training: bool = True)
 
     Evaluation loads a QLoRA adapter's base in 4-bit too: the adapter was fitted to the quantized weights.
     """
-    from acf.models.loading import load_model, load_tokenizer
-
     if adapter_type == "lora":
         return load_model(base, device)
     try:
@@ -156,8 +156,7 @@ def train(config: str | Path | TrainConfig, registry_path: Optional[str | Path] 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from acf.methods._train import NonFiniteLoss, adamw_steps, causal_ce, eval_loss
-    from acf.models.loading import free, resolve_device, resolve_model
+    from acf.methods.training_loop import NonFiniteLoss, adamw_steps, causal_ce, eval_loss
 
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config)
     device = resolve_device(cfg.device)
@@ -184,7 +183,7 @@ def train(config: str | Path | TrainConfig, registry_path: Optional[str | Path] 
     t0, cap = time.perf_counter(), cfg.max_train_minutes * 60
     stopped = f"train_steps {cfg.train_steps} reached"
     model.train()
-    # the methods' AdamW loop (acf.methods._train); the loss projects only answer positions (`_answer_loss`)
+    # the methods' AdamW loop (acf.methods.training_loop); the loss projects only answer positions (`_answer_loss`)
     stepper = adamw_steps(trainable, tr_ex, steps=cfg.train_steps, lr=cfg.lr, batch_size=cfg.batch_size, pad_id=pad,
                           device=device, seed=cfg.seed, loss_of_batch=lambda b: (_answer_loss(model, b, causal_ce), {}))
     try:
@@ -237,8 +236,6 @@ KEEP_ADAPTERS = 3
 
 
 def _register_adapter(adapter_dir: Path, base: Path, metrics: dict, registry_path) -> str:
-    from acf.lifecycle.registry import open_registry
-
     dev = metrics["device"]
     ms = {"heldout_loss": Measurement(value=metrics["heldout_loss_after"], unit="nats/token", device=dev,
                                       runtime=metrics["runtime"], n=metrics["heldout_rows"],

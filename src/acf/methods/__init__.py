@@ -11,8 +11,8 @@ _IMPL = UNDECLARED_IMPLS   # the name tests use
 
 
 def run_strategy(*args, **kwargs):
-    """See `acf.methods.runner.run_strategy` (imported lazily: it pulls in torch)."""
-    from acf.methods.runner import run_strategy as _run
+    """See `acf.methods.run_steps.run_strategy` (imported lazily: it pulls in torch)."""
+    from acf.methods.run_steps import run_strategy as _run
 
     return _run(*args, **kwargs)
 

@@ -26,6 +26,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from acf.core.errors import DataError, MethodFailed
+from acf.evaluation.general_text import general_train_pool, general_train_texts
+from acf.evaluation.sequences import task_sequences
+from acf.models.tokenization import cut_left, encode_prompt
 
 # Average tokens per GSM8K train text is ~150; start with a guess and double until enough tokens are packed.
 _GUESS_TOKENS_PER_TEXT = 120
@@ -141,8 +144,6 @@ def check_supply(tokenizer, task: Any, n: int, seq_len: int, general: float) -> 
 def general_texts_for(task: Any, k: int, seed: int, method: str) -> list[str]:
     """The first `k` general calibration texts for a run of `task` (never the task's own data); no source
     available is this method's data failure, not a silent fall back to task-only calibration."""
-    from acf.evaluation.general_text import general_train_texts
-
     try:
         return general_train_texts(getattr(task, "name", ""), k, seed)
     except DataError as e:
@@ -151,8 +152,6 @@ def general_texts_for(task: Any, k: int, seed: int, method: str) -> list[str]:
 
 def _general_token_texts(tokenizer, task: Any, k: int, seed: int, method: str) -> list[list[int]]:
     """General texts as token ids: plain text (no chat template), as kld_general scores it."""
-    from acf.evaluation.sequences import encode_prompt
-
     return [encode_prompt(tokenizer, t) for t in general_texts_for(task, k, seed, method)]
 
 
@@ -163,8 +162,6 @@ def calibration_facts(task: Any, n: int, general: float, method: str = "calibrat
     Task-only calibration reads as before ("gsm8k train split"); text from a `--calib-data` file is named by the
     file's name and digest prefix (its texts are plain text, so `task_note` about the prompt format does not apply).
     """
-    from acf.evaluation.general_text import general_train_pool
-
     name = getattr(task, "name", "task")
     n_gen = general_count(n, general, method)
     own = getattr(task, "calib_source", None)
@@ -183,8 +180,6 @@ def _train_token_texts(tokenizer, task: Any, k: int, seed: int) -> list[list[int
     """Train-split texts as token ids, in the prompt format evaluation uses: a task with (prompt, reference) pairs
     is rendered as evaluation renders it (chat template, BOS rule) followed by its reference, so calibration
     statistics see the text the compressed model will see; other tasks give their plain train texts."""
-    from acf.evaluation.sequences import cut_left, encode_prompt, task_sequences
-
     if hasattr(task, "train_pairs"):
         return [list(s.prompt + s.target) for s in task_sequences(task, tokenizer, task.train_pairs(k, seed=seed))]
     return [encode_prompt(tokenizer, t) for t in task.train_texts(k, seed=seed)]
@@ -233,8 +228,6 @@ def training_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int = 0,
 
 
 def _task_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int) -> list[TrainExample]:
-    from acf.evaluation.sequences import cut_left, task_sequences
-
     if not hasattr(task, "train_pairs"):
         return _text_examples(tokenizer, task.train_texts(n, seed=seed), seq_len)
     out: list[TrainExample] = []
@@ -252,8 +245,6 @@ def _task_examples(tokenizer, task: Any, n: int, seq_len: int, seed: int) -> lis
 
 def _text_examples(tokenizer, texts: list[str], seq_len: int) -> list[TrainExample]:
     """Plain texts (+EOS) as examples whose whole text is the target."""
-    from acf.evaluation.sequences import encode_prompt
-
     eos = tokenizer.eos_token or ""
     eos_ids = tokenizer(eos, add_special_tokens=False)["input_ids"]
     out: list[TrainExample] = []

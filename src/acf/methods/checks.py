@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from acf.models.gguf_file import TENSOR_TYPES, type_problems
+
 
 def drop_layers(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
     """A selection of blocks that exists and leaves at least one block."""
@@ -34,8 +36,6 @@ def drop_layers(where: str, p: Any, spec: Optional[Any], device: str) -> list[st
 def gguf(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
     """GGUF types whose block size the layer widths admit (found by running every method family on tiny Llama,
     Qwen2/3, Gemma2/3, Mistral and Phi3 models: tests/test_architectures.py)."""
-    from acf.methods.gguf import type_problems
-
     widths = spec.linear_widths(("lm_head",)) if spec is not None else None
     # with avg_bits every matrix gets its allocated type: the file type then names nothing, its widths don't matter
     out = [f"{where}: {m}" for m in type_problems(p.type, None if p.avg_bits is not None else widths, p.overrides,
@@ -44,7 +44,6 @@ def gguf(where: str, p: Any, spec: Optional[Any], device: str) -> list[str]:
         if p.types:
             out.append(f"{where}: 'types' is the palette of avg_bits; give avg_bits too")
         return out
-    from acf.methods.gguf import TENSOR_TYPES
     from acf.methods.gguf_mixed import DEFAULT_TYPES, min_bits, shapes_from_spec
 
     if p.overrides:

@@ -19,9 +19,9 @@ import torch
 from acf.core.errors import MethodFailed
 from acf.models.loading import free
 from acf.methods.base import StepContext
-from acf.methods._common import (apply_masks, disable_checkpointing, enable_checkpointing, linear_sparsity,
+from acf.methods.model_io import (apply_masks, disable_checkpointing, enable_checkpointing, linear_sparsity,
                                  load_dense, save_model, shape_of, sparsity_masks, stored_dtype, versions)
-from acf.methods._train import autocast, train_loop
+from acf.methods.training_loop import autocast, train_loop
 from acf.methods.memory import DISTILL_TARGETS, distill_memory, distill_plan
 from acf.methods.calibration import training_examples
 

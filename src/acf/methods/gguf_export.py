@@ -11,9 +11,13 @@ import shutil
 import time
 from pathlib import Path
 
-from acf.core.atomic import sha256_file
+from acf.core.atomic import sha256_file, write_text
 from acf.core.errors import MethodFailed
+from acf.methods import gguf as G
+from acf.methods import gguf_quantize as GQ
 from acf.methods.base import StepContext
+from acf.models import gguf_file as F
+from acf.models.loading import free
 
 #: small files copied from the input (tokenizer, config); the weights are in model.gguf
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -22,18 +26,15 @@ _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
 
 
 def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
-    from acf.methods import gguf as G
-    from acf.methods import gguf_quantize as GQ
-    from acf.models.loading import free
-    from acf.methods._common import load_dense, quant_method, save_model, versions
+    from acf.methods.model_io import load_dense, quant_method, save_model, versions
 
     t_name = params["type"]
-    if t_name not in G.GGUF_TYPES:
-        raise MethodFailed("gguf", "config", f"unknown GGUF type {t_name!r}; known: {', '.join(G.GGUF_TYPES)}")
+    if t_name not in F.GGUF_TYPES:
+        raise MethodFailed("gguf", "config", f"unknown GGUF type {t_name!r}; known: {', '.join(F.GGUF_TYPES)}")
     try:
         v = G.require_llama_cpp()
         G.require_converter()
-    except G.GGUFError as e:
+    except F.GGUFError as e:
         raise MethodFailed("gguf", "unavailable", str(e)) from None
     extra: dict = {"libraries": versions("llama_cpp_python", "gguf", "transformers", "torch")}
     work = out_dir / ".work"
@@ -54,10 +55,10 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
         f16 = work / "model-f16.gguf"
         try:
             G.convert_hf(src, f16, "f16")
-        except G.GGUFError as e:
+        except F.GGUFError as e:
             raise MethodFailed("gguf", "library", str(e)) from None
         extra["convert_seconds"] = round(time.perf_counter() - t0, 3)
-        info16 = G.read_gguf(f16)
+        info16 = F.read_gguf(f16)
         imat = None
         if params["imatrix"]:
             from acf.methods.calibration import calibration_facts, calibration_ids
@@ -82,19 +83,19 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
             free(model)
             model = None
         t0 = time.perf_counter()
-        dst = out_dir / G.GGUF_NAME
+        dst = out_dir / F.GGUF_NAME
         try:
             # an allocation overrides every matrix; llama.cpp applies overrides only under a quantized file type
             GQ.quantize(f16, dst, "Q8_0" if alloc is not None else t_name, imat, overrides, nthread=0)
-        except G.GGUFError as e:
+        except F.GGUFError as e:
             raise MethodFailed("gguf", "library", str(e)) from None
         extra["quantize_seconds"] = round(time.perf_counter() - t0, 3)
         if alloc is not None:
             from acf.methods.gguf_mixed import check_written
 
             check_written(extra["mixed_precision"], alloc, dst)
-        info = G.read_gguf(dst)
-        main = G.GGUF_TYPES[t_name]
+        info = F.read_gguf(dst)
+        main = F.GGUF_TYPES[t_name]
         fallbacks = {} if alloc is not None else _fallbacks(dst, main)   # an allocation types every tensor
         extra.update(gguf_size_bytes=info.size_bytes, tensor_types=info.tensor_types,
                      fallback_tensors=len(fallbacks))
@@ -104,13 +105,11 @@ def gguf(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
         if (in_dir / name).is_file():
             shutil.copy2(in_dir / name, out_dir / name)
     label = t_name if alloc is None else f"mixed {alloc.effective_bits:.2f} bpw"
-    man = G.GGUFManifest(type=label, source=str(in_dir), imatrix=extra.get("imatrix"),
+    man = F.GGUFManifest(type=label, source=str(in_dir), imatrix=extra.get("imatrix"),
                          overrides=overrides, fallbacks=fallbacks, info=info,
                          llama_cpp_python=v, sha256=sha256_file(dst))
-    man.info.path = G.GGUF_NAME
-    from acf.core.atomic import write_text
-
-    write_text(out_dir / G.MANIFEST_NAME, man.model_dump_json(indent=2) + "\n")
+    man.info.path = F.GGUF_NAME
+    write_text(out_dir / F.MANIFEST_NAME, man.model_dump_json(indent=2) + "\n")
     return extra
 
 

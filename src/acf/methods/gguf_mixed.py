@@ -26,8 +26,10 @@ from typing import Any, Optional
 from pydantic import BaseModel
 
 from acf.core.errors import MethodFailed
+from acf.methods import gguf_quantize as GQ
 from acf.methods.mixed import BudgetAllocation, fisher_diagonal, solve
 from acf.methods.sensitivity_cache import SensitivityCache, cached_sensitivity, weights_digest
+from acf.models.loading import cache_dir
 
 #: estimator version: part of the cache key
 GGUF_SENSITIVITY_VERSION = "gguf-fisher-llamacpp-v1"
@@ -303,8 +305,6 @@ def gguf_sensitivity(model, ids, f16_path: Path, types: list[str], imatrix: Opti
     """Estimated KL increase per (GGUF tensor, type): 1/2 sum F dW^2 / tokens with F the diagonal Fisher of the HF
     model (`fisher_diagonal`) and dW = llama.cpp's quantization of that tensor to the type minus its F16 value."""
 
-    from acf.methods import gguf_quantize as GQ
-
     f16 = GGUFTensors(f16_path, {s.name for s in allocatable(f16_path)})
     match = hf_params_by_gguf_name(model, f16)
     uniq = {id(p): p for p, _ in match.values()}
@@ -355,8 +355,7 @@ def imatrix_key(params: dict, general: float) -> tuple[int, ...]:
 def allocation_for(model, tok, params: dict, in_dir: Path, f16_path: Path, imatrix: Optional[dict], ctx,
                    work: Path) -> tuple[GGUFAllocation, dict]:
     """The step's per-tensor types for `avg_bits`, from the cached (or computed) sensitivity of `in_dir`."""
-    from acf.models.loading import cache_dir
-    from acf.methods._common import report
+    from acf.methods.model_io import report
     from acf.methods.calibration import calibration_facts, calibration_ids, calibration_name, general_count
 
     shapes = allocatable(f16_path)

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from acf.methods.gguf import GGUF_TYPES, GGUFError
+from acf.models.gguf_file import GGUF_TYPES, GGUFError
 
 
 # ---- importance matrix -----------------------------------------------------------------------------------------

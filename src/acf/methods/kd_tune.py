@@ -48,8 +48,8 @@ from typing import Optional
 import torch
 
 from acf.core.errors import MethodFailed
-from acf.methods._common import disable_checkpointing, enable_checkpointing, load_dense, shape_of, versions
-from acf.methods._train import autocast, train_loop
+from acf.methods.model_io import disable_checkpointing, enable_checkpointing, load_dense, shape_of, versions
+from acf.methods.training_loop import autocast, train_loop
 from acf.methods.base import StepContext
 from acf.methods.calibration import calibration_facts, training_examples
 from acf.methods.memory import kd_tune_memory, lean

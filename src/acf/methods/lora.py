@@ -23,11 +23,11 @@ import torch
 from acf.core.errors import MethodFailed
 from acf.models.loading import free, load_tokenizer
 from acf.methods.base import StepContext
-from acf.methods._common import (apply_masks, disable_checkpointing, enable_checkpointing, linear_sparsity,
+from acf.methods.model_io import (apply_masks, disable_checkpointing, enable_checkpointing, linear_sparsity,
                                  load_dense, quant_method, save_model, shape_of, sparsity_masks, stored_dtype,
                                  versions)
 from acf.methods.memory import lora_memory, lora_plan
-from acf.methods._train import causal_ce, eval_loss, train_loop
+from acf.methods.training_loop import causal_ce, eval_loss, train_loop
 from acf.methods.calibration import training_examples
 
 _HELD_OUT = 16   # examples kept out of training to measure the loss before/after

@@ -34,6 +34,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
+from acf.methods.vllm_rules import format_problem, fused_groups, wna16_problem
+
 KEEP = "bf16"   # the layer stays in the model's own 16-bit dtype (listed in the recipe's `ignore`)
 _FMT = re.compile(r"^w([2-8])(?:g(\d+))?$")
 #: effective bits searched by default (Optuna categorical): uniform W4 g64 is 4.25 with 16-bit scales
@@ -157,7 +159,6 @@ def items(layers: Sequence[LayerShape], target: str = "transformers",
     with one scheme), each layer on its own under "transformers"."""
     if target != "vllm":
         return [[l] for l in layers]
-    from acf.methods.vllm_rules import fused_groups
 
     by = {l.name: l for l in layers}
     return [[by[n] for n in names] for names in fused_groups(by, family).values()]
@@ -170,7 +171,6 @@ def offered(fmt: Format, members: Sequence[LayerShape], target: str = "transform
         return False
     if fmt.keep or target != "vllm":
         return True
-    from acf.methods.vllm_rules import wna16_problem
 
     n = sum(m.out_features for m in members)
     return all(wna16_problem(fmt.bits, fmt.group, m.in_features, n) is None for m in members)
@@ -180,7 +180,6 @@ def target_palette(formats: Sequence[str], target: str) -> list[str]:
     """The formats of a palette a target can serve at some shape (all of them under "transformers")."""
     if target != "vllm":
         return list(formats)
-    from acf.methods.vllm_rules import format_problem
 
     return [f for f in formats if parse_format(f).keep or format_problem(parse_format(f).bits,
                                                                          parse_format(f).group) is None]

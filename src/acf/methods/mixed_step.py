@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from acf.core.errors import MethodFailed
-from acf.evaluation.perf import weight_files_size
-from acf.models.loading import cache_dir
-from acf.methods._common import report, stored_dtype
+from acf.core.instruments import weight_files_size
 from acf.methods.base import StepContext
 from acf.methods.calibration import calibration_facts, calibration_ids, calibration_name, general_count
+from acf.methods.model_io import report, stored_dtype
+from acf.models.loading import cache_dir
 from acf.methods.mixed import (KEEP, Allocation, LayerShape, allocate, default_formats, effective_bits,
                                fisher_sensitivity, layer_bytes, parse_format, shapes_of, target_palette)
+from acf.methods.deploy_check import check_vllm, verdict
 from acf.methods.sensitivity_cache import cached_sensitivity, sensitivity_key, weights_digest
+from acf.methods.vllm_rules import fused_key, group_problems, wna16_problem
 
 
 def _dense_bytes(in_dir: Path) -> int:
@@ -39,7 +41,6 @@ def replay_problems(layer_formats: dict[str, str], shapes: list[LayerShape], fam
     """Why a given allocation cannot load in vLLM (target "vllm"): a fused layer whose members differ in format, or
     a format vLLM's kernels do not serve on the fused shape. Pure; one line per fused layer."""
     from acf.methods.mixed import items
-    from acf.methods.vllm_rules import fused_key, group_problems, wna16_problem
 
     out = []
     for members in items([s for s in shapes if s.name in layer_formats], "vllm", family):
@@ -134,8 +135,6 @@ def record_deploy_check(facts: dict, out_dir: Path, method: str) -> None:
     facts: every mixed-precision output says whether it conforms, as "checked by rules", never "loads" (vLLM is not
     run). Under target "vllm" a violation is acf's own error (the allocator gives one servable format per fused
     layer), so the step fails rather than record a model it promised vLLM could serve."""
-    from acf.methods.deploy_check import check_vllm, verdict
-
     found = check_vllm(out_dir)
     facts["deploy_check"] = verdict(found)
     if found and facts.get("target") == "vllm":

@@ -18,7 +18,7 @@ import torch
 from acf.core.errors import MethodFailed
 from acf.models.loading import free
 from acf.methods.base import StepContext
-from acf.methods._common import linear_sparsity, load_dense, report, save_model, stored_dtype, versions
+from acf.methods.model_io import linear_sparsity, load_dense, report, save_model, stored_dtype, versions
 from acf.methods.calibration import calibration_dataset, calibration_facts, calibration_ids
 
 

@@ -19,12 +19,13 @@ from typing import Any, Iterator, Optional
 import torch
 
 from acf.core.errors import MethodFailed
-from acf.models.loading import free, torch_dtype_for
 from acf.methods.base import StepContext
-from acf.methods._common import load_dense, save_model, stored_dtype, versions
 from acf.methods.calibration import calibration_dataset, calibration_facts
 from acf.methods.memory import autoround_batch
 from acf.methods.mixed import config_groups
+from acf.methods.mixed_step import allocation_for, record_deploy_check, record_measured_size
+from acf.methods.model_io import load_dense, quant_method, save_model, stored_dtype, versions
+from acf.models.loading import free, load_tokenizer, torch_dtype_for
 
 _LIBS = ("llmcompressor", "compressed-tensors", "transformers", "torch")
 
@@ -142,8 +143,6 @@ def llmcompressor_quantize(method: str, params: dict, in_dir: Path, out_dir: Pat
     extra: dict[str, Any] = {"libraries": versions(*_LIBS, *(("auto-round",) if method == "autoround" else ()))}
     mixed = None
     if params.get("avg_bits") is not None or params.get("layer_formats"):
-        from acf.methods.mixed_step import allocation_for
-
         alloc, facts = allocation_for(model, tok, params, in_dir, ctx, method)
         mixed = config_groups(alloc.layer_formats)
         extra["mixed_precision"] = facts
@@ -163,8 +162,6 @@ def llmcompressor_quantize(method: str, params: dict, in_dir: Path, out_dir: Pat
     save_model(model, tok, out_dir, dtype=stored_dtype(in_dir), save_compressed=True)
     free(model)
     if mixed is not None:
-        from acf.methods.mixed_step import record_deploy_check, record_measured_size
-
         record_measured_size(extra["mixed_precision"], out_dir)
         record_deploy_check(extra["mixed_precision"], out_dir, method)
     else:
@@ -200,9 +197,6 @@ def w8a8(params: dict, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
 
 def _bnb(method: str, cfg, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
     from transformers import AutoModelForCausalLM
-
-    from acf.models.loading import load_tokenizer
-    from acf.methods._common import quant_method
 
     qm = quant_method(in_dir)
     if qm is not None:

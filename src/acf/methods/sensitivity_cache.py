@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from pydantic import BaseModel
 
+from acf.core.atomic import sha256_file, write_text
 from acf.methods.mixed import SENSITIVITY_VERSION
 
 
@@ -28,8 +29,6 @@ def sensitivity_key(weights_digest: str, task: str, n: int, seq_len: int, seed: 
 
 def weights_digest(model_dir: Path) -> str:
     """sha256 of the model's weight files: the cache key of a sensitivity pass (a pruned input gets its own)."""
-    from acf.core.atomic import sha256_file
-
     files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
     return hashlib.sha256(json.dumps([[p.name, sha256_file(p)] for p in files]).encode()).hexdigest()
 
@@ -51,8 +50,6 @@ def cached_sensitivity(cache_dir: Path, key: str, compute: Callable[[], dict[str
                        n: int, seq_len: int) -> tuple[SensitivityCache, bool]:
     """Read the cached pass for `key`, or compute and write it atomically. A corrupt cache file is recomputed
     (and overwritten), never read as zeros. Returns (cache, hit)."""
-    from acf.core.atomic import write_text
-
     path = Path(cache_dir) / f"{key}.json"
     if path.is_file():
         try:

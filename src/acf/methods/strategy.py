@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from acf.core.errors import StrategyError
 from acf.methods.params import MixedPrecision
 from acf.methods.registry import all_methods
+from acf.methods.vllm_rules import format_problem, fused_groups
 
 #: name -> MethodSpec: the live method registry (acf.methods.registry), where every method is declared once
 METHODS = all_methods()
@@ -227,7 +228,6 @@ def _check_mixed(where: str, p: BaseModel, spec) -> list[str]:
 def _vllm_formats(where: str, formats: list[str]) -> list[str]:
     """Palette formats vLLM's kernels serve at no shape (target vllm)."""
     from acf.methods.mixed import parse_format
-    from acf.methods.vllm_rules import format_problem
 
     bad = [f"{f} ({why})" for f in formats if not parse_format(f).keep
            and (why := format_problem(parse_format(f).bits, parse_format(f).group))]
@@ -237,8 +237,6 @@ def _vllm_formats(where: str, formats: list[str]) -> list[str]:
 
 def _vllm_ignore(where: str, ignored: list[str], kept: list[str], family: Optional[str]) -> list[str]:
     """An ignore list that keeps part of a fused layer in 16 bits (vLLM refuses: one scheme per fused layer)."""
-    from acf.methods.vllm_rules import fused_groups
-
     ig = set(ignored)
     split = [k for k, members in fused_groups(ignored + kept, family).items()
              if len(members) > 1 and 0 < sum(m in ig for m in members) < len(members)]

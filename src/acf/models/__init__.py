@@ -1,2 +1,3 @@
 """Models: resolution (alias, folder, hub id; the embedded default model) and loading, the shape spec strategies
-are validated against, the baseline sanity check, the facts the registry records of a model folder."""
+are validated against, the tokenization rule, the GGUF file format, the facts the registry records of a model
+folder."""

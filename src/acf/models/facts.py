@@ -10,6 +10,13 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from acf.core.instruments import dir_size
+from acf.models.gguf_file import GGUF_NAME, is_gguf_dir, read_gguf
+
+#: bits per element of each safetensors dtype
+ST_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+            "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64}
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -18,8 +25,6 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def tensor_hashes(path: Path) -> dict[str, tuple[str, int, int]]:
     """name -> (sha256 of dtype+shape+bytes, element count, bits) read straight from safetensors (no torch)."""
-    from acf.evaluation.perf import ST_BITS
-
     out = {}
     for f in _safetensors_files(path):
         with open(f, "rb") as fh:
@@ -50,9 +55,6 @@ def model_facts(path: Path) -> dict[str, Any]:
     A layer's hash covers its tensors' names relative to the layer, dtypes, shapes and bytes, so a block copied
     unchanged into a student (at any index) hashes the same as in its parent.
     """
-    from acf.evaluation.perf import dir_size
-    from acf.methods.gguf import GGUF_NAME, is_gguf_dir, read_gguf
-
     if is_gguf_dir(path):
         # GGUF: facts from its tensor table (no per-layer hashes: quantized blocks are compared by file hash)
         info = read_gguf(Path(path) / GGUF_NAME)

@@ -98,11 +98,11 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path
 
 
 def import_user_gguf(path: Path) -> Path:
-    """`--model file.gguf`: checked (acf.methods.gguf.read_gguf), then imported once into the cache like the default model,
+    """`--model file.gguf`: checked (acf.models.gguf_file.read_gguf), then imported once into the cache like the default model,
     keyed by the file's sha256 so the same file is imported once and a changed file again."""
     import hashlib
 
-    from acf.methods.gguf import GGUFError, read_gguf
+    from acf.models.gguf_file import GGUFError, read_gguf
 
     path = path.resolve()
     try:

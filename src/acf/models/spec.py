@@ -12,6 +12,10 @@ from typing import Optional
 
 from pydantic import BaseModel, Field
 
+from acf.core.atomic import write_text
+from acf.models.loading import load_config, load_tokenizer
+from acf.models.tokenization import adds_bos
+
 GROUP_SIZE_CANDIDATES = (16, 32, 64, 128, 256)
 
 
@@ -47,7 +51,7 @@ class ModelSpec(BaseModel):
     # Tokenizer facts acf acts on (evaluation, calibration and training prompts follow them). Defaults keep
     # model_spec.json files written before these fields loadable; None there means "not recorded".
     adds_bos: Optional[bool] = Field(None, description="the tokenizer puts BOS in front of a text itself, so every "
-                                     "prompt acf encodes starts with BOS exactly once (acf.evaluation.sequences)")
+                                     "prompt acf encodes starts with BOS exactly once (acf.models.tokenization)")
     bos_token: Optional[str] = None
     eos_token: Optional[str] = None
     chat_template: Optional[bool] = Field(None, description="a chat template is present: zero-shot prompts use it")
@@ -71,9 +75,6 @@ def infer_spec(path: str | Path, trust_remote_code: bool = False) -> ModelSpec:
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from acf.evaluation.sequences import adds_bos
-    from acf.models.loading import load_config, load_tokenizer
 
     path = Path(path)
     config = load_config(path, trust_remote_code)
@@ -140,8 +141,6 @@ def spec_summary(spec: ModelSpec) -> dict:
 
 
 def save_spec(spec: ModelSpec, path: str | Path) -> None:
-    from acf.core.atomic import write_text
-
     write_text(path, spec.model_dump_json(indent=2))
 
 

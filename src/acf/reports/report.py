@@ -300,7 +300,7 @@ def write_report(run_dir: str | Path) -> Path:
 def _sanity_section(run_dir: Path) -> list[str]:
     """The baseline sanity check as the run recorded it (sanity.json), and whether --skip-sanity overrode it."""
     from acf.core.errors import AcfError
-    from acf.models.sanity import SANITY_FILE, load_report, markdown
+    from acf.evaluation.sanity import SANITY_FILE, load_report, markdown
 
     cfg = run_dir / "run_config.json"
     skipped = bool(json.loads(cfg.read_text()).get("skip_sanity")) if cfg.is_file() else False

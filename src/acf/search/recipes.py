@@ -39,7 +39,7 @@ def available(spec, runtime: str, calib: dict[str, Any]) -> dict[str, dict]:
     """Every recipe this model admits for the runtime's format: name -> strategy dict ({"steps": [...]}), in the
     order they are measured (cheap first, so an interrupted yardstick has the common recipes)."""
     if runtime == "llamacpp":
-        from acf.methods.gguf import type_problems
+        from acf.models.gguf_file import type_problems
 
         widths = spec.linear_widths(("lm_head",))
         return {f"gguf_{t.lower()}_imat": {"steps": [{"method": "gguf", "params": {"type": t, "imatrix": True,

@@ -12,11 +12,16 @@ from typing import Any, Optional, Sequence
 import optuna
 
 from acf.core.errors import AcfError
-from acf.methods.fragments import BUDGET, on_grid
-from acf.methods.registry import choices, get as get_method, grid_methods
 from acf.core.objectives import DIRECTIONS
+from acf.methods.fragments import BUDGET, on_grid
+from acf.methods.gguf_mixed import DEFAULT_BUDGETS, DEFAULT_TYPES, min_bits, q4km_bits_estimate, shapes_from_spec
+from acf.methods.mixed import default_formats, min_effective_bits, target_palette
+from acf.methods.nominal import format_bits, quantizable_shapes
+from acf.methods.params import MixedPrecision
+from acf.methods.registry import choices, get as get_method, grid_methods
+from acf.methods.strategy import Step, Strategy
+from acf.models.gguf_file import type_problems
 from acf.models.spec import ModelSpec
-from acf.methods.strategy import Strategy, Step
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,7 @@ PRECISION_CHOICES = ["uniform", BUDGET]
 #: the budget dimension's step (bits per weight) and its top: 8 bits is the W8 recipes' size
 BUDGET_STEP = 0.125
 BUDGET_MAX = 8.0
-#: GGUF types the search picks from (those the model's shapes admit: acf.methods.gguf.type_problems)
+#: GGUF types the search picks from (those the model's shapes admit: acf.models.gguf_file.type_problems)
 GGUF_TYPE_CHOICES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M")
 
 
@@ -76,7 +81,6 @@ class SearchSpace:
         self.precisions = [str(p) for p in (precisions if precisions is not None else PRECISION_CHOICES)] or ["uniform"]
         #: (lo, hi, step) of the continuous budget: from the smallest size the default palette reaches to W8's
         self.budget_range = self._budget_range() if BUDGET in self.precisions else None
-        from acf.methods.gguf import type_problems
 
         widths = spec.linear_widths(("lm_head",))
         self.gguf_types = [t for t in (gguf_types or GGUF_TYPE_CHOICES) if not type_problems(t, widths, {})]
@@ -86,10 +90,6 @@ class SearchSpace:
         self.gguf_precisions = self._gguf_budgets(gguf_precisions)
 
     def _budget_range(self) -> tuple[float, float, float]:
-        from acf.methods.mixed import default_formats, min_effective_bits, target_palette
-        from acf.methods.nominal import format_bits, quantizable_shapes
-        from acf.methods.params import MixedPrecision
-
         # the default target's palette and fused groups (vllm: no 3-bit, one format per q/k/v): a budget below
         # what they reach would only fail validation
         target = MixedPrecision.model_fields["target"].default
@@ -102,15 +102,11 @@ class SearchSpace:
         return _grid_up(lo), max(BUDGET_MAX, _grid_up(format_bits("w8", self.spec))), BUDGET_STEP
 
     def _gguf_shapes(self) -> list:
-        from acf.methods.gguf_mixed import shapes_from_spec
-
         return shapes_from_spec(self.spec)
 
     def _gguf_budgets(self, given: Optional[Sequence[str]]) -> list[str]:
         """"uniform" and the per-tensor budgets (bits per weight, embedding included) this model can reach with the
         default palette: a budget below the palette's smallest size would only fail its episode."""
-        from acf.methods.gguf_mixed import DEFAULT_BUDGETS, DEFAULT_TYPES, min_bits
-
         self.gguf_budget_range: Optional[tuple[float, float, float]] = None
         if given is not None:
             return [str(g) for g in given] or ["uniform"]
@@ -171,8 +167,6 @@ class SearchSpace:
             budgets = [b for b in self.gguf_precisions if b != "uniform"]
             if budgets:
                 # acf's answer to Q4_K_M: per-tensor types at the largest budget no larger than Q4_K_M
-                from acf.methods.gguf_mixed import q4km_bits_estimate
-
                 est = q4km_bits_estimate(self._gguf_shapes())
                 b = self.budget_params(est, gguf=True)
                 if b:

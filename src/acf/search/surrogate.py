@@ -20,7 +20,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from pydantic import BaseModel
 
-from acf.methods.strategy import Strategy
+from acf.methods.registry import get as get_method
+from acf.methods.strategy import Strategy, kind_of
 
 #: floor of kld in the log (a candidate at 0 nats/token would dominate the fit)
 KLD_FLOOR = 1e-4
@@ -50,14 +51,11 @@ class Prediction(BaseModel):
 def features(strategy: Strategy, spec: Any) -> dict[str, float]:
     """What the surrogate reads off a strategy (pure). `bits` is the nominal bits per quantized Linear weight (16
     without a quantizer), `kept` the share of decoder blocks left."""
-    from acf.methods.registry import get
-    from acf.methods.strategy import kind_of
-
     f: dict[str, float] = {"bits": 16.0, "kept": 1.0}
     layers = max(1, int(getattr(spec, "num_layers", 1) or 1))
     for st in strategy.steps:
         kind, p = kind_of(st.method), st.params
-        info = get(st.method)
+        info = get_method(st.method)
         if kind == "quantize":
             bits = info.stored_bits(p, spec) if info is not None and info.stored_bits is not None else None
             f["bits"] = float(bits) if bits is not None else math.nan

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from acf.tasks.data import load_hub, locate, subset
 from acf.core.errors import AcfError, DataError
+from acf.core.intervals import wilson_interval
 from acf.tasks.base import Item, Task
+from acf.tasks.data import load_hub, locate, subset
 
 BBH_TASKS = (
     "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
@@ -183,7 +184,6 @@ class BBH(Task):
 
     def _accuracy(self, model, tokenizer, items, batch_size, progress):
         from acf.evaluation.quality import accuracy
-        from acf.evaluation.stats import wilson_interval
 
         m, rows = accuracy(model, tokenizer, self, items, batch_size=batch_size, max_new_tokens=self.max_new_tokens,
                            fewshot=3, progress=progress)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from acf.tasks.data import load_hub, locate, read_jsonl, subset
+from acf.core.errors import DataError
 from acf.tasks.base import Item, Task
+from acf.tasks.data import load_hub, locate, read_jsonl, subset
 
 _CALC = re.compile(r"<<[^>]*>>")
 _NUM = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -72,8 +73,6 @@ class GSM8K(Task):
         if d is not None:
             path = d / f"{split}.jsonl"
             if not path.is_file():
-                from acf.core.errors import DataError
-
                 raise DataError(f"{d}: no {split}.jsonl (GSM8K needs train.jsonl for calibration and test.jsonl)")
             return read_jsonl(path, ("question", "answer"), check=final_answer_problem)
         return load_hub("gsm8k", self.hub_id, "main", split, "train.jsonl and test.jsonl")

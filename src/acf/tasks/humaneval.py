@@ -37,9 +37,10 @@ import textwrap
 import time
 from typing import Any, Optional
 
-from acf.tasks.data import load_hub, locate, read_jsonl, subset
 from acf.core.errors import AcfError, DataError
+from acf.core.intervals import wilson_interval
 from acf.tasks.base import Item, Task
+from acf.tasks.data import load_hub, locate, read_jsonl, subset
 
 FILES = ("HumanEval.jsonl.gz", "HumanEval.jsonl")
 KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
@@ -202,7 +203,6 @@ class HumanEval(Task):
                         progress=None) -> tuple[Any, list[dict]]:
         from acf.evaluation.generate import generate_all
         from acf.evaluation.sandbox import check_program, isolation, require_consent
-        from acf.evaluation.stats import wilson_interval
         from acf.core.provenance import Measurement, device_string, runtime_string
 
         if name != "pass@1":

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from acf.core.errors import DataError
+from acf.tasks.data import json_objects
 
 EXTENSIONS = (".jsonl", ".csv")
 ROLES = ("system", "user", "assistant")
@@ -109,8 +110,6 @@ def read_own_data(path: str | Path) -> OwnData:
 
 
 def _read_jsonl(path: Path, text: str) -> list[Row]:
-    from acf.tasks.data import json_objects
-
     rows = []
     for i, obj in json_objects(path, text.splitlines()):
         try:

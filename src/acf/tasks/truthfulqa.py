@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from acf.tasks.data import load_hub, locate, subset
 from acf.core.errors import AcfError, DataError
+from acf.core.intervals import mean_interval, wilson_interval
 from acf.tasks.base import Item
+from acf.tasks.data import load_hub, locate, subset
 from acf.tasks.mc import MultipleChoiceTask
 
 CSV_FILE = "TruthfulQA.csv"
@@ -134,7 +135,6 @@ class TruthfulQA(MultipleChoiceTask):
     def evaluate_metrics(self, names: list[str], model, tokenizer, items: list[Item], batch_size: int = 8,
                          progress=None) -> tuple[dict[str, Any], list[dict]]:
         from acf.evaluation.multiple_choice import score_choices
-        from acf.evaluation.stats import mean_interval, wilson_interval
         from acf.core.provenance import Measurement, device_string, runtime_string
 
         bad = [n for n in names if n not in self.task_metrics]

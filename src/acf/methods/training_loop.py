@@ -1,4 +1,5 @@
-"""The small training loop shared by distillation and LoRA (AdamW, grad clipping, optional sparsity masks).
+"""The small training loop shared by distillation, LoRA, kd_tune and the adapter loop (acf.lifecycle.training): AdamW,
+grad clipping, optional sparsity masks.
 
 Hand-written rather than transformers.Trainer: a few dozen steps with a custom KD loss do not need its
 machinery (accelerate state, output dirs, callbacks), and a plain loop reports losses step by step.
@@ -15,7 +16,7 @@ import torch
 
 from acf.core.errors import MethodFailed
 from acf.methods.base import StepContext
-from acf.methods._common import apply_masks, report
+from acf.methods.model_io import apply_masks, report
 from acf.methods.calibration import TrainExample, batch_stream, collate
 
 

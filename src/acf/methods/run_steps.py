@@ -21,8 +21,9 @@ import torch
 
 from acf.core.atomic import atomic_dir, clean_partial_dirs
 from acf.core.errors import MethodFailed
-from acf.evaluation.perf import PeakRSS, dir_size
+from acf.core.instruments import PeakRSS, dir_size
 from acf.methods.base import StepContext, StepRecord, get_impl
+from acf.models.loading import freeze_library_objects
 
 
 def classify(method: str, exc: BaseException) -> MethodFailed:
@@ -221,8 +222,6 @@ def run_strategy(strategy: Any, model_dir: str | Path, out_dir: str | Path, ctx:
     are removed at the end. Logs: `<log_dir or out_dir.logs>/step-NN-<method>.log`.
     An empty strategy (the baseline) copies the model into `out_dir` so callers always find the result there.
     """
-    from acf.models.loading import freeze_library_objects
-
     freeze_library_objects()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     steps = list(getattr(strategy, "steps", strategy))

@@ -31,7 +31,10 @@ from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, Field, computed_field
 
+from acf.core.atomic import write_text
 from acf.core.errors import AcfError
+from acf.evaluation.sequences import Scored
+from acf.models.tokenization import adds_bos, prompt_text
 
 # --- thresholds ----------------------------------------------------------------------------------------------------
 
@@ -177,8 +180,6 @@ def text_windows(tokenizer, texts: Sequence[str], window: int = NLL_WINDOW, wind
     """The texts joined into one stream and cut into up to `windows` windows of `window` tokens, each scored on
     every token after its first. Packing gives short items (a CommonsenseQA question) the context of the items
     before them, as a document would; BOS by acf's rule (`encode_prompt`) starts every window."""
-    from acf.evaluation.sequences import Scored, adds_bos
-
     stream = list(tokenizer("\n\n".join(t for t in texts if t), add_special_tokens=False)["input_ids"])
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     out = []
@@ -193,8 +194,6 @@ def text_windows(tokenizer, texts: Sequence[str], window: int = NLL_WINDOW, wind
 def greedy_continuation(model, tokenizer, prompt: str, new_tokens: int, device: str) -> list[int]:
     """Greedy new token ids after `prompt` (BOS by acf's one rule), stopping at EOS."""
     import torch
-
-    from acf.evaluation.sequences import prompt_text
 
     enc = tokenizer(prompt_text(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
     enc = {k: v.to(device) for k, v in enc.items()}
@@ -305,8 +304,6 @@ def format_report(report: SanityReport) -> str:
 
 def save_report(report: SanityReport, path: Path) -> None:
     """Written atomically: a resumed run trusts what it finds here instead of measuring again."""
-    from acf.core.atomic import write_text
-
     write_text(Path(path), report.model_dump_json(indent=2) + "\n")
 
 

@@ -1,4 +1,4 @@
-"""Small statistics used by every task metric."""
+"""Confidence intervals of proportions and means: small statistics every task metric uses (tasks and evaluation)."""
 
 from __future__ import annotations
 

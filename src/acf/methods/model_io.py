@@ -1,4 +1,5 @@
-"""Helpers shared by the method modules: loading a step's input, saving its output, keeping sparsity masks."""
+"""Loading a step's input model and saving its output, for the method modules and for lifecycle (merge, export):
+full-precision loading of compressed checkpoints, stored dtypes, sparsity masks, library versions, progress."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any, Optional
 import torch
 
 from acf.core.errors import MethodFailed
+from acf.methods.memory import Shape
 from acf.models.loading import load_tokenizer, torch_dtype_for
+from acf.models.spec import infer_spec
 
 
 def quant_method(path: Path) -> Optional[str]:
@@ -170,9 +173,6 @@ def report(ctx, label: str, done: int, total: int) -> None:
 
 def shape_of(path: Path, trust_remote_code: bool = False):
     """The shape facts acf.methods.memory plans with, read from a model directory's config (meta device)."""
-    from acf.models.spec import infer_spec
-    from acf.methods.memory import Shape
-
     return Shape.of(infer_spec(path, trust_remote_code))
 
 
