@@ -129,7 +129,7 @@ def test_windows_come_from_the_file(tok, tmp_path):
 # --- acf compress ---------------------------------------------------------------------------------------------------
 
 def test_compress_calibrates_gptq_on_the_file_and_its_record_names_it(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import acf.methods.runner as runner
+    import acf.methods.run_steps as runner
 
     seen = {}
     real = runner.run_strategy

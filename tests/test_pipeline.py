@@ -151,8 +151,12 @@ def test_preflight_refuses_when_disk_is_short(tiny_model_dir, data_root, tmp_pat
     assert c.status == "rejected" and "disk" in c.reason and "GiB free" in c.reason
 
 
-def test_every_method_failing_is_recorded(tiny_model_dir, data_root, tmp_path):
-    """A GSM8K folder whose train split is empty: every calibrated method fails, the run still completes."""
+def test_every_method_failing_is_recorded(tiny_model_dir, data_root, tmp_path, monkeypatch):
+    """A GSM8K folder whose train split is empty: the run is refused at the start (nothing could calibrate); past
+    that check (data gone after the start), every calibrated method fails and the run still completes."""
+    from acf.core.errors import DataError
+    import acf.coordinator.single_process as single_process
+
     data = tmp_path / "gsm8k"
     data.mkdir()
     src = Path(os.environ["ACF_DATA_DIR"]) / "gsm8k" / "test.jsonl"
@@ -160,6 +164,10 @@ def test_every_method_failing_is_recorded(tiny_model_dir, data_root, tmp_path):
     data.joinpath("train.jsonl").write_text("")
     cfg = cfg_for(tiny_model_dir, tmp_path / "run", episodes=2, data_dir=str(data), quant_methods=["gptq"],
                   prune_methods=["none"])
+    with pytest.raises(DataError, match="calibration .* cannot be filled"):
+        run_in_terminal(cfg.model_copy(), quiet())
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(single_process, "check_calibration", lambda cfg, path: None)
     ctx = run_in_terminal(cfg, quiet())
     assert [c.status for c in ctx.ff.candidates] == ["failed", "failed"]
     assert all(c.reason for c in ctx.ff.candidates)

@@ -96,14 +96,14 @@ def _paragraphs(text: str) -> list[tuple[int, str]]:
 
 
 def _render(messages: list[dict[str, str]], reference: str) -> str:
-    from acf.tasks.custom import _transcript
+    from acf.tasks.custom import transcript
 
-    return f"{_transcript(messages)} {reference}"
+    return f"{transcript(messages)} {reference}"
 
 
 def _jsonl_texts(path: Path, text: str) -> list[tuple[int, str]]:
     from acf.tasks.data import json_objects
-    from acf.tasks.own_data import _row
+    from acf.tasks.own_data import row_of
 
     out: list[tuple[int, str]] = []
     for i, obj in json_objects(path, text.splitlines()):
@@ -119,7 +119,7 @@ def _jsonl_texts(path: Path, text: str) -> list[tuple[int, str]]:
             raise DataError(f"{path}:{i}: expected a 'text' field, chat 'messages', or 'prompt' and 'response'; got "
                             f"{', '.join(map(repr, list(obj)[:5])) or 'an empty object'}")
         try:
-            row = _row(obj, i)
+            row = row_of(obj, i)
         except ValueError as e:
             raise DataError(f"{path}:{i}: {e}") from None
         out.append((i, _render(row.messages, row.reference)))
@@ -127,9 +127,9 @@ def _jsonl_texts(path: Path, text: str) -> list[tuple[int, str]]:
 
 
 def _csv_texts(path: Path, text: str) -> list[tuple[int, str]]:
-    from acf.tasks.own_data import _read_csv
+    from acf.tasks.own_data import read_csv
 
-    return [(r.line, _render(r.messages, r.reference)) for r in _read_csv(path, text)]
+    return [(r.line, _render(r.messages, r.reference)) for r in read_csv(path, text)]
 
 
 class CalibTextTask:

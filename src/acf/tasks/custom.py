@@ -121,8 +121,8 @@ class CustomTask(Task):
         shots = ""
         if fewshot:
             for ex in self.load("train", limit=fewshot, seed=SHOT_SEED):
-                shots += f"{_transcript(ex.meta['messages'])} {ex.reference}\n\n"
-        return shots + _transcript(item.meta["messages"])
+                shots += f"{transcript(ex.meta['messages'])} {ex.reference}\n\n"
+        return shots + transcript(item.meta["messages"])
 
     def score(self, completion: str, item: Item) -> tuple[bool, Any]:
         if self.scorer is None:
@@ -134,6 +134,6 @@ class CustomTask(Task):
         return ["\n\nUser:"]
 
 
-def _transcript(messages: list[dict[str, str]]) -> str:
+def transcript(messages: list[dict[str, str]]) -> str:
     """A conversation as plain text for models without a chat template, ending where the assistant answers."""
     return "\n\n".join([f"{m['role'].capitalize()}: {m['content']}" for m in messages] + ["Assistant:"])

@@ -102,7 +102,7 @@ def read_own_data(path: str | Path) -> OwnData:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
-    rows = _read_csv(path, text) if path.suffix.lower() == ".csv" else _read_jsonl(path, text)
+    rows = read_csv(path, text) if path.suffix.lower() == ".csv" else _read_jsonl(path, text)
     if len(rows) < 2:
         where, got = (f"{path}:{rows[0].line}", "only one row") if rows else (f"{path}:1", "the file is empty")
         raise DataError(f"{where}: {got}; a dataset needs at least 2 rows (one for calibration, one to evaluate)")
@@ -113,13 +113,13 @@ def _read_jsonl(path: Path, text: str) -> list[Row]:
     rows = []
     for i, obj in json_objects(path, text.splitlines()):
         try:
-            rows.append(_row(obj, i))
+            rows.append(row_of(obj, i))
         except ValueError as e:
             raise DataError(f"{path}:{i}: {e}") from None
     return rows
 
 
-def _row(obj: dict[str, Any], line: int) -> Row:
+def row_of(obj: dict[str, Any], line: int) -> Row:
     """A checked Row from a JSONL object, or ValueError saying what is wrong with it."""
     if "messages" in obj:
         return _chat_row(obj["messages"], line)
@@ -165,7 +165,7 @@ def _chat_row(messages: Any, line: int) -> Row:
     return Row(line=line, messages=context, reference=messages[last]["content"])
 
 
-def _read_csv(path: Path, text: str) -> list[Row]:
+def read_csv(path: Path, text: str) -> list[Row]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         columns = reader.fieldnames or []
