@@ -20,7 +20,6 @@ splits, the rest from the file instead of the task's train split.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -51,19 +50,13 @@ class CalibData:
 def read_calib_data(path: str | Path) -> CalibData:
     """Read and check a calibration file; DataError names FILE:LINE for the first bad line (FILE alone for a missing
     file, an unknown extension or an empty file)."""
+    from acf.tasks.own_data import read_text_file
+
     path = Path(path).expanduser()
-    if path.suffix.lower() not in EXTENSIONS:
-        raise DataError(f"--calib-data {path}: unknown extension {path.suffix or '(none)'!r}; use .txt (paragraphs "
-                        f"separated by blank lines), .jsonl ({{\"text\": ...}} or chat/prompt-response rows) or .csv "
-                        f"(prompt and response columns)")
-    if not path.is_file():
-        raise DataError(f"--calib-data {path}: no such file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+    text, digest = read_text_file(path, "--calib-data", EXTENSIONS,
+                          f"unknown extension {path.suffix or '(none)'!r}; use .txt (paragraphs separated by blank "
+                          f"lines), .jsonl ({{\"text\": ...}} or chat/prompt-response rows) or .csv (prompt and "
+                          f"response columns)")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         pairs = _paragraphs(text)
@@ -74,7 +67,7 @@ def read_calib_data(path: str | Path) -> CalibData:
     if not pairs:
         raise DataError(f"--calib-data {path}: the file holds no text; give calibration text (a .txt of paragraphs, "
                         f"or .jsonl/.csv rows)")
-    return CalibData(path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest(), texts=[t for _, t in pairs],
+    return CalibData(path=path.resolve(), sha256=digest, texts=[t for _, t in pairs],
                      lines=[i for i, _ in pairs])
 
 

@@ -87,26 +87,35 @@ def is_dataset_file(name: str) -> bool:
     return "/" in name or "\\" in name or "." in Path(name).name or Path(name).expanduser().is_file()
 
 
+def read_text_file(path: Path, option: str, extensions: tuple[str, ...] | frozenset[str] | set[str], unknown: str
+                   ) -> tuple[str, str]:
+    """(text, sha256 of the bytes) of a user's data file, checked the one way every file option is (`--dataset`,
+    `--calib-data`): its extension, that it exists, and UTF-8 (a bad byte named by FILE:LINE). `unknown`: what to
+    say of another extension."""
+    if path.suffix.lower() not in extensions:
+        raise DataError(f"{option} {path}: {unknown}")
+    if not path.is_file():
+        raise DataError(f"{option} {path}: no such file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig"), hashlib.sha256(raw).hexdigest()
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+
+
 def read_own_data(path: str | Path) -> OwnData:
     """Read and check a dataset file; DataError names FILE:LINE for the first bad row (FILE alone for a missing
     file or an unknown extension, which have no line)."""
     path = Path(path).expanduser()
-    if path.suffix.lower() not in EXTENSIONS:
-        raise DataError(f"--dataset {path}: unknown dataset extension {path.suffix or '(none)'!r}; use .jsonl (chat "
-                        f"messages or prompt/response pairs) or .csv (prompt and response columns), or a task name")
-    if not path.is_file():
-        raise DataError(f"--dataset {path}: no such file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+    text, digest = read_text_file(path, "--dataset", EXTENSIONS,
+                          f"unknown dataset extension {path.suffix or '(none)'!r}; use .jsonl (chat messages or "
+                          f"prompt/response pairs) or .csv (prompt and response columns), or a task name")
     rows = read_csv(path, text) if path.suffix.lower() == ".csv" else _read_jsonl(path, text)
     if len(rows) < 2:
         where, got = (f"{path}:{rows[0].line}", "only one row") if rows else (f"{path}:1", "the file is empty")
         raise DataError(f"{where}: {got}; a dataset needs at least 2 rows (one for calibration, one to evaluate)")
-    return OwnData(path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest(), rows=rows)
+    return OwnData(path=path.resolve(), sha256=digest, rows=rows)
 
 
 def _read_jsonl(path: Path, text: str) -> list[Row]:
