@@ -346,7 +346,7 @@ class RunContext:
         self.ff: Optional[FrontierFile] = None
         self.t_start = time.time()   # when this process's wall time since it last stored it began (`lap`)
         self.planner = None
-        self._fidelity: dict[str, Any] = {}
+        self._references: Optional[Any] = None   # acf.evaluation.references.BaselineReferences, made on first use
         self._loaded: Optional[tuple[str, Any]] = None
 
     # ---- paths -------------------------------------------------------------------------------------------
@@ -404,42 +404,16 @@ class RunContext:
     # ---- the baseline's references and the candidate in memory ------------------------------------------------
     def fidelity(self, part: str = "search", loaded=None):
         """The baseline references for the search items (`part="search"`) or the final report's held-out items
-        ("report"): built once from the baseline, cached under RUN_DIR/reference/, reused by every candidate and
-        after a resume (a corrupt or mismatched cache is named and rebuilt, never read as zeros)."""
-        if part in self._fidelity:
-            return self._fidelity[part]
-        from acf.evaluation.fidelity import cached_reference
-        from acf.evaluation.runner import Loaded, build_fidelity
-        from acf.models.loading import load_tokenizer
+        ("report"): the run's `evaluation.references.BaselineReferences`, kept under RUN_DIR/reference/."""
+        if self._references is None:
+            from acf.evaluation.references import BaselineReferences
 
-        assert self.ff is not None
-        base_path = self.ff.run.model_path
-        offset, limit = self.item_range(part)
-        from acf.evaluation.runner import eval_items
-
-        items = eval_items(self.task, limit, self.cfg.seed, offset)
-        holder: dict[str, Any] = {}
-
-        def model():
-            if loaded is not None:
-                return loaded.model
-            if "m" not in holder:
-                self.say(f"  [dim]loading the baseline to compute its reference distributions ({part} items)[/]")
-                holder["m"] = Loaded.load(base_path, self.cfg.device, self.cfg.trust_remote_code)
-            return holder["m"].model
-
-        tok = loaded.tokenizer if loaded is not None else load_tokenizer(base_path, self.cfg.trust_remote_code)
-
-        def cache(name, seqs, build):
-            return cached_reference(self.dir / "reference" / f"{name}.safetensors", seqs, build,
-                                    say=lambda m: self.say(f"  [yellow]{m}[/]"))
-
-        fid = build_fidelity(model, tok, self.task, items, general=True, general_part=part,
-                             batch_size=self.cfg.eval_batch_size, model_name=base_path, cache=cache)
-        if "m" in holder:
-            holder["m"].free()
-        self._fidelity[part] = fid
-        return fid
+            assert self.ff is not None
+            self._references = BaselineReferences(
+                self.ff.run.model_path, self.task, self.dir / "reference", device=self.cfg.device, seed=self.cfg.seed,
+                item_range=self.item_range, eval_batch_size=self.cfg.eval_batch_size,
+                trust_remote_code=self.cfg.trust_remote_code, say=self.say)
+        return self._references.get(part, loaded)
 
     def item_range(self, part: str) -> tuple[int, Optional[int]]:
         """(offset, count) in the test split's seeded permutation: search items first, the report's after them."""
