@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -23,6 +24,7 @@ from acf.core.atomic import atomic_dir, clean_partial_dirs
 from acf.core.errors import MethodFailed
 from acf.core.instruments import PeakRSS, dir_size
 from acf.methods.base import StepContext, StepRecord, get_impl
+from acf.methods.step_progress import StepProgress, num_blocks
 from acf.models.loading import freeze_library_objects
 
 
@@ -52,10 +54,12 @@ class _StepStream:
     whatever sys.stderr was at the time; after the step this object forwards to the original stream instead of
     a closed file, so those handlers keep working."""
 
-    def __init__(self, fh, original):
-        self.fh, self.original = fh, original
+    def __init__(self, fh, original, progress=None):
+        self.fh, self.original, self.progress = fh, original, progress
 
     def write(self, s: str) -> int:
+        if self.progress is not None and self.fh is not None:
+            self.progress.feed(s)
         target = self.fh if self.fh is not None else self.original
         return target.write(s)
 
@@ -99,14 +103,13 @@ def _handlers_reached(loggers: list[logging.Logger]) -> list[logging.Handler]:
 
 
 @contextlib.contextmanager
-def _step_log(path: Path, ctx_log: logging.Logger) -> Iterator[None]:
+def _step_log(path: Path, ctx_log: logging.Logger, progress=None) -> Iterator[None]:
     """Send this step's logging (acf, transformers, llm-compressor's loguru) and Python-level stdout/stderr to
-    its own file, so a failure can be read after the fact without interleaving with other steps."""
-    import sys
-
+    its own file, so a failure can be read after the fact without interleaving with other steps; `progress`
+    (acf.methods.step_progress.StepProgress) reads that output for the block in progress."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a", encoding="utf-8", buffering=1)
-    out_s, err_s = _StepStream(fh, sys.stdout), _StepStream(fh, sys.stderr)
+    out_s, err_s = _StepStream(fh, sys.stdout, progress), _StepStream(fh, sys.stderr, progress)
     handler = logging.StreamHandler(out_s)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     libs = ("transformers", "peft", "llmcompressor", "compressed_tensors", "autoround")
@@ -165,8 +168,9 @@ def run_step(method: str, params: dict, in_dir: Path, out_dir: Path, ctx: StepCo
     cuda = ctx.device.startswith("cuda")
     t0 = time.perf_counter()
     rss: Optional[PeakRSS] = None
+    progress = StepProgress(method, num_blocks(Path(in_dir)), sys.stderr)
     try:
-        with _step_log(log_path, ctx.log):
+        with _step_log(log_path, ctx.log, progress), progress:
             print(f"== {method} {params}\n   in:  {in_dir}\n   out: {out_dir}", flush=True)
             try:
                 if not (Path(in_dir) / "config.json").is_file():
