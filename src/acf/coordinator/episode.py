@@ -38,7 +38,7 @@ from acf.coordinator.records import metrics_line, objective_values, ok_candidate
 from acf.coordinator.run_context import RUNTIME_METRICS, RunContext
 from acf.coordinator.run_eval import evaluate_in_run, metrics_to_measure
 from acf.coordinator.run_store import put_control, save_run
-from acf.coordinator.screening import MAX_SCREENS, T_AIM, aim_of, enqueue_aim, surrogate
+from acf.coordinator.screening import MAX_SCREENS, aim_of, enqueue_aim, surrogate, waiting_aim
 from acf.coordinator.state import Candidate, episodes_recorded, now
 from acf.coordinator.trial import close, propose, record
 from acf.methods.strategy import Strategy, kind_of, validate_strategy
@@ -130,7 +130,7 @@ def next_proposal(ctx: RunContext) -> dict:
     screens = 0
     for attempt in range(50 + MAX_SCREENS):
         # aimed on its first attempts; a space where the aim keeps repeating evaluated strategies samples freely
-        if attempt < 3 and not _waiting_aim(study):
+        if attempt < 3 and not waiting_aim(study):
             enqueue_aim(ctx, episode)
         trial = study.ask()
         p = propose(ctx, trial, screens_so_far=screens)
@@ -149,12 +149,6 @@ def next_proposal(ctx: RunContext) -> dict:
                 "t_propose": round(time.time() - t0, 3)}
     raise AcfError(f"the search space is exhausted: {50 + MAX_SCREENS} proposals in a row repeated evaluated "
                    f"strategies or were screened out")
-
-
-def _waiting_aim(study: optuna.Study) -> bool:
-    """An aimed trial enqueued earlier and not asked yet (a resume after it was enqueued): not enqueued twice."""
-    return any(T_AIM in t.user_attrs for t in study.get_trials(deepcopy=False,
-                                                                states=(optuna.trial.TrialState.WAITING,)))
 
 
 # ---- the stages ----------------------------------------------------------------------------------------------------

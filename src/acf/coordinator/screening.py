@@ -152,5 +152,12 @@ def aim_quantizer(ff: Any, space: Any, gap: Gap) -> Optional[str]:
     return budgeted[0] if budgeted else None
 
 
+def waiting_aim(study: optuna.Study) -> bool:
+    """An aimed trial enqueued earlier and not asked yet (a resume after it was enqueued, or another worker's aim):
+    not enqueued twice."""
+    return any(T_AIM in t.user_attrs for t in study.get_trials(deepcopy=False,
+                                                                states=(optuna.trial.TrialState.WAITING,)))
+
+
 def aim_of(study: optuna.Study, number: int) -> Optional[dict[str, Any]]:
     return study.get_trials(deepcopy=False)[number].user_attrs.get(T_AIM)

@@ -20,6 +20,7 @@ from acf.coordinator.baseline import evaluate_baseline
 from acf.coordinator.episode import Episode, run_episode, write_episode_files
 from acf.coordinator.run_context import RunConfig, RunContext, RunPaths
 from acf.coordinator.run_stages import stop_reason
+from acf.coordinator.screening import aim_of, enqueue_aim, waiting_aim
 from acf.coordinator.trial import propose, record
 from acf.core.errors import AcfError
 from acf.coordinator.state import Candidate, FrontierFile, RunMeta, now
@@ -226,6 +227,10 @@ class Worker:
         if approval and not self._approved_waiting():
             return None
         t0 = time.time()
+        if not approval and not waiting_aim(study):
+            # the single process's aim (acf.coordinator.screening): after the seeds, two of three sampled episodes
+            # fix the budget at the recipe size where acf trails most; numbered by what the study holds so far
+            self._db(lambda: enqueue_aim(ctx, len(ff.candidates) + self._in_flight_count() + 1), "enqueueing an aim")
         trial = study.ask()
         if approval and trial.user_attrs.get(T_APPROVAL) != "approved":
             # A race handed us an unapproved trial (a seed or a fresh sample): it joins the approval queue instead.
@@ -245,6 +250,7 @@ class Worker:
         if prop is None:
             return None
         prop["t_propose"] = round(time.time() - t0, 3)
+        prop["aim"] = aim_of(study, trial.number)
         return trial, prop
 
     def _strategy_for(self, trial: optuna.Trial) -> Optional[dict]:
@@ -286,7 +292,7 @@ class Worker:
         cand, recorded = run_episode(Episode(ctx, cid, trial.number, strategy, str(self.model_path)), sink,
                                      episode=0, trial_number=trial.number, proposed_by=prop["proposed_by"],
                                      t_propose=prop.get("t_propose", 0.0), started_at=now(),
-                                     prediction=prop.get("prediction"))
+                                     prediction=prop.get("prediction"), aim=prop.get("aim"))
         return cand if recorded else None
 
     def record(self, trial: optuna.Trial, cand: Candidate) -> bool:
