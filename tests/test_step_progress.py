@@ -35,3 +35,23 @@ def test_a_short_step_shows_nothing_and_configs_without_layers(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 26}}))
     assert num_blocks(tmp_path) == 26 and num_blocks(tmp_path / "missing") is None
     assert elapsed(83) == "1m 23s" and elapsed(9) == "9s"
+
+
+def test_model_loads_keep_library_bars_off_stderr(capsys):
+    """compressed-tensors draws two tqdm bars per compressed model load with `disable=` passed explicitly (so
+    TQDM_DISABLE cannot stop them); acf's loader keeps bar updates off stderr unless --verbose."""
+    import sys
+
+    from acf.models.loading import quiet_load_bars
+
+    lg = logging.getLogger("acf")
+    old = lg.level
+    lg.setLevel(logging.WARNING)
+    try:
+        with quiet_load_bars():
+            sys.stderr.write("Applying quantization config:  48%|####8     | 101/210 [00:00<00:00, 1000.00it/s]")
+            sys.stderr.write("a real warning\n")
+    finally:
+        lg.setLevel(old)
+    err = capsys.readouterr().err
+    assert "Applying quantization" not in err and "a real warning" in err

@@ -6,6 +6,7 @@ imported once into a clean HF checkpoint under the acf cache so every compressio
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -375,11 +376,45 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: Optional[str
     if qcfg != "bitsandbytes":
         # bnb: forcing a dtype would fight the stored one
         kwargs["dtype"] = torch_dtype_for(device, dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    with quiet_load_bars():
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if qcfg != "bitsandbytes":
         model.to(device)
     model.eval()
     return model, tok
+
+
+class _NoBars:
+    """stderr without tqdm bar updates (a write holding "%|" or an "N/M [" counter); everything else passes."""
+
+    _BAR = re.compile(r"%\|| \d+/\d+ \[")
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def write(self, s: str) -> int:
+        return len(s) if self._BAR.search(s) else self.inner.write(s)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def quiet_load_bars():
+    """Keep the bars compressed-tensors draws on every load of a compressed model ("Applying quantization config",
+    "Dispatching model": 2 bars a candidate, ignoring TQDM_DISABLE because it passes `disable=` itself) off the
+    run's output, unless acf logs at INFO (--verbose). Warnings and errors still reach stderr."""
+    import sys
+
+    if logging.getLogger("acf").getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    inner = sys.stderr
+    sys.stderr = _NoBars(inner)
+    try:
+        yield
+    finally:
+        sys.stderr = inner
 
 
 def quant_method(path: Path) -> Optional[str]:
