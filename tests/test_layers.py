@@ -183,3 +183,27 @@ def test_the_checker_finds_an_upward_import():
     assert _upward({"acf.models.x": {"acf.methods.y", "acf.core.z"}, "acf.cli.a": {"acf.models.x"},
                     "acf.distributed.b": {"acf.reports.c"}}) == {("acf.models.x", "acf.methods.y"),
                                                                   ("acf.distributed.b", "acf.reports.c")}
+
+
+#: the packages whose every module must import without torch: commands (`acf --help`, `acf report`), the notebook's
+#: frames and the coordinator start in about a second; their function-local imports are what keeps it so (below
+#: `evaluation`, a function-local import keeps torch or another heavy library out of an otherwise light module)
+LIGHT = ("cli", "coordinator", "distributed", "planner", "search", "reports", "lifecycle")
+
+
+def test_upper_packages_import_without_torch():
+    """Every module of LIGHT imported in one fresh interpreter leaves torch unimported: the function-local imports
+    there are checked to do their job, not only said to."""
+    import os
+    import subprocess
+    import sys
+
+    mods = sorted(m for m in _graph()[0] if _package(m) in LIGHT and not m.endswith("__main__"))
+    code = ("import importlib, sys\n"
+            f"for m in {mods!r}: importlib.import_module(m)\n"
+            "heavy = [n for n in ('torch', 'transformers', 'llmcompressor') if n in sys.modules]\n"
+            "print(','.join(heavy))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(mods) > 50 and r.stdout.strip() == "", f"imported at module level: {r.stdout.strip()}"
