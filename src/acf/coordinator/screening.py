@@ -6,8 +6,8 @@
   (state.Screened), and the next proposal is asked. Seeds, the planner's and the user's proposals are never
   screened (the user or acf chose them on purpose); every proposal that runs keeps its prediction.
 * `enqueue_aim`: before a sampled episode, the largest gap against the recipe frontier (acf.search.aim) becomes a
-  partly fixed Optuna trial: no pruning, the precision budget whose predicted size is the recipe's; the sampler
-  chooses the quantizer, its settings and kd_tune.
+  partly fixed Optuna trial: no pruning, the precision budget whose predicted size is the recipe's and a quantizer
+  that takes a budget (`aim_quantizer`); the sampler chooses its settings and kd_tune.
 
 Both drivers use these, through a trial's proposal (acf.coordinator.trial.propose): the single-process graph and a
 distributed worker.

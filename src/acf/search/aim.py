@@ -3,7 +3,7 @@
 At each size of the recipe frontier (the best fixed recipe at that size, FrontierFile.recipe_frontier), the gap is
 acf's best kld at no larger size over the recipe's (infinite where acf has nothing that small yet). The aim is the
 largest gap; an aimed proposal fixes the precision budget whose predicted size is that recipe's (acf.search.
-surrogate) and lets the sampler choose the rest (quantizer, group, act-order, kd_tune...). Pure functions over the
+surrogate) and a quantizer that takes a budget, and lets the sampler choose the rest (act-order, kd_tune...). Pure functions over the
 frontier file: the coordinator enqueues the aim (acf.coordinator.screening), the planner's prompt shows it.
 """
 
