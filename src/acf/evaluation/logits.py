@@ -69,6 +69,8 @@ def _decoder_and_head(model):
 #: the verdict of `_check` per model object (weak: a copy of a model, e.g. a perturbed deepcopy, is checked anew,
 #: and nothing keeps a freed model alive)
 _VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+#: model classes already warned about (acf.evaluation.logits.chunked_head)
+_WARNED: set[str] = set()
 
 
 def chunked_head(model) -> Optional[tuple[torch.nn.Module, Head]]:
@@ -77,8 +79,11 @@ def chunked_head(model) -> Optional[tuple[torch.nn.Module, Head]]:
     parts = _decoder_and_head(model)
     if parts is None:
         if _VERDICTS.get(model) is None:
-            log.warning("%s has no separate decoder and output head: its logits are computed whole (memory grows "
-                        "with batch x sequence x vocabulary)", type(model).__name__)
+            # once per kind of model, not per candidate (every GGUF candidate is a new LlamaCppLM)
+            if type(model).__name__ not in _WARNED:
+                _WARNED.add(type(model).__name__)
+                log.warning("%s has no separate decoder and output head: its logits are computed whole (memory "
+                            "grows with batch x sequence x vocabulary)", type(model).__name__)
             _VERDICTS[model] = False
         return None
     dec, head_mod = parts
